@@ -1,0 +1,46 @@
+"""A conversation: its messages, the exact token ids in its KV cache, and that cache, kept together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvchat import kv
+
+
+@dataclass
+class Conversation:
+    """Messages as the user sees them, plus the cache state that mirrors a prefix of their rendering.
+
+    Invariant (checked by `check`): `token_ids` are exactly the tokens whose KV the cache holds.
+    """
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    cache: Any = None  # a transformers Cache, or None before the first forward pass
+
+    @classmethod
+    def start(cls, system: str | None = None) -> "Conversation":
+        """A new conversation, with a system message when `system` is given."""
+        messages = [{"role": "system", "content": system}] if system else []
+        return cls(messages=messages)
+
+    @property
+    def system(self) -> str | None:
+        if self.messages and self.messages[0]["role"] == "system":
+            return self.messages[0]["content"]
+        return None
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def check(self) -> None:
+        """Assert that the cache holds exactly `token_ids`."""
+        held = 0 if self.cache is None else kv.length(self.cache)
+        assert held == len(self.token_ids), f"cache holds {held} tokens but {len(self.token_ids)} ids are recorded"
+
+    def drop_cache(self) -> None:
+        """Forget the cache (the next turn prefills everything)."""
+        self.cache = None
+        self.token_ids = []

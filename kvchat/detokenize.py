@@ -1,0 +1,39 @@
+"""Streaming text from token ids without decoding the whole reply at every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IncrementalDecoder:
+    """Turns token ids into text deltas; holds back a delta while it ends in a partial UTF-8 character."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context (keeps word-joining spaces right)
+        self._read = 0  # ids before this have been emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        seen = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        if len(text) <= len(seen) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(seen):]
+
+    def flush(self) -> str:
+        """Text still held back at the end of the reply."""
+        seen = self._decode(self.ids[self._prefix:self._read])
+        text = self._decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(seen):] if len(text) > len(seen) else ""
+
+    def text(self) -> str:
+        """The whole reply so far."""
+        return self._decode(self.ids)

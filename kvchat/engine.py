@@ -1,0 +1,236 @@
+"""The engine: render the conversation, reuse the cached token prefix, prefill only the rest, decode.
+
+It never prints; `send` yields events that the REPL and CLI render.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+
+from kvchat import kv
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.detokenize import IncrementalDecoder
+from kvchat.errors import InputError, KvchatError
+from kvchat.model import LoadedModel
+from kvchat.sampling import make_generator, next_token
+
+# Special tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class Token:
+    """A piece of the reply as it is generated."""
+
+    text: str
+    token_id: int
+
+
+@dataclass
+class TurnStats:
+    """What one turn cost, and how much of it the cache saved."""
+
+    reused: int  # prompt tokens whose KV was already in the cache
+    prefilled: int  # prompt tokens run through the model this turn
+    generated: int  # reply tokens sampled
+    ttft_ms: float  # from the message arriving to the first reply token
+    decode_tok_s: float  # reply tokens per second after the first
+    kv_bytes: int  # size of the cache after the turn
+    prefill_ms: float = 0.0
+    stop: str = "eos"  # "eos" or "length"
+    fallback: str | None = None  # why the cache could not be reused, when it could not
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TurnEnd:
+    """The reply is complete."""
+
+    reply: str
+    stats: TurnStats
+
+
+def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation config, plus end-of-turn tokens the vocabulary has."""
+    ids: set[int] = set()
+    for source in (loaded.tokenizer.eos_token_id, getattr(loaded.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    vocab = loaded.tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return frozenset(ids)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token id lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Engine:
+    """Runs turns of a `Conversation` on one loaded model."""
+
+    def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True):
+        assert prefill_chunk > 0, "prefill_chunk must be positive"
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.prefill_chunk = prefill_chunk
+        self.reuse = reuse
+        self.stop_ids = stop_token_ids(loaded)
+        self._cache_kwarg = kv.cache_kwarg(self.model)
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of the whole conversation as the chat template renders it, ready for the assistant's reply."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja raises its own errors for messages a template rejects
+            raise KvchatError(f"the model's chat template rejected the conversation: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- model calls -------------------------------------------------------------------------
+
+    def _forward(self, conv: Conversation, ids: torch.Tensor) -> torch.Tensor:
+        """Run `ids` [1, n] through the model on top of the cache; return the last position's logits [vocab]."""
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: conv.cache})
+        return out.logits[0, -1]
+
+    def _prefill(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
+        """Feed `ids` in chunks, recording each chunk once its KV is in the cache; return the last logits."""
+        assert ids, "nothing to prefill"
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk]
+            logits = self._forward(conv, torch.tensor([chunk], device=self.device))
+            conv.token_ids.extend(chunk)
+        return logits
+
+    def _sync_cache(self, conv: Conversation, target: list[int]) -> tuple[int, str | None]:
+        """Cut the cache back to its longest prefix shared with `target` (always leaving >= 1 token to feed).
+
+        Returns how many tokens are kept, and why reuse was refused when it was.
+        """
+        fallback = None
+        keep = min(common_prefix(conv.token_ids, target), len(target) - 1) if self.reuse else 0
+        if conv.cache is not None and keep < len(conv.token_ids):
+            if keep > 0 and not kv.can_truncate(conv.cache, keep):
+                fallback = "the cache has sliding-window or recurrent layers and cannot be cut back; prefilling all"
+                keep = 0
+            if keep == 0:
+                conv.drop_cache()
+            else:
+                kv.truncate(conv.cache, keep)
+                del conv.token_ids[keep:]
+        if conv.cache is None:
+            conv.cache = kv.new_cache(self.model)
+        conv.check()
+        return keep, fallback
+
+    def _restore_invariant(self, conv: Conversation) -> None:
+        """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
+        if conv.cache is None:
+            return
+        n = len(conv.token_ids)
+        if kv.layer_lengths(conv.cache) and set(kv.layer_lengths(conv.cache)) != {n}:
+            if kv.can_truncate(conv.cache, n):
+                kv.truncate(conv.cache, n)
+            else:
+                conv.drop_cache()
+        conv.check()
+
+    # -- a turn ------------------------------------------------------------------------------
+
+    def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Token | TurnEnd]:
+        """Add a user message and generate the reply, yielding `Token`s and then one `TurnEnd`.
+
+        Interrupting (KeyboardInterrupt, or closing the generator) leaves the conversation consistent:
+        a partial reply is kept as the assistant message, and the cache holds exactly `token_ids`.
+        """
+        check_message(text)
+        conv.messages.append({"role": "user", "content": text})
+        return self.generate(conv, sampling)
+
+    def generate(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
+        """Generate the assistant reply to the conversation as it stands (its last message is the user's)."""
+        assert conv.messages and conv.messages[-1]["role"] == "user", "generate() needs a user message last"
+        started = time.perf_counter()
+        target = self.render(conv.messages)
+        decoder = IncrementalDecoder(self.tokenizer)
+        finished = False
+        try:
+            with torch.inference_mode():
+                reused, fallback = self._sync_cache(conv, target)
+                logits = self._prefill(conv, target[reused:])
+                prefill_done = time.perf_counter()
+                generator = make_generator(sampling, self.device)
+                stop = "length"
+                first_token_at = None
+                for step in range(sampling.max_new_tokens):
+                    token = next_token(logits, sampling, generator)  # [1]
+                    token_id = int(token)
+                    if token_id in self.stop_ids:
+                        stop = "eos"
+                        break
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    delta = decoder.push(token_id)
+                    if delta:
+                        yield Token(delta, token_id)
+                    if step + 1 == sampling.max_new_tokens:
+                        break  # the last token is fed with the next turn's prompt, via the prefix diff
+                    logits = self._forward(conv, token.view(1, 1))
+                    conv.token_ids.append(token_id)
+                tail = decoder.flush()
+                if tail:
+                    yield Token(tail, decoder.ids[-1])
+            ended = time.perf_counter()
+            finished = True
+        finally:
+            reply = decoder.text()
+            if decoder.ids or finished:
+                conv.messages.append({"role": "assistant", "content": reply})
+            else:
+                conv.messages.pop()  # cut off before any reply: the turn never happened
+            self._restore_invariant(conv)
+        generated = len(decoder.ids)
+        first = first_token_at or ended
+        stats = TurnStats(
+            reused=reused,
+            prefilled=len(target) - reused,
+            generated=generated,
+            ttft_ms=(first - started) * 1000,
+            decode_tok_s=(generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0,
+            kv_bytes=kv.nbytes(conv.cache),
+            prefill_ms=(prefill_done - started) * 1000,
+            stop=stop,
+            fallback=fallback,
+        )
+        yield TurnEnd(reply, stats)
+
+
+MAX_MESSAGE_CHARS = 1_000_000
+
+
+def check_message(text: str) -> None:
+    """Refuse a user message that cannot be a chat turn: empty, whitespace, NUL bytes, absurdly long."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("empty message: nothing to send")
+    if "\x00" in text:
+        raise InputError("the message contains a NUL byte; binary input cannot be sent to the model")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise InputError(f"the message is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")
