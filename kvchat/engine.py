@@ -55,6 +55,7 @@ class TurnEnd:
 
     reply: str
     stats: TurnStats
+    token_ids: list[int]  # the reply's tokens as sampled (the stop token excluded)
 
 
 def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -220,7 +221,7 @@ class Engine:
             stop=stop,
             fallback=fallback,
         )
-        yield TurnEnd(reply, stats)
+        yield TurnEnd(reply, stats, list(decoder.ids))
 
 
 MAX_MESSAGE_CHARS = 1_000_000

@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_loaded  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A tiny float64 Llama (float64 keeps greedy ties from flipping between cached and fresh runs)."""
+    return make_loaded(torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny model and tokenizer saved as a model directory, for `--model PATH`."""
+    loaded = make_loaded(torch.float32)
+    path = tmp_path_factory.mktemp("tiny-model")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch, request):
+    """Point kvchat's user directory and config lookup at a temp dir (the real-model tests keep the model cache)."""
+    if "real_model" not in request.keywords:
+        monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KVCHAT_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,121 @@
+"""The command-line surface: scripting mode, flags, config precedence and one-line errors."""
+
+import io
+import json
+
+import pytest
+
+from kvchat.cli import main
+from kvchat.config import Sampling, Settings, load_config
+
+
+def feed_stdin(monkeypatch, data: bytes):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def run(monkeypatch, capsys, argv, stdin=b""):
+    feed_stdin(monkeypatch, stdin)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def greedy(model_dir, *extra):
+    return ["--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "8", *extra]
+
+
+def test_stdin_is_one_message_and_only_the_reply_goes_to_stdout(monkeypatch, capsys, tiny_model_dir):
+    code, out, err = run(monkeypatch, capsys, greedy(tiny_model_dir), b"Hello, how are you?\n")
+    assert code == 0
+    code2, out2, _ = run(monkeypatch, capsys, greedy(tiny_model_dir, "-p", "Hello, how are you?"))
+    assert code2 == 0
+    assert out == out2 and out.endswith("\n") and out.count("\n") >= 1
+    assert "Loading" not in out and "kvchat" not in out
+
+
+def test_lines_mode_is_one_conversation_with_stats(monkeypatch, capsys, tiny_model_dir):
+    stdin = b"Hello, how are you?\n\nWhat is the capital of France?\nThank you.\n"
+    code, out, err = run(monkeypatch, capsys, greedy(tiny_model_dir, "--lines", "--stats"), stdin)
+    assert code == 0
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(records) == 3  # the blank line is not a turn
+    for record in records:
+        assert {"reused", "prefilled", "generated", "ttft_ms", "decode_tok_s", "kv_bytes"} <= set(record)
+    assert records[0]["reused"] == 0
+    assert records[1]["reused"] > 0 and records[2]["reused"] > records[1]["reused"]
+    assert len(out.splitlines()) >= 3
+
+
+def test_no_reuse_prints_the_same_replies(monkeypatch, capsys, tiny_model_dir):
+    stdin = b"Hello, how are you?\nWhat is the capital of France?\nTell me a story.\n"
+    _, with_reuse, _ = run(monkeypatch, capsys, greedy(tiny_model_dir, "--lines"), stdin)
+    _, without, err = run(monkeypatch, capsys, greedy(tiny_model_dir, "--lines", "--no-reuse", "--stats"), stdin)
+    assert with_reuse == without
+    assert all(json.loads(line)["reused"] == 0 for line in err.splitlines() if line.startswith("{"))
+
+
+@pytest.mark.parametrize("stdin, message", [
+    (b"", "stdin is empty"),
+    (b"  \n \n", "stdin is empty"),
+    (b"\xff\xfe\x00\x01binary", "NUL bytes"),
+    (b"caf\xe9 au lait", "not valid UTF-8"),
+])
+def test_bad_stdin_gets_one_clear_line(monkeypatch, capsys, tiny_model_dir, stdin, message):
+    code, out, err = run(monkeypatch, capsys, greedy(tiny_model_dir), stdin)
+    assert code == 1 and out == ""
+    assert err.strip().splitlines() == [err.strip()] and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--temperature", "hot"], "--temperature"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "2.5"], "--top-k"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "int3"], "--dtype"),
+    (["--frobnicate"], "--frobnicate"),
+])
+def test_bad_flags_exit_2_with_one_line_naming_them(monkeypatch, capsys, argv, named):
+    code, out, err = run(monkeypatch, capsys, argv + ["-p", "hi"])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and named in err
+
+
+def test_bad_config_values_exit_2_naming_the_key(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('temperature = "warm"\n')
+    code, _, err = run(monkeypatch, capsys, ["--config", str(path), "-p", "hi"])
+    assert code == 2 and "'temperature'" in err and len(err.strip().splitlines()) == 1
+    path.write_text("colour = 3\n")
+    code, _, err = run(monkeypatch, capsys, ["--config", str(path), "-p", "hi"])
+    assert code == 2 and "unknown setting 'colour'" in err
+    path.write_text("temperature = [\n")
+    code, _, err = run(monkeypatch, capsys, ["--config", str(path), "-p", "hi"])
+    assert code == 2 and "not valid TOML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_settings_precedence_defaults_then_file_then_flags(tmp_path):
+    assert load_config(None) == Settings()
+    path = tmp_path / "c.toml"
+    path.write_text('temperature = 0.2\ntop_k = 7\nsystem = "Be terse."\nreuse = false\n')
+    from_file = load_config(path)
+    assert from_file.sampling == Sampling(temperature=0.2, top_k=7)
+    assert from_file.system == "Be terse." and from_file.reuse is False
+    flagged = load_config(path, {"temperature": "0", "top_k": None, "max_new_tokens": "9"})
+    assert flagged.sampling == Sampling(temperature=0.0, top_k=7, max_new_tokens=9)
+
+
+def test_project_config_file_is_valid_and_all_defaults():
+    from pathlib import Path
+
+    project_config = Path(__file__).parent.parent / "config.toml"
+    assert load_config(project_config) == Settings()
+
+
+def test_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, ["--model", "nobody/no-such-model", "-p", "hi"])
+    assert code == 1 and "never downloads" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(monkeypatch, capsys, ["--model", str(tmp_path / "empty"), "-p", "hi"])
+    assert code == 1 and "not a model directory" in err

