@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
@@ -14,6 +15,7 @@ from kvchat.config import Settings, load_config
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Token, TurnEnd, check_message
 from kvchat.errors import ConfigError, InputError, KvchatError
+from kvchat.store import Persister, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,9 +25,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    parser.add_argument("--sessions-dir", dest="sessions_dir", help="where sessions and the KV store live")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.")
+    parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.",
+                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune].")
     parser.add_argument("--version", action="version", version=f"kvchat {__version__}")
+    parser.add_argument("--session", help="start or resume this named session (saved after every turn)")
     parser.add_argument("-p", "--prompt", help="send one message and print the reply (stdin is not read)")
     parser.add_argument("--lines", action="store_true", help="scripting: each non-empty stdin line is one turn")
     parser.add_argument("--model", help="'default', a model directory, a .gguf file, or a cached hub id")
@@ -38,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-chunk", dest="prefill_chunk", help="tokens per prefill forward pass")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    _add_store_flags(parser)
     parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
     parser.add_argument("--no-reuse", dest="reuse", action="store_const", const=False,
                         help="baseline: re-prefill the whole conversation every turn")
@@ -55,10 +64,32 @@ def config_path(given: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    keys = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-            "prefill_chunk", "device", "dtype", "stats", "reuse")
-    return load_config(config_path(args.config), {key: getattr(args, key) for key in keys})
+CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
+             "prefill_chunk", "device", "dtype", "stats", "reuse", "sessions_dir")
+
+
+def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
+    """Settings from defaults, the config file and the flags in `args`; also the config file used."""
+    path = config_path(args.config)
+    overrides = {key: getattr(args, key, None) for key in keys}
+    if overrides.get("sessions_dir"):
+        overrides["sessions_dir"] = str(Path(overrides["sessions_dir"]).resolve())
+    return load_config(path, overrides), path
+
+
+def open_store(settings: Settings, config_file: Path | None) -> Store:
+    """The store at the configured sessions directory (relative paths start at the config file's folder)."""
+    from kvchat.model import kvchat_home
+
+    if settings.sessions_dir:
+        root = Path(settings.sessions_dir)
+        if not root.is_absolute():
+            root = (config_file.parent if config_file else Path.cwd()) / root
+    elif config_file is not None:
+        root = config_file.parent / "sessions"
+    else:
+        root = kvchat_home() / "sessions"
+    return Store(root, max_bytes=settings.cache_max_mb * 1024 * 1024)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -82,19 +113,23 @@ def read_stdin_text(stream: Any) -> str:
 
 
 def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], settings: Settings,
-              out: TextIO, err: TextIO) -> None:
+              persister: Persister | None, out: TextIO, err: TextIO) -> None:
     """Scripting mode: send each message, print only the replies to `out`, statistics to `err`."""
     for text in messages:
-        for event in engine.send(conv, text, settings.sampling):
-            if isinstance(event, Token):
-                out.write(event.text)
-                out.flush()
-            elif isinstance(event, TurnEnd):
-                out.write("\n")
-                out.flush()
-                if settings.stats:
-                    err.write(json.dumps(stats_record(event)) + "\n")
-                    err.flush()
+        try:
+            for event in engine.send(conv, text, settings.sampling):
+                if isinstance(event, Token):
+                    out.write(event.text)
+                    out.flush()
+                elif isinstance(event, TurnEnd):
+                    out.write("\n")
+                    out.flush()
+                    if settings.stats:
+                        err.write(json.dumps(stats_record(event)) + "\n")
+                        err.flush()
+        finally:
+            if persister is not None:
+                persister.after_turn(conv)  # an interrupted turn is saved too: the conversation is consistent
 
 
 def stats_record(end: TurnEnd) -> dict[str, Any]:
@@ -107,7 +142,12 @@ def stats_record(end: TurnEnd) -> dict[str, Any]:
 
 def chat(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings_from_args(args)
+    settings, config_file = settings_from_args(args)
+    store = open_store(settings, config_file)
+    if args.session is not None:
+        from kvchat.store import check_name
+
+        check_name(args.session)
     interactive = args.prompt is None and sys.stdin.isatty()
     if args.prompt is not None:
         messages = [args.prompt]
@@ -124,19 +164,103 @@ def chat(argv: list[str]) -> int:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
-    conv = Conversation.start(settings.system)
-    if interactive:
-        from kvchat.repl import Repl
+    from kvchat.model import fingerprint
 
-        return Repl(engine, conv, settings).run()
-    run_turns(engine, conv, messages, settings, sys.stdout, sys.stderr)
+    store.bind(engine, fingerprint(engine.loaded))
+    if settings.reuse:
+        engine.prefix_source = store.longest_prefix
+    persister = Persister(store, args.session)
+    try:
+        if args.session is not None:
+            opened = store.open_session(args.session, settings.system)
+            if opened.notice:
+                print(f"kvchat: {opened.notice}", file=sys.stderr)
+            conv = opened.conversation
+        else:
+            conv = Conversation.start(settings.system)
+        if interactive:
+            from kvchat.repl import Repl
+
+            return Repl(engine, conv, settings, persister=persister).run()
+        run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr)
+        return 0
+    finally:
+        store.close()
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def sessions_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat sessions", description="List, show or remove saved sessions.")
+    parser.add_argument("action", choices=("list", "show", "rm"))
+    parser.add_argument("name", nargs="?")
+    _add_store_flags(parser)
+    args = parser.parse_args(argv)
+    settings, config_file = settings_from_args(args, ("sessions_dir",))
+    store = open_store(settings, config_file)
+    if args.action != "list" and not args.name:
+        raise ConfigError(f"kvchat sessions {args.action} needs a session name")
+    if args.action == "list":
+        rows = store.list_sessions()
+        if not rows:
+            print(f"no sessions in {store.root}")
+        for row in rows:
+            print(f"{row['name']:24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
+                  f"{_human_bytes(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
+    elif args.action == "show":
+        from kvchat.store import check_name
+
+        manifest = store.read_manifest(check_name(args.name))
+        if manifest is None:
+            raise KvchatError(f"no session named '{args.name}' in {store.root}")
+        for message in manifest["messages"]:
+            print(f"[{message['role']}]\n{message['content']}\n")
+    else:
+        store.remove_session(args.name)
+        print(f"removed session '{args.name}'")
     return 0
+
+
+def cache_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat cache", description="Show the KV store, or prune chunks nothing uses.")
+    parser.add_argument("action", nargs="?", choices=("show", "prune"), default="show")
+    _add_store_flags(parser)
+    args = parser.parse_args(argv)
+    settings, config_file = settings_from_args(args, ("sessions_dir",))
+    store = open_store(settings, config_file)
+    if args.action == "prune":
+        removed, freed = store.prune()
+        print(f"removed {removed} unused files, freed {_human_bytes(freed)}")
+        return 0
+    info = store.summary()
+    print(f"store: {info['root']}")
+    print(f"KV on disk: {_human_bytes(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
+          f"({info['unused_chunks']} chunks unused; `kvchat cache prune` removes them)")
+    print(f"sessions: {info['sessions']}, shared prefixes: {len(info['prefixes'])}")
+    for prefix in info["prefixes"]:
+        print(f"  prefix {prefix['key'][:16]}  {prefix['tokens']:>6} tokens  last used {_when(prefix['last_used'])}")
+    return 0
+
+
+COMMANDS = {"sessions": sessions_command, "cache": cache_command}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kvchat` command."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         return chat(argv)
     except KvchatError as exc:
         print(f"kvchat: error: {exc}", file=sys.stderr)

@@ -37,6 +37,8 @@ class Settings:
     prefill_chunk: int = 512
     reuse: bool = True
     stats: bool = False
+    sessions_dir: str | None = None  # None: sessions/ beside the config file in use, else $KVCHAT_HOME/sessions
+    cache_max_mb: int = 0  # cap on the store's KV bytes; least recently used prefixes are evicted (0: no cap)
     sampling: Sampling = field(default_factory=Sampling)
 
 
@@ -106,6 +108,8 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "prefill_chunk": _number(int, 1),
     "reuse": _boolean,
     "stats": _boolean,
+    "sessions_dir": _optional(_nonempty_text),
+    "cache_max_mb": _number(int, 0),
 }
 _SAMPLING: dict[str, Callable[[Any], Any]] = {
     "temperature": _number(float, 0),

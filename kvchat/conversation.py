@@ -18,6 +18,7 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     cache: Any = None  # a transformers Cache, or None before the first forward pass
+    restored: int = 0  # tokens of the cache loaded from disk and not yet reported in a turn's stats
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":
@@ -44,3 +45,4 @@ class Conversation:
         """Forget the cache (the next turn prefills everything)."""
         self.cache = None
         self.token_ids = []
+        self.restored = 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -42,6 +42,7 @@ class TurnStats:
     decode_tok_s: float  # reply tokens per second after the first
     kv_bytes: int  # size of the cache after the turn
     prefill_ms: float = 0.0
+    loaded: int = 0  # of the reused tokens, how many were loaded from the on-disk store this turn
     stop: str = "eos"  # "eos" or "length"
     fallback: str | None = None  # why the cache could not be reused, when it could not
 
@@ -80,10 +81,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# Given the token ids of a prompt, the longest stored prefix of them as (tokens, cache), or None.
+PrefixSource = Callable[[list[int]], "tuple[int, Any] | None"]
+
+
 class Engine:
     """Runs turns of a `Conversation` on one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True):
+    def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
+                 prefix_source: PrefixSource | None = None):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         self.loaded = loaded
         self.model = loaded.model
@@ -91,8 +97,10 @@ class Engine:
         self.device = loaded.device
         self.prefill_chunk = prefill_chunk
         self.reuse = reuse
+        self.prefix_source = prefix_source
         self.stop_ids = stop_token_ids(loaded)
         self._cache_kwarg = kv.cache_kwarg(self.model)
+        self._system_prefixes: dict[str | None, list[int]] = {}
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -103,6 +111,15 @@ class Engine:
         except Exception as exc:  # jinja raises its own errors for messages a template rejects
             raise KvchatError(f"the model's chat template rejected the conversation: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def system_prefix_ids(self, system: str | None) -> list[int]:
+        """The tokens every conversation with this system prompt starts with (whatever the first message is)."""
+        if system not in self._system_prefixes:
+            head = [{"role": "system", "content": system}] if system else []
+            a = self.render(head + [{"role": "user", "content": "a"}])
+            b = self.render(head + [{"role": "user", "content": "b"}])
+            self._system_prefixes[system] = a[:common_prefix(a, b)]
+        return self._system_prefixes[system]
 
     # -- model calls -------------------------------------------------------------------------
 
@@ -121,12 +138,13 @@ class Engine:
             conv.token_ids.extend(chunk)
         return logits
 
-    def _sync_cache(self, conv: Conversation, target: list[int]) -> tuple[int, str | None]:
+    def _sync_cache(self, conv: Conversation, target: list[int]) -> tuple[int, str | None, int]:
         """Cut the cache back to its longest prefix shared with `target` (always leaving >= 1 token to feed).
 
-        Returns how many tokens are kept, and why reuse was refused when it was.
+        An empty cache is first seeded from the store's longest matching prefix, if there is one.
+        Returns how many tokens are kept, why reuse was refused when it was, and how many came from disk.
         """
-        fallback = None
+        fallback, loaded = None, 0
         keep = min(common_prefix(conv.token_ids, target), len(target) - 1) if self.reuse else 0
         if conv.cache is not None and keep < len(conv.token_ids):
             if keep > 0 and not kv.can_truncate(conv.cache, keep):
@@ -137,10 +155,20 @@ class Engine:
             else:
                 kv.truncate(conv.cache, keep)
                 del conv.token_ids[keep:]
+        if keep == 0 and self.reuse and self.prefix_source is not None:
+            found = self.prefix_source(target)
+            if found is not None:
+                loaded, conv.cache = found
+                conv.token_ids = list(target[:loaded])
+                keep = min(loaded, len(target) - 1)
+                if keep < loaded:
+                    kv.truncate(conv.cache, keep)
+                    del conv.token_ids[keep:]
         if conv.cache is None:
             conv.cache = kv.new_cache(self.model)
         conv.check()
-        return keep, fallback
+        loaded, conv.restored = max(loaded, conv.restored), 0
+        return keep, fallback, min(loaded, keep)
 
     def _restore_invariant(self, conv: Conversation) -> None:
         """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
@@ -175,7 +203,7 @@ class Engine:
         finished = False
         try:
             with torch.inference_mode():
-                reused, fallback = self._sync_cache(conv, target)
+                reused, fallback, loaded = self._sync_cache(conv, target)
                 logits = self._prefill(conv, target[reused:])
                 prefill_done = time.perf_counter()
                 generator = make_generator(sampling, self.device)
@@ -218,6 +246,7 @@ class Engine:
             decode_tok_s=(generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0,
             kv_bytes=kv.nbytes(conv.cache),
             prefill_ms=(prefill_done - started) * 1000,
+            loaded=loaded,
             stop=stop,
             fallback=fallback,
         )

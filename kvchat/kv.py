@@ -77,3 +77,54 @@ def nbytes(cache: Cache) -> int:
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def can_export(cache: Cache) -> bool:
+    """Whether every layer still holds the KV of every token (so it can be saved and restored exactly)."""
+    return all(
+        type(layer) is DynamicLayer
+        or (type(layer) is DynamicSlidingWindowLayer and _layer_length(layer) < layer.sliding_window)
+        for layer in cache.layers
+    )
+
+
+def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
+    """Tokens [start, end) of every layer as CPU tensors named 'L.keys'/'L.values', each [kv_heads, n, head_dim].
+
+    The cache's own dtype is kept, so a restore is bit-exact.
+    """
+    assert can_export(cache), "export() called on a cache that has discarded tokens"
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        assert layer.keys.shape[0] == 1, "kvchat caches hold one sequence"
+        tensors[f"{i}.keys"] = layer.keys[0, :, start:end, :].to("cpu").contiguous()
+        tensors[f"{i}.values"] = layer.values[0, :, start:end, :].to("cpu").contiguous()
+    return tensors
+
+
+def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
+    """Where each decoder layer runs (they differ when accelerate spread the model over several GPUs)."""
+    try:
+        return [next(block.parameters()).device for block in model.get_decoder().layers]
+    except (AttributeError, StopIteration):
+        return [default] * len(new_cache(model).layers)
+
+
+def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device) -> Cache:
+    """A cache for `model` holding the concatenation of exported `pieces` (in order), each layer on its device."""
+    cache = new_cache(model)
+    devices = _layer_devices(model, device)
+    for i, layer in enumerate(cache.layers):
+        target = devices[i] if i < len(devices) else device
+        keys = torch.cat([piece[f"{i}.keys"] for piece in pieces], dim=1)  # [kv_heads, n, head_dim]
+        values = torch.cat([piece[f"{i}.values"] for piece in pieces], dim=1)
+        layer.update(keys.unsqueeze(0).to(target), values.unsqueeze(0).to(target))
+    return cache
+
+
+def expected_shapes(model: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the model's cache, to check a stored piece against."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim

@@ -143,3 +143,31 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
         raise KvchatError(f"model '{spec}' has no chat template; kvchat needs an instruction-tuned model")
     input_device = model.get_input_embeddings().weight.device
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype)
+
+
+def fingerprint(loaded: LoadedModel) -> str:
+    """A hash that changes when the weights, tokenizer, chat template, dtype or attention/rope config change.
+
+    Weights are sampled (every tensor's name, shape, dtype and ~4k evenly spaced values) so that
+    hashing takes milliseconds, not the seconds a full pass over a large model would.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    config = loaded.model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(str(loaded.dtype).encode())
+    digest.update((loaded.tokenizer.chat_template or "").encode())
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else
+                  json.dumps(loaded.tokenizer.get_vocab(), sort_keys=True).encode())
+    with torch.inference_mode():
+        for name, tensor in loaded.model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]

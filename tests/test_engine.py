@@ -87,7 +87,7 @@ def test_last_position_logits_match_a_full_forward_pass():
     conv.messages.append({"role": "user", "content": "One more question?"})
     target = engine.render(conv.messages)
     with torch.inference_mode():
-        reused, _ = engine._sync_cache(conv, target)
+        reused, _, _ = engine._sync_cache(conv, target)
         assert reused > 0
         cached_logits = engine._prefill(conv, target[reused:])
         full_logits = loaded.model(input_ids=torch.tensor([target]), use_cache=False).logits[0, -1]

@@ -56,3 +56,31 @@ def test_echo_question_answers_paris():
     )
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout
+
+
+def test_session_saved_after_turn_3_resumes_exactly(default_model, tmp_path):
+    from kvchat.model import fingerprint
+    from kvchat.store import Persister, Store
+
+    fp = fingerprint(default_model)
+    engine = Engine(default_model)
+    store = Store(tmp_path).bind(engine, fp)
+    conv = Conversation.start()
+    persister = Persister(store, "resume")
+    for question in QUESTIONS[:3]:
+        chat(engine, conv, question)
+        persister.after_turn(conv)
+    store.close()
+    cached = conv.cached_tokens
+    uninterrupted = chat(engine, conv, QUESTIONS[3])
+
+    engine2 = Engine(default_model)
+    store2 = Store(tmp_path).bind(engine2, fp)
+    opened = store2.open_session("resume")
+    assert opened.notice is None and opened.loaded_tokens == cached
+    resumed = chat(engine2, opened.conversation, QUESTIONS[3])
+    store2.close()
+    assert resumed.token_ids == uninterrupted.token_ids
+    assert resumed.stats.reused == cached == resumed.stats.loaded
+    question_tokens = len(engine.tokenizer(QUESTIONS[3], add_special_tokens=False)["input_ids"])
+    assert resumed.stats.prefilled <= question_tokens + 12

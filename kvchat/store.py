@@ -1,0 +1,530 @@
+"""Sessions and shared prefixes on disk: KV in safetensors chunks, text and token ids in small JSON manifests.
+
+Layout under the sessions directory:
+
+    NAME.json                      a session: messages (the text), token ids, the chunks that hold its KV
+    NAME.lock                      held (flock) by the one process that has the session open
+    .kv/chunks/KEY.safetensors     KV of CHUNK_TOKENS tokens (or a prefix's last, shorter piece)
+    .kv/tails/NAME-KEY.safetensors KV of a session's last, partial chunk (rewritten as the session grows)
+    .kv/prefixes/KEY.json          a shared prefix (a system prompt): token ids and chunk list
+
+A chunk's KEY hashes the model fingerprint and every token id up to the chunk's end, so equal
+prefixes (forks, a common system prompt, a resumed session) map to the same files and are stored
+once, and saving after a turn writes only chunks that do not exist yet. Every KV file carries a
+CRC32 of its tensor bytes, the fingerprint, the format version and its key; any mismatch makes the
+KV unusable, never wrong: the conversation is then rebuilt from its text.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from kvchat import kv
+from kvchat.conversation import Conversation
+from kvchat.errors import KvchatError
+
+FORMAT = 1
+CHUNK_TOKENS = 128
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+class StoreError(KvchatError):
+    """A session or store problem the user should see."""
+
+
+class DamagedKV(Exception):
+    """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text."""
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a plain session name; refuse paths, '..', empty or overlong names."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise StoreError(f"invalid session name {name!r}: use {NAME_RULE}")
+    return name
+
+
+def atomic_write(path: Path, data: bytes) -> int:
+    """Write `data` to `path` so that a crash leaves either the old or the new file; returns bytes written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(data)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _ids_bytes(ids: list[int]) -> bytes:
+    return torch.tensor(ids, dtype=torch.int64).numpy().tobytes() if ids else b""
+
+
+class ChunkKeys:
+    """Keys for every chunk boundary of a token sequence, from one running hash."""
+
+    def __init__(self, fingerprint: str):
+        self._hash = hashlib.sha256(f"kvchat/{FORMAT}/{fingerprint}".encode())
+        self._fed = 0
+
+    def advance(self, ids: list[int], end: int) -> str:
+        """Key of ids[:end]; `end` never decreases between calls."""
+        assert end >= self._fed, "chunk boundaries must be visited in order"
+        self._hash.update(_ids_bytes(ids[self._fed:end]))
+        self._fed = end
+        return self._hash.copy().hexdigest()[:40]
+
+
+def chunk_key(fingerprint: str, ids: list[int]) -> str:
+    """Key of the KV of exactly these token ids under this model."""
+    return ChunkKeys(fingerprint).advance(ids, len(ids))
+
+
+@dataclass
+class Opened:
+    """A session as opened: the conversation, and a one-line notice when its KV could not be used."""
+
+    conversation: Conversation
+    notice: str | None = None
+    loaded_tokens: int = 0
+    existed: bool = False
+
+
+@dataclass
+class StoreCounters:
+    """Bytes and files written, for tests and the closing figures."""
+
+    bytes_written: int = 0
+    files_written: int = 0
+
+    def add(self, nbytes: int) -> None:
+        self.bytes_written += nbytes
+        self.files_written += 1
+
+
+class Store:
+    """The sessions directory. Methods that read or write KV need `bind(engine, fingerprint)` first."""
+
+    def __init__(self, root: Path, max_bytes: int = 0):
+        self.root = Path(root)
+        self.max_bytes = max_bytes  # 0: no cap on the size of shared prefixes
+        self.chunks = self.root / ".kv" / "chunks"
+        self.tails = self.root / ".kv" / "tails"
+        self.prefixes = self.root / ".kv" / "prefixes"
+        self.counters = StoreCounters()
+        self.engine: Any = None
+        self.fingerprint: str | None = None
+        self._locks: dict[str, int] = {}
+
+    def bind(self, engine: Any, fingerprint: str) -> "Store":
+        """Attach the engine (model) whose KV this store reads and writes."""
+        self.engine, self.fingerprint = engine, fingerprint
+        return self
+
+    def _ensure_dirs(self) -> None:
+        for path in (self.chunks, self.tails, self.prefixes):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def manifest_path(self, name: str) -> Path:
+        return self.root / f"{check_name(name)}.json"
+
+    # -- KV files ----------------------------------------------------------------------------
+
+    def _encode(self, tensors: dict[str, torch.Tensor], key: str, start: int, n_tokens: int) -> bytes:
+        """safetensors bytes whose metadata holds the CRC32 of the tensor data (serialized twice to learn it)."""
+        meta = {"format": str(FORMAT), "fingerprint": self.fingerprint, "key": key,
+                "start": str(start), "n_tokens": str(n_tokens)}
+        plain = st_save(tensors, metadata=meta)
+        header_len = struct.unpack("<Q", plain[:8])[0]
+        meta["crc32"] = str(zlib.crc32(plain[8 + header_len:]))
+        return st_save(tensors, metadata=meta)
+
+    def _write_kv(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
+        data = self._encode(kv.export(cache, start, end), key, start, end - start)
+        self.counters.add(atomic_write(path, data))
+
+    def _read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
+        """Load and check one KV file; raises DamagedKV with the reason."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DamagedKV(f"{path.name} is missing") from None
+        if len(data) < 8:
+            raise DamagedKV(f"{path.name} is {'empty' if not data else 'truncated'}")
+        header_len = struct.unpack("<Q", data[:8])[0]
+        if 8 + header_len > len(data):
+            raise DamagedKV(f"{path.name} is truncated")
+        try:
+            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+        except (ValueError, UnicodeDecodeError):
+            raise DamagedKV(f"{path.name} has a corrupt header") from None
+        if meta.get("crc32") != str(zlib.crc32(data[8 + header_len:])):
+            raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
+        if meta.get("format") != str(FORMAT) or meta.get("fingerprint") != self.fingerprint:
+            raise DamagedKV(f"{path.name} was made by another model or format")
+        if meta.get("key") != key or meta.get("start") != str(start) or meta.get("n_tokens") != str(n_tokens):
+            raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
+        try:
+            tensors = st_load(data)
+        except Exception as exc:  # safetensors raises its own error type for malformed files
+            raise DamagedKV(f"{path.name} cannot be parsed: {exc}") from None
+        layers, kv_heads, head_dim = kv.expected_shapes(self.engine.model)
+        for i in range(layers):
+            for part in ("keys", "values"):
+                tensor = tensors.get(f"{i}.{part}")
+                if tensor is None or tuple(tensor.shape) != (kv_heads, n_tokens, head_dim):
+                    raise DamagedKV(f"{path.name} has wrong shapes for this model")
+                if tensor.dtype != self.engine.loaded.dtype:
+                    raise DamagedKV(f"{path.name} holds {tensor.dtype}, the model runs in {self.engine.loaded.dtype}")
+        return tensors
+
+    def _chunk_path(self, key: str) -> Path:
+        return self.chunks / f"{key}.safetensors"
+
+    def _save_chunks(self, ids: list[int], cache: Any, upto: int) -> list[str]:
+        """Write the full chunks of ids[:upto] that are not stored yet; return all their keys."""
+        keys, hasher = [], ChunkKeys(self.fingerprint)
+        for end in range(CHUNK_TOKENS, upto + 1, CHUNK_TOKENS):
+            key = hasher.advance(ids, end)
+            path = self._chunk_path(key)
+            if not path.exists():
+                self._write_kv(path, cache, key, end - CHUNK_TOKENS, end)
+            keys.append(key)
+        return keys
+
+    # -- shared prefixes ---------------------------------------------------------------------
+
+    def save_prefix(self, ids: list[int], cache: Any) -> bool:
+        """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored."""
+        self._ensure_dirs()
+        key = chunk_key(self.fingerprint, ids)
+        entry_path = self.prefixes / f"{key}.json"
+        if entry_path.exists() or not ids or not kv.can_export(cache):
+            return False
+        full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
+        chunks = self._save_chunks(ids, cache, full)
+        if full < len(ids):
+            path = self._chunk_path(key)
+            if not path.exists():
+                self._write_kv(path, cache, key, full, len(ids))
+            chunks.append(key)
+        entry = {"format": FORMAT, "fingerprint": self.fingerprint, "token_ids": ids, "chunks": chunks,
+                 "last_used": time.time()}
+        self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
+        self._enforce_cap()
+        return True
+
+    def longest_prefix(self, target: list[int]) -> tuple[int, Any] | None:
+        """The longest stored KV whose tokens begin `target`, as (tokens, cache); None when nothing matches.
+
+        Looks at chunk boundaries (any session's or prefix's full chunks) and at exact prefix entries.
+        Damaged files are skipped, never used.
+        """
+        if self.fingerprint is None or not self.chunks.is_dir():
+            return None
+        hasher, full_keys = ChunkKeys(self.fingerprint), []
+        for end in range(CHUNK_TOKENS, len(target) + 1, CHUNK_TOKENS):
+            key = hasher.advance(target, end)
+            if not self._chunk_path(key).exists():
+                break
+            full_keys.append(key)
+        best_entry, best_len = None, len(full_keys) * CHUNK_TOKENS
+        for entry_path in self.prefixes.glob("*.json"):
+            try:
+                entry = _read_json(entry_path)
+            except (OSError, ValueError):
+                continue
+            ids = entry.get("token_ids", [])
+            if entry.get("fingerprint") == self.fingerprint and best_len < len(ids) <= len(target) \
+                    and target[:len(ids)] == ids:
+                best_entry, best_len = (entry_path, entry), len(ids)
+        pieces: list[dict[str, torch.Tensor]] = []
+        try:
+            if best_entry is not None:
+                entry_path, entry = best_entry
+                pieces = self._load_listed(entry["token_ids"], entry["chunks"])
+                entry["last_used"] = time.time()
+                atomic_write(entry_path, json.dumps(entry).encode())
+            else:
+                pieces = self._load_listed(target[:best_len], full_keys)
+        except DamagedKV:
+            return None
+        if not pieces:
+            return None
+        return best_len, kv.restore(self.engine.model, pieces, self.engine.device)
+
+    def _load_listed(self, ids: list[int], chunks: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Load the chunks that hold ids: full chunks, then at most one shorter last piece."""
+        pieces, hasher, start = [], ChunkKeys(self.fingerprint), 0
+        for key in chunks:
+            end = min(start + CHUNK_TOKENS, len(ids))
+            if hasher.advance(ids, end) != key:
+                raise DamagedKV("the manifest's chunk list does not match its token ids")
+            pieces.append(self._read_kv(self._chunk_path(key), key, start, end - start))
+            start = end
+        if start != len(ids):
+            raise DamagedKV("the manifest lists fewer chunks than tokens")
+        return pieces
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def lock(self, name: str) -> None:
+        """Take the session's lock for this process; a second process gets a clear error."""
+        check_name(name)
+        if name in self._locks:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise StoreError(f"session '{name}' is open in another kvchat process (pid {holder})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._locks[name] = fd
+
+    def unlock(self, name: str) -> None:
+        fd = self._locks.pop(name, None)
+        if fd is not None:
+            os.close(fd)  # closing releases the flock
+
+    def close(self) -> None:
+        for name in list(self._locks):
+            self.unlock(name)
+
+    def read_manifest(self, name: str) -> dict[str, Any] | None:
+        """A session's manifest, None when it does not exist; a damaged manifest is a StoreError (nothing is touched)."""
+        path = self.manifest_path(name)
+        try:
+            manifest = _read_json(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"session '{name}' cannot be read ({path}: {exc}); it was left as it is") from None
+        if not isinstance(manifest.get("messages"), list):
+            raise StoreError(f"session '{name}' has no transcript in {path}; it was left as it is")
+        return manifest
+
+    def open_session(self, name: str, system: str | None = None) -> Opened:
+        """Lock and load a session (KV included when it is intact), or start it when it does not exist."""
+        self.lock(name)
+        manifest = self.read_manifest(name)
+        if manifest is None:
+            return Opened(Conversation.start(system))
+        conv = Conversation(messages=manifest["messages"])
+        ids = manifest.get("token_ids", [])
+        if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
+            return Opened(conv, f"session '{name}' was saved with another model or format; "
+                                "rebuilding its cache from the text", existed=True)
+        if not ids:
+            return Opened(conv, existed=True)
+        try:
+            pieces = self._load_session_kv(name, manifest)
+        except DamagedKV as exc:
+            return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
+                          existed=True)
+        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device)
+        conv.token_ids = list(ids)
+        conv.restored = len(ids)
+        conv.check()
+        return Opened(conv, loaded_tokens=len(ids), existed=True)
+
+    def _load_session_kv(self, name: str, manifest: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        ids = manifest["token_ids"]
+        chunks = list(manifest.get("chunks", []))
+        tail = manifest.get("tail")
+        full = len(chunks) * CHUNK_TOKENS
+        pieces = self._load_listed(ids[:full], chunks)
+        if full < len(ids):
+            if not tail:
+                raise DamagedKV("the manifest lists fewer chunks than tokens")
+            key = chunk_key(self.fingerprint, ids)
+            if tail.get("key") != key:
+                raise DamagedKV("the tail does not match the token ids")
+            pieces.append(self._read_kv(self.tails / tail["file"], key, full, len(ids) - full))
+        return pieces
+
+    def save_session(self, name: str, conv: Conversation) -> None:
+        """Write what is new since the last save: new full chunks, the partial tail, the manifest."""
+        self.lock(name)
+        self._ensure_dirs()
+        previous = self.read_manifest(name)
+        ids = list(conv.token_ids)
+        exportable = conv.cache is not None and kv.can_export(conv.cache)
+        if not exportable:
+            ids = []  # the text alone is saved; a resume prefills it
+        full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
+        chunks = self._save_chunks(ids, conv.cache, full) if exportable else []
+        tail = None
+        if full < len(ids):
+            key = chunk_key(self.fingerprint, ids)
+            tail = {"key": key, "file": f"{name}-{key[:16]}.safetensors"}
+            path = self.tails / tail["file"]
+            if not path.exists():
+                self._write_tail(path, conv.cache, key, full, len(ids))
+        now = time.time()
+        manifest = {
+            "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
+            "created": (previous or {}).get("created", now), "updated": now,
+            "turns": sum(1 for m in conv.messages if m["role"] == "user"),
+            "messages": conv.messages, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
+            "chunks": chunks, "tail": tail,
+        }
+        self.counters.add(atomic_write(self.manifest_path(name), json.dumps(manifest).encode()))
+        old_tail = (previous or {}).get("tail")
+        if old_tail and old_tail != tail:
+            (self.tails / old_tail["file"]).unlink(missing_ok=True)
+
+    def _write_tail(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
+        """A session's tail; a hard link to an identical tail of another session (a fork) instead of a copy."""
+        twin = next(self.tails.glob(f"*-{key[:16]}.safetensors"), None)
+        if twin is not None:
+            try:
+                os.link(twin, path)
+                return
+            except OSError:
+                pass  # a filesystem without hard links: write a copy
+        self._write_kv(path, cache, key, start, end)
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        """One row per session: name, turns, tokens, bytes on disk (shared chunks counted in full), last used."""
+        rows = []
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
+            try:
+                manifest = _read_json(path)
+            except (OSError, ValueError):
+                rows.append({"name": path.stem, "turns": "?", "tokens": "?", "bytes": path.stat().st_size,
+                             "updated": path.stat().st_mtime, "damaged": True})
+                continue
+            files = [self._chunk_path(key) for key in manifest.get("chunks", [])]
+            if manifest.get("tail"):
+                files.append(self.tails / manifest["tail"]["file"])
+            size = path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())
+            rows.append({"name": path.stem, "turns": manifest.get("turns", 0),
+                         "tokens": len(manifest.get("token_ids", [])), "bytes": size,
+                         "updated": manifest.get("updated", path.stat().st_mtime), "model": manifest.get("model")})
+        return rows
+
+    def remove_session(self, name: str) -> None:
+        """Delete a session's manifest and tail (its chunks go at the next prune if nothing else uses them)."""
+        manifest = self.read_manifest(name)
+        if manifest is None:
+            raise StoreError(f"no session named '{name}' in {self.root}")
+        self.lock(name)
+        if manifest.get("tail"):
+            (self.tails / manifest["tail"]["file"]).unlink(missing_ok=True)
+        self.manifest_path(name).unlink()
+        self.unlock(name)
+        (self.root / f"{name}.lock").unlink(missing_ok=True)
+
+    # -- the store as a whole ----------------------------------------------------------------
+
+    def _referenced(self) -> tuple[set[str], set[str]]:
+        """Chunk keys and tail files that some session or prefix entry uses."""
+        chunks, tails = set(), set()
+        for path in list(self.root.glob("*.json")) + list(self.prefixes.glob("*.json")):
+            try:
+                manifest = _read_json(path)
+            except (OSError, ValueError):
+                continue
+            chunks.update(manifest.get("chunks", []))
+            if manifest.get("tail"):
+                tails.add(manifest["tail"]["file"])
+        return chunks, tails
+
+    def prune(self) -> tuple[int, int]:
+        """Delete chunks, tails and leftovers that nothing uses; returns (files removed, bytes freed)."""
+        if not self.chunks.parent.is_dir():
+            return 0, 0
+        used_chunks, used_tails = self._referenced()
+        removed = freed = 0
+        candidates = [p for p in self.chunks.glob("*.safetensors") if p.stem not in used_chunks]
+        candidates += [p for p in self.tails.glob("*.safetensors") if p.name not in used_tails]
+        candidates += list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
+        for path in candidates:
+            freed += path.stat().st_size
+            path.unlink()
+            removed += 1
+        return removed, freed
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and counts for `kvchat cache`."""
+        def size(paths):
+            return sum(p.stat().st_size for p in paths)
+
+        chunk_files = list(self.chunks.glob("*.safetensors")) if self.chunks.is_dir() else []
+        tail_files = list(self.tails.glob("*.safetensors")) if self.tails.is_dir() else []
+        prefixes = []
+        for path in self.prefixes.glob("*.json") if self.prefixes.is_dir() else []:
+            try:
+                entry = _read_json(path)
+            except (OSError, ValueError):
+                continue
+            prefixes.append({"key": path.stem, "tokens": len(entry.get("token_ids", [])),
+                             "last_used": entry.get("last_used", 0)})
+        used_chunks, _ = self._referenced() if self.chunks.parent.is_dir() else (set(), set())
+        return {
+            "root": str(self.root), "chunks": len(chunk_files), "tails": len(tail_files),
+            "bytes": size(chunk_files) + size(tail_files), "sessions": len(self.list_sessions()),
+            "prefixes": sorted(prefixes, key=lambda p: -p["last_used"]),
+            "unused_chunks": sum(1 for p in chunk_files if p.stem not in used_chunks),
+        }
+
+    def _enforce_cap(self) -> None:
+        """Evict least recently used prefix entries (and their unused chunks) while the store is over its cap."""
+        if self.max_bytes <= 0:
+            return
+        entries = sorted(self.prefixes.glob("*.json"), key=lambda p: _read_json(p).get("last_used", 0))
+        while self.summary()["bytes"] > self.max_bytes and entries:
+            entries.pop(0).unlink()
+            self.prune()
+
+
+@dataclass
+class Persister:
+    """After each turn: autosave the named session (if any) and store the conversation's system prefix."""
+
+    store: Store
+    session: str | None = None
+    prefixes_saved: set[int] = field(default_factory=set)
+
+    def after_turn(self, conv: Conversation) -> None:
+        if conv.cache is not None:
+            self._save_system_prefix(conv)
+        if self.session:
+            self.store.save_session(self.session, conv)
+
+    def _save_system_prefix(self, conv: Conversation) -> None:
+        prefix = self.store.engine.system_prefix_ids(conv.system)
+        key = hash(tuple(prefix))
+        if key in self.prefixes_saved or len(prefix) > len(conv.token_ids) or conv.token_ids[:len(prefix)] != prefix:
+            return
+        self.store.save_prefix(prefix, conv.cache)
+        self.prefixes_saved.add(key)

@@ -1,0 +1,71 @@
+"""Sessions and the store through the command line."""
+
+import io
+import json
+
+from kvchat.cli import main
+
+
+def run(monkeypatch, capsys, argv, stdin=b""):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def chat(model_dir, sessions, *extra):
+    return ["--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "8",
+            "--sessions-dir", str(sessions), *extra]
+
+
+def test_session_resumes_across_runs_and_is_listed_shown_removed(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    sessions = tmp_path / "sessions"
+    code, first, _ = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "trip", "-p", "Hello!"))
+    assert code == 0
+    code, _, err = run(monkeypatch, capsys,
+                       chat(tiny_model_dir, sessions, "--session", "trip", "--stats", "-p", "What is the capital?"))
+    assert code == 0
+    record = json.loads(err.strip().splitlines()[-1])
+    assert record["loaded"] > 0 and record["reused"] == record["loaded"]
+
+    code, out, _ = run(monkeypatch, capsys, ["sessions", "list", "--sessions-dir", str(sessions)])
+    assert code == 0 and out.startswith("trip") and "2 turns" in out
+    code, out, _ = run(monkeypatch, capsys, ["sessions", "show", "trip", "--sessions-dir", str(sessions)])
+    assert code == 0 and "[user]\nHello!" in out and "[user]\nWhat is the capital?" in out
+    assert first.strip() in out
+
+    code, out, _ = run(monkeypatch, capsys, ["cache", "--sessions-dir", str(sessions)])
+    assert code == 0 and "shared prefixes: 1" in out and "sessions: 1" in out
+
+    code, out, _ = run(monkeypatch, capsys, ["sessions", "rm", "trip", "--sessions-dir", str(sessions)])
+    assert code == 0 and not (sessions / "trip.json").exists()
+    code, out, _ = run(monkeypatch, capsys, ["cache", "prune", "--sessions-dir", str(sessions)])
+    assert code == 0 and "removed" in out
+    code, out, _ = run(monkeypatch, capsys, ["cache", "--sessions-dir", str(sessions)])
+    assert "0 chunks unused" in out
+
+
+def test_scripting_mode_autosaves_every_turn(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    sessions = tmp_path / "s"
+    code, _, _ = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "pipe", "--lines"),
+                     b"Hello!\nTell me a story.\n")
+    assert code == 0
+    manifest = json.loads((sessions / "pipe.json").read_text())
+    assert manifest["turns"] == 2 and [m["role"] for m in manifest["messages"]] == ["user", "assistant"] * 2
+
+
+def test_bad_session_name_is_one_line_and_writes_nothing(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    sessions = tmp_path / "s"
+    code, out, err = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "../x", "-p", "hi"))
+    assert code == 1 and out == "" and "invalid session name" in err and len(err.strip().splitlines()) == 1
+    assert not sessions.exists() and not (tmp_path / "x.json").exists()
+    code, _, err = run(monkeypatch, capsys, ["sessions", "show", "nope", "--sessions-dir", str(sessions)])
+    assert code == 1 and "no session named 'nope'" in err
+
+
+def test_sessions_dir_defaults_beside_the_config_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.toml").write_text(f'model = "{tiny_model_dir}"\ntemperature = 0\nmax_new_tokens = 4\n')
+    code, _, _ = run(monkeypatch, capsys, ["--config", str(project / "config.toml"), "--session", "a", "-p", "hi"])
+    assert code == 0 and (project / "sessions" / "a.json").is_file()

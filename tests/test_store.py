@@ -1,0 +1,297 @@
+"""The on-disk store: exact resume, shared prefixes, flat autosave, and every kind of damage."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from kvchat import store as store_module
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd
+from kvchat.model import fingerprint
+from kvchat.store import Persister, Store, StoreError, check_name
+from reference import greedy_without_cache
+from tiny import make_loaded
+
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+SYSTEM = "You are a helpful assistant. Answer in one short sentence, and be kind to cats and dogs."
+MESSAGES = [
+    "Hello, how are you today?",
+    "What is the capital of France?",
+    "Tell me a story about a cat.",
+    "Numbers: 1 2 3 4 5.",
+    "The quick brown fox jumps over the lazy dog.",
+]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """16-token chunks, so a short test conversation spans several chunks plus a tail."""
+    monkeypatch.setattr(store_module, "CHUNK_TOKENS", 16)
+
+
+def make_engine(loaded, root, **store_kwargs):
+    store = Store(root, **store_kwargs)
+    engine = Engine(loaded, prefix_source=None)
+    store.bind(engine, fingerprint(loaded))
+    engine.prefix_source = store.longest_prefix
+    return engine, store
+
+
+def turn(engine, conv, text, persister=None):
+    try:
+        return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+    finally:
+        if persister is not None:
+            persister.after_turn(conv)
+
+
+def fresh_reply(engine, messages):
+    return greedy_without_cache(engine.model, engine.render(messages), GREEDY.max_new_tokens, engine.stop_ids)
+
+
+def kv_files(root):
+    return sorted(p for p in (root / ".kv").rglob("*.safetensors"))
+
+
+def test_resumed_session_continues_exactly_and_prefills_only_the_new_message(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    persister = Persister(store, "talk")
+    for text in MESSAGES[:3]:
+        turn(engine, conv, text, persister)
+    store.close()
+    cached = conv.cached_tokens
+    assert cached > 3 * store_module.CHUNK_TOKENS  # several full chunks and a tail
+
+    uninterrupted = turn(engine, conv, MESSAGES[3])
+
+    engine2, store2 = make_engine(tiny, tmp_path)  # a new process, the next day
+    opened = store2.open_session("talk")
+    assert opened.notice is None and opened.loaded_tokens == cached
+    assert opened.conversation.messages == conv.messages[:-2]
+    resumed = turn(engine2, opened.conversation, MESSAGES[3])
+    assert resumed.token_ids == uninterrupted.token_ids
+    # Exactly what the uninterrupted run reused (all of the cache, less any re-tokenization drift of
+    # the last reply), now loaded from disk; nothing of the history is prefilled again.
+    assert resumed.stats.reused == uninterrupted.stats.reused == resumed.stats.loaded
+    assert resumed.stats.reused > cached - GREEDY.max_new_tokens
+    assert resumed.stats.prefilled == uninterrupted.stats.prefilled
+
+
+def test_kv_is_stored_in_the_cache_dtype_bit_exact(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    store.close()
+    _, store2 = make_engine(tiny, tmp_path)
+    restored = store2.open_session("s").conversation
+    for before, after in zip(conv.cache.layers, restored.cache.layers):
+        assert after.keys.dtype == torch.float64
+        assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
+
+
+def test_same_system_prompt_is_prefilled_once_ever(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    first = turn(engine, Conversation.start(SYSTEM), MESSAGES[0], Persister(store))
+    assert first.stats.loaded == 0
+    system_prefix = engine.system_prefix_ids(SYSTEM)
+
+    engine2, _ = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    second = turn(engine2, conv, MESSAGES[1])
+    assert second.stats.loaded == second.stats.reused == len(system_prefix)
+    # Only what follows the shared prefix (the user message and its template tokens) is prefilled.
+    assert second.stats.prefilled == len(engine2.render(conv.messages[:-1])) - len(system_prefix)
+    system_tokens = len(tiny.tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
+    assert len(system_prefix) > system_tokens > second.stats.prefilled
+    assert second.token_ids == fresh_reply(engine2, conv.messages[:-1])
+
+
+def test_any_stored_chunk_prefix_is_loaded_for_a_new_conversation(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    persister = Persister(store, "long")
+    for text in MESSAGES[:3]:
+        turn(engine, conv, text, persister)
+    # A new conversation replaying the same first two exchanges, then asking something else.
+    engine2, _ = make_engine(tiny, tmp_path)
+    replay = Conversation(messages=[dict(m) for m in conv.messages[:5]])
+    end = turn(engine2, replay, MESSAGES[4])
+    whole_chunks = engine2.render(conv.messages[:5])
+    assert end.stats.loaded >= len(whole_chunks) // 16 * 16 - 16
+    assert end.token_ids == fresh_reply(engine2, replay.messages[:-1])
+
+
+def test_fork_stores_no_duplicate_kv_bytes(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES[:2]:
+        turn(engine, conv, text, Persister(store, "parent"))
+    files_before = {p: p.stat().st_ino for p in kv_files(tmp_path)}
+    written_before = store.counters.bytes_written
+    store.save_session("child", conv)
+    manifest_bytes = (tmp_path / "child.json").stat().st_size
+    assert store.counters.bytes_written - written_before == manifest_bytes  # no KV bytes written
+    inodes = {p.stat().st_ino for p in kv_files(tmp_path)}
+    assert inodes == set(files_before.values())  # the child's tail is a hard link to the parent's
+    store.close()
+    _, store2 = make_engine(tiny, tmp_path)
+    child = store2.open_session("child")
+    assert child.notice is None and child.loaded_tokens == conv.cached_tokens
+
+
+def test_autosave_writes_only_what_is_new(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    persister = Persister(store, "grow")
+    cfg = tiny.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 8
+    kv_written = []
+    for i in range(20):
+        before_bytes, before_tokens = store.counters.bytes_written, conv.cached_tokens
+        turn(engine, conv, MESSAGES[i % len(MESSAGES)], persister)
+        manifest = (tmp_path / "grow.json").stat().st_size
+        prefix_bytes = sum(p.stat().st_size for p in (tmp_path / ".kv" / "prefixes").glob("*.json")) if i == 0 else 0
+        kv_bytes = store.counters.bytes_written - before_bytes - manifest - prefix_bytes
+        new_tokens = conv.cached_tokens - before_tokens
+        # New full chunks plus one tail: never more than the new tokens and one chunk (+ file headers).
+        assert kv_bytes <= (new_tokens + 2 * 16) * per_token * 1.1 + 8192 * 3, f"turn {i + 1}"
+        kv_written.append(kv_bytes)
+    assert conv.cached_tokens > 20 * 16
+    assert max(kv_written[10:]) <= 2 * max(kv_written[:10])  # flat, not growing with the session
+
+
+def damage_truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_bitflip(path):
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def damage_empty(path):
+    path.write_bytes(b"")
+
+
+def damage_missing(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_bitflip, damage_empty, damage_missing])
+@pytest.mark.parametrize("which", ["chunk", "tail"])
+def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, which):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES[:2]:
+        turn(engine, conv, text, Persister(store, "s"))
+    store.close()
+    manifest = json.loads((tmp_path / "s.json").read_text())
+    target = (tmp_path / ".kv" / "chunks" / f"{manifest['chunks'][-1]}.safetensors" if which == "chunk"
+              else tmp_path / ".kv" / "tails" / manifest["tail"]["file"])
+    damage(target)
+
+    engine2 = Engine(tiny)  # no prefix source: the rebuild must come from the text
+    store2 = Store(tmp_path).bind(engine2, fingerprint(tiny))
+    opened = store2.open_session("s")
+    assert opened.notice and "not usable" in opened.notice and "rebuilding" in opened.notice
+    assert "\n" not in opened.notice
+    assert opened.conversation.messages == conv.messages  # nothing lost
+    assert opened.conversation.cached_tokens == 0
+    end = turn(engine2, opened.conversation, MESSAGES[2])
+    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+
+
+def test_snapshot_of_another_model_is_never_used(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    store.close()
+    other = make_loaded(torch.float64, seed=1)
+    engine2, store2 = make_engine(other, tmp_path)
+    opened = store2.open_session("s")
+    assert opened.notice and "another model" in opened.notice
+    assert opened.conversation.messages == conv.messages and opened.conversation.cached_tokens == 0
+    end = turn(engine2, opened.conversation, MESSAGES[1])
+    assert end.stats.loaded == 0  # not even the shared system prefix of the other model
+    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+
+
+def test_other_dtype_is_another_model(tmp_path):
+    a, b = make_loaded(torch.float64), make_loaded(torch.float32)
+    assert fingerprint(a) != fingerprint(b)
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "a/b", "..", ".hidden", "x" * 65, "a b", "nul\x00"])
+def test_bad_session_names_are_refused_and_nothing_is_written(tiny, tmp_path, name):
+    root = tmp_path / "sessions"
+    _, store = make_engine(tiny, root)
+    with pytest.raises(StoreError, match="invalid session name"):
+        store.open_session(name)
+    with pytest.raises(StoreError, match="invalid session name"):
+        check_name(name)
+    assert not any(tmp_path.rglob("*evil*")) and not root.exists()
+
+
+def test_second_process_gets_a_clear_lock_error_and_nothing_is_lost(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    _, other = make_engine(tiny, tmp_path)  # flock conflicts between open file descriptions, as between processes
+    with pytest.raises(StoreError, match="open in another kvchat process"):
+        other.open_session("s")
+    turn(engine, conv, MESSAGES[1], Persister(store, "s"))
+    store.close()
+    reopened = other.open_session("s")
+    assert reopened.conversation.messages == conv.messages
+
+
+def test_a_crash_mid_save_leaves_the_previous_state_loadable(tiny, tmp_path, monkeypatch):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    persister = Persister(store, "s")
+    for text in MESSAGES[:2]:
+        turn(engine, conv, text, persister)
+    saved_messages = [dict(m) for m in conv.messages]
+    real_replace = os.replace
+
+    def crash_on_manifest(src, dst):
+        if str(dst).endswith("s.json"):
+            raise KeyboardInterrupt("killed")  # the process dies between writing KV and the manifest
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        turn(engine, conv, MESSAGES[2], persister)
+    monkeypatch.setattr(os, "replace", real_replace)
+    store.close()
+    _, store2 = make_engine(tiny, tmp_path)
+    opened = store2.open_session("s")
+    assert opened.notice is None
+    assert opened.conversation.messages == saved_messages
+
+
+def test_prune_removes_only_unused_chunks_and_cap_evicts_prefixes(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES[:2]:
+        turn(engine, conv, text, Persister(store, "keep"))
+    other = Conversation.start("A different system prompt for a throwaway chat.")
+    turn(engine, other, MESSAGES[0], Persister(store, "gone"))
+    store.close()
+    store.remove_session("gone")
+    removed, freed = store.prune()
+    assert removed > 0 and freed > 0
+    _, store2 = make_engine(tiny, tmp_path)
+    assert store2.open_session("keep").loaded_tokens == conv.cached_tokens  # still intact
+    assert store.prune() == (0, 0)
+    # A cap of 1 byte evicts every shared prefix; the session's chunks stay.
+    store3 = Store(tmp_path, max_bytes=1).bind(engine, fingerprint(tiny))
+    store3._enforce_cap()
+    assert store3.summary()["prefixes"] == []
+    store2.close()
+    assert store3.open_session("keep").loaded_tokens == conv.cached_tokens
