@@ -179,9 +179,12 @@ def chat(argv: list[str]) -> int:
         else:
             conv = Conversation.start(settings.system)
         if interactive:
+            from kvchat.model import kvchat_home
             from kvchat.repl import Repl
 
-            return Repl(engine, conv, settings, persister=persister).run()
+            kvchat_home().mkdir(parents=True, exist_ok=True)
+            history = str(kvchat_home() / "history")
+            return Repl(engine, conv, settings, persister=persister, history_path=history).run()
         run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr)
         return 0
     finally:

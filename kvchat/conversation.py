@@ -19,6 +19,9 @@ class Conversation:
     token_ids: list[int] = field(default_factory=list)
     cache: Any = None  # a transformers Cache, or None before the first forward pass
     restored: int = 0  # tokens of the cache loaded from disk and not yet reported in a turn's stats
+    # Next-token logits [vocab] after the first n cached tokens (the end of the last prompt), as (n, logits):
+    # lets /retry regenerate without feeding any token again.
+    prompt_logits: tuple[int, Any] | None = None
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":
@@ -46,3 +49,11 @@ class Conversation:
         self.cache = None
         self.token_ids = []
         self.restored = 0
+        self.prompt_logits = None
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` cached tokens (the caller has checked `kv.can_truncate`)."""
+        kv.truncate(self.cache, n)
+        del self.token_ids[n:]
+        if self.prompt_logits is not None and self.prompt_logits[0] > n:
+            self.prompt_logits = None

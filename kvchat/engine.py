@@ -145,7 +145,11 @@ class Engine:
         Returns how many tokens are kept, why reuse was refused when it was, and how many came from disk.
         """
         fallback, loaded = None, 0
-        keep = min(common_prefix(conv.token_ids, target), len(target) - 1) if self.reuse else 0
+        shared = common_prefix(conv.token_ids, target) if self.reuse else 0
+        if shared == len(target) and conv.prompt_logits is not None and conv.prompt_logits[0] == len(target):
+            keep = shared  # the whole prompt is cached and so are its next-token logits (a retry)
+        else:
+            keep = min(shared, len(target) - 1)
         if conv.cache is not None and keep < len(conv.token_ids):
             if keep > 0 and not kv.can_truncate(conv.cache, keep):
                 fallback = "the cache has sliding-window or recurrent layers and cannot be cut back; prefilling all"
@@ -153,8 +157,7 @@ class Engine:
             if keep == 0:
                 conv.drop_cache()
             else:
-                kv.truncate(conv.cache, keep)
-                del conv.token_ids[keep:]
+                conv.truncate(keep)
         if keep == 0 and self.reuse and self.prefix_source is not None:
             found = self.prefix_source(target)
             if found is not None:
@@ -162,8 +165,7 @@ class Engine:
                 conv.token_ids = list(target[:loaded])
                 keep = min(loaded, len(target) - 1)
                 if keep < loaded:
-                    kv.truncate(conv.cache, keep)
-                    del conv.token_ids[keep:]
+                    conv.truncate(keep)
         if conv.cache is None:
             conv.cache = kv.new_cache(self.model)
         conv.check()
@@ -177,7 +179,7 @@ class Engine:
         n = len(conv.token_ids)
         if kv.layer_lengths(conv.cache) and set(kv.layer_lengths(conv.cache)) != {n}:
             if kv.can_truncate(conv.cache, n):
-                kv.truncate(conv.cache, n)
+                conv.truncate(n)
             else:
                 conv.drop_cache()
         conv.check()
@@ -194,6 +196,36 @@ class Engine:
         conv.messages.append({"role": "user", "content": text})
         return self.generate(conv, sampling)
 
+    def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
+        """Drop the last reply and generate it again; the prompt is entirely cached, so nothing is prefilled."""
+        if not conv.messages or conv.messages[-1]["role"] != "assistant":
+            raise InputError("there is no reply to retry")
+        conv.messages.pop()
+        return self.generate(conv, sampling)
+
+    def undo(self, conv: Conversation) -> None:
+        """Remove the last exchange (the last user message and the reply to it) and cut the cache to match."""
+        users = [i for i, message in enumerate(conv.messages) if message["role"] == "user"]
+        if not users:
+            raise InputError("there is nothing to undo")
+        del conv.messages[users[-1]:]
+        self.trim(conv)
+
+    def trim(self, conv: Conversation) -> None:
+        """Cut the cache back to what the conversation as it stands still begins with (when it can be cut)."""
+        if conv.cache is None:
+            return
+        if any(message["role"] == "user" for message in conv.messages):
+            stands = self.render(conv.messages)
+        else:
+            stands = self.system_prefix_ids(conv.system)
+        keep = common_prefix(conv.token_ids, stands)
+        if keep < len(conv.token_ids):
+            if keep == 0 or not kv.can_truncate(conv.cache, keep):
+                conv.drop_cache()
+            else:
+                conv.truncate(keep)
+
     def generate(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
         """Generate the assistant reply to the conversation as it stands (its last message is the user's)."""
         assert conv.messages and conv.messages[-1]["role"] == "user", "generate() needs a user message last"
@@ -204,7 +236,11 @@ class Engine:
         try:
             with torch.inference_mode():
                 reused, fallback, loaded = self._sync_cache(conv, target)
-                logits = self._prefill(conv, target[reused:])
+                if reused == len(target):
+                    logits = conv.prompt_logits[1]
+                else:
+                    logits = self._prefill(conv, target[reused:])
+                    conv.prompt_logits = (len(target), logits)
                 prefill_done = time.perf_counter()
                 generator = make_generator(sampling, self.device)
                 stop = "length"

@@ -126,16 +126,21 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
         extra["local_files_only"] = True
 
     placement: dict[str, Any] = {"device_map": "auto"} if device.type == "cuda" else {}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 2 s load needs no bar; the one-time conversion above shows its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
     except OSError as exc:
+        hf_logging.enable_progress_bar()
         if extra.get("local_files_only"):
             raise KvchatError(
                 f"model '{spec}' is neither a local directory nor in the local Hugging Face cache "
                 "(kvchat never downloads)"
             ) from None
         raise KvchatError(f"cannot load model from {spec}: {exc}") from None
+    hf_logging.enable_progress_bar()
     if not placement:
         model.to(device)
     model.eval()

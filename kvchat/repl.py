@@ -2,151 +2,424 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.formatted_text import HTML
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from prompt_toolkit.utils import get_cwidth
 
-from kvchat.config import Settings
+from kvchat.config import Settings, set_sampling
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Token, TurnEnd
+from kvchat.engine import Engine, Token, TurnEnd, TurnStats
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
 
-HELP = """Commands:
-  /help     this list
-  /reset    start the conversation over (keeps the system prompt)
-  /save [NAME]  save the conversation as a session (then autosaved after every turn)
-  /load NAME    switch to a saved session
-  /sessions     list saved sessions
-  /quit     leave (Ctrl-D works too)
-Ctrl-C stops a reply, or clears the line at the prompt."""
+COMMANDS = {
+    "/help": "this list",
+    "/system": "TEXT  set the system prompt (empty: remove it)",
+    "/reset": "start over (keeps the system prompt and its cached KV)",
+    "/undo": "remove the last exchange (cuts the cache back; nothing is prefilled again)",
+    "/retry": "regenerate the last reply (the prompt is cached: nothing is prefilled)",
+    "/save": "[NAME]  save as a session; autosaved after every turn from then on",
+    "/load": "NAME  switch to a saved session",
+    "/sessions": "list saved sessions",
+    "/fork": "NAME  copy this conversation to a new session (sharing its stored KV) and switch to it",
+    "/stats": "this session's figures, including the time reuse saved",
+    "/set": "KEY=VALUE  temperature, top_p, top_k, max_new_tokens, seed",
+    "/quit": "leave (Ctrl-D works too)",
+}
+KEYS = """Keys: Enter sends · Alt-Enter (or Esc then Enter) adds a newline; pasted text keeps its newlines
+      Ctrl-C stops a reply, or clears the line · Ctrl-D leaves · Ctrl-R searches history · Tab completes"""
+SETTABLE = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+
+def help_text() -> str:
+    width = max(len(name) for name in COMMANDS)
+    return "\n".join([f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()] + [KEYS])
+
+
+class ReplCompleter(Completer):
+    """Completes slash commands, session names after /load, /save and /fork, and keys after /set."""
+
+    def __init__(self, repl: "Repl"):
+        self.repl = repl
+
+    def get_completions(self, document, complete_event):
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        if " " not in text:
+            for name in COMMANDS:
+                if name.startswith(text):
+                    yield Completion(name, start_position=-len(text))
+            return
+        command, _, arg = text.partition(" ")
+        if command in ("/load", "/save", "/fork") and self.repl.persister is not None:
+            options = [row["name"] for row in self.repl.persister.store.list_sessions()]
+        elif command == "/set":
+            options = [f"{key}=" for key in SETTABLE]
+        else:
+            return
+        for option in options:
+            if option.startswith(arg):
+                yield Completion(option, start_position=-len(arg))
+
+
+@dataclass
+class Totals:
+    """Figures summed over the turns of this REPL session."""
+
+    turns: int = 0
+    reused: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    prefill_ms: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, stats: TurnStats) -> None:
+        self.turns += 1
+        self.reused += stats.reused
+        self.prefilled += stats.prefilled
+        self.generated += stats.generated
+        self.prefill_ms += stats.prefill_ms
+        if stats.decode_tok_s > 0:
+            self.decode_s += (stats.generated - 1) / stats.decode_tok_s
+
+    @property
+    def prefill_ms_per_token(self) -> float:
+        return self.prefill_ms / self.prefilled if self.prefilled else 0.0
+
+
+class WrappingWriter:
+    """Streams text to a terminal, breaking lines between words and measuring wide characters as two columns."""
+
+    def __init__(self, out: TextIO, width: int | None):
+        self.out, self.width = out, width
+        self.column = 0
+        self.pending = ""  # a word that may continue in the next piece
+        self.spaces = ""  # blanks after the last word, dropped if the line breaks there
+        self.wrapped = False  # the current line was started by a wrap, not by the text's own newline
+
+    def write(self, text: str) -> None:
+        if not self.width:
+            self.out.write(text)
+            self.out.flush()
+            if text:
+                self.column = 0 if text.endswith("\n") else self.column + len(text)
+            return
+        self.pending += text
+        *complete, self.pending = self._split(self.pending)
+        for piece in complete:
+            self._emit(piece)
+        self.out.flush()
+
+    @staticmethod
+    def _split(text: str) -> list[str]:
+        """Words and separators (spaces, newlines) in order; the last item is the unfinished word (maybe '')."""
+        pieces, word = [], ""
+        for char in text:
+            if char in " \n\t":
+                if word:
+                    pieces.append(word)
+                pieces.append(char)
+                word = ""
+            else:
+                word += char
+        return pieces + [word]
+
+    def _emit(self, piece: str) -> None:
+        if piece == "\n":
+            self.out.write(self.spaces.rstrip(" \t") + "\n")
+            self.column, self.spaces, self.wrapped = 0, "", False
+            return
+        if piece in (" ", "\t"):
+            self.spaces += piece  # written only if a word follows on the same line
+            return
+        width = sum(get_cwidth(c) for c in piece)
+        if self.column and self.column + len(self.spaces) + width > self.width:
+            self.out.write("\n")
+            self.column, self.wrapped = 0, True
+        elif self.column or not self.wrapped:  # between words, or indentation at the start of a real line
+            self.out.write(self.spaces)
+            self.column += len(self.spaces)
+        self.spaces = ""
+        while self.column + width > self.width:  # a word longer than the line: hard-break it
+            head, used = "", 0
+            for char in piece:
+                if self.column + used + get_cwidth(char) > self.width:
+                    break
+                head += char
+                used += get_cwidth(char)
+            self.out.write(head + "\n")
+            piece, width, self.column, self.wrapped = piece[len(head):], width - used, 0, True
+        self.out.write(piece)
+        self.column += width
+
+    def finish(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = ""
+        if self.column:
+            self.out.write("\n")
+        self.column, self.spaces = 0, ""
+        self.out.flush()
 
 
 class Repl:
     """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits."""
 
     def __init__(self, engine: Engine, conv: Conversation, settings: Settings,
-                 persister: Persister | None = None, session: PromptSession | None = None,
-                 out: TextIO | None = None):
+                 persister: Persister | None = None, input: Any = None, output: Any = None,
+                 out: TextIO | None = None, history_path: str | None = None, width: int | None = None):
         self.engine = engine
         self.conv = conv
         self.settings = settings
         self.sampling = settings.sampling
-        self.session = session or PromptSession()
-        self.out = out or sys.stdout
         self.persister = persister
-        self.last_stats: Any = None
+        self.out = out or sys.stdout
+        self.color = self.out.isatty() and not os.environ.get("NO_COLOR")
+        if width is None and self.out.isatty():
+            width = os.get_terminal_size(self.out.fileno()).columns
+        self.width = width
+        self.last: TurnStats | None = None
+        self.totals = Totals()
+        self.session = PromptSession(
+            multiline=True, key_bindings=self._keys(), completer=ReplCompleter(self),
+            complete_while_typing=False, bottom_toolbar=self.toolbar,
+            history=FileHistory(history_path) if history_path else InMemoryHistory(),
+            input=input, output=output, prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
+        )
+
+    # -- terminal ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _keys() -> KeyBindings:
+        keys = KeyBindings()
+
+        @keys.add("enter")
+        def _send(event):
+            event.current_buffer.validate_and_handle()
+
+        @keys.add("escape", "enter")
+        def _newline(event):
+            event.current_buffer.insert_text("\n")
+
+        return keys
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
+    def note(self, text: str) -> None:
+        """A line from kvchat itself (dim), set apart from the conversation."""
+        self.say(self._paint(text, "2"))
+
+    def toolbar(self) -> HTML:
+        """The live cache state under the prompt."""
+        context = getattr(self.engine.model.config, "max_position_embeddings", 0)
+        from kvchat import kv
+
+        kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
+        parts = [f"cache {self.conv.cached_tokens}/{context}", f"KV {kv_mb:.1f} MB"]
+        if self.last is not None:
+            parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
+                      f"TTFT {self.last.ttft_ms:.0f} ms", f"{self.last.decode_tok_s:.1f} tok/s"]
+        if self.persister is not None and self.persister.session:
+            parts.append(f"session {self.persister.session}")
+        return HTML(" " + " · ".join(parts).replace("&", "&amp;").replace("<", "&lt;"))
+
+    # -- loop ----------------------------------------------------------------------------------
+
     def run(self) -> int:
         """Loop until the user leaves; returns the exit code."""
-        self.say(f"kvchat: {self.engine.loaded.name} on {self.engine.device} ({self.engine.loaded.dtype}). "
-                 "/help for commands, Ctrl-D to quit.")
+        loaded = self.engine.loaded
+        self.note(f"kvchat · {loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}) · "
+                  "/help for commands · Ctrl-D to quit")
+        turns = sum(1 for m in self.conv.messages if m["role"] == "user")
+        if turns:
+            self.note(f"resumed: {turns} turns, {self.conv.cached_tokens} tokens of KV loaded from disk")
         while True:
             try:
-                line = self.session.prompt("> ")
+                line = self.session.prompt(HTML("<ansigreen><b>you&gt; </b></ansigreen>") if self.color else "you> ")
             except KeyboardInterrupt:
                 continue
             except EOFError:
                 return 0
+            if "\x00" in line:
+                self.note("NUL bytes cannot be sent; input ignored.")
+                continue
             if not line.strip():
                 continue
             if line.startswith("/"):
                 if self.command(line.strip()) == "quit":
                     return 0
                 continue
-            self.reply(line)
+            self.stream(lambda: self.engine.send(self.conv, line, self.sampling))
 
     def command(self, line: str) -> str | None:
+        """Run one slash command; returns 'quit' to end the loop. Errors become a short hint."""
         name, _, arg = line.partition(" ")
         arg = arg.strip()
         if name in ("/quit", "/exit"):
             return "quit"
+        handler = getattr(self, "cmd_" + name[1:], None) if name[1:].isidentifier() else None
+        if name not in COMMANDS or handler is None:
+            self.note(f"unknown command {name}; /help lists them")
+            return None
         try:
-            self.run_command(name, arg)
+            handler(arg)
         except KvchatError as exc:
-            self.say(f"error: {exc}")
+            self.note(f"{exc}")
         return None
 
-    def run_command(self, name: str, arg: str) -> None:
-        if name == "/help":
-            self.say(HELP)
-        elif name == "/reset":
-            self.conv.messages = [m for m in self.conv.messages if m["role"] == "system"]
-            self.say("Conversation reset.")
-        elif name == "/save":
-            self.save(arg)
-        elif name == "/load":
-            self.load(arg)
-        elif name == "/sessions":
-            self.list_sessions()
-        else:
-            self.say(f"Unknown command {name}; /help lists them.")
+    def stream(self, start) -> None:
+        """Run a turn from `start()`, streaming the reply; Ctrl-C stops it and keeps what was said."""
+        writer = WrappingWriter(self.out, self.width)
+        if self.color:
+            self.out.write("\x1b[36m")
+        try:
+            for event in start():
+                if isinstance(event, Token):
+                    writer.write(event.text)
+                elif isinstance(event, TurnEnd):
+                    self.last = event.stats
+                    self.totals.add(event.stats)
+        except KeyboardInterrupt:
+            writer.finish()
+            writer = None
+            self.note("[interrupted]")
+        except KvchatError as exc:
+            self.note(f"error: {exc}")
+        finally:
+            if writer is not None:
+                writer.finish()
+            if self.color:
+                self.out.write("\x1b[0m")
+                self.out.flush()
+        if self.settings.stats and self.last is not None:
+            s = self.last
+            self.note(f"[reused {s.reused}, prefilled {s.prefilled}, generated {s.generated}, "
+                      f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s]")
+        self.autosave()
 
-    def _store(self):
+    def autosave(self) -> None:
+        if self.persister is None:
+            return
+        try:
+            self.persister.after_turn(self.conv)
+        except (KvchatError, OSError) as exc:
+            self.note(f"could not save: {exc}")
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def cmd_help(self, _arg: str) -> None:
+        self.say(help_text())
+
+    def cmd_system(self, arg: str) -> None:
+        rest = [m for m in self.conv.messages if m["role"] != "system"]
+        self.conv.messages = ([{"role": "system", "content": arg}] if arg else []) + rest
+        self.engine.trim(self.conv)
+        self.note("system prompt set" if arg else "system prompt removed")
+
+    def cmd_reset(self, _arg: str) -> None:
+        self.conv.messages = [m for m in self.conv.messages if m["role"] == "system"]
+        self.engine.trim(self.conv)
+        self.last = None
+        self.note(f"conversation reset ({self.conv.cached_tokens} tokens of system prompt kept in the cache)")
+
+    def cmd_undo(self, _arg: str) -> None:
+        self.engine.undo(self.conv)
+        self.note(f"last exchange removed; cache cut back to {self.conv.cached_tokens} tokens")
+        self.autosave()
+
+    def cmd_retry(self, _arg: str) -> None:
+        if not self.conv.messages or self.conv.messages[-1]["role"] != "assistant":
+            raise KvchatError("there is no reply to retry")
+        self.stream(lambda: self.engine.retry(self.conv, self.sampling))
+
+    def _needs_store(self) -> Persister:
         if self.persister is None:
             raise KvchatError("sessions are not available here")
-        return self.persister.store
+        return self.persister
 
-    def save(self, name: str) -> None:
-        store = self._store()
-        name = name or self.persister.session
+    def _switch(self, name: str) -> None:
+        persister = self._needs_store()
+        if persister.session and persister.session != name:
+            persister.store.unlock(persister.session)
+        persister.session = name
+
+    def cmd_save(self, arg: str) -> None:
+        persister = self._needs_store()
+        name = arg or persister.session
         if not name:
             raise KvchatError("no session yet: /save NAME")
         check_name(name)
-        store.save_session(name, self.conv)
-        if self.persister.session and self.persister.session != name:
-            store.unlock(self.persister.session)
-        self.persister.session = name
-        self.say(f"Saved as '{name}' ({self.conv.cached_tokens} tokens of KV); autosaving from now on.")
+        persister.store.save_session(name, self.conv)
+        self._switch(name)
+        self.note(f"saved as '{name}' ({self.conv.cached_tokens} tokens of KV); autosaving from now on")
 
-    def load(self, name: str) -> None:
-        store = self._store()
-        if not name:
+    def cmd_fork(self, arg: str) -> None:
+        persister = self._needs_store()
+        if not arg:
+            raise KvchatError("/fork needs a name for the new session")
+        if persister.store.read_manifest(check_name(arg)) is not None:
+            raise KvchatError(f"a session named '{arg}' already exists")
+        parent = persister.session
+        persister.store.save_session(arg, self.conv)
+        self._switch(arg)
+        self.note(f"forked{' from ' + repr(parent) if parent else ''} to '{arg}' (stored KV shared); now in '{arg}'")
+
+    def cmd_load(self, arg: str) -> None:
+        persister = self._needs_store()
+        if not arg:
             raise KvchatError("/load needs a session name")
-        if store.read_manifest(check_name(name)) is None:
-            raise KvchatError(f"no session named '{name}'")
-        opened = store.open_session(name)
+        if persister.store.read_manifest(check_name(arg)) is None:
+            raise KvchatError(f"no session named '{arg}'")
+        opened = persister.store.open_session(arg)
         if opened.notice:
-            self.say(opened.notice)
-        if self.persister.session and self.persister.session != name:
-            store.unlock(self.persister.session)
-        self.persister.session, self.conv = name, opened.conversation
+            self.note(opened.notice)
+        self._switch(arg)
+        self.conv, self.last = opened.conversation, None
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
-        self.say(f"Loaded '{name}': {turns} turns, {opened.loaded_tokens} tokens of KV restored.")
+        self.note(f"loaded '{arg}': {turns} turns, {opened.loaded_tokens} tokens of KV restored")
 
-    def list_sessions(self) -> None:
-        rows = self._store().list_sessions()
+    def cmd_sessions(self, _arg: str) -> None:
+        rows = self._needs_store().store.list_sessions()
         if not rows:
-            self.say("No saved sessions.")
+            self.note("no saved sessions")
         for row in rows:
-            mark = "*" if self.persister and row["name"] == self.persister.session else " "
+            mark = "*" if row["name"] == self.persister.session else " "
             self.say(f"{mark} {row['name']:24} {row['turns']:>4} turns {row['tokens']:>7} tokens")
 
-    def reply(self, text: str) -> None:
-        """Send one message and stream the reply; Ctrl-C stops it and keeps what was said."""
-        try:
-            for event in self.engine.send(self.conv, text, self.sampling):
-                if isinstance(event, Token):
-                    self.out.write(event.text)
-                    self.out.flush()
-                elif isinstance(event, TurnEnd):
-                    self.last_stats = event.stats
-                    self.say("")
-                    if self.settings.stats:
-                        s = event.stats
-                        self.say(f"[reused {s.reused}, prefilled {s.prefilled}, generated {s.generated}, "
-                                 f"ttft {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s]")
-        except KeyboardInterrupt:
-            self.say("\n[interrupted]")
-        except KvchatError as exc:
-            self.say(f"error: {exc}")
-        if self.persister is not None:
-            try:
-                self.persister.after_turn(self.conv)
-            except KvchatError as exc:
-                self.say(f"error: {exc}")
+    def cmd_set(self, arg: str) -> None:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise KvchatError(f"usage: /set KEY=VALUE ({', '.join(SETTABLE)})")
+        self.sampling = set_sampling(self.sampling, key.strip(), value.strip())
+        self.note(f"{key.strip()} = {getattr(self.sampling, key.strip())}")
+
+    def cmd_stats(self, _arg: str) -> None:
+        from kvchat import kv
+
+        t = self.totals
+        saved_s = t.reused * t.prefill_ms_per_token / 1000
+        kv_bytes = kv.nbytes(self.conv.cache) if self.conv.cache is not None else 0
+        lines = [
+            f"turns {t.turns} · cache {self.conv.cached_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
+            f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"
+            + (f" ({100 * t.reused / (t.reused + t.prefilled):.0f}% from the cache)" if t.reused + t.prefilled else ""),
+            f"generated {t.generated} tokens"
+            + (f" at {(t.generated - t.turns) / t.decode_s:.1f} tok/s" if t.decode_s > 0 else ""),
+            f"prefill rate {1000 / t.prefill_ms_per_token:.0f} tok/s" if t.prefill_ms_per_token else "prefill rate -",
+            f"time saved by reuse ~{saved_s:.1f} s ({t.reused} tokens not prefilled again)",
+        ]
+        self.say("\n".join(lines))

@@ -1,0 +1,167 @@
+"""The REPL driven through prompt-toolkit's pipe input with a tiny engine: transcripts and slash commands."""
+
+import io
+
+import pytest
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from kvchat.config import Sampling, Settings
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine
+from kvchat.model import fingerprint
+from kvchat.repl import Repl, WrappingWriter
+from kvchat.store import Persister, Store
+
+SETTINGS = Settings(sampling=Sampling(temperature=0, max_new_tokens=6))
+
+
+@pytest.fixture
+def pipe():
+    with create_pipe_input() as pipe:
+        yield pipe
+
+
+def drive(repl, keys: str) -> str:
+    """Type `keys` into the REPL ("\\r" is Enter; end with /quit or Ctrl-D), run it, return all it printed."""
+    repl.pipe.send_text(keys)
+    assert repl.run() == 0
+    return repl.out.getvalue()
+
+
+def make_repl(tiny, pipe, tmp_path=None, conv=None, **kwargs):
+    engine = Engine(tiny)
+    persister = None
+    if tmp_path is not None:
+        store = Store(tmp_path / "sessions").bind(engine, fingerprint(tiny))
+        engine.prefix_source = store.longest_prefix
+        persister = Persister(store)
+    repl = Repl(engine, conv or Conversation.start("Be brief."), SETTINGS, persister=persister,
+                input=pipe, output=DummyOutput(), out=io.StringIO(), **kwargs)
+    repl.pipe = pipe
+    return repl
+
+
+def reply_to(engine, messages):
+    """The greedy reply text a fresh conversation gives (the reference for transcripts)."""
+    conv = Conversation(messages=[dict(m) for m in messages[:-1]])
+    events = list(engine.send(conv, messages[-1]["content"], SETTINGS.sampling))
+    return events[-1].reply
+
+
+def test_exact_transcript_of_a_two_turn_chat(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    out = drive(repl, "Hello there\r\r   \rWhat is the capital of France?\r/quit\r")
+    first = reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hello there"}])
+    second = reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Hello there"},
+                                    {"role": "assistant", "content": first},
+                                    {"role": "user", "content": "What is the capital of France?"}])
+    lines = out.splitlines()
+    assert lines[0].startswith("kvchat · tiny-llama on cpu (float64)")
+    assert lines[1:] == [first, second]  # blank input is ignored, each reply on its own line
+    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert repl.totals.turns == 2 and repl.last.reused > 0
+
+
+def test_undo_and_retry_prefill_nothing_that_was_cached(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    drive(repl, "Hello there\rTell me a story.\r/quit\r")
+    conv = repl.conv
+    reply = conv.messages[-1]["content"]
+    cached = conv.cached_tokens
+    out_before = len(repl.out.getvalue())
+
+    drive(repl, "/retry\r/quit\r")
+    assert repl.last.prefilled == 0 and repl.last.reused == len(repl.engine.render(conv.messages[:-1]))
+    assert conv.messages[-1]["content"] == reply  # greedy: the same reply again
+    assert reply in repl.out.getvalue()[out_before:]
+
+    drive(repl, "/undo\r/quit\r")
+    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
+    assert conv.cached_tokens < cached
+    kept = conv.cached_tokens
+    assert conv.token_ids == repl.engine.render(conv.messages)[:kept]  # cut exactly at the shared prefix
+
+    drive(repl, "Tell me a story.\r/quit\r")
+    assert repl.last.reused == kept  # everything still cached is reused...
+    history = repl.engine.render(conv.messages[:-1])
+    assert repl.last.prefilled == len(history) - kept  # ...and only what follows it is prefilled
+    assert conv.messages[-1]["content"] == reply
+
+
+def test_set_changes_sampling_and_bad_values_only_hint(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    out = drive(repl, "/set max_new_tokens=2\r/set temperature=hot\r/set colour=red\r/set\r/bogus\rHi\r/quit\r")
+    assert repl.sampling.max_new_tokens == 2 and repl.last.generated <= 2
+    assert "max_new_tokens = 2" in out
+    assert "invalid temperature" in out and "unknown setting 'colour'" in out and "usage: /set" in out
+    assert "unknown command /bogus; /help lists them" in out
+
+
+def test_system_reset_help_and_stats(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    out = drive(repl, "/help\rHello\r/stats\r/system You are a pirate.\r/reset\r/quit\r")
+    assert "/retry" in out and "Alt-Enter" in out
+    assert "turns 1" in out and "time saved by reuse" in out
+    assert repl.conv.messages == [{"role": "system", "content": "You are a pirate."}]
+    assert repl.conv.token_ids == repl.engine.system_prefix_ids("You are a pirate.")[:repl.conv.cached_tokens]
+
+
+def test_alt_enter_adds_a_newline_and_enter_sends(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    drive(repl, "first line\x1b\rsecond line\r/quit\r")
+    assert repl.conv.messages[1] == {"role": "user", "content": "first line\nsecond line"}
+
+
+def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_exits(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    drive(repl, "never sent\x03Hello\r\x04")
+    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello"]
+
+
+def test_save_fork_load_and_sessions(tiny, pipe, tmp_path):
+    repl = make_repl(tiny, pipe, tmp_path)
+    out = drive(repl, "/save\r/save ../bad\rHello\r/save main\rTell me a story.\r/fork side\rNumbers?\r"
+                      "/sessions\r/fork main\r/load main\r/load nope\r/quit\r")
+    assert "no session yet: /save NAME" in out and "invalid session name" in out
+    assert "forked from 'main' to 'side'" in out and "a session named 'main' already exists" in out
+    assert "* side" in out and "  main" in out
+    assert "loaded 'main': 2 turns" in out and "no session named 'nope'" in out
+    store = repl.persister.store
+    main, side = store.read_manifest("main"), store.read_manifest("side")
+    assert main["turns"] == 2 and side["turns"] == 3
+    assert side["chunks"][: len(main["chunks"])] == main["chunks"]  # the fork shares the parent's chunks
+    assert [m["content"] for m in repl.conv.messages] == [m["content"] for m in main["messages"]]
+    store.close()
+
+
+def test_session_names_complete_after_load(tiny, pipe, tmp_path):
+    from prompt_toolkit.document import Document
+
+    repl = make_repl(tiny, pipe, tmp_path)
+    repl.persister.store.save_session("alpha", repl.conv)
+    repl.persister.store.save_session("beta", repl.conv)
+    complete = lambda text: [c.text for c in repl.session.completer.get_completions(Document(text), None)]
+    assert complete("/lo") == ["/load"]
+    assert complete("/load a") == ["alpha"]
+    assert complete("/set top") == ["top_p=", "top_k="]
+    assert complete("hello") == []
+    repl.persister.store.close()
+
+
+@pytest.mark.parametrize("text, width, expected", [
+    ("the quick brown fox jumps", 10, "the quick\nbrown fox\njumps\n"),
+    ("日本語のテキストです", 8, "日本語の\nテキスト\nです\n"),  # wide characters take two columns
+    ("cafe\u0301 au lait", 6, "cafe\u0301\nau\nlait\n"),  # a combining accent takes none
+    ("abcdefghijkl", 5, "abcde\nfghij\nkl\n"),  # a word longer than the line is hard-broken
+    ("def f():\n    return 1", 12, "def f():\n    return 1\n"),  # indentation after a real newline stays
+])
+def test_wrapping_writer_breaks_between_words(text, width, expected):
+    out = io.StringIO()
+    writer = WrappingWriter(out, width)
+    for i in range(0, len(text), 3):  # arrives in pieces, as tokens do
+        writer.write(text[i:i + 3])
+    writer.finish()
+    assert out.getvalue() == expected
