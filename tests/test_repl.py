@@ -165,3 +165,47 @@ def test_wrapping_writer_breaks_between_words(text, width, expected):
         writer.write(text[i:i + 3])
     writer.finish()
     assert out.getvalue() == expected
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+    def fileno(self):
+        raise OSError("not a real terminal")
+
+
+@pytest.mark.parametrize("no_color", [False, True])
+def test_colour_only_on_a_terminal_without_no_color(tiny, pipe, monkeypatch, no_color):
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", "1")
+    else:
+        monkeypatch.delenv("NO_COLOR", raising=False)
+    repl = Repl(Engine(tiny), Conversation.start(), SETTINGS, input=pipe, output=DummyOutput(),
+                out=FakeTerminal(), width=80)
+    repl.pipe = pipe
+    out = drive(repl, "Hello\r/quit\r")
+    assert ("\x1b[" in out) is (not no_color)
+    plain = make_repl(tiny, pipe)  # output that is not a terminal: never colour
+    assert "\x1b[" not in drive(plain, "Hello\r/quit\r")
+
+
+def test_ctrl_c_during_a_reply_keeps_it_and_the_chat_goes_on(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    real_send = repl.engine.send
+
+    def send_then_interrupt(conv, text, sampling):
+        stream = real_send(conv, text, sampling)
+        if text == "Hello":
+            yield next(stream)
+            stream.close()  # what the generator sees when Ctrl-C lands while a token is printed
+            raise KeyboardInterrupt
+        yield from stream
+
+    repl.engine.send = send_then_interrupt
+    out = drive(repl, "Hello\rTell me a story.\r/quit\r")
+    assert "[interrupted]" in out
+    roles = [m["role"] for m in repl.conv.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    repl.conv.check()
+    assert repl.last.reused > 0
