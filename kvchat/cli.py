@@ -13,7 +13,7 @@ from typing import Any, Iterable, TextIO
 from kvchat import __version__
 from kvchat.config import Settings, load_config
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Token, TurnEnd, check_message
+from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
 from kvchat.errors import ConfigError, InputError, KvchatError
 from kvchat.store import Persister, Store
 
@@ -32,7 +32,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.",
-                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune].")
+                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat info.")
     parser.add_argument("--version", action="version", version=f"kvchat {__version__}")
     parser.add_argument("--session", help="start or resume this named session (saved after every turn)")
     parser.add_argument("-p", "--prompt", help="send one message and print the reply (stdin is not read)")
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens")
     parser.add_argument("--prefill-chunk", dest="prefill_chunk", help="tokens per prefill forward pass")
+    parser.add_argument("--max-context", dest="max_context",
+                        help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
     _add_store_flags(parser)
@@ -65,7 +67,7 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "device", "dtype", "stats", "reuse", "sessions_dir")
+             "prefill_chunk", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir")
 
 
 def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
@@ -98,7 +100,8 @@ def load_engine(settings: Settings) -> Engine:
 
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse)
+    return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
+                  max_context=settings.max_context)
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -124,6 +127,8 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
                 elif isinstance(event, TurnEnd):
                     out.write("\n")
                     out.flush()
+                    for line in turn_notices(event.stats, engine.max_context):
+                        err.write(f"kvchat: {line}\n")
                     if settings.stats:
                         err.write(json.dumps(stats_record(event)) + "\n")
                         err.flush()
@@ -164,7 +169,13 @@ def chat(argv: list[str]) -> int:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
+    from kvchat import memory
     from kvchat.model import fingerprint
+
+    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context),
+                                    memory.free_memory(engine.device))
+    if warning:
+        print(f"kvchat: warning: {warning}", file=sys.stderr)
 
     store.bind(engine, fingerprint(engine.loaded))
     if settings.reuse:
@@ -255,7 +266,28 @@ def cache_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sessions": sessions_command, "cache": cache_command}
+def info_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
+    for flag in ("--model", "--device", "--dtype", "--max-context"):
+        parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args(argv)
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context"))
+    from kvchat import memory
+    from kvchat.model import load_model
+
+    loaded = load_model(settings.model, settings.device, settings.dtype,
+                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    shape = memory.model_shape(loaded, settings.max_context)
+    for line in memory.info_lines(shape, loaded.device, loaded.dtype):
+        print(line)
+    warning = memory.memory_warning(shape, memory.free_memory(loaded.device))
+    if warning:
+        print(f"warning: {warning}")
+    return 0
+
+
+COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command}
 
 
 def main(argv: list[str] | None = None) -> int:

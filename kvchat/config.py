@@ -35,6 +35,7 @@ class Settings:
     dtype: str = "auto"
     system: str | None = None
     prefill_chunk: int = 512
+    max_context: int | None = None  # None: the model's own maximum
     reuse: bool = True
     stats: bool = False
     sessions_dir: str | None = None  # None: sessions/ beside the config file in use, else $KVCHAT_HOME/sessions
@@ -106,6 +107,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "dtype": _choice(DTYPES),
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
+    "max_context": _optional(_number(int, 16)),
     "reuse": _boolean,
     "stats": _boolean,
     "sessions_dir": _optional(_nonempty_text),

@@ -18,6 +18,9 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     cache: Any = None  # a transformers Cache, or None before the first forward pass
+    # Index into `messages` of the first message the model still sees (older exchanges were dropped to fit
+    # the context window; they stay in the transcript). The system message is always seen.
+    first_kept: int = 0
     restored: int = 0  # tokens of the cache loaded from disk and not yet reported in a turn's stats
     # Next-token logits [vocab] after the first n cached tokens (the end of the last prompt), as (n, logits):
     # lets /retry regenerate without feeding any token again.
@@ -34,6 +37,16 @@ class Conversation:
         if self.messages and self.messages[0]["role"] == "system":
             return self.messages[0]["content"]
         return None
+
+    def view(self) -> list[dict[str, str]]:
+        """The messages the model sees: the system prompt, then everything from `first_kept` on."""
+        head = 1 if self.system is not None else 0
+        return self.messages[:head] + self.messages[max(self.first_kept, head):]
+
+    @property
+    def dropped_turns(self) -> int:
+        """User turns hidden from the model to fit the context."""
+        return sum(1 for m in self.messages[:self.first_kept] if m["role"] == "user")
 
     @property
     def cached_tokens(self) -> int:

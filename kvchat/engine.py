@@ -43,7 +43,8 @@ class TurnStats:
     kv_bytes: int  # size of the cache after the turn
     prefill_ms: float = 0.0
     loaded: int = 0  # of the reused tokens, how many were loaded from the on-disk store this turn
-    stop: str = "eos"  # "eos" or "length"
+    stop: str = "eos"  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
+    dropped: int = 0  # oldest turns dropped from the model's view this turn to make room
     fallback: str | None = None  # why the cache could not be reused, when it could not
 
     def as_dict(self) -> dict[str, Any]:
@@ -57,6 +58,19 @@ class TurnEnd:
     reply: str
     stats: TurnStats
     token_ids: list[int]  # the reply's tokens as sampled (the stop token excluded)
+
+
+def turn_notices(stats: TurnStats, max_context: int | None) -> list[str]:
+    """One-line notes about a turn the user should know of: turns dropped, a reply cut short, reuse refused."""
+    notes = []
+    if stats.dropped:
+        notes.append(f"dropped the {stats.dropped} oldest turn{'s' if stats.dropped > 1 else ''} "
+                     f"from the model's view to fit the {max_context}-token context (the transcript keeps them)")
+    if stats.stop == "context":
+        notes.append(f"the reply was cut: the {max_context}-token context window is full")
+    if stats.fallback:
+        notes.append(stats.fallback)
+    return notes
 
 
 def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -89,8 +103,12 @@ class Engine:
     """Runs turns of a `Conversation` on one loaded model."""
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
-                 prefix_source: PrefixSource | None = None):
+                 prefix_source: PrefixSource | None = None, max_context: int | None = None):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
+        model_context = model_max_context(loaded.model)
+        if max_context is not None and model_context and max_context > model_context:
+            raise KvchatError(f"max_context {max_context} exceeds the model's context of {model_context} tokens")
+        self.max_context = max_context or model_context
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -189,19 +207,58 @@ class Engine:
     def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Token | TurnEnd]:
         """Add a user message and generate the reply, yielding `Token`s and then one `TurnEnd`.
 
+        Raises InputError at once (conversation untouched) for a message that cannot be sent.
         Interrupting (KeyboardInterrupt, or closing the generator) leaves the conversation consistent:
         a partial reply is kept as the assistant message, and the cache holds exactly `token_ids`.
         """
         check_message(text)
         conv.messages.append({"role": "user", "content": text})
-        return self.generate(conv, sampling)
+        try:
+            return self.generate(conv, sampling)
+        except InputError:
+            conv.messages.pop()
+            raise
 
     def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
         """Drop the last reply and generate it again; the prompt is entirely cached, so nothing is prefilled."""
         if not conv.messages or conv.messages[-1]["role"] != "assistant":
             raise InputError("there is no reply to retry")
-        conv.messages.pop()
-        return self.generate(conv, sampling)
+        reply = conv.messages.pop()
+        try:
+            return self.generate(conv, sampling)
+        except InputError:
+            conv.messages.append(reply)
+            raise
+
+    def fit(self, conv: Conversation, sampling: Sampling) -> tuple[list[int], int]:
+        """Render the conversation's view, dropping its oldest exchanges while it leaves no room for a reply.
+
+        When it must drop, it drops down to three quarters of the room, so that the next turns do not
+        each drop (and re-prefill) again. Returns the prompt's token ids and the number of turns dropped.
+        Raises InputError, with `conv` unchanged, when even the last message alone does not fit.
+        """
+        room = self.max_context - sampling.max_new_tokens if self.max_context else None
+        target = self.render(conv.view())
+        if room is None or len(target) <= room:
+            return target, 0
+        if room <= 0:
+            raise InputError(f"max_new_tokens={sampling.max_new_tokens} leaves no room in a context of "
+                             f"{self.max_context} tokens")
+        first_kept, dropped = conv.first_kept, 0
+        while len(target) > room * 3 // 4:
+            users = [i for i, m in enumerate(conv.messages) if m["role"] == "user" and i >= conv.first_kept]
+            if len(users) < 2:
+                break
+            conv.first_kept = users[1]
+            dropped += 1
+            target = self.render(conv.view())
+        if len(target) > room:
+            conv.first_kept = first_kept
+            alone = self.render(conv.view()[:1] + conv.messages[-1:]) if conv.system else target
+            raise InputError(
+                f"the message is too long: with the system prompt it takes {len(alone)} tokens, and the context "
+                f"of {self.max_context} holds {room} once {sampling.max_new_tokens} are kept for the reply")
+        return target, dropped
 
     def undo(self, conv: Conversation) -> None:
         """Remove the last exchange (the last user message and the reply to it) and cut the cache to match."""
@@ -209,14 +266,15 @@ class Engine:
         if not users:
             raise InputError("there is nothing to undo")
         del conv.messages[users[-1]:]
+        conv.first_kept = min(conv.first_kept, len(conv.messages))
         self.trim(conv)
 
     def trim(self, conv: Conversation) -> None:
         """Cut the cache back to what the conversation as it stands still begins with (when it can be cut)."""
         if conv.cache is None:
             return
-        if any(message["role"] == "user" for message in conv.messages):
-            stands = self.render(conv.messages)
+        if any(message["role"] == "user" for message in conv.view()):
+            stands = self.render(conv.view())
         else:
             stands = self.system_prefix_ids(conv.system)
         keep = common_prefix(conv.token_ids, stands)
@@ -227,10 +285,17 @@ class Engine:
                 conv.truncate(keep)
 
     def generate(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
-        """Generate the assistant reply to the conversation as it stands (its last message is the user's)."""
+        """Generate the assistant reply to the conversation as it stands (its last message is the user's).
+
+        Fitting the conversation into the context happens now; the reply is generated as the result is iterated.
+        """
         assert conv.messages and conv.messages[-1]["role"] == "user", "generate() needs a user message last"
         started = time.perf_counter()
-        target = self.render(conv.messages)
+        target, dropped = self.fit(conv, sampling)
+        return self._reply(conv, sampling, target, dropped, started)
+
+    def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
+               started: float) -> Iterator[Token | TurnEnd]:
         decoder = IncrementalDecoder(self.tokenizer)
         finished = False
         try:
@@ -245,7 +310,10 @@ class Engine:
                 generator = make_generator(sampling, self.device)
                 stop = "length"
                 first_token_at = None
-                for step in range(sampling.max_new_tokens):
+                limit = sampling.max_new_tokens
+                if self.max_context and len(target) + limit > self.max_context:
+                    limit, stop = self.max_context - len(target), "context"
+                for step in range(limit):
                     token = next_token(logits, sampling, generator)  # [1]
                     token_id = int(token)
                     if token_id in self.stop_ids:
@@ -256,7 +324,7 @@ class Engine:
                     delta = decoder.push(token_id)
                     if delta:
                         yield Token(delta, token_id)
-                    if step + 1 == sampling.max_new_tokens:
+                    if step + 1 == limit:
                         break  # the last token is fed with the next turn's prompt, via the prefix diff
                     logits = self._forward(conv, token.view(1, 1))
                     conv.token_ids.append(token_id)
@@ -285,11 +353,18 @@ class Engine:
             loaded=loaded,
             stop=stop,
             fallback=fallback,
+            dropped=dropped,
         )
         yield TurnEnd(reply, stats, list(decoder.ids))
 
 
 MAX_MESSAGE_CHARS = 1_000_000
+
+
+def model_max_context(model: Any) -> int | None:
+    """The model's maximum positions, when its config says."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def check_message(text: str) -> None:

@@ -16,7 +16,7 @@ from prompt_toolkit.utils import get_cwidth
 
 from kvchat.config import Settings, set_sampling
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Token, TurnEnd, TurnStats
+from kvchat.engine import Engine, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
 
@@ -225,7 +225,7 @@ class Repl:
 
     def toolbar(self) -> HTML:
         """The live cache state under the prompt."""
-        context = getattr(self.engine.model.config, "max_position_embeddings", 0)
+        context = self.engine.max_context or "?"
         from kvchat import kv
 
         kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
@@ -293,6 +293,9 @@ class Repl:
                 elif isinstance(event, TurnEnd):
                     self.last = event.stats
                     self.totals.add(event.stats)
+                    writer.finish()
+                    for line in turn_notices(event.stats, self.engine.max_context):
+                        self.note(line)
         except KeyboardInterrupt:
             writer.finish()
             writer = None

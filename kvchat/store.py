@@ -338,7 +338,7 @@ class Store:
         manifest = self.read_manifest(name)
         if manifest is None:
             return Opened(Conversation.start(system))
-        conv = Conversation(messages=manifest["messages"])
+        conv = Conversation(messages=manifest["messages"], first_kept=int(manifest.get("first_kept", 0)))
         ids = manifest.get("token_ids", [])
         if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
             return Opened(conv, f"session '{name}' was saved with another model or format; "
@@ -394,7 +394,7 @@ class Store:
             "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
             "created": (previous or {}).get("created", now), "updated": now,
             "turns": sum(1 for m in conv.messages if m["role"] == "user"),
-            "messages": conv.messages, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
+            "messages": conv.messages, "first_kept": conv.first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
             "chunks": chunks, "tail": tail,
         }
         self.counters.add(atomic_write(self.manifest_path(name), json.dumps(manifest).encode()))

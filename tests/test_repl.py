@@ -209,3 +209,12 @@ def test_ctrl_c_during_a_reply_keeps_it_and_the_chat_goes_on(tiny, pipe):
     assert roles == ["system", "user", "assistant", "user", "assistant"]
     repl.conv.check()
     assert repl.last.reused > 0
+
+
+def test_oversized_message_in_the_repl_is_a_hint_and_the_chat_goes_on(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    repl.engine.max_context = 100
+    out = drive(repl, "Hello\r" + "dogs " * 200 + "\rTell me a story.\r/quit\r")
+    assert "the message is too long" in out
+    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Tell me a story."]
+    repl.conv.check()

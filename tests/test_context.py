@@ -1,0 +1,132 @@
+"""Long conversations: the context budget drops whole old turns, oversized input is refused, KV memory is reported."""
+
+import io
+
+import pytest
+import torch
+
+from kvchat import kv, memory
+from kvchat.cli import main
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd, common_prefix
+from kvchat.errors import InputError
+from kvchat.model import fingerprint
+from kvchat.store import Persister, Store
+from reference import greedy_without_cache
+
+SAMPLING = Sampling(temperature=0, max_new_tokens=8)
+SYSTEM = "You are a helpful assistant."
+TOPICS = ["cats", "dogs", "the sea", "numbers", "Paris", "a fox", "the sky", "bread", "music", "trees"]
+
+
+def turn(engine, conv, text):
+    return [e for e in engine.send(conv, text, SAMPLING) if isinstance(e, TurnEnd)][0]
+
+
+def test_thirty_turns_in_a_small_context_drop_whole_turns_and_stay_exact(tiny, tmp_path):
+    engine = Engine(tiny, max_context=160)
+    store = Store(tmp_path).bind(engine, fingerprint(tiny))
+    persister = Persister(store, "long")
+    conv = Conversation.start(SYSTEM)
+    drops = 0
+    for i in range(30):
+        text = f"Tell me about {TOPICS[i % len(TOPICS)]}, please."
+        cached_before = list(conv.token_ids)
+        end = turn(engine, conv, text)
+        persister.after_turn(conv)
+        view = conv.view()
+        prompt = engine.render(view[:-1])
+        assert len(prompt) + SAMPLING.max_new_tokens <= 160
+        # The reply is what a fresh prefill of exactly the turns kept gives.
+        assert end.token_ids == greedy_without_cache(tiny.model, prompt, SAMPLING.max_new_tokens, engine.stop_ids)
+        # Only the changed suffix is prefilled: everything up to the first differing token is reused.
+        assert end.stats.reused == min(common_prefix(cached_before, prompt), len(prompt) - 1)
+        assert end.stats.prefilled == len(prompt) - end.stats.reused
+        if end.stats.dropped:
+            drops += 1
+            assert view[0] == {"role": "system", "content": SYSTEM}  # the system prompt is always kept
+            assert view[1]["role"] == "user"  # whole exchanges are dropped
+            assert end.stats.reused >= len(engine.system_prefix_ids(SYSTEM)) - 1
+        conv.check()
+    assert drops >= 3 and conv.dropped_turns > 10
+    # The transcript on disk keeps every turn.
+    manifest = store.read_manifest("long")
+    assert sum(1 for m in manifest["messages"] if m["role"] == "user") == 30
+    assert manifest["first_kept"] == conv.first_kept
+    store.close()
+
+
+def test_too_long_message_is_refused_and_changes_nothing(tiny):
+    engine = Engine(tiny, max_context=120)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, "Hello!")
+    before = ([dict(m) for m in conv.messages], list(conv.token_ids), conv.first_kept, kv.nbytes(conv.cache))
+    with pytest.raises(InputError, match="the message is too long"):
+        engine.send(conv, "cats and dogs " * 60, SAMPLING)
+    assert (conv.messages, conv.token_ids, conv.first_kept, kv.nbytes(conv.cache)) == before
+    end = turn(engine, conv, "What about dogs?")  # the next turn works and reuses the cache
+    assert end.stats.reused > 0
+
+
+def test_reply_room_that_leaves_no_prompt_room_is_an_error(tiny):
+    engine = Engine(tiny, max_context=64)
+    with pytest.raises(InputError, match="max_new_tokens=64 leaves no room"):
+        engine.send(Conversation.start(), "Hi", Sampling(temperature=0, max_new_tokens=64))
+
+
+def test_max_context_above_the_model_is_refused(tiny):
+    from kvchat.errors import KvchatError
+
+    with pytest.raises(KvchatError, match="exceeds the model's context of 4096"):
+        Engine(tiny, max_context=5000)
+
+
+def test_info_bytes_per_token_equal_a_real_forward_pass(tiny):
+    shape = memory.model_shape(tiny, None)
+    cache = kv.new_cache(tiny.model)
+    with torch.inference_mode():
+        tiny.model(input_ids=torch.arange(5, 42)[None], cache=cache, use_cache=True)
+    assert shape.bytes_per_token == kv.nbytes(cache) // 37
+    assert shape.bytes_per_token == 2 * 2 * 2 * 16 * 8  # layers, KV heads, head dim, float64
+    lines = "\n".join(memory.info_lines(shape, torch.device("cpu"), torch.float64))
+    assert f"= {shape.bytes_per_token:,} B" in lines
+    assert "Llama-3-70B" in lines and "320.0 KiB per token instead of the 2.5 MiB" in lines
+
+
+def test_info_command_prints_the_formula(monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["info", "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "KV bytes per token: 2 x 2 layers x 2 KV heads x 16 head dim x 4 bytes = 512 B" in out
+    assert "KV cache at the full context of 4096 tokens: 2.0 MiB" in out
+
+
+def test_memory_guard_warns_with_numbers_and_a_suggestion(monkeypatch, capsys, tiny_model_dir):
+    shape = memory.KVShape("m", layers=2, kv_heads=2, head_dim=16, context=4096, dtype_bytes=4)
+    assert memory.memory_warning(shape, 10**9) is None
+    warning = memory.memory_warning(shape, 1_000_000)
+    assert "needs 2.0 MiB (512 B/token), but only 976.6 KiB is free" in warning
+    assert "set max_context to 1757 or less" in warning
+    monkeypatch.setattr(memory, "free_memory", lambda device: 100_000)
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "2", "-p", "hi"])
+    err = capsys.readouterr().err
+    assert code == 0 and "warning: the KV cache at the full 4096-token context" in err and "--max-context 175" in err
+
+
+def test_dropped_turns_are_announced_on_stderr(monkeypatch, capsys, tiny_model_dir):
+    stdin = "\n".join(f"Tell me about {t}, please." for t in TOPICS).encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = main(["--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "8",
+                 "--max-context", "120", "--lines"])
+    out, err = capsys.readouterr()
+    assert code == 0 and len(out.splitlines()) >= len(TOPICS)
+    assert "oldest turn" in err and "120-token context" in err and "the transcript keeps them" in err
+
+
+def test_oversized_stdin_message_is_one_line_and_exit_1(monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"dogs " * 500)))
+    code = main(["--model", str(tiny_model_dir), "--max-context", "200", "--max-new-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and "too long" in err and len(err.strip().splitlines()) == 1
