@@ -32,7 +32,7 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.",
-                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat info.")
+                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat info, kvchat bench.")
     parser.add_argument("--version", action="version", version=f"kvchat {__version__}")
     parser.add_argument("--session", help="start or resume this named session (saved after every turn)")
     parser.add_argument("-p", "--prompt", help="send one message and print the reply (stdin is not read)")
@@ -287,7 +287,76 @@ def info_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command}
+class ProgressBar:
+    """A one-line progress bar on stderr (a line per phase when stderr is not a terminal)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.tty, self.last = stream, stream.isatty(), None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self.tty:
+            filled = int(24 * done / total) if total else 24
+            self.stream.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {what} {done}/{total}\x1b[K")
+            self.stream.flush()
+        elif what != self.last:
+            self.stream.write(f"bench: {what}\n")
+            self.stream.flush()
+        self.last = what
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def bench_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat bench", description="Measure what the KV cache buys, side by side.")
+    for flag in ("--model", "--device", "--dtype"):
+        parser.add_argument(flag, dest=flag[2:])
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--quick", action="store_true", help="every scenario small (under a minute on 2 CPU cores)")
+    parser.add_argument("--repeat", type=int, help="repetitions per side (medians are reported)")
+    parser.add_argument("--prompt-tokens", type=int, help="scenario 1 prompt length (default 512)")
+    parser.add_argument("--new-tokens", type=int, help="scenario 1 tokens generated (default 128)")
+    parser.add_argument("--turns", type=int, help="scenario 2 turns (default 20)")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
+    args = parser.parse_args(argv)
+    settings, _ = settings_from_args(args, ("model", "device", "dtype"))
+    from dataclasses import replace
+
+    from kvchat import bench
+    from kvchat.model import load_model
+
+    plan = bench.BenchPlan.quick() if args.quick else bench.BenchPlan()
+    sizes = {"repeat": args.repeat, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+             "turns": args.turns}
+    for key, value in sizes.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+    plan = replace(plan, **{key: value for key, value in sizes.items() if value is not None})
+    if args.plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise KvchatError("--plot needs matplotlib: pip install matplotlib")
+    loaded = load_model(settings.model, settings.device, settings.dtype,
+                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    bar = ProgressBar(sys.stderr)
+    try:
+        results = bench.run(loaded, plan, bar)
+    finally:
+        bar.close()
+    print(bench.markdown(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot is not None:
+        bench.plot(results, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command, "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> int:

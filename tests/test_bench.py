@@ -1,0 +1,48 @@
+"""kvchat bench --quick as a smoke test: the shape of its output, never its timings."""
+
+import io
+import json
+
+import pytest
+
+from kvchat.cli import main
+
+
+def run_bench(monkeypatch, capsys, tmp_path, *model):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["bench", "--quick", *model, "--json", str(tmp_path / "b.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out, json.loads((tmp_path / "b.json").read_text())
+
+
+def check_shape(out, results):
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0] == "| scenario | what | with the cache | without | speed-up | same tokens |"
+    assert [row.split(" | ")[0] for row in table[1:5]] == [
+        "| 1. cache vs recompute", "| 2. turns: TTFT turn 1", "| 2. turns: TTFT turn 4", "| 3. resume"]
+    assert all(row.endswith("| yes |") for row in table[1:5])  # every side pair gave the same tokens
+    assert "| formula (" in out and "| measured in the cache |" in out and "| on disk" in out
+    assert results["memory"]["measured_bytes_per_token"] == results["memory"]["formula_bytes_per_token"]
+    assert len(results["turns"]["ttft_ms"]["reuse"]) == len(results["turns"]["ttft_ms"]["no_reuse"]) == 4
+    assert results["turns"]["prefilled"]["no_reuse"][-1] > results["turns"]["prefilled"]["reuse"][-1]
+    assert results["resume"]["tokens"] >= 200
+    assert len(results["cache_vs_recompute"]["runs"]["cached"]) == 2
+
+
+def test_bench_quick_on_the_tiny_model(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    out, results = run_bench(monkeypatch, capsys, tmp_path, "--model", str(tiny_model_dir))
+    check_shape(out, results)
+
+
+@pytest.mark.real_model
+def test_bench_quick_on_the_default_model(monkeypatch, capsys, tmp_path):
+    out, results = run_bench(monkeypatch, capsys, tmp_path)
+    check_shape(out, results)
+    assert results["model"] == "SmolLM2-135M-Instruct"
+
+
+def test_bench_refuses_bad_sizes(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    assert main(["bench", "--repeat", "0"]) == 2
+    assert "--repeat must be at least 1" in capsys.readouterr().err
