@@ -44,10 +44,20 @@ class GrowableLayer(DynamicLayer):
         self.keys = self._key_buf[..., : self._n, :]
         self.values = self._value_buf[..., : self._n, :]
 
-    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Take restored tensors as the layer's content without copying them."""
-        self.lazy_initialization(keys, values)
-        self._key_buf, self._value_buf, self._n = keys, values, keys.shape[-2]
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], device: torch.device) -> None:
+        """Take restored pieces, each [kv_heads, n_i, head_dim], as the layer's content, copying each once."""
+        first = keys[0].unsqueeze(0)
+        like = torch.empty((*first.shape[:-2], 0, first.shape[-1]), dtype=first.dtype, device=device)
+        self.lazy_initialization(like, like)
+        total = sum(piece.shape[-2] for piece in keys)
+        self._reserve(like, total + max(256, total // 4))  # room for the next turns without regrowing
+        start = 0
+        for key_piece, value_piece in zip(keys, values):
+            end = start + key_piece.shape[-2]
+            self._key_buf[0, :, start:end].copy_(key_piece)
+            self._value_buf[0, :, start:end].copy_(value_piece)
+            start = end
+        self._n = total
         self._expose()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -178,17 +188,19 @@ def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
 
 
 def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device) -> Cache:
-    """A cache for `model` holding the concatenation of exported `pieces` (in order), each layer on its device."""
+    """A cache for `model` holding the concatenation of exported `pieces` (in order), each layer on its device.
+
+    Each layer's pieces are copied once, straight into a buffer with room to grow (no intermediate cat).
+    """
     cache = new_cache(model)
     devices = _layer_devices(model, device)
     for i, layer in enumerate(cache.layers):
         target = devices[i] if i < len(devices) else device
-        keys = torch.cat([piece[f"{i}.keys"] for piece in pieces], dim=1)  # [kv_heads, n, head_dim]
-        values = torch.cat([piece[f"{i}.values"] for piece in pieces], dim=1)
-        keys, values = keys.unsqueeze(0).to(target), values.unsqueeze(0).to(target)
+        parts = {name: [piece[f"{i}.{name}"] for piece in pieces] for name in ("keys", "values")}  # [kv_heads, n, head_dim]
         if isinstance(layer, GrowableLayer):
-            layer.adopt(keys, values)  # no second copy
+            layer.fill(parts["keys"], parts["values"], target)
         else:
+            keys, values = (torch.cat(parts[name], dim=1).unsqueeze(0).to(target) for name in ("keys", "values"))
             layer.update(keys, values)
     return cache
 

@@ -21,6 +21,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import struct
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvchat import kv
@@ -41,6 +41,7 @@ from kvchat.errors import KvchatError
 FORMAT = 1
 CHUNK_TOKENS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
@@ -167,38 +168,48 @@ class Store:
         self.counters.add(atomic_write(path, data))
 
     def _read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
-        """Load and check one KV file; raises DamagedKV with the reason."""
+        """Map and check one KV file; its tensors are views of the mapping (no copy). Raises DamagedKV."""
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as handle:
+                if os.fstat(handle.fileno()).st_size < 8:
+                    raise DamagedKV(f"{path.name} is {'empty' if not os.fstat(handle.fileno()).st_size else 'truncated'}")
+                # Copy-on-write private mapping: writable for torch.frombuffer, never written back.
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
         except FileNotFoundError:
             raise DamagedKV(f"{path.name} is missing") from None
-        if len(data) < 8:
-            raise DamagedKV(f"{path.name} is {'empty' if not data else 'truncated'}")
+        data = memoryview(mapped)
         header_len = struct.unpack("<Q", data[:8])[0]
         if 8 + header_len > len(data):
             raise DamagedKV(f"{path.name} is truncated")
         try:
-            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-        except (ValueError, UnicodeDecodeError):
+            header = json.loads(bytes(data[8:8 + header_len]))
+            meta = header.pop("__metadata__", {})
+        except (ValueError, UnicodeDecodeError, AttributeError):
             raise DamagedKV(f"{path.name} has a corrupt header") from None
-        if meta.get("crc32") != str(zlib.crc32(data[8 + header_len:])):
+        body = 8 + header_len
+        if meta.get("crc32") != str(zlib.crc32(data[body:])):
             raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
         if meta.get("format") != str(FORMAT) or meta.get("fingerprint") != self.fingerprint:
             raise DamagedKV(f"{path.name} was made by another model or format")
         if meta.get("key") != key or meta.get("start") != str(start) or meta.get("n_tokens") != str(n_tokens):
             raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
-        try:
-            tensors = st_load(data)
-        except Exception as exc:  # safetensors raises its own error type for malformed files
-            raise DamagedKV(f"{path.name} cannot be parsed: {exc}") from None
         layers, kv_heads, head_dim = kv.expected_shapes(self.engine.model)
+        dtype = self.engine.loaded.dtype
+        shape = (kv_heads, n_tokens, head_dim)
+        tensors = {}
         for i in range(layers):
             for part in ("keys", "values"):
-                tensor = tensors.get(f"{i}.{part}")
-                if tensor is None or tuple(tensor.shape) != (kv_heads, n_tokens, head_dim):
+                entry = header.get(f"{i}.{part}")
+                if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != shape:
                     raise DamagedKV(f"{path.name} has wrong shapes for this model")
-                if tensor.dtype != self.engine.loaded.dtype:
-                    raise DamagedKV(f"{path.name} holds {tensor.dtype}, the model runs in {self.engine.loaded.dtype}")
+                if _DTYPES.get(entry.get("dtype")) != dtype:
+                    raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {dtype}")
+                begin, end = entry["data_offsets"]
+                count = kv_heads * n_tokens * head_dim
+                if end - begin != count * dtype.itemsize or body + end > len(data):
+                    raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
+                tensors[f"{i}.{part}"] = torch.frombuffer(mapped, dtype=dtype, count=count,
+                                                          offset=body + begin).view(shape)
         return tensors
 
     def _chunk_path(self, key: str) -> Path:
