@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from kvchat import __version__
+from kvchat import __version__, memory
 from kvchat.config import Settings, load_config
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
 from kvchat.errors import ConfigError, InputError, KvchatError
-from kvchat.store import Persister, Store
+from kvchat.model import fingerprint, kvchat_home, load_model
+from kvchat.store import Persister, Store, check_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,8 +82,6 @@ def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS
 
 def open_store(settings: Settings, config_file: Path | None) -> Store:
     """The store at the configured sessions directory (relative paths start at the config file's folder)."""
-    from kvchat.model import kvchat_home
-
     if settings.sessions_dir:
         root = Path(settings.sessions_dir)
         if not root.is_absolute():
@@ -96,8 +95,6 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
 
 def load_engine(settings: Settings) -> Engine:
     """Load the configured model (progress on stderr) and wrap it in an engine."""
-    from kvchat.model import load_model
-
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
@@ -150,9 +147,7 @@ def chat(argv: list[str]) -> int:
     settings, config_file = settings_from_args(args)
     store = open_store(settings, config_file)
     if args.session is not None:
-        from kvchat.store import check_name
-
-        check_name(args.session)
+        store.lock(args.session)  # a second process on this session fails now, not after loading the model
     interactive = args.prompt is None and sys.stdin.isatty()
     if args.prompt is not None:
         messages = [args.prompt]
@@ -169,9 +164,6 @@ def chat(argv: list[str]) -> int:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
-    from kvchat import memory
-    from kvchat.model import fingerprint
-
     warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context),
                                     memory.free_memory(engine.device))
     if warning:
@@ -190,7 +182,6 @@ def chat(argv: list[str]) -> int:
         else:
             conv = Conversation.start(settings.system)
         if interactive:
-            from kvchat.model import kvchat_home
             from kvchat.repl import Repl
 
             kvchat_home().mkdir(parents=True, exist_ok=True)
@@ -200,14 +191,6 @@ def chat(argv: list[str]) -> int:
         return 0
     finally:
         store.close()
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _when(timestamp: float) -> str:
@@ -230,10 +213,8 @@ def sessions_command(argv: list[str]) -> int:
             print(f"no sessions in {store.root}")
         for row in rows:
             print(f"{row['name']:24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
-                  f"{_human_bytes(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
+                  f"{memory.human(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
     elif args.action == "show":
-        from kvchat.store import check_name
-
         manifest = store.read_manifest(check_name(args.name))
         if manifest is None:
             raise KvchatError(f"no session named '{args.name}' in {store.root}")
@@ -254,11 +235,11 @@ def cache_command(argv: list[str]) -> int:
     store = open_store(settings, config_file)
     if args.action == "prune":
         removed, freed = store.prune()
-        print(f"removed {removed} unused files, freed {_human_bytes(freed)}")
+        print(f"removed {removed} unused files, freed {memory.human(freed)}")
         return 0
     info = store.summary()
     print(f"store: {info['root']}")
-    print(f"KV on disk: {_human_bytes(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
+    print(f"KV on disk: {memory.human(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
           f"({info['unused_chunks']} chunks unused; `kvchat cache prune` removes them)")
     print(f"sessions: {info['sessions']}, shared prefixes: {len(info['prefixes'])}")
     for prefix in info["prefixes"]:
@@ -273,9 +254,6 @@ def info_command(argv: list[str]) -> int:
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context"))
-    from kvchat import memory
-    from kvchat.model import load_model
-
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     shape = memory.model_shape(loaded, settings.max_context)
@@ -326,7 +304,6 @@ def bench_command(argv: list[str]) -> int:
     from dataclasses import replace
 
     from kvchat import bench
-    from kvchat.model import load_model
 
     plan = bench.BenchPlan.quick() if args.quick else bench.BenchPlan()
     sizes = {"repeat": args.repeat, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,

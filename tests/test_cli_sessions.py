@@ -69,3 +69,17 @@ def test_sessions_dir_defaults_beside_the_config_file(monkeypatch, capsys, tiny_
     (project / "config.toml").write_text(f'model = "{tiny_model_dir}"\ntemperature = 0\nmax_new_tokens = 4\n')
     code, _, _ = run(monkeypatch, capsys, ["--config", str(project / "config.toml"), "--session", "a", "-p", "hi"])
     assert code == 0 and (project / "sessions" / "a.json").is_file()
+
+
+def test_second_process_on_a_session_gets_a_clear_error(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    from kvchat.store import Store
+
+    sessions = tmp_path / "s"
+    holder = Store(sessions)
+    holder.lock("busy")  # another kvchat process has the session open
+    code, out, err = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "busy", "-p", "hi"))
+    assert code == 1 and out == "" and "session 'busy' is open in another kvchat process" in err
+    assert len(err.strip().splitlines()) == 1 and not (sessions / "busy.json").exists()
+    holder.close()
+    code, _, _ = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "busy", "-p", "hi"))
+    assert code == 0 and (sessions / "busy.json").exists()
