@@ -218,3 +218,13 @@ def test_oversized_message_in_the_repl_is_a_hint_and_the_chat_goes_on(tiny, pipe
     assert "the message is too long" in out
     assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Tell me a story."]
     repl.conv.check()
+
+
+def test_input_history_persists_across_runs(tiny, pipe, tmp_path):
+    history = str(tmp_path / "history")
+    first = make_repl(tiny, pipe, history_path=history)
+    drive(first, "Hello there\r/quit\r")
+    second = make_repl(tiny, pipe, history_path=history)
+    assert "Hello there" in list(second.session.history.load_history_strings())
+    drive(second, "\x1b[A\x1b[A\r/quit\r")  # Up, Up: past the last run's /quit to its message; Enter sends
+    assert [m["content"] for m in second.conv.messages if m["role"] == "user"] == ["Hello there"]
