@@ -242,7 +242,8 @@ class Store:
             if not path.exists():
                 self._write_kv(path, cache, key, full, len(ids))
             chunks.append(key)
-        entry = {"format": FORMAT, "fingerprint": self.fingerprint, "token_ids": ids, "chunks": chunks,
+        entry = {"format": FORMAT, "fingerprint": self.fingerprint, "chunk_tokens": CHUNK_TOKENS,
+                 "token_ids": ids, "chunks": chunks,
                  "last_used": time.time()}
         self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
         self._enforce_cap()
@@ -269,7 +270,8 @@ class Store:
             except (OSError, ValueError):
                 continue
             ids = entry.get("token_ids", [])
-            if entry.get("fingerprint") == self.fingerprint and best_len < len(ids) <= len(target) \
+            if entry.get("fingerprint") == self.fingerprint and entry.get("chunk_tokens") == CHUNK_TOKENS \
+                    and best_len < len(ids) <= len(target) \
                     and target[:len(ids)] == ids:
                 best_entry, best_len = (entry_path, entry), len(ids)
         pieces: list[dict[str, torch.Tensor]] = []
@@ -351,7 +353,8 @@ class Store:
             return Opened(Conversation.start(system))
         conv = Conversation(messages=manifest["messages"], first_kept=int(manifest.get("first_kept", 0)))
         ids = manifest.get("token_ids", [])
-        if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
+        if (manifest.get("format"), manifest.get("fingerprint"), manifest.get("chunk_tokens", CHUNK_TOKENS)) != \
+                (FORMAT, self.fingerprint, CHUNK_TOKENS):
             return Opened(conv, f"session '{name}' was saved with another model or format; "
                                 "rebuilding its cache from the text", existed=True)
         if not ids:
@@ -527,10 +530,18 @@ class Persister:
     prefixes_saved: set[int] = field(default_factory=set)
 
     def after_turn(self, conv: Conversation) -> None:
+        """Raises StoreError when the session cannot be written; a prefix that cannot be stored is only skipped."""
         if conv.cache is not None:
-            self._save_system_prefix(conv)
+            try:
+                self._save_system_prefix(conv)
+            except OSError:
+                pass  # a shared prefix is an optimisation; the session save below reports disk problems
         if self.session:
-            self.store.save_session(self.session, conv)
+            try:
+                self.store.save_session(self.session, conv)
+            except OSError as exc:
+                raise StoreError(f"cannot save session '{self.session}' in {self.store.root}: "
+                                 f"{exc.strerror or exc}; the previous save is intact") from None
 
     def _save_system_prefix(self, conv: Conversation) -> None:
         prefix = self.store.engine.system_prefix_ids(conv.system)

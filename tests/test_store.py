@@ -221,6 +221,19 @@ def test_snapshot_of_another_model_is_never_used(tiny, tmp_path):
     assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
 
 
+def test_session_saved_with_another_chunk_size_is_another_format(tiny, tmp_path, monkeypatch):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    store.close()
+    monkeypatch.setattr(store_module, "CHUNK_TOKENS", 32)
+    engine2, store2 = make_engine(tiny, tmp_path)
+    opened = store2.open_session("s")
+    assert "another model or format" in opened.notice and opened.conversation.messages == conv.messages
+    end = turn(engine2, opened.conversation, MESSAGES[1])
+    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+
+
 def test_other_dtype_is_another_model(tmp_path):
     a, b = make_loaded(torch.float64), make_loaded(torch.float32)
     assert fingerprint(a) != fingerprint(b)
@@ -295,3 +308,26 @@ def test_prune_removes_only_unused_chunks_and_cap_evicts_prefixes(tiny, tmp_path
     assert store3.summary()["prefixes"] == []
     store2.close()
     assert store3.open_session("keep").loaded_tokens == conv.cached_tokens
+
+
+def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_path, monkeypatch):
+    import errno
+
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    persister = Persister(store, "s")
+    turn(engine, conv, MESSAGES[0], persister)
+    saved = [dict(m) for m in conv.messages]
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_write = store_module.atomic_write
+    monkeypatch.setattr(store_module, "atomic_write", full)
+    with pytest.raises(StoreError, match="cannot save session 's'.*No space left on device; the previous save is intact"):
+        turn(engine, conv, MESSAGES[1], persister)
+    monkeypatch.setattr(store_module, "atomic_write", real_write)
+    store.close()
+    _, store2 = make_engine(tiny, tmp_path)
+    opened = store2.open_session("s")
+    assert opened.notice is None and opened.conversation.messages == saved
