@@ -274,20 +274,29 @@ class Store:
                     and best_len < len(ids) <= len(target) \
                     and target[:len(ids)] == ids:
                 best_entry, best_len = (entry_path, entry), len(ids)
-        pieces: list[dict[str, torch.Tensor]] = []
+        candidates = [(len(full_keys) * CHUNK_TOKENS, target, full_keys, None)]
+        if best_entry is not None:
+            candidates.insert(0, (best_len, best_entry[1]["token_ids"], best_entry[1]["chunks"], best_entry))
+        for length, ids, chunks, entry in candidates:
+            if length == 0:
+                continue
+            try:
+                pieces = self._load_listed(ids[:length], chunks)
+            except DamagedKV:
+                continue  # never used; a shorter candidate may still be intact
+            if entry is not None:
+                self._touch(*entry)
+            return length, kv.restore(self.engine.model, pieces, self.engine.device)
+        return None
+
+    @staticmethod
+    def _touch(entry_path: Path, entry: dict[str, Any]) -> None:
+        """Mark a prefix entry as just used (for least-recently-used eviction); best effort."""
+        entry["last_used"] = time.time()
         try:
-            if best_entry is not None:
-                entry_path, entry = best_entry
-                pieces = self._load_listed(entry["token_ids"], entry["chunks"])
-                entry["last_used"] = time.time()
-                atomic_write(entry_path, json.dumps(entry).encode())
-            else:
-                pieces = self._load_listed(target[:best_len], full_keys)
-        except DamagedKV:
-            return None
-        if not pieces:
-            return None
-        return best_len, kv.restore(self.engine.model, pieces, self.engine.device)
+            atomic_write(entry_path, json.dumps(entry).encode())
+        except OSError:
+            pass  # a read-only store still serves its prefixes
 
     def _load_listed(self, ids: list[int], chunks: list[str]) -> list[dict[str, torch.Tensor]]:
         """Load the chunks that hold ids: full chunks, then at most one shorter last piece."""

@@ -331,3 +331,18 @@ def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_p
     _, store2 = make_engine(tiny, tmp_path)
     opened = store2.open_session("s")
     assert opened.notice is None and opened.conversation.messages == saved
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_bitflip, damage_missing])
+def test_damaged_shared_prefix_is_never_used(tiny, tmp_path, damage):
+    engine, store = make_engine(tiny, tmp_path)
+    turn(engine, Conversation.start(SYSTEM), MESSAGES[0], Persister(store))
+    entry = json.loads(next((tmp_path / ".kv" / "prefixes").glob("*.json")).read_text())
+    damage(tmp_path / ".kv" / "chunks" / f"{entry['chunks'][-1]}.safetensors")
+    engine2, _ = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    end = turn(engine2, conv, MESSAGES[1])
+    # Full chunks before the damaged last piece may still serve; the damaged piece never does.
+    assert end.stats.loaded < len(engine2.system_prefix_ids(SYSTEM))
+    assert end.stats.loaded % store_module.CHUNK_TOKENS == 0
+    assert end.token_ids == fresh_reply(engine2, conv.messages[:-1])
