@@ -214,7 +214,7 @@ class Engine:
         check_message(text)
         conv.messages.append({"role": "user", "content": text})
         try:
-            return self.generate(conv, sampling)
+            return self.generate(conv, sampling, on_cancel=conv.messages.pop)
         except InputError:
             conv.messages.pop()
             raise
@@ -225,7 +225,7 @@ class Engine:
             raise InputError("there is no reply to retry")
         reply = conv.messages.pop()
         try:
-            return self.generate(conv, sampling)
+            return self.generate(conv, sampling, on_cancel=lambda: conv.messages.append(reply))
         except InputError:
             conv.messages.append(reply)
             raise
@@ -284,18 +284,20 @@ class Engine:
             else:
                 conv.truncate(keep)
 
-    def generate(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
+    def generate(self, conv: Conversation, sampling: Sampling,
+                 on_cancel: Callable[[], Any] = lambda: None) -> Iterator[Token | TurnEnd]:
         """Generate the assistant reply to the conversation as it stands (its last message is the user's).
 
-        Fitting the conversation into the context happens now; the reply is generated as the result is iterated.
+        Fitting the conversation into the context happens now; the reply is generated as the result is
+        iterated. `on_cancel` puts the messages back when the turn is cut off before its first token.
         """
         assert conv.messages and conv.messages[-1]["role"] == "user", "generate() needs a user message last"
         started = time.perf_counter()
         target, dropped = self.fit(conv, sampling)
-        return self._reply(conv, sampling, target, dropped, started)
+        return self._reply(conv, sampling, target, dropped, started, on_cancel)
 
     def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
-               started: float) -> Iterator[Token | TurnEnd]:
+               started: float, on_cancel: Callable[[], Any]) -> Iterator[Token | TurnEnd]:
         decoder = IncrementalDecoder(self.tokenizer)
         finished = False
         try:
@@ -338,7 +340,7 @@ class Engine:
             if decoder.ids or finished:
                 conv.messages.append({"role": "assistant", "content": reply})
             else:
-                conv.messages.pop()  # cut off before any reply: the turn never happened
+                on_cancel()  # cut off before any reply: the turn never happened
             self._restore_invariant(conv)
         generated = len(decoder.ids)
         first = first_token_at or ended

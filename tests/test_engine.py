@@ -235,3 +235,26 @@ def test_bad_messages_are_refused_and_change_nothing(tiny, text, message):
     with pytest.raises(InputError, match=message):
         engine.send(conv, text, GREEDY)
     assert (conv.messages, conv.token_ids) == before
+
+
+def test_interrupted_retry_and_send_leave_a_consistent_conversation():
+    loaded = make_loaded(torch.float64)
+    engine = Engine(loaded)
+    conv = Conversation.start("You are a helpful assistant.")
+    first = run_turn(engine, conv, MESSAGES[0])
+    before = [dict(m) for m in conv.messages]
+    # A retry feeds nothing before its first token; Ctrl-C in the next forward keeps that token as the reply.
+    with InterruptLayer(loaded.model.model.layers[1], 1), pytest.raises(KeyboardInterrupt):
+        list(engine.retry(conv, GREEDY))
+    assert conv.messages[:-1] == before[:-1] and conv.messages[-1]["role"] == "assistant"
+    assert first.reply.startswith(conv.messages[-1]["content"])
+    conv.check()
+    conv.messages[-1] = before[-1]
+    engine.trim(conv)
+    # A new message cut off inside its prefill never happened.
+    with InterruptLayer(loaded.model.model.layers[1], 1), pytest.raises(KeyboardInterrupt):
+        list(engine.send(conv, MESSAGES[1], GREEDY))
+    assert conv.messages == before
+    conv.check()
+    assert run_turn(engine, conv, MESSAGES[1]).token_ids == fresh_reply_ids(engine, before + [
+        {"role": "user", "content": MESSAGES[1]}])
