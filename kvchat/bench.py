@@ -129,27 +129,35 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
             "context_tokens": sum(prefilled["no_reuse"][-1:])}
 
 
-def _build_session(loaded: LoadedModel, root: Path, fp: str, plan: BenchPlan, progress: Progress) -> Conversation:
-    """Chat until the conversation holds `resume_tokens`, and save it as the session 'bench'."""
+def _build_session(loaded: LoadedModel, root: Path, fp: str, plan: BenchPlan,
+                   progress: Progress) -> tuple[Conversation, list[dict[str, float]]]:
+    """Chat until the conversation holds `resume_tokens`, autosaving the session 'bench' after every turn.
+
+    Returns the conversation and, per turn, the autosave's time and bytes written.
+    """
     engine = _fixed_length(Engine(loaded))
     store = Store(root).bind(engine, fp)
+    persister = Persister(store, "bench")
     conv = Conversation.start()
     sampling = Sampling(temperature=0, max_new_tokens=plan.reply_tokens)
-    turn = 0
+    autosaves = []
     while conv.cached_tokens < plan.resume_tokens:
         progress("resume: building the session", min(conv.cached_tokens, plan.resume_tokens), plan.resume_tokens)
-        for _ in engine.send(conv, message(turn, max(plan.message_tokens, 60)), sampling):
+        for _ in engine.send(conv, message(len(autosaves), max(plan.message_tokens, 60)), sampling):
             pass
-        turn += 1
-    Persister(store, "bench").after_turn(conv)
+        written, started = store.counters.bytes_written, time.perf_counter()
+        persister.after_turn(conv)
+        autosaves.append({"turn": len(autosaves) + 1, "tokens": conv.cached_tokens,
+                          "ms": (time.perf_counter() - started) * 1000,
+                          "bytes": store.counters.bytes_written - written})
     store.close()
-    return conv
+    return conv, autosaves
 
 
 def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Path) -> dict[str, Any]:
     """Scenario 3: resume a saved session from the store against prefilling it from its text."""
     fp = fingerprint(loaded)
-    saved = _build_session(loaded, workdir / "sessions", fp, plan, progress)
+    saved, autosaves = _build_session(loaded, workdir / "sessions", fp, plan, progress)
     question = "Summarize our conversation in one sentence."
     sampling = Sampling(temperature=0, max_new_tokens=8)
     times: dict[str, list[float]] = {"resume": [], "prefill": []}
@@ -171,7 +179,7 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
     disk = sum(p.stat().st_size for p in (workdir / "sessions" / ".kv").rglob("*.safetensors"))
     return {"tokens": saved.cached_tokens, "resume_ms": resumed, "prefill_ms": prefilled,
             "speedup": prefilled / resumed if resumed else 0.0, "same_tokens": same,
-            "disk_bytes": disk, "runs": times}
+            "disk_bytes": disk, "runs": times, "autosaves": autosaves}
 
 
 def _first_token(events, started: float, sink: list[float]) -> list[int]:
@@ -246,6 +254,12 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if "disk_bytes_per_token" in m:
         lines.append(f"| on disk (safetensors chunks, headers included) | {m['disk_bytes_per_token']:,.0f} |")
+    saves = r["autosaves"]
+    if len(saves) >= 2:
+        lines += ["", "| autosave | tokens in the session | time | bytes written |", "|---|---|---|---|"]
+        for save in (saves[1], saves[-1]):
+            lines.append(f"| after turn {save['turn']} | {save['tokens']} | {save['ms']:.0f} ms | "
+                         f"{memory.human(save['bytes'])} |")
     lines += ["", f"Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
     lines.append(f"Peer: {results['peer']}")
