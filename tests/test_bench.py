@@ -23,7 +23,9 @@ def check_shape(out, results):
         "| 1. cache vs recompute", "| 2. turns: TTFT turn 1", "| 2. turns: TTFT turn 4", "| 3. resume"]
     assert all(row.endswith("| yes |") for row in table[1:5])  # every side pair gave the same tokens
     assert "| formula (" in out and "| measured in the cache |" in out and "| on disk" in out
-    assert "| after turn 2 |" in out and results["resume"]["autosaves"][0]["bytes"] > 0
+    saves = results["resume"]["autosaves"]
+    assert saves and all(save["bytes"] > 0 for save in saves)
+    assert ("| after turn 2 |" in out) is (len(saves) >= 2)
     assert results["memory"]["measured_bytes_per_token"] == results["memory"]["formula_bytes_per_token"]
     assert len(results["turns"]["ttft_ms"]["reuse"]) == len(results["turns"]["ttft_ms"]["no_reuse"]) == 4
     assert results["turns"]["prefilled"]["no_reuse"][-1] > results["turns"]["prefilled"]["reuse"][-1]
@@ -41,6 +43,7 @@ def test_bench_quick_on_the_default_model(monkeypatch, capsys, tmp_path):
     out, results = run_bench(monkeypatch, capsys, tmp_path)
     check_shape(out, results)
     assert results["model"] == "SmolLM2-135M-Instruct"
+    assert "| after turn 2 |" in out  # the default model needs several turns to reach 200 tokens
 
 
 def test_bench_refuses_bad_sizes(monkeypatch, capsys):
