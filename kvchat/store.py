@@ -19,38 +19,28 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
-import mmap
 import os
 import re
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
-from kvchat import kv
+from kvchat import kv, kvfile
 from kvchat.conversation import Conversation
 from kvchat.errors import KvchatError
+from kvchat.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
 
-FORMAT = 1
 CHUNK_TOKENS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 class StoreError(KvchatError):
     """A session or store problem the user should see."""
-
-
-class DamagedKV(Exception):
-    """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text."""
 
 
 def check_name(name: str) -> str:
@@ -60,48 +50,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def atomic_write(path: Path, data: bytes) -> int:
-    """Write `data` to `path` so that a crash leaves either the old or the new file; returns bytes written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return len(data)
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _ids_bytes(ids: list[int]) -> bytes:
-    return torch.tensor(ids, dtype=torch.int64).numpy().tobytes() if ids else b""
-
-
-class ChunkKeys:
-    """Keys for every chunk boundary of a token sequence, from one running hash."""
-
-    def __init__(self, fingerprint: str):
-        self._hash = hashlib.sha256(f"kvchat/{FORMAT}/{fingerprint}".encode())
-        self._fed = 0
-
-    def advance(self, ids: list[int], end: int) -> str:
-        """Key of ids[:end]; `end` never decreases between calls."""
-        assert end >= self._fed, "chunk boundaries must be visited in order"
-        self._hash.update(_ids_bytes(ids[self._fed:end]))
-        self._fed = end
-        return self._hash.copy().hexdigest()[:40]
-
-
-def chunk_key(fingerprint: str, ids: list[int]) -> str:
-    """Key of the KV of exactly these token ids under this model."""
-    return ChunkKeys(fingerprint).advance(ids, len(ids))
 
 
 @dataclass
@@ -154,63 +104,19 @@ class Store:
 
     # -- KV files ----------------------------------------------------------------------------
 
-    def _encode(self, tensors: dict[str, torch.Tensor], key: str, start: int, n_tokens: int) -> bytes:
-        """safetensors bytes whose metadata holds the CRC32 of the tensor data (serialized twice to learn it)."""
-        meta = {"format": str(FORMAT), "fingerprint": self.fingerprint, "key": key,
-                "start": str(start), "n_tokens": str(n_tokens)}
-        plain = st_save(tensors, metadata=meta)
-        header_len = struct.unpack("<Q", plain[:8])[0]
-        meta["crc32"] = str(zlib.crc32(plain[8 + header_len:]))
-        return st_save(tensors, metadata=meta)
-
     def _write_kv(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
-        data = self._encode(kv.export(cache, start, end), key, start, end - start)
+        data = kvfile.encode(kv.export(cache, start, end), self._kv_meta(key, start, end - start))
         self.counters.add(atomic_write(path, data))
 
+    def _kv_meta(self, key: str, start: int, n_tokens: int) -> dict[str, str]:
+        return {"fingerprint": self.fingerprint, "key": key, "start": str(start), "n_tokens": str(n_tokens)}
+
     def _read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
-        """Map and check one KV file; its tensors are views of the mapping (no copy). Raises DamagedKV."""
-        try:
-            with open(path, "rb") as handle:
-                if os.fstat(handle.fileno()).st_size < 8:
-                    raise DamagedKV(f"{path.name} is {'empty' if not os.fstat(handle.fileno()).st_size else 'truncated'}")
-                # Copy-on-write private mapping: writable for torch.frombuffer, never written back.
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        except FileNotFoundError:
-            raise DamagedKV(f"{path.name} is missing") from None
-        data = memoryview(mapped)
-        header_len = struct.unpack("<Q", data[:8])[0]
-        if 8 + header_len > len(data):
-            raise DamagedKV(f"{path.name} is truncated")
-        try:
-            header = json.loads(bytes(data[8:8 + header_len]))
-            meta = header.pop("__metadata__", {})
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            raise DamagedKV(f"{path.name} has a corrupt header") from None
-        body = 8 + header_len
-        if meta.get("crc32") != str(zlib.crc32(data[body:])):
-            raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
-        if meta.get("format") != str(FORMAT) or meta.get("fingerprint") != self.fingerprint:
-            raise DamagedKV(f"{path.name} was made by another model or format")
-        if meta.get("key") != key or meta.get("start") != str(start) or meta.get("n_tokens") != str(n_tokens):
-            raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
+        """Map and check one KV file of this model (see kvfile.read); raises DamagedKV."""
         layers, kv_heads, head_dim = kv.expected_shapes(self.engine.model)
-        dtype = self.engine.loaded.dtype
-        shape = (kv_heads, n_tokens, head_dim)
-        tensors = {}
-        for i in range(layers):
-            for part in ("keys", "values"):
-                entry = header.get(f"{i}.{part}")
-                if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != shape:
-                    raise DamagedKV(f"{path.name} has wrong shapes for this model")
-                if _DTYPES.get(entry.get("dtype")) != dtype:
-                    raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {dtype}")
-                begin, end = entry["data_offsets"]
-                count = kv_heads * n_tokens * head_dim
-                if end - begin != count * dtype.itemsize or body + end > len(data):
-                    raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
-                tensors[f"{i}.{part}"] = torch.frombuffer(mapped, dtype=dtype, count=count,
-                                                          offset=body + begin).view(shape)
-        return tensors
+        return kvfile.read(path, self._kv_meta(key, start, n_tokens), layers, (kv_heads, n_tokens, head_dim),
+                           self.engine.loaded.dtype)
+
 
     def _chunk_path(self, key: str) -> Path:
         return self.chunks / f"{key}.safetensors"

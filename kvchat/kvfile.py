@@ -1,0 +1,120 @@
+"""One KV file on disk: safetensors whose metadata carries a CRC32 of the tensor bytes and what the file holds.
+
+Also the helpers every store write goes through: atomic replacement and chunk keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as st_save
+
+FORMAT = 1
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class DamagedKV(Exception):
+    """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text."""
+
+
+def atomic_write(path: Path, data: bytes) -> int:
+    """Write `data` to `path` so that a crash leaves either the old or the new file; returns bytes written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return len(data)
+
+
+def _ids_bytes(ids: list[int]) -> bytes:
+    return torch.tensor(ids, dtype=torch.int64).numpy().tobytes() if ids else b""
+
+
+class ChunkKeys:
+    """Keys for every chunk boundary of a token sequence, from one running hash."""
+
+    def __init__(self, fingerprint: str):
+        self._hash = hashlib.sha256(f"kvchat/{FORMAT}/{fingerprint}".encode())
+        self._fed = 0
+
+    def advance(self, ids: list[int], end: int) -> str:
+        """Key of ids[:end]; `end` never decreases between calls."""
+        assert end >= self._fed, "chunk boundaries must be visited in order"
+        self._hash.update(_ids_bytes(ids[self._fed:end]))
+        self._fed = end
+        return self._hash.copy().hexdigest()[:40]
+
+
+def chunk_key(fingerprint: str, ids: list[int]) -> str:
+    """Key of the KV of exactly these token ids under this model."""
+    return ChunkKeys(fingerprint).advance(ids, len(ids))
+
+
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """safetensors bytes whose metadata adds the CRC32 of the tensor data (serialized twice to learn it)."""
+    meta = dict(meta, format=str(FORMAT))
+    plain = st_save(tensors, metadata=meta)
+    header_len = struct.unpack("<Q", plain[:8])[0]
+    meta["crc32"] = str(zlib.crc32(plain[8 + header_len:]))
+    return st_save(tensors, metadata=meta)
+
+
+def read(path: Path, expect: dict[str, str], layers: int, shape: tuple[int, int, int],
+         dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Map and check one KV file: checksum, `expect`ed metadata, and 'L.keys'/'L.values' of `shape` and `dtype`
+    for every layer. Its tensors are views of the mapping (no copy). Raises DamagedKV with the reason.
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 8:
+                raise DamagedKV(f"{path.name} is {'empty' if not size else 'truncated'}")
+            # Copy-on-write private mapping: writable for torch.frombuffer, never written back.
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    except FileNotFoundError:
+        raise DamagedKV(f"{path.name} is missing") from None
+    data = memoryview(mapped)
+    header_len = struct.unpack("<Q", data[:8])[0]
+    if 8 + header_len > len(data):
+        raise DamagedKV(f"{path.name} is truncated")
+    try:
+        header = json.loads(bytes(data[8:8 + header_len]))
+        meta = header.pop("__metadata__", {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise DamagedKV(f"{path.name} has a corrupt header") from None
+    body = 8 + header_len
+    if meta.get("crc32") != str(zlib.crc32(data[body:])):
+        raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
+    if meta.get("format") != str(FORMAT) or meta.get("fingerprint") != expect.get("fingerprint"):
+        raise DamagedKV(f"{path.name} was made by another model or format")
+    if any(meta.get(name) != value for name, value in expect.items()):
+        raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
+    count = shape[0] * shape[1] * shape[2]
+    tensors = {}
+    for i in range(layers):
+        for part in ("keys", "values"):
+            entry = header.get(f"{i}.{part}")
+            if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != shape:
+                raise DamagedKV(f"{path.name} has wrong shapes for this model")
+            if _DTYPES.get(entry.get("dtype")) != dtype:
+                raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {dtype}")
+            begin, end = entry["data_offsets"]
+            if end - begin != count * dtype.itemsize or body + end > len(data):
+                raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
+            tensors[f"{i}.{part}"] = torch.frombuffer(mapped, dtype=dtype, count=count,
+                                                      offset=body + begin).view(shape)
+    return tensors
