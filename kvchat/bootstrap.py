@@ -32,7 +32,10 @@ def pip(*args: str, capture: bool = False) -> str:
 
 def torch_pulls_cuda() -> bool:
     """Whether a plain install of TORCH here would bring NVIDIA CUDA packages along."""
-    report = json.loads(pip("--dry-run", "--quiet", "--report", "-", TORCH, capture=True))
+    try:
+        report = json.loads(pip("--dry-run", "--quiet", "--report", "-", TORCH, capture=True))
+    except (subprocess.CalledProcessError, ValueError):
+        return True  # an old pip without --report: assume the worst and take the CPU index
     return any(item["metadata"]["name"].lower().startswith("nvidia-") for item in report.get("install", []))
 
 
