@@ -259,11 +259,14 @@ class Repl:
                 continue
             if not line.strip():
                 continue
-            if line.startswith("/"):
-                if self.command(line.strip()) == "quit":
-                    return 0
-                continue
-            self.stream(lambda: self.engine.send(self.conv, line, self.sampling))
+            try:
+                if line.startswith("/"):
+                    if self.command(line.strip()) == "quit":
+                        return 0
+                    continue
+                self.stream(lambda: self.engine.send(self.conv, line, self.sampling))
+            except KeyboardInterrupt:  # outside a reply (a save, a /load): nothing half-done is left behind
+                self.note("[interrupted]")
 
     def command(self, line: str) -> str | None:
         """Run one slash command; returns 'quit' to end the loop. Errors become a short hint."""

@@ -228,3 +228,19 @@ def test_input_history_persists_across_runs(tiny, pipe, tmp_path):
     assert "Hello there" in list(second.session.history.load_history_strings())
     drive(second, "\x1b[A\x1b[A\r/quit\r")  # Up, Up: past the last run's /quit to its message; Enter sends
     assert [m["content"] for m in second.conv.messages if m["role"] == "user"] == ["Hello there"]
+
+
+def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
+    repl = make_repl(tiny, pipe, tmp_path)
+    repl.persister.session = "s"
+    calls = []
+
+    def interrupted_save(conv):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    repl.persister.after_turn = interrupted_save
+    out = drive(repl, "Hello\rTell me a story.\r/quit\r")
+    assert "[interrupted]" in out and len(calls) == 2
+    assert [m["role"] for m in repl.conv.messages].count("assistant") == 2
