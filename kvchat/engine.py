@@ -43,7 +43,7 @@ class TurnStats:
     kv_bytes: int  # size of the cache after the turn
     prefill_ms: float = 0.0
     loaded: int = 0  # of the reused tokens, how many were loaded from the on-disk store this turn
-    stop: str = "eos"  # "eos", "length" (max_new_tokens) or "context" (the context window is full)
+    stop: str = "eos"  # "eos" or "length" (max_new_tokens)
     dropped: int = 0  # oldest turns dropped from the model's view this turn to make room
     fallback: str | None = None  # why the cache could not be reused, when it could not
 
@@ -61,13 +61,11 @@ class TurnEnd:
 
 
 def turn_notices(stats: TurnStats, max_context: int | None) -> list[str]:
-    """One-line notes about a turn the user should know of: turns dropped, a reply cut short, reuse refused."""
+    """One-line notes about a turn the user should know of: turns dropped, reuse refused."""
     notes = []
     if stats.dropped:
         notes.append(f"dropped the {stats.dropped} oldest turn{'s' if stats.dropped > 1 else ''} "
                      f"from the model's view to fit the {max_context}-token context (the transcript keeps them)")
-    if stats.stop == "context":
-        notes.append(f"the reply was cut: the {max_context}-token context window is full")
     if stats.fallback:
         notes.append(stats.fallback)
     return notes
@@ -312,9 +310,7 @@ class Engine:
                 generator = make_generator(sampling, self.device)
                 stop = "length"
                 first_token_at = None
-                limit = sampling.max_new_tokens
-                if self.max_context and len(target) + limit > self.max_context:
-                    limit, stop = self.max_context - len(target), "context"
+                limit = sampling.max_new_tokens  # fit() kept room for all of it in the context
                 for step in range(limit):
                     token = next_token(logits, sampling, generator)  # [1]
                     token_id = int(token)
