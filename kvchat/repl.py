@@ -14,6 +14,7 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.utils import get_cwidth
 
+from kvchat import kv
 from kvchat.config import Settings, set_sampling
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Token, TurnEnd, TurnStats, turn_notices
@@ -226,8 +227,6 @@ class Repl:
     def toolbar(self) -> HTML:
         """The live cache state under the prompt."""
         context = self.engine.max_context or "?"
-        from kvchat import kv
-
         kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
         parts = [f"cache {self.conv.cached_tokens}/{context}", f"KV {kv_mb:.1f} MB"]
         if self.last is not None:
@@ -414,8 +413,6 @@ class Repl:
         self.note(f"{key.strip()} = {getattr(self.sampling, key.strip())}")
 
     def cmd_stats(self, _arg: str) -> None:
-        from kvchat import kv
-
         t = self.totals
         saved_s = t.reused * t.prefill_ms_per_token / 1000
         kv_bytes = kv.nbytes(self.conv.cache) if self.conv.cache is not None else 0
