@@ -64,6 +64,17 @@ class Conversation:
         self.restored = 0
         self.prompt_logits = None
 
+    def cut_to(self, n: int) -> bool:
+        """Keep the KV of the first `n` tokens where the cache can be cut there exactly, else forget it all.
+
+        Returns whether the first `n` tokens are still cached (never, for n == 0).
+        """
+        if n > 0 and self.cache is not None and kv.can_truncate(self.cache, n):
+            self.truncate(n)
+            return True
+        self.drop_cache()
+        return False
+
     def truncate(self, n: int) -> None:
         """Keep the first `n` cached tokens (the caller has checked `kv.can_truncate`)."""
         kv.truncate(self.cache, n)

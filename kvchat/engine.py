@@ -166,14 +166,10 @@ class Engine:
             keep = shared  # the whole prompt is cached and so are its next-token logits (a retry)
         else:
             keep = min(shared, len(target) - 1)
-        if conv.cache is not None and keep < len(conv.token_ids):
-            if keep > 0 and not kv.can_truncate(conv.cache, keep):
+        if conv.cache is not None and keep < len(conv.token_ids) and not conv.cut_to(keep):
+            if keep > 0:
                 fallback = "the cache has sliding-window or recurrent layers and cannot be cut back; prefilling all"
-                keep = 0
-            if keep == 0:
-                conv.drop_cache()
-            else:
-                conv.truncate(keep)
+            keep = 0
         if keep == 0 and self.reuse and self.prefix_source is not None:
             found = self.prefix_source(target)
             if found is not None:
@@ -190,14 +186,8 @@ class Engine:
 
     def _restore_invariant(self, conv: Conversation) -> None:
         """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
-        if conv.cache is None:
-            return
-        n = len(conv.token_ids)
-        if kv.layer_lengths(conv.cache) and set(kv.layer_lengths(conv.cache)) != {n}:
-            if kv.can_truncate(conv.cache, n):
-                conv.truncate(n)
-            else:
-                conv.drop_cache()
+        if conv.cache is not None and set(kv.layer_lengths(conv.cache)) - {len(conv.token_ids)}:
+            conv.cut_to(len(conv.token_ids))
         conv.check()
 
     # -- a turn ------------------------------------------------------------------------------
@@ -277,10 +267,7 @@ class Engine:
             stands = self.system_prefix_ids(conv.system)
         keep = common_prefix(conv.token_ids, stands)
         if keep < len(conv.token_ids):
-            if keep == 0 or not kv.can_truncate(conv.cache, keep):
-                conv.drop_cache()
-            else:
-                conv.truncate(keep)
+            conv.cut_to(keep)
 
     def generate(self, conv: Conversation, sampling: Sampling,
                  on_cancel: Callable[[], Any] = lambda: None) -> Iterator[Token | TurnEnd]:
