@@ -403,13 +403,18 @@ class Store:
             removed += 1
         return removed, freed
 
+    def _kv_files(self) -> tuple[list[Path], list[Path]]:
+        """All chunk files and all session tail files."""
+        return (list(self.chunks.glob("*.safetensors")) if self.chunks.is_dir() else [],
+                list(self.tails.glob("*.safetensors")) if self.tails.is_dir() else [])
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV on disk (chunks and tails)."""
+        return sum(path.stat().st_size for files in self._kv_files() for path in files)
+
     def summary(self) -> dict[str, Any]:
         """Sizes and counts for `kvchat cache`."""
-        def size(paths):
-            return sum(p.stat().st_size for p in paths)
-
-        chunk_files = list(self.chunks.glob("*.safetensors")) if self.chunks.is_dir() else []
-        tail_files = list(self.tails.glob("*.safetensors")) if self.tails.is_dir() else []
+        chunk_files, tail_files = self._kv_files()
         prefixes = []
         for path in self.prefixes.glob("*.json") if self.prefixes.is_dir() else []:
             try:
@@ -421,7 +426,7 @@ class Store:
         used_chunks, _ = self._referenced() if self.chunks.parent.is_dir() else (set(), set())
         return {
             "root": str(self.root), "chunks": len(chunk_files), "tails": len(tail_files),
-            "bytes": size(chunk_files) + size(tail_files), "sessions": len(self.list_sessions()),
+            "bytes": self.kv_bytes(), "sessions": len(self.list_sessions()),
             "prefixes": sorted(prefixes, key=lambda p: -p["last_used"]),
             "unused_chunks": sum(1 for p in chunk_files if p.stem not in used_chunks),
         }
@@ -431,7 +436,7 @@ class Store:
         if self.max_bytes <= 0:
             return
         entries = sorted(self.prefixes.glob("*.json"), key=lambda p: _read_json(p).get("last_used", 0))
-        while self.summary()["bytes"] > self.max_bytes and entries:
+        while self.kv_bytes() > self.max_bytes and entries:
             entries.pop(0).unlink()
             self.prune()
 
