@@ -7,6 +7,21 @@ from typing import Any
 
 from kvchat import kv
 
+MAX_CHECKPOINTS = 8  # recurrent-state snapshots kept in memory: pinned ones (the system prompt's) and the latest
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """The conv/recurrent state after the first `tokens` cached tokens (a copy, on the cache's device).
+
+    `logits` [vocab] are the next-token logits at that point when they were kept (the end of a prompt).
+    """
+
+    tokens: int
+    state: dict[str, Any]
+    logits: Any = None
+    pinned: bool = False  # never evicted for newer ones (the end of the system prompt)
+
 
 @dataclass
 class Conversation:
@@ -25,6 +40,11 @@ class Conversation:
     # Next-token logits [vocab] after the first n cached tokens (the end of the last prompt), as (n, logits):
     # lets /retry regenerate without feeding any token again.
     prompt_logits: tuple[int, Any] | None = None
+    # Recurrent-state snapshots by position, oldest first, for caches whose state layers cannot be cut back.
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    # True while a forward pass is running: the cache may then hold more than `token_ids` (or, in state
+    # layers, a mix of positions) until the pass completes and its tokens are recorded.
+    dirty: bool = False
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":
@@ -54,8 +74,10 @@ class Conversation:
 
     def check(self) -> None:
         """Assert that the cache holds exactly `token_ids`."""
-        held = 0 if self.cache is None else kv.length(self.cache)
-        assert held == len(self.token_ids), f"cache holds {held} tokens but {len(self.token_ids)} ids are recorded"
+        assert not self.dirty, "a forward pass was cut short and its cache not restored"
+        if self.cache is not None and kv.tracks_length(self.cache):
+            held = kv.length(self.cache)
+            assert held == len(self.token_ids), f"cache holds {held} tokens but {len(self.token_ids)} ids are recorded"
 
     def drop_cache(self) -> None:
         """Forget the cache (the next turn prefills everything)."""
@@ -63,20 +85,53 @@ class Conversation:
         self.token_ids = []
         self.restored = 0
         self.prompt_logits = None
+        self.checkpoints = []
+        self.dirty = False
 
-    def cut_to(self, n: int) -> bool:
-        """Keep the KV of the first `n` tokens where the cache can be cut there exactly, else forget it all.
+    def checkpoint(self, logits: Any = None, pin: bool = False) -> None:
+        """Snapshot the recurrent state at the current position (a no-op for caches without one).
 
-        Returns whether the first `n` tokens are still cached (never, for n == 0).
+        Beyond MAX_CHECKPOINTS the oldest unpinned snapshot goes.
         """
-        if n > 0 and self.cache is not None and kv.can_truncate(self.cache, n):
-            self.truncate(n)
-            return True
-        self.drop_cache()
-        return False
+        if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache):
+            return
+        n = len(self.token_ids)
+        self.checkpoints = [c for c in self.checkpoints if c.tokens != n]
+        self.checkpoints.append(Checkpoint(n, kv.export_state(self.cache, device=None), logits, pin))
+        self.checkpoints.sort(key=lambda c: c.tokens)
+        unpinned = [i for i, c in enumerate(self.checkpoints) if not c.pinned]
+        if len(self.checkpoints) > MAX_CHECKPOINTS and unpinned:
+            del self.checkpoints[unpinned[0]]
+
+    def cut_to(self, n: int) -> int:
+        """Cut the cache back to at most its first `n` tokens, exactly; returns how many are kept.
+
+        Attention layers are cut at `n`. A cache with recurrent state goes back to its latest checkpoint
+        at or before `n` (its state cannot be cut). With no such point, or layers kvchat does not know,
+        the cache is forgotten and 0 is returned.
+        """
+        if self.cache is None or n <= 0 or kv.unsupported(self.cache) is not None:
+            self.drop_cache()
+            return 0
+        if kv.has_state(self.cache):
+            if n >= len(self.token_ids) and not self.dirty:
+                return len(self.token_ids)
+            usable = [c for c in self.checkpoints if c.tokens <= min(n, len(self.token_ids))]
+            if not usable:
+                self.drop_cache()
+                return 0
+            point = usable[-1]
+            kv.import_state(self.cache, point.state)
+            n = point.tokens
+            self.checkpoints = [c for c in self.checkpoints if c.tokens <= n]
+            if point.logits is not None:
+                self.prompt_logits = (n, point.logits)
+        self.dirty = False
+        self.truncate(n)
+        return n
 
     def truncate(self, n: int) -> None:
-        """Keep the first `n` cached tokens (the caller has checked `kv.can_truncate`)."""
+        """Keep the first `n` tokens of the attention layers and ids (state layers are `cut_to`'s business)."""
         kv.truncate(self.cache, n)
         del self.token_ids[n:]
         if self.prompt_logits is not None and self.prompt_logits[0] > n:

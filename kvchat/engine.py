@@ -116,14 +116,25 @@ class Engine:
         self.prefix_source = prefix_source
         self.stop_ids = stop_token_ids(loaded)
         self._cache_kwarg = kv.cache_kwarg(self.model)
+        self.stepwise = kv.stepwise_continuation(self.model)
         self._system_prefixes: dict[str | None, list[int]] = {}
+        self._layout: kv.Layout | None = None
+
+    @property
+    def layout(self) -> kv.Layout:
+        """What the model's cache keeps per token and as state (one probe forward pass, on first use)."""
+        if self._layout is None:
+            self._layout = kv.layout(self.model, self.device)
+        return self._layout
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def render(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the whole conversation as the chat template renders it, ready for the assistant's reply."""
+    def render(self, messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
+        """Token ids of the whole conversation as the chat template renders it, ready for the assistant's reply
+        (or, without `generation_prompt`, ending where the reply's header would begin)."""
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own errors for messages a template rejects
             raise KvchatError(f"the model's chat template rejected the conversation: {exc}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -144,14 +155,43 @@ class Engine:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: conv.cache})
         return out.logits[0, -1]
 
-    def _prefill(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
-        """Feed `ids` in chunks, recording each chunk once its KV is in the cache; return the last logits."""
+    def _feed(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
+        """Run `ids` through the model and record them as cached once the pass completes; return the last logits.
+
+        While the pass runs the conversation is marked dirty: an interruption leaves layers at mixed positions,
+        which `_restore_invariant` repairs.
+        """
+        conv.dirty = True
+        logits = self._forward(conv, torch.tensor([ids], device=self.device))
+        conv.token_ids.extend(ids)
+        conv.dirty = False
+        return logits
+
+    def _prefill(self, conv: Conversation, ids: list[int], marks: dict[int, bool] | None = None) -> torch.Tensor:
+        """Feed `ids` in chunks; return the last logits. A cache with recurrent state is snapshotted after each
+        absolute position in `marks` (chunks end there; the value says whether the snapshot is pinned), so that
+        a later turn can come back to it.
+
+        Models whose multi-token pass does not continue a recurrent state exactly get the tokens one at a
+        time once there is a state to continue.
+        """
         assert ids, "nothing to prefill"
+        stateful = kv.has_state(conv.cache)
+        start, end = len(conv.token_ids), len(conv.token_ids) + len(ids)
+        marks = marks or {}
+        stops = sorted({m for m in marks if start < m < end} | {end}) if stateful else [end]
         logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk]
-            logits = self._forward(conv, torch.tensor([chunk], device=self.device))
-            conv.token_ids.extend(chunk)
+        position = start
+        for stop in stops:
+            while position < stop:
+                size = self.prefill_chunk
+                if stateful and self.stepwise:
+                    size = stop - position if position == 0 else 1
+                step = min(size, stop - position)
+                logits = self._feed(conv, ids[position - start:position - start + step])
+                position += step
+            if stop != end:
+                conv.checkpoint(pin=marks[stop])
         return logits
 
     def _sync_cache(self, conv: Conversation, target: list[int]) -> tuple[int, str | None, int]:
@@ -166,15 +206,19 @@ class Engine:
             keep = shared  # the whole prompt is cached and so are its next-token logits (a retry)
         else:
             keep = min(shared, len(target) - 1)
-        if conv.cache is not None and keep < len(conv.token_ids) and not conv.cut_to(keep):
-            if keep > 0:
-                fallback = "the cache has sliding-window or recurrent layers and cannot be cut back; prefilling all"
-            keep = 0
+        if conv.cache is not None and keep < len(conv.token_ids):
+            reason = kv.unsupported(conv.cache)
+            kept = conv.cut_to(keep)
+            if kept == 0 and keep > 0:
+                fallback = (f"{reason}; prefilling all" if reason else
+                            f"no recurrent-state checkpoint at or before token {keep}; prefilling all")
+            keep = kept
         if keep == 0 and self.reuse and self.prefix_source is not None:
             found = self.prefix_source(target)
             if found is not None:
                 loaded, conv.cache = found
                 conv.token_ids = list(target[:loaded])
+                conv.checkpoint()  # a stored state: a later cut can come back to it
                 keep = min(loaded, len(target) - 1)
                 if keep < loaded:
                     conv.truncate(keep)
@@ -184,10 +228,28 @@ class Engine:
         loaded, conv.restored = max(loaded, conv.restored), 0
         return keep, fallback, min(loaded, keep)
 
+    def _marks(self, conv: Conversation, target: list[int]) -> dict[int, bool]:
+        """Where a prompt's prefill snapshots recurrent state, besides its end: after the system prompt (a context
+        drop comes back there), before the new user message (an /undo comes back there), and before the reply's
+        header (templates that rewrite the header of a past reply, such as an empty think block, come back there)."""
+        if not kv.has_state(conv.cache):
+            return {}
+        view, marks = conv.view(), {}
+        for part in (None, view[:-1], view):
+            try:
+                ids = self.system_prefix_ids(conv.system) if part is None else \
+                    self.render(part, generation_prompt=False) if part else []
+            except KvchatError:
+                continue  # a template that refuses a partial conversation: one checkpoint fewer
+            if ids and target[:len(ids)] == ids:
+                marks.setdefault(len(ids), part is None)  # the system prompt's stays while the chat goes on
+        return marks
+
     def _restore_invariant(self, conv: Conversation) -> None:
         """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
-        if conv.cache is not None and set(kv.layer_lengths(conv.cache)) - {len(conv.token_ids)}:
+        if conv.cache is not None and (conv.dirty or set(kv.layer_lengths(conv.cache)) - {len(conv.token_ids)}):
             conv.cut_to(len(conv.token_ids))
+        conv.dirty = False
         conv.check()
 
     # -- a turn ------------------------------------------------------------------------------
@@ -291,8 +353,9 @@ class Engine:
                 if reused == len(target):
                     logits = conv.prompt_logits[1]
                 else:
-                    logits = self._prefill(conv, target[reused:])
+                    logits = self._prefill(conv, target[reused:], self._marks(conv, target))
                     conv.prompt_logits = (len(target), logits)
+                    conv.checkpoint(logits)
                 prefill_done = time.perf_counter()
                 generator = make_generator(sampling, self.device)
                 stop = "length"
@@ -311,8 +374,7 @@ class Engine:
                         yield Token(delta, token_id)
                     if step + 1 == limit:
                         break  # the last token is fed with the next turn's prompt, via the prefix diff
-                    logits = self._forward(conv, token.view(1, 1))
-                    conv.token_ids.append(token_id)
+                    logits = self._feed(conv, [token_id])
                 tail = decoder.flush()
                 if tail:
                     yield Token(tail, decoder.ids[-1])
@@ -325,6 +387,7 @@ class Engine:
             else:
                 on_cancel()  # cut off before any reply: the turn never happened
             self._restore_invariant(conv)
+            conv.checkpoint()  # where this reply ends: the next turn, or an /undo of it, comes back here
         generated = len(decoder.ids)
         first = first_token_at or ended
         stats = TurnStats(

@@ -1,9 +1,13 @@
-"""The KV adapter: growable layers behave like transformers' own, and truncation refuses what it cannot undo."""
+"""The KV adapter: growable layers behave like transformers' own, and layer types it does not know are never reused."""
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from kvchat import kv
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd
+from reference import greedy_without_cache
 
 
 def test_growable_layer_matches_dynamic_layer_through_growth_and_crops():
@@ -21,11 +25,37 @@ def test_growable_layer_matches_dynamic_layer_through_growth_and_crops():
             assert torch.equal(grow.keys, plain.keys) and grow.get_seq_length() == plain.get_seq_length()
 
 
-def test_truncate_refuses_a_sliding_layer_past_its_window():
-    cache = type("C", (), {})()
-    layer = DynamicSlidingWindowLayer(sliding_window=8)
-    layer.update(torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4))
-    cache.layers = [layer]
-    assert kv.can_truncate(cache, 3)  # the window has not discarded anything yet
-    layer.update(torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4))
-    assert not kv.can_truncate(cache, 3) and not kv.can_export(cache)
+def test_growable_layer_keeps_keys_and_values_of_different_widths():
+    """Multi-head latent attention caches keys and values of different head sizes."""
+    layer = kv.GrowableLayer()
+    for n in (3, 300, 1):  # the second update regrows the buffers
+        keys, values = layer.update(torch.randn(1, 2, n, 24), torch.randn(1, 2, n, 16))
+    assert keys.shape == (1, 2, 304, 24) and values.shape == (1, 2, 304, 16)
+    layer.crop(-4)
+    assert layer.keys.shape == (1, 2, 300, 24) and layer.values.shape == (1, 2, 300, 16)
+
+
+class UnknownLayer(DynamicLayer):
+    """A layer type kvchat has never heard of (a subclass may keep more than its base does)."""
+
+
+def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reuse(tiny, monkeypatch):
+    def cache_with_an_unknown_layer(model):
+        cache = DynamicCache(config=model.config)
+        cache.layers = [kv.GrowableLayer(), UnknownLayer()]
+        return cache
+
+    monkeypatch.setattr(kv, "new_cache", cache_with_an_unknown_layer)
+    engine = Engine(tiny)
+    conv = Conversation.start("You are a helpful assistant.")
+    greedy = Sampling(temperature=0, max_new_tokens=6)
+    list(engine.send(conv, "Hello, how are you today?", greedy))
+    assert "UnknownLayer" in kv.unsupported(conv.cache)
+    conv.messages[1]["content"] = "Edited."  # the next turn must cut the cache back
+    history = conv.messages + [{"role": "user", "content": "What is the capital of France?"}]
+    end = list(engine.send(conv, "What is the capital of France?", greedy))[-1]
+    assert isinstance(end, TurnEnd)
+    assert end.stats.reused == 0 and "UnknownLayer" in end.stats.fallback
+    assert end.token_ids == greedy_without_cache(tiny.model, engine.render(history), 6, engine.stop_ids)
+    assert not kv.can_export(conv.cache)
+    assert conv.cut_to(3) == 0 and conv.cache is None  # never cut: forgotten
