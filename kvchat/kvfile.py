@@ -73,10 +73,11 @@ def encode(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     return st_save(tensors, metadata=meta)
 
 
-def read(path: Path, expect: dict[str, str], layers: int, shape: tuple[int, int, int],
-         dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Map and check one KV file: checksum, `expect`ed metadata, and 'L.keys'/'L.values' of `shape` and `dtype`
-    for every layer. Its tensors are views of the mapping (no copy). Raises DamagedKV with the reason.
+def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
+         dtype: torch.dtype | dict[str, torch.dtype], optional: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Map and check one KV file: checksum, `expect`ed metadata, and exactly the tensors named in `shapes`,
+    each of its shape and dtype (one for all, or one per name; those named in `optional` may be absent). Its tensors are views of the mapping (no copy).
+    Raises DamagedKV with the reason.
     """
     try:
         with open(path, "rb") as handle:
@@ -103,18 +104,23 @@ def read(path: Path, expect: dict[str, str], layers: int, shape: tuple[int, int,
         raise DamagedKV(f"{path.name} was made by another model or format")
     if any(meta.get(name) != value for name, value in expect.items()):
         raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
-    count = shape[0] * shape[1] * shape[2]
+    if not set(shapes) - optional <= set(header) <= set(shapes):
+        raise DamagedKV(f"{path.name} does not hold the tensors this model keeps")
     tensors = {}
-    for i in range(layers):
-        for part in ("keys", "values"):
-            entry = header.get(f"{i}.{part}")
-            if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != shape:
-                raise DamagedKV(f"{path.name} has wrong shapes for this model")
-            if _DTYPES.get(entry.get("dtype")) != dtype:
-                raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {dtype}")
-            begin, end = entry["data_offsets"]
-            if end - begin != count * dtype.itemsize or body + end > len(data):
-                raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
-            tensors[f"{i}.{part}"] = torch.frombuffer(mapped, dtype=dtype, count=count,
-                                                      offset=body + begin).view(shape)
+    for name, shape in shapes.items():
+        if name not in header:
+            continue
+        entry, want = header[name], dtype if isinstance(dtype, torch.dtype) else dtype[name]
+        if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != tuple(shape):
+            raise DamagedKV(f"{path.name} has wrong shapes for this model")
+        if _DTYPES.get(entry.get("dtype")) != want:
+            raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}")
+        count = 1
+        for dim in shape:
+            count *= dim
+        begin, end = entry["data_offsets"]
+        if end - begin != count * want.itemsize or body + end > len(data):
+            raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
+        tensors[name] = torch.frombuffer(mapped, dtype=want, count=count, offset=body + begin).view(shape) \
+            if count else torch.empty(shape, dtype=want)
     return tensors

@@ -7,6 +7,7 @@ Layout under the sessions directory:
     .kv/chunks/KEY.safetensors     KV of CHUNK_TOKENS tokens (or a prefix's last, shorter piece)
     .kv/tails/NAME-KEY.safetensors KV of a session's last, partial chunk (rewritten as the session grows)
     .kv/prefixes/KEY.json          a shared prefix (a system prompt): token ids and chunk list
+    .kv/states/KEY.safetensors     recurrent/conv state after the tokens KEY hashes (models with state layers)
 
 A chunk's KEY hashes the model fingerprint and every token id up to the chunk's end, so equal
 prefixes (forks, a common system prompt, a resumed session) map to the same files and are stored
@@ -30,12 +31,13 @@ from typing import Any
 import torch
 
 from kvchat import kv, kvfile
-from kvchat.conversation import Conversation
+from kvchat.conversation import Checkpoint, Conversation
 from kvchat.errors import KvchatError
 from kvchat.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
 
 CHUNK_TOKENS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+KEY_PATTERN = re.compile(r"[0-9a-f]{40}")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
@@ -85,6 +87,7 @@ class Store:
         self.chunks = self.root / ".kv" / "chunks"
         self.tails = self.root / ".kv" / "tails"
         self.prefixes = self.root / ".kv" / "prefixes"
+        self.states = self.root / ".kv" / "states"
         self.counters = StoreCounters()
         self.engine: Any = None
         self.fingerprint: str | None = None
@@ -96,7 +99,7 @@ class Store:
         return self
 
     def _ensure_dirs(self) -> None:
-        for path in (self.chunks, self.tails, self.prefixes):
+        for path in (self.chunks, self.tails, self.prefixes, self.states):
             path.mkdir(parents=True, exist_ok=True)
 
     def manifest_path(self, name: str) -> Path:
@@ -113,10 +116,38 @@ class Store:
 
     def _read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
         """Map and check one KV file of this model (see kvfile.read); raises DamagedKV."""
-        layers, kv_heads, head_dim = kv.expected_shapes(self.engine.model)
-        return kvfile.read(path, self._kv_meta(key, start, n_tokens), layers, (kv_heads, n_tokens, head_dim),
-                           self.engine.loaded.dtype)
+        layout = self.engine.layout
+        shapes = {name: layout.piece_shape(name, n_tokens) for name in layout.per_token}
+        return kvfile.read(path, self._kv_meta(key, start, n_tokens), shapes, self.engine.loaded.dtype)
 
+
+    def _state_path(self, key: str) -> Path:
+        return self.states / f"{key}.safetensors"
+
+    def _write_state(self, ids: list[int], state: dict[str, torch.Tensor], logits: Any = None) -> dict[str, Any]:
+        """Store the recurrent state after `ids` (and the next-token logits there, when given), once; its entry."""
+        key = chunk_key(self.fingerprint, ids)
+        path = self._state_path(key)
+        if not path.exists():
+            tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+            if logits is not None:
+                tensors["logits"] = logits.detach().to("cpu").contiguous()
+            data = kvfile.encode(tensors, {**self._kv_meta(key, 0, len(ids)), "kind": "state"})
+            self.counters.add(atomic_write(path, data))
+        return {"tokens": len(ids), "key": key}
+
+    def _read_state(self, ids: list[int], entry: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+        """The state (and logits, or None) an entry of `_write_state` names, checked against `ids`; raises DamagedKV."""
+        key = chunk_key(self.fingerprint, ids)
+        if entry.get("key") != key or entry.get("tokens") != len(ids):
+            raise DamagedKV("a state entry does not match the token ids")
+        layout = self.engine.layout
+        shapes, dtypes = dict(layout.state), dict(layout.state_dtypes)
+        shapes["logits"], dtypes["logits"] = layout.logits_shape, layout.logits_dtype
+        tensors = kvfile.read(self._state_path(key), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
+                              shapes, dtypes, optional=frozenset({"logits"}))
+        logits = tensors.pop("logits", None)
+        return tensors, logits
 
     def _chunk_path(self, key: str) -> Path:
         return self.chunks / f"{key}.safetensors"
@@ -134,12 +165,15 @@ class Store:
 
     # -- shared prefixes ---------------------------------------------------------------------
 
-    def save_prefix(self, ids: list[int], cache: Any) -> bool:
-        """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored."""
+    def save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None = None) -> bool:
+        """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored.
+
+        A cache with recurrent state needs `state`, the state after exactly `ids` (a checkpoint's).
+        """
         self._ensure_dirs()
         key = chunk_key(self.fingerprint, ids)
         entry_path = self.prefixes / f"{key}.json"
-        if entry_path.exists() or not ids or not kv.can_export(cache):
+        if entry_path.exists() or not ids or not kv.can_export(cache) or (kv.has_state(cache) and state is None):
             return False
         full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
         chunks = self._save_chunks(ids, cache, full)
@@ -150,6 +184,7 @@ class Store:
             chunks.append(key)
         entry = {"format": FORMAT, "fingerprint": self.fingerprint, "chunk_tokens": CHUNK_TOKENS,
                  "token_ids": ids, "chunks": chunks,
+                 "state": self._write_state(ids, state) if kv.has_state(cache) else None,
                  "last_used": time.time()}
         self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
         self._enforce_cap()
@@ -159,17 +194,21 @@ class Store:
         """The longest stored KV whose tokens begin `target`, as (tokens, cache); None when nothing matches.
 
         Looks at chunk boundaries (any session's or prefix's full chunks) and at exact prefix entries.
+        For a model with recurrent state only points with a stored state count, and only those short of
+        the whole of `target` (a state cannot be cut back to leave a token to feed).
         Damaged files are skipped, never used.
         """
         if self.fingerprint is None or not self.chunks.is_dir():
             return None
+        stateful = self.engine.layout.has_state
+        limit = len(target) - 1 if stateful else len(target)
         hasher, full_keys = ChunkKeys(self.fingerprint), []
-        for end in range(CHUNK_TOKENS, len(target) + 1, CHUNK_TOKENS):
+        for end in range(CHUNK_TOKENS, limit + 1, CHUNK_TOKENS):
             key = hasher.advance(target, end)
             if not self._chunk_path(key).exists():
                 break
             full_keys.append(key)
-        best_entry, best_len = None, len(full_keys) * CHUNK_TOKENS
+        entries = []
         for entry_path in self.prefixes.glob("*.json"):
             try:
                 entry = _read_json(entry_path)
@@ -177,22 +216,29 @@ class Store:
                 continue
             ids = entry.get("token_ids", [])
             if entry.get("fingerprint") == self.fingerprint and entry.get("chunk_tokens") == CHUNK_TOKENS \
-                    and best_len < len(ids) <= len(target) \
-                    and target[:len(ids)] == ids:
-                best_entry, best_len = (entry_path, entry), len(ids)
-        candidates = [(len(full_keys) * CHUNK_TOKENS, target, full_keys, None)]
-        if best_entry is not None:
-            candidates.insert(0, (best_len, best_entry[1]["token_ids"], best_entry[1]["chunks"], best_entry))
-        for length, ids, chunks, entry in candidates:
-            if length == 0:
-                continue
+                    and 0 < len(ids) <= limit and target[:len(ids)] == ids and (entry.get("state") or not stateful):
+                entries.append((len(ids), ids, entry["chunks"], (entry_path, entry)))
+        # Chunk boundaries, longest first; with recurrent state only those where a state was stored.
+        for n in range(len(full_keys), 0, -1):
+            if not stateful:
+                entries.append((n * CHUNK_TOKENS, target, full_keys[:n], None))
+                break
+            key = chunk_key(self.fingerprint, target[:n * CHUNK_TOKENS])
+            if self._state_path(key).exists():
+                entries.append((n * CHUNK_TOKENS, target, full_keys[:n], None))
+        for length, ids, chunks, entry in sorted(entries, key=lambda e: -e[0]):
             try:
                 pieces = self._load_listed(ids[:length], chunks)
+                state = None
+                if stateful:
+                    stored = entry[1]["state"] if entry is not None else \
+                        {"tokens": length, "key": chunk_key(self.fingerprint, ids[:length])}
+                    state, _ = self._read_state(ids[:length], stored)
             except DamagedKV:
                 continue  # never used; a shorter candidate may still be intact
             if entry is not None:
                 self._touch(*entry)
-            return length, kv.restore(self.engine.model, pieces, self.engine.device)
+            return length, kv.restore(self.engine.model, pieces, self.engine.device, state)
         return None
 
     @staticmethod
@@ -274,14 +320,31 @@ class Store:
                                 "rebuilding its cache from the text", existed=True)
         if not ids:
             return Opened(conv, existed=True)
+        stateful = self.engine.layout.has_state
         try:
             pieces = self._load_session_kv(name, manifest)
+            entries = [e for e in manifest.get("states") or [] if isinstance(e, dict)] if stateful else []
+            if stateful and (not entries or entries[-1].get("tokens") != len(ids)):
+                raise DamagedKV("the manifest lists no state at the end of its tokens")
+            state, _ = self._read_state(ids, entries[-1]) if stateful else (None, None)
         except DamagedKV as exc:
             return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
                           existed=True)
-        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device)
+        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device, state)
         conv.token_ids = list(ids)
         conv.restored = len(ids)
+        for entry in entries:  # earlier checkpoints: /undo and /retry come back to them
+            n = entry.get("tokens")
+            if not isinstance(n, int) or not 0 < n <= len(ids):
+                continue
+            try:
+                saved, logits = self._read_state(ids[:n], entry)
+            except DamagedKV:
+                continue  # a lost checkpoint costs a longer prefill later, never a wrong one
+            conv.checkpoints.append(Checkpoint(n, {k: t.to(self.engine.device, copy=True) for k, t in saved.items()},
+                                               None if logits is None else logits.to(self.engine.device, copy=True),
+                                               pinned=entry.get("pinned") is True))
+        conv.checkpoints.sort(key=lambda c: c.tokens)
         conv.check()
         return Opened(conv, loaded_tokens=len(ids), existed=True)
 
@@ -318,13 +381,21 @@ class Store:
             path = self.tails / tail["file"]
             if not path.exists():
                 self._write_tail(path, conv.cache, key, full, len(ids))
+        states = []
+        if ids and kv.has_state(conv.cache):
+            # The checkpoints in memory, then the state at the end: a resume restores all of them.
+            for point in conv.checkpoints:
+                if point.tokens < len(ids):
+                    states.append({**self._write_state(ids[:point.tokens], point.state, point.logits),
+                                   "pinned": point.pinned})
+            states.append(self._write_state(ids, kv.export_state(conv.cache)))
         now = time.time()
         manifest = {
             "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
             "created": (previous or {}).get("created", now), "updated": now,
             "turns": sum(1 for m in conv.messages if m["role"] == "user"),
             "messages": conv.messages, "first_kept": conv.first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
-            "chunks": chunks, "tail": tail,
+            "chunks": chunks, "tail": tail, "states": states,
         }
         self.counters.add(atomic_write(self.manifest_path(name), json.dumps(manifest).encode()))
         old_tail = (previous or {}).get("tail")
@@ -355,6 +426,8 @@ class Store:
             files = [self._chunk_path(key) for key in manifest.get("chunks", [])]
             if manifest.get("tail"):
                 files.append(self.tails / manifest["tail"]["file"])
+            files += [self._state_path(entry["key"]) for entry in manifest.get("states") or []
+                      if isinstance(entry, dict) and KEY_PATTERN.fullmatch(str(entry.get("key")))]
             size = path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())
             rows.append({"name": path.stem, "turns": manifest.get("turns", 0),
                          "tokens": len(manifest.get("token_ids", [])), "bytes": size,
@@ -375,9 +448,9 @@ class Store:
 
     # -- the store as a whole ----------------------------------------------------------------
 
-    def _referenced(self) -> tuple[set[str], set[str]]:
-        """Chunk keys and tail files that some session or prefix entry uses."""
-        chunks, tails = set(), set()
+    def _referenced(self) -> tuple[set[str], set[str], set[str]]:
+        """Chunk keys, tail files and state keys that some session or prefix entry uses."""
+        chunks, tails, states = set(), set(), set()
         for path in list(self.root.glob("*.json")) + list(self.prefixes.glob("*.json")):
             try:
                 manifest = _read_json(path)
@@ -386,16 +459,19 @@ class Store:
             chunks.update(manifest.get("chunks", []))
             if manifest.get("tail"):
                 tails.add(manifest["tail"]["file"])
-        return chunks, tails
+            listed = (manifest.get("states") or []) + [manifest.get("state")]
+            states.update(str(entry.get("key")) for entry in listed if isinstance(entry, dict))
+        return chunks, tails, states
 
     def prune(self) -> tuple[int, int]:
         """Delete chunks, tails and leftovers that nothing uses; returns (files removed, bytes freed)."""
         if not self.chunks.parent.is_dir():
             return 0, 0
-        used_chunks, used_tails = self._referenced()
+        used_chunks, used_tails, used_states = self._referenced()
         removed = freed = 0
         candidates = [p for p in self.chunks.glob("*.safetensors") if p.stem not in used_chunks]
         candidates += [p for p in self.tails.glob("*.safetensors") if p.name not in used_tails]
+        candidates += [p for p in self.states.glob("*.safetensors") if p.stem not in used_states]
         candidates += list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
         for path in candidates:
             freed += path.stat().st_size
@@ -409,8 +485,9 @@ class Store:
                 list(self.tails.glob("*.safetensors")) if self.tails.is_dir() else [])
 
     def kv_bytes(self) -> int:
-        """Bytes of KV on disk (chunks and tails)."""
-        return sum(path.stat().st_size for files in self._kv_files() for path in files)
+        """Bytes of KV and recurrent state on disk (chunks, tails, states)."""
+        states = list(self.states.glob("*.safetensors")) if self.states.is_dir() else []
+        return sum(path.stat().st_size for files in (*self._kv_files(), states) for path in files)
 
     def summary(self) -> dict[str, Any]:
         """Sizes and counts for `kvchat cache`."""
@@ -423,7 +500,7 @@ class Store:
                 continue
             prefixes.append({"key": path.stem, "tokens": len(entry.get("token_ids", [])),
                              "last_used": entry.get("last_used", 0)})
-        used_chunks, _ = self._referenced() if self.chunks.parent.is_dir() else (set(), set())
+        used_chunks = self._referenced()[0] if self.chunks.parent.is_dir() else set()
         return {
             "root": str(self.root), "chunks": len(chunk_files), "tails": len(tail_files),
             "bytes": self.kv_bytes(), "sessions": len(self.list_sessions()),
@@ -468,5 +545,11 @@ class Persister:
         key = hash(tuple(prefix))
         if key in self.prefixes_saved or len(prefix) > len(conv.token_ids) or conv.token_ids[:len(prefix)] != prefix:
             return
-        self.store.save_prefix(prefix, conv.cache)
+        state = None
+        if kv.has_state(conv.cache):  # the state after exactly the prefix: its checkpoint, when one was kept
+            point = next((c for c in conv.checkpoints if c.tokens == len(prefix)), None)
+            if point is None:
+                return
+            state = point.state
+        self.store.save_prefix(prefix, conv.cache, state)
         self.prefixes_saved.add(key)
