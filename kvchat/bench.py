@@ -200,7 +200,7 @@ def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) ->
     with torch.inference_mode():
         loaded.model(input_ids=torch.arange(100, 100 + n, device=loaded.device)[None], use_cache=True,
                      **{kv.cache_kwarg(loaded.model): cache})
-    shape = memory.model_shape(loaded, None)
+    shape = memory.model_shape(loaded, None, kv.layout(loaded.model, loaded.device))
     figures = {"formula_bytes_per_token": shape.bytes_per_token, "measured_bytes_per_token": kv.nbytes(cache) / n,
                "formula": f"2 x {shape.layers} x {shape.kv_heads} x {shape.head_dim} x {shape.dtype_bytes}"}
     if resume_result:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, TextIO
 
-from kvchat import __version__, memory
+from kvchat import __version__, kv, memory
 from kvchat.config import Settings, load_config
-from kvchat.conversation import Conversation
+from kvchat.conversation import MAX_CHECKPOINTS, Conversation
 from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
 from kvchat.errors import ConfigError, InputError, KvchatError
 from kvchat.model import fingerprint, kvchat_home, load_model
@@ -164,8 +164,8 @@ def chat(argv: list[str]) -> int:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
-    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context),
-                                    memory.free_memory(engine.device))
+    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context, engine.layout),
+                                    memory.free_memory(engine.device), MAX_CHECKPOINTS)
     if warning:
         print(f"kvchat: warning: {warning}", file=sys.stderr)
 
@@ -256,10 +256,10 @@ def info_command(argv: list[str]) -> int:
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context"))
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    shape = memory.model_shape(loaded, settings.max_context)
-    for line in memory.info_lines(shape, loaded.device, loaded.dtype):
+    shape = memory.model_shape(loaded, settings.max_context, kv.layout(loaded.model, loaded.device))
+    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS):
         print(line)
-    warning = memory.memory_warning(shape, memory.free_memory(loaded.device))
+    warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)
     if warning:
         print(f"warning: {warning}")
     return 0

@@ -19,11 +19,27 @@ class KVShape:
     context: int
     dtype_bytes: int = 2
     attention_heads: int | None = None  # the query heads: what a multi-head (no GQA) cache would store
+    measured_per_token: int | None = None  # per-token bytes as the running model keeps them, when not uniform
+    state_bytes: int = 0  # fixed conv/recurrent state of a conversation (one checkpoint is a copy of it)
+    state_layers: int = 0
+    sliding_layers: int = 0  # attention layers with a window, kept whole by kvchat
+    window: int | None = None
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every attention layer keeps keys and values of kv_heads x head_dim (the formula holds)."""
+        return self.measured_per_token is None
 
     @property
     def bytes_per_token(self) -> int:
-        """2 (keys and values) x layers x kv_heads x head_dim x bytes per value."""
+        """2 (keys and values) x layers x kv_heads x head_dim x bytes per value (or as measured)."""
+        if self.measured_per_token is not None:
+            return self.measured_per_token
         return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    def full_context_bytes(self, checkpoints: int = 0) -> int:
+        """The cache at the full context, plus `checkpoints` copies of the recurrent state."""
+        return self.bytes_per_token * self.context + self.state_bytes * (1 + checkpoints)
 
     @property
     def mha_bytes_per_token(self) -> int:
@@ -41,18 +57,30 @@ WELL_KNOWN = [
 ]
 
 
-def model_shape(loaded: Any, context: int | None) -> KVShape:
-    """The KV dimensions of a loaded model, from its config and dtype."""
+def model_shape(loaded: Any, context: int | None, layout: Any) -> KVShape:
+    """The cache dimensions of a loaded model, from what a probe forward pass kept (`kv.Layout`) and its config."""
     config = loaded.model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
+    dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    widths = {dims for name, dims in layout.per_token.items() if not name.endswith(".indexer_keys")}
+    kv_layers = {int(name.split(".")[0]) for name in layout.per_token}
+    uniform = len(widths) == 1 and all(not name.endswith(".indexer_keys") for name in layout.per_token)
+    kv_heads, head_dim = next(iter(widths)) if widths else (0, 0)
+    types = list(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
     return KVShape(
         name=loaded.name,
-        layers=config.num_hidden_layers,
-        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        context=context or getattr(config, "max_position_embeddings", 0),
-        dtype_bytes=torch.empty((), dtype=loaded.dtype).element_size(),
-        attention_heads=heads,
+        layers=len(kv_layers),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        context=context or getattr(config, "max_position_embeddings", None) or 0,
+        dtype_bytes=dtype_bytes,
+        attention_heads=getattr(config, "num_attention_heads", None),
+        measured_per_token=None if uniform else layout.bytes_per_token(loaded.dtype),
+        state_bytes=layout.state_bytes(),
+        state_layers=len({name.split(".")[0] for name in layout.state}),
+        sliding_layers=sum(1 for i, t in enumerate(types)
+                           if i in kv_layers and t in ("sliding_attention", "chunked_attention")),
+        window=window,
     )
 
 
@@ -71,12 +99,13 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def memory_warning(shape: KVShape, free: int | None) -> str | None:
-    """A one-line warning when the KV cache at the full context would not fit in `free` bytes."""
-    need = shape.bytes_per_token * shape.context
-    if free is None or need <= free:
+def memory_warning(shape: KVShape, free: int | None, checkpoints: int = 0) -> str | None:
+    """A one-line warning when the KV cache at the full context (and `checkpoints` state copies) would not fit
+    in `free` bytes."""
+    need = shape.full_context_bytes(checkpoints)
+    if free is None or need <= free or not shape.bytes_per_token:
         return None
-    fits = int(free * 0.9) // shape.bytes_per_token
+    fits = max(0, int(free * 0.9) - shape.state_bytes * (1 + checkpoints)) // shape.bytes_per_token
     return (f"the KV cache at the full {shape.context}-token context needs {human(need)} "
             f"({shape.bytes_per_token:,} B/token), but only {human(free)} is free; "
             f"set max_context to {fits} or less (--max-context {fits})")
@@ -91,16 +120,34 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype) -> list[str]:
+def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype, checkpoints: int = 0) -> list[str]:
     """The `kvchat info` report."""
-    lines = [
-        f"model: {shape.name}",
-        f"device: {device}, dtype: {str(dtype).replace('torch.', '')}",
-        f"layers: {shape.layers}, attention heads: {shape.attention_heads}, KV heads: {shape.kv_heads}, "
-        f"head dim: {shape.head_dim}",
-        f"KV bytes per token: 2 x {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} head dim x "
-        f"{shape.dtype_bytes} bytes = {shape.bytes_per_token:,} B ({human(shape.bytes_per_token)})",
-        f"KV cache at the full context of {shape.context} tokens: {human(shape.bytes_per_token * shape.context)}",
+    lines = [f"model: {shape.name}", f"device: {device}, dtype: {str(dtype).replace('torch.', '')}"]
+    if shape.uniform and shape.layers:
+        lines += [
+            f"layers with KV: {shape.layers}, attention heads: {shape.attention_heads}, KV heads: {shape.kv_heads}, "
+            f"head dim: {shape.head_dim}",
+            f"KV bytes per token: 2 x {shape.layers} layers x {shape.kv_heads} KV heads x {shape.head_dim} head dim x "
+            f"{shape.dtype_bytes} bytes = {shape.bytes_per_token:,} B ({human(shape.bytes_per_token)})",
+        ]
+    elif not shape.layers:
+        lines.append("KV bytes per token: 0 (no attention layer: the cache does not grow with the conversation)")
+    else:
+        lines.append(f"KV bytes per token: {shape.bytes_per_token:,} B ({human(shape.bytes_per_token)}) over "
+                     f"{shape.layers} layers with KV (widths differ per layer or between keys and values; measured)")
+    lines.append(f"KV cache at the full context of {shape.context} tokens: {human(shape.bytes_per_token * shape.context)}")
+    if shape.sliding_layers and shape.layers:
+        per_layer = shape.bytes_per_token / shape.layers
+        window_only = per_layer * ((shape.layers - shape.sliding_layers) * shape.context
+                                   + shape.sliding_layers * min(shape.window or 0, shape.context))
+        lines.append(f"{shape.sliding_layers} of those layers attend within a window of {shape.window} tokens; kvchat "
+                     "keeps every token in them (the mask applies the window) so that they can be cut back and saved "
+                     f"exactly; a window-only cache would hold {human(window_only)} at the full context")
+    if shape.state_layers:
+        lines.append(f"recurrent/conv state: {human(shape.state_bytes)} in {shape.state_layers} layers, fixed whatever "
+                     f"the length; each checkpoint is a copy ({human(shape.state_bytes)}), up to {checkpoints} kept "
+                     f"in memory: {human(shape.state_bytes * (1 + checkpoints))} in all")
+    lines += [
         "",
         "Well-known architectures (bfloat16 KV):",
         f"  {'model':26} {'layers':>6} {'KV heads':>8} {'head dim':>8} {'per token':>11} {'if multi-head':>13} "

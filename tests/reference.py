@@ -18,3 +18,4 @@ def greedy_without_cache(model, prompt_ids: list[int], max_new_tokens: int, stop
         reply.append(token)
         ids.append(token)
     return reply
+

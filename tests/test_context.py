@@ -83,7 +83,7 @@ def test_max_context_above_the_model_is_refused(tiny):
 
 
 def test_info_bytes_per_token_equal_a_real_forward_pass(tiny):
-    shape = memory.model_shape(tiny, None)
+    shape = memory.model_shape(tiny, None, kv.layout(tiny.model, tiny.device))
     cache = kv.new_cache(tiny.model)
     with torch.inference_mode():
         tiny.model(input_ids=torch.arange(5, 42)[None], cache=cache, use_cache=True)

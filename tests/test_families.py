@@ -5,13 +5,17 @@ filled in the first turn), linear attention, Mamba, short convolutions, KV shari
 sparse-attention indexers. Every reply is checked against a cache-free greedy run of the same prompt.
 """
 
+import io
+import json
+
 import pytest
 import torch
 
-from kvchat import kv
+from kvchat import kv, memory
 from kvchat import store as store_module
+from kvchat.cli import main
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
+from kvchat.conversation import MAX_CHECKPOINTS, Conversation
 from kvchat.engine import Engine, TurnEnd, common_prefix
 from kvchat.model import fingerprint
 from kvchat.store import Persister, Store
@@ -147,3 +151,134 @@ def test_a_new_conversation_starts_from_the_stored_system_prompt(family, tmp_pat
     fresh = Conversation.start(SYSTEM)
     stats = send(engine, fresh, MESSAGES[1])
     assert stats.loaded == stats.reused == len(engine.system_prefix_ids(SYSTEM))
+
+
+def test_info_arithmetic_matches_what_a_forward_pass_keeps(family):
+    """KV bytes per token and the fixed state size in `kvchat info` equal what the cache really holds."""
+    shape = memory.model_shape(family, None, kv.layout(family.model, family.device))
+    sizes = []
+    for n in (20, 30):
+        cache = kv.new_cache(family.model)
+        with torch.inference_mode():
+            family.model(input_ids=torch.arange(5, 5 + n)[None], use_cache=True,
+                         **{kv.cache_kwarg(family.model): cache})
+        sizes.append(kv.nbytes(cache))
+    assert shape.bytes_per_token == (sizes[1] - sizes[0]) // 10
+    assert shape.state_bytes == sizes[0] - 20 * shape.bytes_per_token
+    lines = "\n".join(memory.info_lines(shape, family.device, family.dtype, MAX_CHECKPOINTS))
+    assert f"{shape.bytes_per_token:,} B" in lines or "no attention layer" in lines
+    if shape.state_bytes:
+        assert "recurrent/conv state" in lines
+
+
+THINKING_CHATML = (
+    "{% for message in messages %}"
+    "{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' %}{% set content = content.split('</think>')[-1].lstrip() %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("name", ["qwen3.5", "granite-hybrid"])
+def test_a_template_that_strips_past_think_blocks_stays_exact_and_cheap_on_a_hybrid(name):
+    """Qwen3-style templates render a past reply without the think block its prompt ended with, so the cached
+    tokens part from the rendering at the reply's header: each turn prefills at most that reply and the new
+    message (the checkpoint before the reply header is restored), never the conversation."""
+    loaded = make_family(name)
+    loaded.tokenizer.chat_template = THINKING_CHATML
+    engine = Engine(loaded)
+    conv = Conversation.start(SYSTEM)
+    for turn, text in enumerate(MESSAGES):
+        before = list(conv.token_ids)
+        stats = send(engine, conv, text)
+        if turn:
+            assert stats.reused < len(before)  # the template did rewrite the cached past
+            # Reuse reaches the end of the previous user message: only the previous reply (with its header)
+            # and the new message are prefilled.
+            assert stats.reused == len(engine.render(conv.view()[:-3], generation_prompt=False))
+
+
+def test_jamba_continues_its_recurrent_state_one_token_at_a_time():
+    """Jamba's multi-token pass starts its selective scan from zero: after the first turn every prefilled token
+    goes through the model alone, and the replies stay exact."""
+    loaded = make_family("jamba")
+    engine = Engine(loaded, prefill_chunk=64)
+    assert engine.stepwise
+    widths = []
+
+    def record(module, args, kwargs):
+        if kwargs.get(kv.cache_kwarg(loaded.model)) is not None:  # the engine's passes, not the reference's
+            widths.append(kwargs["input_ids"].shape[1])
+
+    hook = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+    conv = Conversation.start(SYSTEM)
+    try:
+        send(engine, conv, MESSAGES[0])
+        assert widths[0] > 1  # the first prefill, from an empty state, is one pass
+        widths.clear()
+        stats = send(engine, conv, MESSAGES[1])
+    finally:
+        hook.remove()
+    assert stats.prefilled > 1 and set(widths) == {1}
+
+
+def test_sparse_attention_indexer_keys_are_cut_and_restored_exactly(tmp_path):
+    """DeepSeek-V3.2 layers keep indexer keys beside the KV: a cut and a save/restore leave exactly what a fresh
+    prefill of the same tokens holds."""
+    loaded = make_family("deepseek-v3.2")
+    model, ids = loaded.model, list(range(5, 45))
+    key = kv.cache_kwarg(model)
+
+    def prefill(tokens):
+        cache = kv.new_cache(model)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([tokens]), use_cache=True, **{key: cache})
+        return cache
+
+    fresh, cut = prefill(ids[:25]), prefill(ids)
+    conv = Conversation(token_ids=list(ids), cache=cut)
+    assert conv.cut_to(25) == 25
+    restored = kv.restore(model, [kv.export(fresh, 0, 10), kv.export(fresh, 10, 25)], loaded.device)
+    for mine, want in zip(restored.layers, fresh.layers):  # bit-exact through export and restore
+        assert torch.equal(mine.indexer_keys, want.indexer_keys)
+        assert torch.equal(mine.keys, want.keys) and torch.equal(mine.values, want.values)
+    for mine, want in zip(cut.layers, fresh.layers):  # 40 tokens prefilled then cut: float32 rope rounding differs
+        assert mine.indexer_keys.shape == want.indexer_keys.shape
+        torch.testing.assert_close(mine.indexer_keys, want.indexer_keys, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine.keys, want.keys, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def hybrid_model_dir(tmp_path_factory):
+    """A tiny Qwen3.5 (linear attention + attention) saved as a model directory, for `--model PATH`."""
+    loaded = make_family("qwen3.5", dtype=torch.float32)
+    path = tmp_path_factory.mktemp("tiny-qwen3.5")
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(monkeypatch, capsys, argv, stdin=b""):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_hybrid_session_resumed_by_a_new_run_matches_a_straight_run(monkeypatch, capsys, hybrid_model_dir, tmp_path):
+    chat = ["--model", str(hybrid_model_dir), "--temperature", "0", "--max-new-tokens", "8", "--stats",
+            "--sessions-dir", str(tmp_path / "sessions")]
+    code, straight, _ = run_cli(monkeypatch, capsys, chat + ["--lines"], f"{MESSAGES[0]}\n{MESSAGES[1]}\n".encode())
+    assert code == 0
+    code, first, _ = run_cli(monkeypatch, capsys, chat + ["--session", "h", "-p", MESSAGES[0]])
+    assert code == 0
+    code, second, err = run_cli(monkeypatch, capsys, chat + ["--session", "h", "-p", MESSAGES[1]])
+    assert code == 0 and first + second == straight
+    record = json.loads(err.strip().splitlines()[-1])
+    assert record["loaded"] == record["reused"] > 0 and record["fallback"] is None
+    assert record["prefilled"] <= len(MESSAGES[1]) + 12  # the new message and template tokens, not the session
+    code, out, _ = run_cli(monkeypatch, capsys, ["info", "--model", str(hybrid_model_dir)])
+    state = kv.layout(make_family("qwen3.5", dtype=torch.float32).model, torch.device("cpu")).state_bytes()
+    assert code == 0 and f"recurrent/conv state: {memory.human(state)} in 3 layers" in out
