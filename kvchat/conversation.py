@@ -96,7 +96,11 @@ class Conversation:
         if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache):
             return
         n = len(self.token_ids)
-        self.checkpoints = [c for c in self.checkpoints if c.tokens != n]
+        same = next((c for c in self.checkpoints if c.tokens == n), None)
+        if same is not None:  # the same tokens, so the same state (an empty reply ends where its prompt did)
+            same.logits = same.logits if logits is None else logits
+            same.pinned = same.pinned or pin
+            return
         self.checkpoints.append(Checkpoint(n, kv.export_state(self.cache, device=None), logits, pin))
         self.checkpoints.sort(key=lambda c: c.tokens)
         unpinned = [i for i, c in enumerate(self.checkpoints) if not c.pinned]

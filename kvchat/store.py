@@ -7,7 +7,8 @@ Layout under the sessions directory:
     .kv/chunks/KEY.safetensors     KV of CHUNK_TOKENS tokens (or a prefix's last, shorter piece)
     .kv/tails/NAME-KEY.safetensors KV of a session's last, partial chunk (rewritten as the session grows)
     .kv/prefixes/KEY.json          a shared prefix (a system prompt): token ids and chunk list
-    .kv/states/KEY.safetensors     recurrent/conv state after the tokens KEY hashes (models with state layers)
+    .kv/states/KEY.safetensors     recurrent/conv state after a shared prefix's tokens (models with state layers)
+    .kv/states/NAME-KEY.safetensors  a session's state checkpoints (rewritten as it grows, like tails)
 
 A chunk's KEY hashes the model fingerprint and every token id up to the chunk's end, so equal
 prefixes (forks, a common system prompt, a resumed session) map to the same files and are stored
@@ -121,13 +122,24 @@ class Store:
         return kvfile.read(path, self._kv_meta(key, start, n_tokens), shapes, self.engine.loaded.dtype)
 
 
-    def _state_path(self, key: str) -> Path:
-        return self.states / f"{key}.safetensors"
+    def _state_path(self, key: str, owner: str | None = None) -> Path:
+        """A shared prefix's state file, or one of session `owner`'s (both named from a key we computed)."""
+        return self.states / (f"{check_name(owner)}-{key[:16]}.safetensors" if owner else f"{key}.safetensors")
 
-    def _write_state(self, ids: list[int], state: dict[str, torch.Tensor], logits: Any = None) -> dict[str, Any]:
-        """Store the recurrent state after `ids` (and the next-token logits there, when given), once; its entry."""
+    def _write_state(self, ids: list[int], state: dict[str, torch.Tensor], logits: Any = None,
+                     owner: str | None = None) -> dict[str, Any]:
+        """Store the recurrent state after `ids` (and the next-token logits there, when given), once; its entry.
+
+        A session's own copy is a hard link to an identical one of another session (a fork) where possible.
+        """
         key = chunk_key(self.fingerprint, ids)
-        path = self._state_path(key)
+        path = self._state_path(key, owner)
+        twin = next(self.states.glob(f"*-{key[:16]}.safetensors"), None) if owner else None
+        if not path.exists() and twin is not None:
+            try:
+                os.link(twin, path)
+            except OSError:
+                pass  # a filesystem without hard links: write a copy below
         if not path.exists():
             tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
             if logits is not None:
@@ -136,7 +148,8 @@ class Store:
             self.counters.add(atomic_write(path, data))
         return {"tokens": len(ids), "key": key}
 
-    def _read_state(self, ids: list[int], entry: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    def _read_state(self, ids: list[int], entry: dict[str, Any],
+                    owner: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
         """The state (and logits, or None) an entry of `_write_state` names, checked against `ids`; raises DamagedKV."""
         key = chunk_key(self.fingerprint, ids)
         if entry.get("key") != key or entry.get("tokens") != len(ids):
@@ -144,7 +157,7 @@ class Store:
         layout = self.engine.layout
         shapes, dtypes = dict(layout.state), dict(layout.state_dtypes)
         shapes["logits"], dtypes["logits"] = layout.logits_shape, layout.logits_dtype
-        tensors = kvfile.read(self._state_path(key), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
+        tensors = kvfile.read(self._state_path(key, owner), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
                               shapes, dtypes, optional=frozenset({"logits"}))
         logits = tensors.pop("logits", None)
         return tensors, logits
@@ -326,7 +339,7 @@ class Store:
             entries = [e for e in manifest.get("states") or [] if isinstance(e, dict)] if stateful else []
             if stateful and (not entries or entries[-1].get("tokens") != len(ids)):
                 raise DamagedKV("the manifest lists no state at the end of its tokens")
-            state, _ = self._read_state(ids, entries[-1]) if stateful else (None, None)
+            state, _ = self._read_state(ids, entries[-1], name) if stateful else (None, None)
         except DamagedKV as exc:
             return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
                           existed=True)
@@ -338,13 +351,16 @@ class Store:
             if not isinstance(n, int) or not 0 < n <= len(ids):
                 continue
             try:
-                saved, logits = self._read_state(ids[:n], entry)
+                saved, logits = self._read_state(ids[:n], entry, name)
             except DamagedKV:
                 continue  # a lost checkpoint costs a longer prefill later, never a wrong one
             conv.checkpoints.append(Checkpoint(n, {k: t.to(self.engine.device, copy=True) for k, t in saved.items()},
                                                None if logits is None else logits.to(self.engine.device, copy=True),
                                                pinned=entry.get("pinned") is True))
         conv.checkpoints.sort(key=lambda c: c.tokens)
+        with_logits = [c for c in conv.checkpoints if c.logits is not None]
+        if with_logits:  # the last prompt's next-token logits: a /retry right after resuming prefills nothing
+            conv.prompt_logits = (with_logits[-1].tokens, with_logits[-1].logits)
         conv.check()
         return Opened(conv, loaded_tokens=len(ids), existed=True)
 
@@ -383,12 +399,15 @@ class Store:
                 self._write_tail(path, conv.cache, key, full, len(ids))
         states = []
         if ids and kv.has_state(conv.cache):
-            # The checkpoints in memory, then the state at the end: a resume restores all of them.
-            for point in conv.checkpoints:
-                if point.tokens < len(ids):
-                    states.append({**self._write_state(ids[:point.tokens], point.state, point.logits),
-                                   "pinned": point.pinned})
-            states.append(self._write_state(ids, kv.export_state(conv.cache)))
+            # What a resume needs: the pinned checkpoints (the system prompt's), the last turn's three (before
+            # its message, before the reply header, the prompt's end with its logits), and the state at the end.
+            earlier = [c for c in conv.checkpoints if c.tokens < len(ids)]
+            keep = [c for c in earlier if c.pinned] + [c for c in earlier if not c.pinned][-3:]
+            for point in sorted(keep, key=lambda c: c.tokens):
+                states.append({**self._write_state(ids[:point.tokens], point.state, point.logits, name),
+                               "pinned": point.pinned})
+            at_end = next((c for c in conv.checkpoints if c.tokens == len(ids)), None)  # an empty reply
+            states.append(self._write_state(ids, kv.export_state(conv.cache), at_end and at_end.logits, name))
         now = time.time()
         manifest = {
             "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
@@ -401,6 +420,13 @@ class Store:
         old_tail = (previous or {}).get("tail")
         if old_tail and old_tail != tail:
             (self.tails / old_tail["file"]).unlink(missing_ok=True)
+        for path in self._state_files(name, previous) - self._state_files(name, manifest):
+            path.unlink(missing_ok=True)  # this session's own copies (a fork keeps its own links)
+
+    def _state_files(self, name: str, manifest: dict[str, Any] | None) -> set[Path]:
+        """The state files session `name`'s manifest lists (paths from validated keys only)."""
+        return {self._state_path(str(entry["key"]), name) for entry in (manifest or {}).get("states") or []
+                if isinstance(entry, dict) and KEY_PATTERN.fullmatch(str(entry.get("key")))}
 
     def _write_tail(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
         """A session's tail; a hard link to an identical tail of another session (a fork) instead of a copy."""
@@ -426,8 +452,8 @@ class Store:
             files = [self._chunk_path(key) for key in manifest.get("chunks", [])]
             if manifest.get("tail"):
                 files.append(self.tails / manifest["tail"]["file"])
-            files += [self._state_path(entry["key"]) for entry in manifest.get("states") or []
-                      if isinstance(entry, dict) and KEY_PATTERN.fullmatch(str(entry.get("key")))]
+            if NAME_PATTERN.fullmatch(path.stem):
+                files += self._state_files(path.stem, manifest)
             size = path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())
             rows.append({"name": path.stem, "turns": manifest.get("turns", 0),
                          "tokens": len(manifest.get("token_ids", [])), "bytes": size,
@@ -435,13 +461,15 @@ class Store:
         return rows
 
     def remove_session(self, name: str) -> None:
-        """Delete a session's manifest and tail (its chunks go at the next prune if nothing else uses them)."""
+        """Delete a session's manifest, tail and states (its chunks go at the next prune if nothing else uses them)."""
         manifest = self.read_manifest(name)
         if manifest is None:
             raise StoreError(f"no session named '{name}' in {self.root}")
         self.lock(name)
         if manifest.get("tail"):
             (self.tails / manifest["tail"]["file"]).unlink(missing_ok=True)
+        for path in self._state_files(name, manifest):
+            path.unlink(missing_ok=True)
         self.manifest_path(name).unlink()
         self.unlock(name)
         (self.root / f"{name}.lock").unlink(missing_ok=True)
@@ -449,7 +477,7 @@ class Store:
     # -- the store as a whole ----------------------------------------------------------------
 
     def _referenced(self) -> tuple[set[str], set[str], set[str]]:
-        """Chunk keys, tail files and state keys that some session or prefix entry uses."""
+        """Chunk keys, tail files and state file names that some session or prefix entry uses."""
         chunks, tails, states = set(), set(), set()
         for path in list(self.root.glob("*.json")) + list(self.prefixes.glob("*.json")):
             try:
@@ -459,8 +487,11 @@ class Store:
             chunks.update(manifest.get("chunks", []))
             if manifest.get("tail"):
                 tails.add(manifest["tail"]["file"])
-            listed = (manifest.get("states") or []) + [manifest.get("state")]
-            states.update(str(entry.get("key")) for entry in listed if isinstance(entry, dict))
+            shared = manifest.get("state")
+            if isinstance(shared, dict):
+                states.add(f"{shared.get('key')}.safetensors")
+            if path.parent == self.root and NAME_PATTERN.fullmatch(path.stem):
+                states.update(p.name for p in self._state_files(path.stem, manifest))
         return chunks, tails, states
 
     def prune(self) -> tuple[int, int]:
@@ -471,7 +502,7 @@ class Store:
         removed = freed = 0
         candidates = [p for p in self.chunks.glob("*.safetensors") if p.stem not in used_chunks]
         candidates += [p for p in self.tails.glob("*.safetensors") if p.name not in used_tails]
-        candidates += [p for p in self.states.glob("*.safetensors") if p.stem not in used_states]
+        candidates += [p for p in self.states.glob("*.safetensors") if p.name not in used_states]
         candidates += list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
         for path in candidates:
             freed += path.stat().st_size

@@ -131,6 +131,24 @@ def test_a_resumed_session_prefills_only_the_new_message(family, tmp_path):
     assert_only_new_message(engine2, resumed, conv.token_ids, stats)
 
 
+def test_retry_right_after_a_resume_is_exact(family, tmp_path):
+    """A recurrent state's checkpoint at the last prompt is stored with its logits: nothing is prefilled.
+    Attention-only caches prefill the prompt's last token."""
+    engine, store = engine_with_store(family, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES[:2]:
+        send(engine, conv, text)
+        Persister(store, session="r").after_turn(conv)
+    store.close()
+    engine2, _ = engine_with_store(family, tmp_path)
+    resumed = Store(tmp_path).bind(engine2, fingerprint(family)).open_session("r").conversation
+    prompt = engine2.render(resumed.view()[:-1])
+    want = greedy_without_cache(engine2.model, prompt, GREEDY.max_new_tokens, engine2.stop_ids)
+    retry = [e for e in engine2.retry(resumed, GREEDY) if isinstance(e, TurnEnd)][0]
+    assert retry.token_ids == want and retry.stats.fallback is None
+    assert retry.stats.prefilled == (0 if kv.has_state(resumed.cache) else 1)
+
+
 def test_a_context_drop_reuses_the_system_prompt(family):
     engine = Engine(family, max_context=120)
     conv = Conversation.start(SYSTEM)

@@ -346,3 +346,71 @@ def test_damaged_shared_prefix_is_never_used(tiny, tmp_path, damage):
     assert end.stats.loaded < len(engine2.system_prefix_ids(SYSTEM))
     assert end.stats.loaded % store_module.CHUNK_TOKENS == 0
     assert end.token_ids == fresh_reply(engine2, conv.messages[:-1])
+
+
+# -- recurrent state on disk (a hybrid model: linear attention + attention) ----------------------------
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    from families import make_family
+
+    return make_family("qwen3.5")
+
+
+def state_files(root):
+    return sorted((root / ".kv" / "states").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("which", ["end", "earlier"])
+def test_a_damaged_state_file_is_never_used(hybrid, tmp_path, which):
+    engine, store = make_engine(hybrid, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES[:3]:
+        turn(engine, conv, text, Persister(store, "h"))
+    store.close()
+    manifest = json.loads((tmp_path / "h.json").read_text())
+    entry = manifest["states"][-1 if which == "end" else -2]
+    target = tmp_path / ".kv" / "states" / f"h-{entry['key'][:16]}.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-5] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+    engine2 = Engine(hybrid)
+    opened = Store(tmp_path).bind(engine2, fingerprint(hybrid)).open_session("h")
+    resumed = opened.conversation
+    assert resumed.messages == conv.messages  # nothing lost
+    if which == "end":  # the state the cache needs: the session is rebuilt from its text
+        assert "not usable" in opened.notice and "checksum" in opened.notice and resumed.cached_tokens == 0
+    else:  # an earlier checkpoint: skipped, never restored
+        assert opened.notice is None and entry["tokens"] not in [c.tokens for c in resumed.checkpoints]
+    end = turn(engine2, resumed, MESSAGES[3])
+    assert end.token_ids == fresh_reply(engine2, resumed.messages[:-1])
+
+
+def test_a_sessions_state_files_stay_few_are_linked_by_a_fork_and_go_with_it(hybrid, tmp_path):
+    engine, store = make_engine(hybrid, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES:
+        turn(engine, conv, text, Persister(store, "a"))
+        own = [p for p in state_files(tmp_path) if p.name.startswith("a-")]
+        assert len(own) <= 5  # the system prompt's, the last turn's three, the end: older ones are deleted
+    shared = [p for p in state_files(tmp_path) if "-" not in p.stem]
+    assert len(shared) == 1  # the system prompt's state, for any new conversation
+
+    written = store.counters.bytes_written
+    store.save_session("b", conv)  # a fork
+    assert store.counters.bytes_written - written == (tmp_path / "b.json").stat().st_size
+    forked = [p for p in state_files(tmp_path) if p.name.startswith("b-")]
+    assert forked and all(p.stat().st_nlink == 2 for p in forked)
+
+    store.remove_session("a")
+    assert not [p for p in state_files(tmp_path) if p.name.startswith("a-")]
+    assert store.prune()[0] >= 0 and set(forked + shared) <= set(state_files(tmp_path))
+    store.close()
+    engine2, store2 = make_engine(hybrid, tmp_path)
+    opened = store2.open_session("b")
+    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)
+    end = turn(engine2, opened.conversation, "One more, please.")
+    assert end.stats.loaded == end.stats.reused > 0
+    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])

@@ -1,0 +1,92 @@
+"""Per-family figures for the tiny random models of tests/families.py: `python tests/family_report.py [FAMILY...]`.
+
+For each family, a 10-turn greedy chat run twice side by side (reuse and --no-reuse, alternating turn by
+turn), saved after every turn; then the session is resumed by a new engine and store. Prints a Markdown
+table: turn-10 prefilled tokens and time to first token with and without reuse, tokens loaded and
+prefilled by the resumed turn, cache bytes per token in memory (plus the fixed recurrent state and
+its checkpoints) and on disk. These models are tiny (4 layers, hidden 64): the token counts are what
+matters; times only show the shape.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from families import FAMILIES, make_family  # noqa: E402
+
+from kvchat import kv  # noqa: E402
+from kvchat.config import Sampling  # noqa: E402
+from kvchat.conversation import Conversation  # noqa: E402
+from kvchat.engine import Engine, TurnEnd  # noqa: E402
+from kvchat.memory import human  # noqa: E402
+from kvchat.model import fingerprint  # noqa: E402
+from kvchat.store import Persister, Store  # noqa: E402
+
+GREEDY = Sampling(temperature=0, max_new_tokens=16)
+SYSTEM = "You are a helpful assistant. Answer in one short sentence, and be kind to cats and dogs."
+TOPICS = ["the sea", "a cat", "Paris", "numbers", "a dog", "the fox", "a story", "the capital", "friends", "today"]
+
+
+def turn(engine, conv, text):
+    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0].stats
+
+
+def measure(name: str) -> dict:
+    loaded = make_family(name, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as root:
+        store = Store(Path(root))
+        engine = Engine(loaded)
+        store.bind(engine, fingerprint(loaded))
+        engine.prefix_source = store.longest_prefix
+        baseline = Engine(loaded, reuse=False)
+        persister = Persister(store, session="report")
+        conv, plain = Conversation.start(SYSTEM), Conversation.start(SYSTEM)
+        for topic in TOPICS:
+            text = f"Tell me something about {topic}, please, in a few words."
+            with_reuse = turn(engine, conv, text)
+            without = turn(baseline, plain, text)
+            persister.after_turn(conv)
+        tokens = len(conv.token_ids)
+        state = kv.nbytes(conv.cache) - kv.length(conv.cache) * engine.layout.bytes_per_token(loaded.dtype)
+        row = {
+            "family": name, "tokens": tokens,
+            "prefilled": with_reuse.prefilled, "prefilled_no_reuse": without.prefilled,
+            "ttft_ms": with_reuse.ttft_ms, "ttft_ms_no_reuse": without.ttft_ms,
+            "fallback": with_reuse.fallback,
+            "memory_per_token": engine.layout.bytes_per_token(loaded.dtype), "state": state,
+            "checkpoints": len(conv.checkpoints),
+            "disk_per_token": store.kv_bytes() / tokens,
+        }
+        store.close()
+        store2 = Store(Path(root))
+        engine2 = Engine(loaded)
+        store2.bind(engine2, fingerprint(loaded))
+        opened = store2.open_session("report")
+        resumed = turn(engine2, opened.conversation, "And one more thing about the moon?")
+        row.update(loaded=opened.loaded_tokens, resume_prefilled=resumed.prefilled, resume_ttft_ms=resumed.ttft_ms)
+        store2.close()
+    return row
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(2)
+    print("| family | tokens | turn 10 prefilled (reuse / no reuse) | turn 10 TTFT ms (reuse / no reuse) | "
+          "resume loaded / prefilled | KV per token in memory | fixed state (x checkpoints) | on disk per token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in names or list(FAMILIES):
+        r = measure(name)
+        print(f"| {r['family']} | {r['tokens']} | {r['prefilled']} / {r['prefilled_no_reuse']} | "
+              f"{r['ttft_ms']:.1f} / {r['ttft_ms_no_reuse']:.1f} | {r['loaded']} / {r['resume_prefilled']} | "
+              f"{human(r['memory_per_token'])} | {human(r['state'])} (x {r['checkpoints']}) | "
+              f"{human(r['disk_per_token'])} |" + (f" fallback: {r['fallback']}" if r["fallback"] else ""),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
