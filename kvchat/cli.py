@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed")
     parser.add_argument("--max-new-tokens", dest="max_new_tokens")
     parser.add_argument("--prefill-chunk", dest="prefill_chunk", help="tokens per prefill forward pass")
+    parser.add_argument("--window-cache", dest="window_cache",
+                        help="sliding-window layers: 'full' keeps every token (cut anywhere), 'window' only the window")
     parser.add_argument("--max-context", dest="max_context",
                         help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
@@ -68,7 +70,7 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir")
+             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir")
 
 
 def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
@@ -98,7 +100,7 @@ def load_engine(settings: Settings) -> Engine:
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
-                  max_context=settings.max_context)
+                  max_context=settings.max_context, window_cache=settings.window_cache)
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -249,14 +251,14 @@ def cache_command(argv: list[str]) -> int:
 
 def info_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
-    for flag in ("--model", "--device", "--dtype", "--max-context"):
+    for flag in ("--model", "--device", "--dtype", "--max-context", "--window-cache"):
         parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context"))
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context", "window_cache"))
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    shape = memory.model_shape(loaded, settings.max_context, kv.layout(loaded.model, loaded.device))
+    shape = memory.model_shape(loaded, settings.max_context, kv.layout(loaded.model, loaded.device, settings.window_cache))
     for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS):
         print(line)
     warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)

@@ -35,6 +35,7 @@ class Settings:
     dtype: str = "auto"
     system: str | None = None
     prefill_chunk: int = 512
+    window_cache: str = "full"  # sliding-window layers: "full" keeps every token, "window" only the window
     max_context: int | None = None  # None: the model's own maximum
     reuse: bool = True
     stats: bool = False
@@ -107,6 +108,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "dtype": _choice(DTYPES),
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
+    "window_cache": _choice(("full", "window")),
     "max_context": _optional(_number(int, 16)),
     "reuse": _boolean,
     "stats": _boolean,

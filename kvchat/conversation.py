@@ -125,7 +125,7 @@ class Conversation:
                 self.drop_cache()
                 return 0
             point = usable[-1]
-            kv.import_state(self.cache, point.state)
+            kv.import_state(self.cache, point.state, point.tokens)
             n = point.tokens
             self.checkpoints = [c for c in self.checkpoints if c.tokens <= n]
             if point.logits is not None:

@@ -101,7 +101,8 @@ class Engine:
     """Runs turns of a `Conversation` on one loaded model."""
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
-                 prefix_source: PrefixSource | None = None, max_context: int | None = None):
+                 prefix_source: PrefixSource | None = None, max_context: int | None = None,
+                 window_cache: str = kv.WINDOWS_FULL):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -117,6 +118,7 @@ class Engine:
         self.stop_ids = stop_token_ids(loaded)
         self._cache_kwarg = kv.cache_kwarg(self.model)
         self.stepwise = kv.stepwise_continuation(self.model)
+        self.window_cache = window_cache  # how sliding-window layers are kept (kv.WINDOWS_FULL or WINDOWS_ONLY)
         self._system_prefixes: dict[str | None, list[int]] = {}
         self._layout: kv.Layout | None = None
 
@@ -124,7 +126,7 @@ class Engine:
     def layout(self) -> kv.Layout:
         """What the model's cache keeps per token and as state (one probe forward pass, on first use)."""
         if self._layout is None:
-            self._layout = kv.layout(self.model, self.device)
+            self._layout = kv.layout(self.model, self.device, self.window_cache)
         return self._layout
 
     # -- rendering ---------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class Engine:
                 if keep < loaded:
                     conv.truncate(keep)
         if conv.cache is None:
-            conv.cache = kv.new_cache(self.model)
+            conv.cache = kv.new_cache(self.model, self.window_cache)
         conv.check()
         loaded, conv.restored = max(loaded, conv.restored), 0
         return keep, fallback, min(loaded, keep)

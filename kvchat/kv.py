@@ -5,10 +5,12 @@ and a layer type it does not know answers no to everything (the turn then prefil
 
 - attention: keys/values [batch, kv_heads, seq, head_dim] per token (keys and values may differ in width,
   as in multi-head latent attention); cut back to any length, export/import the KV of tokens [a, b).
-  Sliding-window and chunked layers are kept whole here: the attention mask applies the window, so
-  they can be cut and saved like full attention (at the memory cost of full attention).
+  Sliding-window and chunked layers are kept whole by default (WINDOWS_FULL): the attention mask applies
+  the window, so they can be cut and saved like full attention (at the memory cost of full attention).
 - state: a fixed-size conv/recurrent state (Mamba, linear attention, short convolutions) that cannot be
   cut back; it is snapshotted, and a snapshot restored, at the positions a chat returns to.
+- window: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
+  layer) and is handled like a state: snapshotted and restored, never cut.
 - attention+state: both in one layer (Falcon-H1).
 - none: layers that hold nothing (KV-sharing consumers, MLP-only layers).
 
@@ -99,11 +101,12 @@ class GrowableLayer(DynamicLayer):
 
 
 # What each layer type kvchat knows can do. Exact types only: a subclass may keep more state than its base.
-ATTENTION, STATE, BOTH, NONE = "attention", "state", "attention+state", "none"
+ATTENTION, STATE, BOTH, WINDOW, NONE = "attention", "state", "attention+state", "window", "none"
 _KINDS: dict[type, str] = {
     GrowableLayer: ATTENTION,
     DynamicLayer: ATTENTION,
     DynamicIndexedLayer: ATTENTION,  # sparse-attention indexer keys are cut and saved with the KV
+    DynamicSlidingWindowLayer: WINDOW,
     LinearAttentionLayer: STATE,
     LinearAttentionAndFullAttentionLayer: BOTH,
     DummyLayer: NONE,
@@ -114,8 +117,13 @@ _KINDS: dict[type, str] = {
 _STEPWISE_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba", "recurrent_gemma"})
 
 
+# How sliding-window layers are kept: every token (cut anywhere, saved per token, memory of full attention),
+# or only the window (memory bounded by the window, snapshotted at checkpoints like recurrent state).
+WINDOWS_FULL, WINDOWS_ONLY = "full", "window"
+
+
 def kind(layer: Any) -> str | None:
-    """What `layer` holds (ATTENTION, STATE, BOTH, NONE), or None for a type kvchat does not know."""
+    """What `layer` holds (ATTENTION, STATE, BOTH, WINDOW, NONE), or None for a type kvchat does not know."""
     return _KINDS.get(type(layer))
 
 
@@ -124,15 +132,17 @@ def _has_kv(layer: Any) -> bool:
 
 
 def _has_state(layer: Any) -> bool:
-    return kind(layer) in (STATE, BOTH)
+    return kind(layer) in (STATE, BOTH, WINDOW)
 
 
-def new_cache(model: Any) -> Cache:
-    """An empty cache laid out for `model`: growable attention layers (sliding-window ones kept whole)."""
+def new_cache(model: Any, windows: str = WINDOWS_FULL) -> Cache:
+    """An empty cache laid out for `model`: growable attention layers; sliding-window ones kept whole, or with
+    `windows=WINDOWS_ONLY` transformers' own window-only layers."""
+    assert windows in (WINDOWS_FULL, WINDOWS_ONLY), f"unknown windows mode {windows!r}"
     cache = DynamicCache(config=model.config)
+    grow = (DynamicLayer, DynamicSlidingWindowLayer) if windows == WINDOWS_FULL else (DynamicLayer,)
     if cache.layers:
-        cache.layers = [GrowableLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
-                        for layer in cache.layers]
+        cache.layers = [GrowableLayer() if type(layer) in grow else layer for layer in cache.layers]
     else:  # no per-layer layout known: layers are created on first use
         cache.layer_class_to_replicate = GrowableLayer
     return cache
@@ -160,15 +170,20 @@ def unsupported(cache: Cache) -> str | None:
     return None
 
 
+def _counts_tokens(layer: Any) -> bool:
+    return kind(layer) in (ATTENTION, BOTH, WINDOW)
+
+
 def _layer_length(layer: Any) -> int:
-    if not _has_kv(layer) or not getattr(layer, "is_initialized", False):
+    """Tokens a layer has taken in (a window layer's count goes on past its window)."""
+    if not _counts_tokens(layer) or not getattr(layer, "is_initialized", False):
         return 0
     return layer.get_seq_length()
 
 
 def tracks_length(cache: Cache) -> bool:
-    """Whether some layer holds per-token KV, so that the cache itself knows how many tokens it holds."""
-    return any(_has_kv(layer) for layer in cache.layers)
+    """Whether some layer counts the tokens it took in, so that the cache itself knows how many it holds."""
+    return any(_counts_tokens(layer) for layer in cache.layers)
 
 
 def has_state(cache: Cache) -> bool:
@@ -182,15 +197,16 @@ def length(cache: Cache) -> int:
 
 
 def layer_lengths(cache: Cache) -> list[int]:
-    """Tokens held by each attention layer; they differ only while a forward pass is cut short."""
-    return [_layer_length(layer) for layer in cache.layers if _has_kv(layer)]
+    """Tokens taken in by each attention layer; they differ only while a forward pass is cut short."""
+    return [_layer_length(layer) for layer in cache.layers if _counts_tokens(layer)]
 
 
 def truncate(cache: Cache, n: int) -> None:
-    """Keep only the first `n` tokens of every attention layer (state layers are the caller's business)."""
+    """Keep only the first `n` tokens of every attention layer (state and window layers are the caller's
+    business: restored from a checkpoint)."""
     assert unsupported(cache) is None, "truncate() called on a cache with layers kvchat does not know"
     for layer in cache.layers:
-        extra = _layer_length(layer) - n
+        extra = (_layer_length(layer) if _has_kv(layer) else 0) - n
         if extra > 0:
             DynamicLayer.crop(layer, -extra) if type(layer) is LinearAttentionAndFullAttentionLayer \
                 else layer.crop(-extra)
@@ -201,7 +217,7 @@ def nbytes(cache: Cache) -> int:
     total = 0
     for layer in cache.layers:
         tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")]
-        if _has_state(layer):
+        if kind(layer) in (STATE, BOTH):
             tensors += list(layer.conv_states.values()) + list(layer.recurrent_states.values())
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
@@ -232,13 +248,20 @@ def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
 
 
 def export_state(cache: Cache, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
-    """Copies of every conv/recurrent state, named 'L.conv.S' / 'L.recurrent.S' (shapes as the layer keeps them).
+    """Copies of every conv/recurrent state, named 'L.conv.S' / 'L.recurrent.S' (shapes as the layer keeps them),
+    and of window-only layers' tokens ('L.window_keys' / 'L.window_values').
 
     `device=None` keeps each copy where it is (an in-memory snapshot); "cpu" is for saving.
     """
     tensors = {}
     for i, layer in enumerate(cache.layers):
         if not _has_state(layer):
+            continue
+        if kind(layer) == WINDOW:  # its last window-1 tokens, [1, kv_heads, m, head_dim]
+            if layer.is_initialized and layer.keys.numel():
+                for part, tensor in (("window_keys", layer.keys), ("window_values", layer.values)):
+                    copy = tensor.detach().clone() if device is None else tensor.detach().to(device, copy=True)
+                    tensors[f"{i}.{part}"] = copy.contiguous()
             continue
         for s in range(layer.number_of_states):
             if not layer.has_previous_state[s]:
@@ -250,8 +273,10 @@ def export_state(cache: Cache, device: torch.device | str | None = "cpu") -> dic
     return tensors
 
 
-def import_state(cache: Cache, tensors: dict[str, torch.Tensor], devices: list[torch.device] | None = None) -> None:
-    """Put states from `export_state` back into the cache's state layers (copied; `tensors` stay usable).
+def import_state(cache: Cache, tensors: dict[str, torch.Tensor], tokens: int,
+                 devices: list[torch.device] | None = None) -> None:
+    """Put states from `export_state`, taken after `tokens` tokens, back into the cache's state and window layers
+    (copied; `tensors` stay usable).
 
     Any state the snapshot does not hold is cleared, so the layer is exactly as it was when snapshotted.
     """
@@ -259,6 +284,16 @@ def import_state(cache: Cache, tensors: dict[str, torch.Tensor], devices: list[t
         if not _has_state(layer):
             continue
         device = devices[i] if devices and i < len(devices) else None
+        if kind(layer) == WINDOW:
+            keys, values = tensors.get(f"{i}.window_keys"), tensors.get(f"{i}.window_values")
+            if keys is None or values is None:
+                layer.reset()
+                continue
+            target = device or (layer.keys.device if layer.is_initialized else keys.device)
+            layer.lazy_initialization(keys.to(target), values.to(target))
+            layer.keys, layer.values = keys.to(target, copy=True), values.to(target, copy=True)
+            layer.cumulative_length = tokens
+            continue
         for s in range(layer.number_of_states):
             held = False
             for part, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
@@ -288,6 +323,7 @@ class Layout:
     per_token: dict[str, tuple[int, ...]]  # 'L.keys' -> (kv_heads, dim): a stored piece is (kv_heads, n, dim)
     state: dict[str, tuple[int, ...]]  # 'L.conv.S' -> the state's full shape
     state_dtypes: dict[str, torch.dtype]
+    windows: dict[str, tuple[int, int, int]]  # 'L.window_keys' -> (kv_heads, dim, window) of a window-only layer
     kinds: list[str | None]
     logits_shape: tuple[int, ...] = ()  # next-token logits [vocab], kept with a prompt's checkpoint
     logits_dtype: torch.dtype = torch.float32
@@ -303,17 +339,26 @@ class Layout:
 
     @property
     def has_state(self) -> bool:
-        return bool(self.state)
+        return bool(self.state or self.windows)
 
-    def state_bytes(self) -> int:
+    def state_shapes(self, tokens: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of a snapshot taken after `tokens` tokens (window-only layers hold up to window-1 of them)."""
+        shapes = dict(self.state)
+        for name, (heads, dim, window) in self.windows.items():
+            shapes[name] = (1, heads, min(tokens, window - 1), dim)
+        return shapes
+
+    def state_bytes(self, tokens: int | None = None) -> int:
+        """Bytes of a snapshot after `tokens` tokens (None: once every window is full)."""
+        shapes = self.state_shapes(tokens if tokens is not None else 1 << 62)
         return sum(int(torch.tensor(shape).prod()) * torch.empty((), dtype=self.state_dtypes[name]).element_size()
-                   for name, shape in self.state.items())
+                   for name, shape in shapes.items())
 
 
 @torch.inference_mode()
-def layout(model: Any, device: torch.device) -> Layout:
+def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Layout:
     """Run one token through a fresh cache and record what each layer keeps."""
-    cache = new_cache(model)
+    cache = new_cache(model, windows)
     logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
                    logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
     per_token = {}
@@ -321,7 +366,10 @@ def layout(model: Any, device: torch.device) -> Layout:
         per_token[name] = tuple(tensor.shape[1:]) if name.endswith(".indexer_keys") else \
             (tensor.shape[0], tensor.shape[2])
     states = export_state(cache, device=None)
-    return Layout(per_token=per_token, state={k: tuple(v.shape) for k, v in states.items()},
+    window_dims = {name: (tensor.shape[1], tensor.shape[3], cache.layers[int(name.split(".")[0])].sliding_window)
+                   for name, tensor in states.items() if ".window_" in name}
+    return Layout(per_token=per_token, windows=window_dims,
+                  state={k: tuple(v.shape) for k, v in states.items() if k not in window_dims},
                   state_dtypes={k: v.dtype for k, v in states.items()},
                   kinds=[kind(layer) for layer in cache.layers], logits_shape=tuple(logits.shape),
                   logits_dtype=logits.dtype)
@@ -336,11 +384,12 @@ def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
 
 
 def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device,
-            state: dict[str, torch.Tensor] | None = None) -> Cache:
-    """A cache for `model` holding the concatenation of exported `pieces` (in order) and the exported `state`,
-    each layer on its device. Each layer's pieces are copied once, straight into a buffer with room to grow.
+            state: dict[str, torch.Tensor] | None = None, tokens: int = 0, windows: str = WINDOWS_FULL) -> Cache:
+    """A cache for `model` holding the concatenation of exported `pieces` (in order) and the exported `state`
+    (taken after `tokens` tokens), each layer on its device. Each layer's pieces are copied once, straight into
+    a buffer with room to grow.
     """
-    cache = new_cache(model)
+    cache = new_cache(model, windows)
     devices = _layer_devices(model, device)
     for i, layer in enumerate(cache.layers):
         target = devices[i] if i < len(devices) else device
@@ -356,5 +405,5 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
         if isinstance(layer, DynamicIndexedLayer) and f"{i}.indexer_keys" in pieces[0]:
             layer.update_indexer(torch.cat([p[f"{i}.indexer_keys"] for p in pieces], dim=0).unsqueeze(0).to(target))
     if state:
-        import_state(cache, state, devices)
+        import_state(cache, state, tokens, devices)
     return cache

@@ -22,6 +22,7 @@ class KVShape:
     measured_per_token: int | None = None  # per-token bytes as the running model keeps them, when not uniform
     state_bytes: int = 0  # fixed conv/recurrent state of a conversation (one checkpoint is a copy of it)
     state_layers: int = 0
+    window_layers: int = 0  # sliding-window layers kept window-only (their window counts as state)
     sliding_layers: int = 0  # attention layers with a window, kept whole by kvchat
     window: int | None = None
 
@@ -78,6 +79,7 @@ def model_shape(loaded: Any, context: int | None, layout: Any) -> KVShape:
         measured_per_token=None if uniform else layout.bytes_per_token(loaded.dtype),
         state_bytes=layout.state_bytes(),
         state_layers=len({name.split(".")[0] for name in layout.state}),
+        window_layers=len({name.split(".")[0] for name in layout.windows}),
         sliding_layers=sum(1 for i, t in enumerate(types)
                            if i in kv_layers and t in ("sliding_attention", "chunked_attention")),
         window=window,
@@ -131,7 +133,7 @@ def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype, checkpo
             f"{shape.dtype_bytes} bytes = {shape.bytes_per_token:,} B ({human(shape.bytes_per_token)})",
         ]
     elif not shape.layers:
-        lines.append("KV bytes per token: 0 (no attention layer: the cache does not grow with the conversation)")
+        lines.append("KV bytes per token: 0 (no layer keeps every token: the cache does not grow with the conversation)")
     else:
         lines.append(f"KV bytes per token: {shape.bytes_per_token:,} B ({human(shape.bytes_per_token)}) over "
                      f"{shape.layers} layers with KV (widths differ per layer or between keys and values; measured)")
@@ -142,9 +144,12 @@ def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype, checkpo
                                    + shape.sliding_layers * min(shape.window or 0, shape.context))
         lines.append(f"{shape.sliding_layers} of those layers attend within a window of {shape.window} tokens; kvchat "
                      "keeps every token in them (the mask applies the window) so that they can be cut back and saved "
-                     f"exactly; a window-only cache would hold {human(window_only)} at the full context")
-    if shape.state_layers:
-        lines.append(f"recurrent/conv state: {human(shape.state_bytes)} in {shape.state_layers} layers, fixed whatever "
+                     f"exactly; a window-only cache (--window-cache window) would hold {human(window_only)} at the full context")
+    if shape.state_layers or shape.window_layers:
+        kinds = " and ".join(k for k, n in (("recurrent/conv state", shape.state_layers),
+                                             ("window-only sliding layers", shape.window_layers)) if n)
+        layers = shape.state_layers + shape.window_layers
+        lines.append(f"{kinds}: {human(shape.state_bytes)} in {layers} layers, fixed whatever "
                      f"the length; each checkpoint is a copy ({human(shape.state_bytes)}), up to {checkpoints} kept "
                      f"in memory: {human(shape.state_bytes * (1 + checkpoints))} in all")
     lines += [

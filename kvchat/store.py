@@ -95,7 +95,12 @@ class Store:
         self._locks: dict[str, int] = {}
 
     def bind(self, engine: Any, fingerprint: str) -> "Store":
-        """Attach the engine (model) whose KV this store reads and writes."""
+        """Attach the engine (model) whose KV this store reads and writes.
+
+        Window-only sliding layers store other tensors than whole ones: a model run that way is another model.
+        """
+        if engine.layout.windows:
+            fingerprint = f"{fingerprint}+windows"
         self.engine, self.fingerprint = engine, fingerprint
         return self
 
@@ -155,7 +160,7 @@ class Store:
         if entry.get("key") != key or entry.get("tokens") != len(ids):
             raise DamagedKV("a state entry does not match the token ids")
         layout = self.engine.layout
-        shapes, dtypes = dict(layout.state), dict(layout.state_dtypes)
+        shapes, dtypes = layout.state_shapes(len(ids)), dict(layout.state_dtypes)
         shapes["logits"], dtypes["logits"] = layout.logits_shape, layout.logits_dtype
         tensors = kvfile.read(self._state_path(key, owner), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
                               shapes, dtypes, optional=frozenset({"logits"}))
@@ -251,7 +256,8 @@ class Store:
                 continue  # never used; a shorter candidate may still be intact
             if entry is not None:
                 self._touch(*entry)
-            return length, kv.restore(self.engine.model, pieces, self.engine.device, state)
+            return length, kv.restore(self.engine.model, pieces, self.engine.device, state, length,
+                                      self.engine.window_cache)
         return None
 
     @staticmethod
@@ -343,7 +349,8 @@ class Store:
         except DamagedKV as exc:
             return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
                           existed=True)
-        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device, state)
+        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device, state, len(ids),
+                                self.engine.window_cache)
         conv.token_ids = list(ids)
         conv.restored = len(ids)
         for entry in entries:  # earlier checkpoints: /undo and /retry come back to them

@@ -54,9 +54,20 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+SLIDING = ("mistral", "gemma3", "gpt-oss", "gemma3n")  # families with sliding-window layers
+
+
+def window_cache(loaded: LoadedModel) -> str:
+    """How an engine for `loaded` keeps sliding-window layers: "window" for a family named 'NAME:window'."""
+    return "window" if loaded.name.endswith(":window") else "full"
+
+
 def make_family(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> LoadedModel:
-    """A tiny random model of family `name` with the tests' byte-level ChatML tokenizer."""
-    model_type, overrides = FAMILIES[name]
+    """A tiny random model of family `name` with the tests' byte-level ChatML tokenizer.
+
+    'NAME:window' is the same model, to be run with window-only sliding layers (see `window_cache`).
+    """
+    model_type, overrides = FAMILIES[name.split(":")[0]]
     tok = make_tokenizer()
     settings = {key: value for key, value in {**_COMMON, **overrides}.items() if value is not None}
     if model_type == "gemma3n_text":

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from families import FAMILIES, make_family  # noqa: E402
+from families import FAMILIES, SLIDING, make_family, window_cache  # noqa: E402
 
 from kvchat import kv  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
@@ -41,10 +41,10 @@ def measure(name: str) -> dict:
     loaded = make_family(name, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as root:
         store = Store(Path(root))
-        engine = Engine(loaded)
+        engine = Engine(loaded, window_cache=window_cache(loaded))
         store.bind(engine, fingerprint(loaded))
         engine.prefix_source = store.longest_prefix
-        baseline = Engine(loaded, reuse=False)
+        baseline = Engine(loaded, reuse=False, window_cache=window_cache(loaded))
         persister = Persister(store, session="report")
         conv, plain = Conversation.start(SYSTEM), Conversation.start(SYSTEM)
         for topic in TOPICS:
@@ -53,7 +53,7 @@ def measure(name: str) -> dict:
             without = turn(baseline, plain, text)
             persister.after_turn(conv)
         tokens = len(conv.token_ids)
-        state = kv.nbytes(conv.cache) - kv.length(conv.cache) * engine.layout.bytes_per_token(loaded.dtype)
+        state = engine.layout.state_bytes(tokens)
         row = {
             "family": name, "tokens": tokens,
             "prefilled": with_reuse.prefilled, "prefilled_no_reuse": without.prefilled,
@@ -65,7 +65,7 @@ def measure(name: str) -> dict:
         }
         store.close()
         store2 = Store(Path(root))
-        engine2 = Engine(loaded)
+        engine2 = Engine(loaded, window_cache=window_cache(loaded))
         store2.bind(engine2, fingerprint(loaded))
         opened = store2.open_session("report")
         resumed = turn(engine2, opened.conversation, "And one more thing about the moon?")
@@ -79,7 +79,7 @@ def main(names: list[str]) -> None:
     print("| family | tokens | turn 10 prefilled (reuse / no reuse) | turn 10 TTFT ms (reuse / no reuse) | "
           "resume loaded / prefilled | KV per token in memory | fixed state (x checkpoints) | on disk per token |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in names or list(FAMILIES):
+    for name in names or list(FAMILIES) + [f"{name}:window" for name in SLIDING]:
         r = measure(name)
         print(f"| {r['family']} | {r['tokens']} | {r['prefilled']} / {r['prefilled_no_reuse']} | "
               f"{r['ttft_ms']:.1f} / {r['ttft_ms_no_reuse']:.1f} | {r['loaded']} / {r['resume_prefilled']} | "

@@ -19,7 +19,7 @@ from kvchat.conversation import MAX_CHECKPOINTS, Conversation
 from kvchat.engine import Engine, TurnEnd, common_prefix
 from kvchat.model import fingerprint
 from kvchat.store import Persister, Store
-from families import FAMILIES, make_family
+from families import FAMILIES, SLIDING, make_family, window_cache
 from reference import greedy_without_cache
 
 GREEDY = Sampling(temperature=0, max_new_tokens=8)
@@ -39,14 +39,18 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(store_module, "CHUNK_TOKENS", 16)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(FAMILIES) + [f"{name}:window" for name in SLIDING])
 def family(request):
     return make_family(request.param)
 
 
+def new_engine(loaded, **kwargs):
+    return Engine(loaded, window_cache=window_cache(loaded), **kwargs)
+
+
 def engine_with_store(loaded, root, **engine_kwargs):
     store = Store(root)
-    engine = Engine(loaded, **engine_kwargs)
+    engine = new_engine(loaded, **engine_kwargs)
     store.bind(engine, fingerprint(loaded))
     engine.prefix_source = store.longest_prefix
     return engine, store
@@ -150,7 +154,7 @@ def test_retry_right_after_a_resume_is_exact(family, tmp_path):
 
 
 def test_a_context_drop_reuses_the_system_prompt(family):
-    engine = Engine(family, max_context=120)
+    engine = new_engine(family, max_context=120)
     conv = Conversation.start(SYSTEM)
     drops = 0
     for text in MESSAGES:
@@ -173,10 +177,10 @@ def test_a_new_conversation_starts_from_the_stored_system_prompt(family, tmp_pat
 
 def test_info_arithmetic_matches_what_a_forward_pass_keeps(family):
     """KV bytes per token and the fixed state size in `kvchat info` equal what the cache really holds."""
-    shape = memory.model_shape(family, None, kv.layout(family.model, family.device))
+    shape = memory.model_shape(family, None, kv.layout(family.model, family.device, window_cache(family)))
     sizes = []
     for n in (20, 30):
-        cache = kv.new_cache(family.model)
+        cache = kv.new_cache(family.model, window_cache(family))
         with torch.inference_mode():
             family.model(input_ids=torch.arange(5, 5 + n)[None], use_cache=True,
                          **{kv.cache_kwarg(family.model): cache})
@@ -184,9 +188,9 @@ def test_info_arithmetic_matches_what_a_forward_pass_keeps(family):
     assert shape.bytes_per_token == (sizes[1] - sizes[0]) // 10
     assert shape.state_bytes == sizes[0] - 20 * shape.bytes_per_token
     lines = "\n".join(memory.info_lines(shape, family.device, family.dtype, MAX_CHECKPOINTS))
-    assert f"{shape.bytes_per_token:,} B" in lines or "no attention layer" in lines
+    assert f"{shape.bytes_per_token:,} B" in lines or "no layer keeps every token" in lines
     if shape.state_bytes:
-        assert "recurrent/conv state" in lines
+        assert "recurrent/conv state" in lines or "window-only sliding layers" in lines
 
 
 THINKING_CHATML = (
@@ -206,7 +210,7 @@ def test_a_template_that_strips_past_think_blocks_stays_exact_and_cheap_on_a_hyb
     message (the checkpoint before the reply header is restored), never the conversation."""
     loaded = make_family(name)
     loaded.tokenizer.chat_template = THINKING_CHATML
-    engine = Engine(loaded)
+    engine = new_engine(loaded)
     conv = Conversation.start(SYSTEM)
     for turn, text in enumerate(MESSAGES):
         before = list(conv.token_ids)
@@ -222,7 +226,7 @@ def test_jamba_continues_its_recurrent_state_one_token_at_a_time():
     """Jamba's multi-token pass starts its selective scan from zero: after the first turn every prefilled token
     goes through the model alone, and the replies stay exact."""
     loaded = make_family("jamba")
-    engine = Engine(loaded, prefill_chunk=64)
+    engine = new_engine(loaded, prefill_chunk=64)
     assert engine.stepwise
     widths = []
 
@@ -300,3 +304,26 @@ def test_a_hybrid_session_resumed_by_a_new_run_matches_a_straight_run(monkeypatc
     code, out, _ = run_cli(monkeypatch, capsys, ["info", "--model", str(hybrid_model_dir)])
     state = kv.layout(make_family("qwen3.5", dtype=torch.float32).model, torch.device("cpu")).state_bytes()
     assert code == 0 and f"recurrent/conv state: {memory.human(state)} in 3 layers" in out
+
+
+def test_window_cache_setting_from_the_command_line(monkeypatch, capsys, tmp_path):
+    loaded = make_family("gemma3", dtype=torch.float32)
+    model_dir = tmp_path / "gemma3"
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    code, out, _ = run_cli(monkeypatch, capsys, ["info", "--model", str(model_dir)])
+    assert code == 0 and "a window-only cache (--window-cache window) would hold" in out
+    code, out, _ = run_cli(monkeypatch, capsys, ["info", "--model", str(model_dir), "--window-cache", "window"])
+    assert code == 0 and "window-only sliding layers" in out and "layers with KV: 1," in out
+    code, _, err = run_cli(monkeypatch, capsys, ["info", "--model", str(model_dir), "--window-cache", "half"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "invalid --window-cache" in err
+
+    # A session saved with whole windows is another format for a window-only run: rebuilt from its text.
+    chat = ["--model", str(model_dir), "--temperature", "0", "--max-new-tokens", "6", "--stats",
+            "--sessions-dir", str(tmp_path / "sessions"), "--session", "g"]
+    assert run_cli(monkeypatch, capsys, chat + ["-p", MESSAGES[0]])[0] == 0
+    code, _, err = run_cli(monkeypatch, capsys, chat + ["--window-cache", "window", "-p", MESSAGES[1]])
+    assert code == 0 and "another model or format" in err
+    code, _, err = run_cli(monkeypatch, capsys, chat + ["--window-cache", "window", "-p", MESSAGES[2]])
+    record = json.loads(err.strip().splitlines()[-1])
+    assert code == 0 and record["loaded"] == record["reused"] > 0 and record["fallback"] is None

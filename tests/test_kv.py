@@ -40,7 +40,7 @@ class UnknownLayer(DynamicLayer):
 
 
 def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reuse(tiny, monkeypatch):
-    def cache_with_an_unknown_layer(model):
+    def cache_with_an_unknown_layer(model, windows=kv.WINDOWS_FULL):
         cache = DynamicCache(config=model.config)
         cache.layers = [kv.GrowableLayer(), UnknownLayer()]
         return cache
