@@ -258,7 +258,11 @@ def info_command(argv: list[str]) -> int:
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context", "window_cache"))
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
-    shape = memory.model_shape(loaded, settings.max_context, kv.layout(loaded.model, loaded.device, settings.window_cache))
+    try:
+        layout = kv.layout(loaded.model, loaded.device, settings.window_cache)
+    except kv.Unsupported as exc:
+        raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
+    shape = memory.model_shape(loaded, settings.max_context, layout)
     for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS):
         print(line)
     warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)

@@ -120,14 +120,10 @@ class Engine:
         self.stepwise = kv.stepwise_continuation(self.model)
         self.window_cache = window_cache  # how sliding-window layers are kept (kv.WINDOWS_FULL or WINDOWS_ONLY)
         self._system_prefixes: dict[str | None, list[int]] = {}
-        self._layout: kv.Layout | None = None
-
-    @property
-    def layout(self) -> kv.Layout:
-        """What the model's cache keeps per token and as state (one probe forward pass, on first use)."""
-        if self._layout is None:
-            self._layout = kv.layout(self.model, self.device, self.window_cache)
-        return self._layout
+        try:  # what the cache keeps per token and as state: one probe forward pass
+            self.layout = kv.layout(self.model, self.device, self.window_cache)
+        except kv.Unsupported as exc:
+            raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
 
     # -- rendering ---------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ _KINDS: dict[type, str] = {
 
 # Model types whose forward pass starts a multi-token chunk from a zero recurrent state (or pads its
 # conv with zeros) instead of continuing the cached one: exact only when continued one token at a time.
-_STEPWISE_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba", "recurrent_gemma"})
+_STEPWISE_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba"})
 
 
 # How sliding-window layers are kept: every token (cut anywhere, saved per token, memory of full attention),
@@ -235,6 +235,11 @@ def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
     The cache's own dtype is kept, so a restore is bit-exact.
     """
     assert can_export(cache), "export() called on a cache that cannot be saved exactly"
+    return _export_known(cache, start, end)
+
+
+def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
+    """`export` of the layers whose kind is known (all of them, once `can_export` holds)."""
     tensors = {}
     for i, layer in enumerate(cache.layers):
         if not _has_kv(layer) or not layer.is_initialized or layer.keys.numel() == 0:
@@ -355,14 +360,34 @@ class Layout:
                    for name, shape in shapes.items())
 
 
+class Unsupported(Exception):
+    """A model whose cache kvchat cannot keep exactly (the message says why)."""
+
+
 @torch.inference_mode()
 def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Layout:
-    """Run one token through a fresh cache and record what each layer keeps."""
+    """Run one token through a fresh cache and record what each layer keeps.
+
+    Raises Unsupported for a model that will not take transformers' dynamic cache (it needs a cache class of
+    its own), that keeps nothing in it, or that keeps its recurrent state somewhere else (on its modules).
+    """
     cache = new_cache(model, windows)
-    logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
-                   logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
+    try:
+        logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
+                       logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise Unsupported(f"its forward pass does not take kvchat's cache ({type(exc).__name__}: {exc})") from None
+    held = [kind(layer) for layer in cache.layers if kind(layer) in (ATTENTION, BOTH, WINDOW)
+            and layer.is_initialized and layer.keys is not None and layer.keys.numel()]
+    stateless = [i for i, layer in enumerate(cache.layers)
+                 if kind(layer) in (STATE, BOTH) and not any(layer.has_previous_state.values())]
+    if stateless:
+        raise Unsupported(f"it keeps the recurrent state of layer {stateless[0]} outside its cache, where kvchat "
+                          "cannot snapshot it")
+    if not held and not has_state(cache):
+        raise Unsupported("it keeps nothing in its cache (its forward pass ignores it)")
     per_token = {}
-    for name, tensor in export(cache, 0, 1).items():
+    for name, tensor in _export_known(cache, 0, 1).items():
         per_token[name] = tuple(tensor.shape[1:]) if name.endswith(".indexer_keys") else \
             (tensor.shape[0], tensor.shape[2])
     states = export_state(cache, device=None)

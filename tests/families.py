@@ -54,6 +54,17 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+# Models kvchat must refuse with a clear message: a cache class of their own (MiniMax, xLSTM), a forward pass
+# that ignores the cache (openai-gpt), recurrent state kept on the modules (RecurrentGemma).
+REFUSED: dict[str, tuple[str, dict]] = {
+    "minimax": ("minimax", dict(layer_types=["linear_attention", "full_attention"] * 2, num_local_experts=2,
+                                num_experts_per_tok=1)),
+    "xlstm": ("xlstm", dict(embedding_dim=64, num_heads=4, num_blocks=2)),
+    "openai-gpt": ("openai-gpt", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "recurrent-gemma": ("recurrent_gemma", dict(block_types=["recurrent", "attention"], attention_window_size=12,
+                                                lru_width=64)),
+}
+
 SLIDING = ("mistral", "gemma3", "gpt-oss", "gemma3n")  # families with sliding-window layers
 
 
@@ -67,7 +78,7 @@ def make_family(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
 
     'NAME:window' is the same model, to be run with window-only sliding layers (see `window_cache`).
     """
-    model_type, overrides = FAMILIES[name.split(":")[0]]
+    model_type, overrides = {**FAMILIES, **REFUSED}[name.split(":")[0]]
     tok = make_tokenizer()
     settings = {key: value for key, value in {**_COMMON, **overrides}.items() if value is not None}
     if model_type == "gemma3n_text":
