@@ -7,6 +7,7 @@ sparse-attention indexers. Every reply is checked against a cache-free greedy ru
 
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -319,3 +320,19 @@ def test_models_whose_cache_kvchat_cannot_keep_are_refused_in_one_line(name):
     with pytest.raises(KvchatError, match="kvchat cannot keep the cache of model") as refused:
         Engine(loaded)
     assert "\n" not in str(refused.value)
+
+
+def test_a_hybrid_session_resumes_in_a_new_process(hybrid_model_dir, tmp_path):
+    """Two separate `python -m kvchat` processes: the second loads the first's KV and recurrent state."""
+    import subprocess
+    import sys
+
+    chat = [sys.executable, "-m", "kvchat", "--model", str(hybrid_model_dir), "--temperature", "0",
+            "--max-new-tokens", "8", "--stats", "--sessions-dir", str(tmp_path / "sessions"), "--session", "p"]
+    env = {**os.environ, "KVCHAT_HOME": str(tmp_path / "home")}
+    first = subprocess.run(chat + ["-p", MESSAGES[0]], capture_output=True, text=True, env=env, timeout=120)
+    second = subprocess.run(chat + ["-p", MESSAGES[1]], capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    record = json.loads(second.stderr.strip().splitlines()[-1])
+    assert record["loaded"] == record["reused"] > 0 and record["fallback"] is None
+    assert record["prefilled"] <= len(MESSAGES[1]) + 12
