@@ -383,7 +383,7 @@ class Store:
             key = chunk_key(self.fingerprint, ids)
             if tail.get("key") != key:
                 raise DamagedKV("the tail does not match the token ids")
-            pieces.append(self._read_kv(self.tails / tail["file"], key, full, len(ids) - full))
+            pieces.append(self._read_kv(self._tail_path(name, key), key, full, len(ids) - full))
         return pieces
 
     def save_session(self, name: str, conv: Conversation) -> None:
@@ -401,7 +401,7 @@ class Store:
         if full < len(ids):
             key = chunk_key(self.fingerprint, ids)
             tail = {"key": key, "file": f"{name}-{key[:16]}.safetensors"}
-            path = self.tails / tail["file"]
+            path = self._tail_path(name, key)
             if not path.exists():
                 self._write_tail(path, conv.cache, key, full, len(ids))
         states = []
@@ -424,11 +424,21 @@ class Store:
             "chunks": chunks, "tail": tail, "states": states,
         }
         self.counters.add(atomic_write(self.manifest_path(name), json.dumps(manifest).encode()))
-        old_tail = (previous or {}).get("tail")
-        if old_tail and old_tail != tail:
-            (self.tails / old_tail["file"]).unlink(missing_ok=True)
+        old_tail = self._tail_file(name, previous)
+        if old_tail is not None and old_tail != self._tail_file(name, manifest):
+            old_tail.unlink(missing_ok=True)
         for path in self._state_files(name, previous) - self._state_files(name, manifest):
             path.unlink(missing_ok=True)  # this session's own copies (a fork keeps its own links)
+
+    def _tail_path(self, name: str, key: str) -> Path:
+        """Session `name`'s tail file for the tokens `key` hashes (never a name read from a manifest)."""
+        return self.tails / f"{check_name(name)}-{key[:16]}.safetensors"
+
+    def _tail_file(self, name: str, manifest: dict[str, Any] | None) -> Path | None:
+        """The tail a session's manifest lists, as a path built from its validated key, or None."""
+        tail = (manifest or {}).get("tail")
+        key = tail.get("key") if isinstance(tail, dict) else None
+        return self._tail_path(name, key) if isinstance(key, str) and KEY_PATTERN.fullmatch(key) else None
 
     def _state_files(self, name: str, manifest: dict[str, Any] | None) -> set[Path]:
         """The state files session `name`'s manifest lists (paths from validated keys only)."""
@@ -457,9 +467,8 @@ class Store:
                              "updated": path.stat().st_mtime, "damaged": True})
                 continue
             files = [self._chunk_path(key) for key in manifest.get("chunks", [])]
-            if manifest.get("tail"):
-                files.append(self.tails / manifest["tail"]["file"])
             if NAME_PATTERN.fullmatch(path.stem):
+                files += [tail for tail in [self._tail_file(path.stem, manifest)] if tail is not None]
                 files += self._state_files(path.stem, manifest)
             size = path.stat().st_size + sum(f.stat().st_size for f in files if f.exists())
             rows.append({"name": path.stem, "turns": manifest.get("turns", 0),
@@ -473,8 +482,9 @@ class Store:
         if manifest is None:
             raise StoreError(f"no session named '{name}' in {self.root}")
         self.lock(name)
-        if manifest.get("tail"):
-            (self.tails / manifest["tail"]["file"]).unlink(missing_ok=True)
+        tail = self._tail_file(name, manifest)
+        if tail is not None:
+            tail.unlink(missing_ok=True)
         for path in self._state_files(name, manifest):
             path.unlink(missing_ok=True)
         self.manifest_path(name).unlink()
@@ -492,8 +502,10 @@ class Store:
             except (OSError, ValueError):
                 continue
             chunks.update(manifest.get("chunks", []))
-            if manifest.get("tail"):
-                tails.add(manifest["tail"]["file"])
+            tail = self._tail_file(path.stem, manifest) if path.parent == self.root and \
+                NAME_PATTERN.fullmatch(path.stem) else None
+            if tail is not None:
+                tails.add(tail.name)
             shared = manifest.get("state")
             if isinstance(shared, dict):
                 states.add(f"{shared.get('key')}.safetensors")

@@ -414,3 +414,28 @@ def test_a_sessions_state_files_stay_few_are_linked_by_a_fork_and_go_with_it(hyb
     end = turn(engine2, opened.conversation, "One more, please.")
     assert end.stats.loaded == end.stats.reused > 0
     assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+
+
+def test_a_tail_file_named_in_a_manifest_never_reaches_outside_the_store(tiny, tmp_path):
+    """Regression: `tail.file` was opened, and deleted on the next save and by `sessions rm`, as written."""
+    root = tmp_path / "store"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    engine, store = make_engine(tiny, root)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES:  # until the session ends in a partial chunk, so that it has a tail
+        turn(engine, conv, text, Persister(store, "s"))
+        if len(conv.token_ids) % store_module.CHUNK_TOKENS:
+            break
+    store.close()
+    manifest = json.loads((root / "s.json").read_text())
+    assert manifest["tail"]
+    manifest["tail"]["file"] = "../../victim.txt"
+    (root / "s.json").write_text(json.dumps(manifest))
+
+    engine2, store2 = make_engine(tiny, root)
+    opened = store2.open_session("s")  # the tail is found by its key, not by the name written in the manifest
+    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)
+    turn(engine2, opened.conversation, "And another one?", Persister(store2, "s"))
+    store2.remove_session("s")
+    assert victim.read_text() == "keep me"
