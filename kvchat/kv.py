@@ -245,10 +245,11 @@ def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]
         if not _has_kv(layer) or not layer.is_initialized or layer.keys.numel() == 0:
             continue
         assert layer.keys.shape[0] == 1, "kvchat caches hold one sequence"
-        tensors[f"{i}.keys"] = layer.keys[0, :, start:end, :].to("cpu").contiguous()
-        tensors[f"{i}.values"] = layer.values[0, :, start:end, :].to("cpu").contiguous()
+        # Copies, never views: the live buffers are rewritten by later cuts and updates.
+        tensors[f"{i}.keys"] = layer.keys[0, :, start:end, :].to("cpu", copy=True).contiguous()
+        tensors[f"{i}.values"] = layer.values[0, :, start:end, :].to("cpu", copy=True).contiguous()
         if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
-            tensors[f"{i}.indexer_keys"] = layer.indexer_keys[0, start:end, :].to("cpu").contiguous()
+            tensors[f"{i}.indexer_keys"] = layer.indexer_keys[0, start:end, :].to("cpu", copy=True).contiguous()
     return tensors
 
 

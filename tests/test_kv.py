@@ -59,3 +59,15 @@ def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reus
     assert end.token_ids == greedy_without_cache(tiny.model, engine.render(history), 6, engine.stop_ids)
     assert not kv.can_export(conv.cache)
     assert conv.cut_to(3) == 0 and conv.cache is None  # never cut: forgotten
+
+
+def test_export_copies_so_later_cuts_and_updates_cannot_rewrite_it():
+    """Regression (issue 10): with one KV head a slice of the live buffer is contiguous, and was exported as a view."""
+    cache = DynamicCache()
+    cache.layers = [kv.GrowableLayer()]
+    cache.layers[0].update(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4))
+    exported = kv.export(cache, 0, 8)
+    kept = {name: tensor.clone() for name, tensor in exported.items()}
+    cache.layers[0].crop(-4)
+    cache.layers[0].update(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))  # rewrites positions 4..7
+    assert all(torch.equal(exported[name], kept[name]) for name in kept)
