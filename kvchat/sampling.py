@@ -18,7 +18,9 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """Pick one token id from `logits` [vocab]; returns a 1-element long tensor on the logits' device."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    scores = logits.float() / sampling.temperature
+    scores = logits.float()
+    # Relative to the best score, so that a tiny temperature gives 0 and -inf (greedy), never inf / inf = NaN.
+    scores = (scores - scores.max()) / sampling.temperature
     if 0 < sampling.top_k < scores.shape[-1]:
         kth_best = torch.topk(scores, sampling.top_k).values[-1]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))

@@ -38,3 +38,11 @@ def test_seed_makes_sampling_reproducible():
 
     assert draw() == draw()
     assert len(set(draw())) > 1
+
+
+def test_a_tiny_temperature_is_greedy_not_a_crash():
+    """Regression (issue 10): --temperature 1e-40 passed validation, then logits / T overflowed to NaN."""
+    for temperature in (1e-40, 1e-300):
+        sampling = Sampling(temperature=temperature, top_k=0, top_p=1.0, seed=1)
+        gen = make_generator(sampling, torch.device("cpu"))
+        assert {int(next_token(LOGITS, sampling, gen)) for _ in range(20)} == {1}
