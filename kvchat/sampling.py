@@ -7,6 +7,10 @@ import torch
 from kvchat.config import Sampling
 
 
+# Temperatures below this sample the best token anyway; dividing by them overflows float32 (inf / inf = NaN).
+GREEDY_BELOW = 1e-4
+
+
 def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
     """A seeded generator for reproducible sampling, or None to use torch's global RNG."""
     if sampling.seed is None or sampling.temperature == 0:
@@ -16,11 +20,10 @@ def make_generator(sampling: Sampling, device: torch.device) -> torch.Generator 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token id from `logits` [vocab]; returns a 1-element long tensor on the logits' device."""
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     scores = logits.float()
-    # Relative to the best score, so that a tiny temperature gives 0 and -inf (greedy), never inf / inf = NaN.
-    scores = (scores - scores.max()) / sampling.temperature
+    scores = (scores - scores.max()) / sampling.temperature  # relative to the best: no overflow to inf
     if 0 < sampling.top_k < scores.shape[-1]:
         kth_best = torch.topk(scores, sampling.top_k).values[-1]
         scores = scores.masked_fill(scores < kth_best, float("-inf"))
