@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,12 @@ class LoadedModel:
     name: str
     device: torch.device  # where input ids go (the embedding's device)
     dtype: torch.dtype
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def kvchat_home() -> Path:
@@ -132,8 +139,12 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
-    except OSError as exc:
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # a damaged .gguf raises any of these
         hf_logging.enable_progress_bar()
+        if "gguf_file" in extra:
+            raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
+        if not isinstance(exc, OSError):
+            raise
         if extra.get("local_files_only"):
             raise KvchatError(
                 f"model '{spec}' is neither a local directory nor in the local Hugging Face cache "

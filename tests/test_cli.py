@@ -119,3 +119,14 @@ def test_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run(monkeypatch, capsys, ["--model", str(tmp_path / "empty"), "-p", "hi"])
     assert code == 1 and "not a model directory" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, bytes(range(256)) * 20, b"GGUF\x03\x00\x00\x00" + b"\x01" * 40],
+                         ids=["empty", "zeros", "random", "truncated-header"])
+def test_a_damaged_gguf_file_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path, content):
+    """Regression (issue 10): a bad .gguf gave a 25-line traceback; every other bad model path gives one line."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(content)
+    code, out, err = run(monkeypatch, capsys, ["--model", str(path), "-p", "hi"])
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "not a usable GGUF file" in err
