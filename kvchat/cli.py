@@ -115,11 +115,26 @@ def read_stdin_text(stream: Any) -> str:
 
 
 def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], settings: Settings,
-              persister: Persister | None, out: TextIO, err: TextIO) -> None:
-    """Scripting mode: send each message, print only the replies to `out`, statistics to `err`."""
-    for text in messages:
+              persister: Persister | None, out: TextIO, err: TextIO,
+              line_numbers: list[int] | None = None) -> int:
+    """Scripting mode: send each message, print only the replies to `out`, statistics to `err`.
+
+    With `line_numbers` (--lines), a message that cannot be sent is reported with its line number and the
+    script goes on; returns how many were refused. Without, the first refusal raises.
+    """
+    refused = 0
+    for index, text in enumerate(messages):
         try:
-            for event in engine.send(conv, text, settings.sampling):
+            events = engine.send(conv, text, settings.sampling)
+        except InputError as exc:
+            if line_numbers is None:
+                raise
+            err.write(f"kvchat: line {line_numbers[index]}: {exc}; skipped\n")
+            err.flush()
+            refused += 1
+            continue
+        try:
+            for event in events:
                 if isinstance(event, Token):
                     out.write(event.text)
                     out.flush()
@@ -134,6 +149,7 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
         finally:
             if persister is not None:
                 persister.after_turn(conv)  # an interrupted turn is saved too: the conversation is consistent
+    return refused
 
 
 def stats_record(end: TurnEnd) -> dict[str, Any]:
@@ -151,18 +167,20 @@ def chat(argv: list[str]) -> int:
     if args.session is not None:
         store.lock(args.session)  # a second process on this session fails now, not after loading the model
     interactive = args.prompt is None and sys.stdin.isatty()
+    line_numbers: list[int] | None = None  # --lines: where each message stood in stdin
     if args.prompt is not None:
         messages = [args.prompt]
     elif not interactive:
         text = read_stdin_text(sys.stdin)
         if args.lines:
-            messages = [line.strip() for line in text.splitlines() if line.strip()]
+            numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            line_numbers, messages = [n for n, _ in numbered], [line for _, line in numbered]
         else:
             # `echo` adds a newline the user did not type; a small model answers it differently.
             messages = [text.lstrip("\n").rstrip()]
         if not messages or not any(message.strip() for message in messages):
             raise InputError("stdin is empty: nothing to send")
-    if not interactive:
+    if not interactive and line_numbers is None:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
@@ -189,8 +207,10 @@ def chat(argv: list[str]) -> int:
             kvchat_home().mkdir(parents=True, exist_ok=True)
             history = str(kvchat_home() / "history")
             return Repl(engine, conv, settings, persister=persister, history_path=history).run()
-        run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr)
-        return 0
+        refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
+        if refused:
+            print(f"kvchat: {refused} of {len(messages)} lines were not sent", file=sys.stderr)
+        return 1 if refused else 0
     finally:
         store.close()
 

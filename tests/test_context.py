@@ -1,6 +1,7 @@
 """Long conversations: the context budget drops whole old turns, oversized input is refused, KV memory is reported."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -130,3 +131,17 @@ def test_oversized_stdin_message_is_one_line_and_exit_1(monkeypatch, capsys, tin
     code = main(["--model", str(tiny_model_dir), "--max-context", "200", "--max-new-tokens", "8"])
     out, err = capsys.readouterr()
     assert code == 1 and out == "" and "too long" in err and len(err.strip().splitlines()) == 1
+
+
+def test_lines_mode_reports_a_too_long_line_by_number_and_goes_on(monkeypatch, capsys, tiny_model_dir):
+    """Regression (issue 10): one message too long for the context ended the whole --lines script."""
+    stdin = b"Tell me about dogs.\n\n" + b"dogs " * 500 + b"\nTell me about cats.\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = main(["--model", str(tiny_model_dir), "--temperature", "0", "--max-context", "200",
+                 "--max-new-tokens", "8", "--lines", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert len(out.splitlines()) == 2  # the replies to lines 1 and 4
+    assert "line 3: the message is too long" in err and "1 of 3 lines were not sent" in err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert len(records) == 2 and records[1]["reused"] > 0  # the conversation went on, its cache intact
