@@ -5,10 +5,13 @@ Also the helpers every store write goes through: atomic replacement and chunk ke
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import secrets
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -24,10 +27,38 @@ class DamagedKV(Exception):
     """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text."""
 
 
+class NotRegular(OSError):
+    """A store path that is a symlink, FIFO, directory or device: never followed, read or written."""
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """A file descriptor for `path`, opened without following a symlink or blocking on a FIFO; raises NotRegular
+    unless it is a regular file."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise NotRegular(exc.errno, f"{path.name} is not a regular file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegular(errno.EINVAL, f"{path.name} is not a regular file")
+    return fd
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole of a regular file (see `open_regular`)."""
+    with os.fdopen(open_regular(path), "rb") as handle:
+        return handle.read()
+
+
 def atomic_write(path: Path, data: bytes) -> int:
-    """Write `data` to `path` so that a crash leaves either the old or the new file; returns bytes written."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
+    """Write `data` to `path` so that a crash leaves either the old or the new file; returns bytes written.
+
+    The temporary file has an unpredictable name and is created exclusively, never through a planted link.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -80,7 +111,7 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
     Raises DamagedKV with the reason.
     """
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size < 8:
                 raise DamagedKV(f"{path.name} is {'empty' if not size else 'truncated'}")
@@ -88,6 +119,8 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
         raise DamagedKV(f"{path.name} is missing") from None
+    except OSError as exc:  # not a regular file, unreadable
+        raise DamagedKV(f"{path.name} cannot be read ({exc.strerror or exc})") from None
     data = memoryview(mapped)
     header_len = struct.unpack("<Q", data[:8])[0]
     if 8 + header_len > len(data):

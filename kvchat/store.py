@@ -54,7 +54,8 @@ def check_name(name: str) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file of the store, read without following links or blocking on a FIFO."""
+    return json.loads(kvfile.read_bytes(path).decode("utf-8"))
 
 
 @dataclass
@@ -290,7 +291,11 @@ class Store:
         if name in self._locks:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = kvfile.open_regular(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+        except kvfile.NotRegular:
+            raise StoreError(f"session '{name}': its lock file {self.root / (name + '.lock')} is not a regular "
+                             "file; remove it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

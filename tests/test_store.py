@@ -439,3 +439,47 @@ def test_a_tail_file_named_in_a_manifest_never_reaches_outside_the_store(tiny, t
     turn(engine2, opened.conversation, "And another one?", Persister(store2, "s"))
     store2.remove_session("s")
     assert victim.read_text() == "keep me"
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused_and_its_target_untouched(tiny, tmp_path):
+    """Regression (issue 10): NAME.lock was followed through a symlink and its target overwritten with the PID."""
+    root = tmp_path / "store"
+    root.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (root / "s.lock").symlink_to(victim)
+    _, store = make_engine(tiny, root)
+    with pytest.raises(StoreError, match="lock file .* is not a regular file"):
+        store.lock("s")
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("plant", ["fifo", "symlink", "directory"])
+def test_a_tail_that_is_not_a_regular_file_is_reported_never_read(tiny, tmp_path, plant):
+    """Regression (issue 10): a FIFO in place of a KV file hung kvchat; a symlink was followed out of the store."""
+    import signal
+
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    for text in MESSAGES:
+        turn(engine, conv, text, Persister(store, "s"))
+        if len(conv.token_ids) % store_module.CHUNK_TOKENS:
+            break
+    store.close()
+    manifest = json.loads((tmp_path / "s.json").read_text())
+    tail = tmp_path / ".kv" / "tails" / manifest["tail"]["file"]
+    tail.unlink()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.safetensors"
+    outside.write_bytes(b"not yours")
+    {"fifo": lambda: os.mkfifo(tail), "symlink": lambda: tail.symlink_to(outside), "directory": tail.mkdir}[plant]()
+
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("hung on the planted file")))
+    signal.alarm(20)
+    try:
+        engine2, store2 = make_engine(tiny, tmp_path)
+        opened = store2.open_session("s")
+    finally:
+        signal.alarm(0)
+    assert opened.notice and "not a regular file" in opened.notice and opened.conversation.cached_tokens == 0
+    assert opened.conversation.messages == conv.messages
+    assert outside.read_bytes() == b"not yours"
