@@ -17,6 +17,7 @@ from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
 from kvchat.errors import ConfigError, InputError, KvchatError
 from kvchat.model import fingerprint, kvchat_home, load_model
 from kvchat.store import Persister, Store, check_name
+from kvchat.terminal import visible
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,7 +137,7 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
         try:
             for event in events:
                 if isinstance(event, Token):
-                    out.write(event.text)
+                    out.write(visible(event.text) if out.isatty() else event.text)
                     out.flush()
                 elif isinstance(event, TurnEnd):
                     out.write("\n")
@@ -197,7 +198,7 @@ def chat(argv: list[str]) -> int:
         if args.session is not None:
             opened = store.open_session(args.session, settings.system)
             if opened.notice:
-                print(f"kvchat: {opened.notice}", file=sys.stderr)
+                print(f"kvchat: {visible(opened.notice)}", file=sys.stderr)
             conv = opened.conversation
         else:
             conv = Conversation.start(settings.system)
@@ -234,14 +235,15 @@ def sessions_command(argv: list[str]) -> int:
         if not rows:
             print(f"no sessions in {store.root}")
         for row in rows:
-            print(f"{row['name']:24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
+            print(f"{visible(row['name']):24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
                   f"{memory.human(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
     elif args.action == "show":
         manifest = store.read_manifest(check_name(args.name))
         if manifest is None:
             raise KvchatError(f"no session named '{args.name}' in {store.root}")
         for message in manifest["messages"]:
-            print(f"[{message['role']}]\n{message['content']}\n")
+            if isinstance(message, dict):
+                print(f"[{visible(message.get('role'))}]\n{visible(message.get('content'))}\n")
     else:
         store.remove_session(args.name)
         print(f"removed session '{args.name}'")
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[argv[0]](argv[1:])
         return chat(argv)
     except KvchatError as exc:
-        print(f"kvchat: error: {exc}", file=sys.stderr)
+        print(f"kvchat: error: {visible(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -20,6 +20,7 @@ from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
+from kvchat.terminal import visible
 
 COMMANDS = {
     "/help": "this list",
@@ -217,12 +218,13 @@ class Repl:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
 
     def say(self, text: str) -> None:
+        """A line of kvchat's own; callers pass anything read from disk or the model through `visible`."""
         self.out.write(text + "\n")
         self.out.flush()
 
     def note(self, text: str) -> None:
         """A line from kvchat itself (dim), set apart from the conversation."""
-        self.say(self._paint(text, "2"))
+        self.say(self._paint(visible(text), "2"))  # notes carry names, errors and notices read from disk
 
     def toolbar(self) -> HTML:
         """The live cache state under the prompt."""
@@ -291,7 +293,7 @@ class Repl:
         try:
             for event in start():
                 if isinstance(event, Token):
-                    writer.write(event.text)
+                    writer.write(visible(event.text))
                 elif isinstance(event, TurnEnd):
                     self.last = event.stats
                     self.totals.add(event.stats)
@@ -403,7 +405,7 @@ class Repl:
             self.note("no saved sessions")
         for row in rows:
             mark = "*" if row["name"] == self.persister.session else " "
-            self.say(f"{mark} {row['name']:24} {row['turns']:>4} turns {row['tokens']:>7} tokens")
+            self.say(f"{mark} {visible(row['name']):24} {row['turns']:>4} turns {row['tokens']:>7} tokens")
 
     def cmd_set(self, arg: str) -> None:
         key, sep, value = arg.partition("=")

@@ -83,3 +83,19 @@ def test_second_process_on_a_session_gets_a_clear_error(monkeypatch, capsys, tin
     holder.close()
     code, _, _ = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "busy", "-p", "hi"))
     assert code == 0 and (sessions / "busy.json").exists()
+
+
+def test_escape_sequences_read_from_the_store_reach_the_terminal_visible(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Regression (issue 10): a stored transcript and session file names were printed raw (ESC, BEL, CSI)."""
+    sessions = tmp_path / "sessions"
+    assert run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "x", "-p", "Hello!"))[0] == 0
+    manifest = json.loads((sessions / "x.json").read_text())
+    manifest["messages"][-1]["content"] = "\x1b]0;pwned\x07\x1b[2J\x9b31mred"
+    (sessions / "x.json").write_text(json.dumps(manifest))
+    (sessions / "evil\x1b[31m.json").write_text(json.dumps(manifest))
+
+    code, out, _ = run(monkeypatch, capsys, ["sessions", "show", "x", "--sessions-dir", str(sessions)])
+    assert code == 0 and "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "^[]0;pwned^G^[[2J<U+009B>31mred" in out
+    code, out, _ = run(monkeypatch, capsys, ["sessions", "list", "--sessions-dir", str(sessions)])
+    assert code == 0 and "\x1b" not in out and "evil^[[31m" in out

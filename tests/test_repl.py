@@ -244,3 +244,21 @@ def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
     out = drive(repl, "Hello\rTell me a story.\r/quit\r")
     assert "[interrupted]" in out and len(calls) == 2
     assert [m["role"] for m in repl.conv.messages].count("assistant") == 2
+
+
+def test_escape_sequences_in_a_reply_are_shown_not_obeyed(tiny, pipe, monkeypatch):
+    """Regression (issue 10): a reply's escape sequences (clear screen, retitle, bell) went to the terminal raw."""
+    from kvchat.engine import Token, TurnEnd
+
+    repl = make_repl(tiny, pipe)
+    real_send = repl.engine.send
+
+    def hostile_send(conv, text, sampling):
+        for event in real_send(conv, text, sampling):
+            if isinstance(event, TurnEnd):
+                yield Token("\x1b[2J\x1b]0;pwned\x07", 1)
+            yield event
+
+    monkeypatch.setattr(repl.engine, "send", hostile_send)
+    out = drive(repl, "Hello\r/quit\r")
+    assert "\x1b[2J" not in out and "\x07" not in out and "^[[2J^[]0;pwned^G" in out
