@@ -45,6 +45,10 @@ class Conversation:
     # True while a forward pass is running: the cache may then hold more than `token_ids` (or, in state
     # layers, a mix of positions) until the pass completes and its tokens are recorded.
     dirty: bool = False
+    # The seeded sampling generator, made once per conversation and seed: a /retry draws anew, and the
+    # whole conversation is reproducible from its seed.
+    rng: Any = None
+    rng_seed: int | None = None
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":

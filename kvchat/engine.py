@@ -226,6 +226,14 @@ class Engine:
         loaded, conv.restored = max(loaded, conv.restored), 0
         return keep, fallback, min(loaded, keep)
 
+    def _generator(self, conv: Conversation, sampling: Sampling) -> torch.Generator | None:
+        """The conversation's seeded generator (made on its first sampled turn, or when the seed changes)."""
+        if sampling.seed is None or sampling.temperature == 0:
+            return None
+        if conv.rng is None or conv.rng_seed != sampling.seed:
+            conv.rng, conv.rng_seed = make_generator(sampling, self.device), sampling.seed
+        return conv.rng
+
     def _marks(self, conv: Conversation, target: list[int]) -> dict[int, bool]:
         """Where a prompt's prefill snapshots recurrent state, besides its end: after the system prompt (a context
         drop comes back there), before the new user message (an /undo comes back there), and before the reply's
@@ -355,7 +363,7 @@ class Engine:
                     conv.prompt_logits = (len(target), logits)
                     conv.checkpoint(logits)
                 prefill_done = time.perf_counter()
-                generator = make_generator(sampling, self.device)
+                generator = self._generator(conv, sampling)
                 stop = "length"
                 first_token_at = None
                 limit = sampling.max_new_tokens  # fit() kept room for all of it in the context

@@ -259,3 +259,19 @@ def test_interrupted_retry_and_send_leave_a_consistent_conversation():
     conv.check()
     assert run_turn(engine, conv, MESSAGES[1]).token_ids == fresh_reply_ids(engine, before + [
         {"role": "user", "content": MESSAGES[1]}])
+
+
+def test_a_seed_is_drawn_from_once_per_conversation_so_retry_gives_a_new_reply(tiny):
+    """Regression (issue 10): the generator was re-seeded every turn, so with a seed /retry repeated itself."""
+    engine = Engine(tiny)
+    sampling = Sampling(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_new_tokens=8)
+
+    def replies():
+        conv = Conversation.start("Be brief.")
+        first = [e for e in engine.send(conv, MESSAGES[0], sampling) if isinstance(e, TurnEnd)][0]
+        again = [[e for e in engine.retry(conv, sampling) if isinstance(e, TurnEnd)][0].token_ids for _ in range(3)]
+        return [first.token_ids] + again
+
+    run = replies()
+    assert len({tuple(ids) for ids in run}) > 1  # retries draw new replies
+    assert replies() == run  # and the conversation is reproducible from its seed
