@@ -263,58 +263,59 @@ class Engine:
     def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Token | TurnEnd]:
         """Add a user message and generate the reply, yielding `Token`s and then one `TurnEnd`.
 
-        Raises InputError at once (conversation untouched) for a message that cannot be sent.
-        Interrupting (KeyboardInterrupt, or closing the generator) leaves the conversation consistent:
-        a partial reply is kept as the assistant message, and the cache holds exactly `token_ids`.
+        Raises InputError (or KvchatError for a template that rejects the conversation) at once, with the
+        conversation untouched. The message enters the conversation only when the reply starts; a turn cut off
+        before its first token (Ctrl-C, an error, a generator closed or never iterated) leaves no trace.
+        Interrupted later, the partial reply is kept, and the cache holds exactly `token_ids`.
         """
         check_message(text)
-        conv.messages.append({"role": "user", "content": text})
-        try:
-            return self.generate(conv, sampling, on_cancel=conv.messages.pop)
-        except InputError:
-            conv.messages.pop()
-            raise
+        return self._turn(conv, conv.messages + [{"role": "user", "content": text}], sampling)
 
     def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
-        """Drop the last reply and generate it again; the prompt is entirely cached, so nothing is prefilled."""
+        """Generate the last reply again (its prompt is entirely cached, so nothing is prefilled); the old reply
+        stays until the new one starts."""
         if not conv.messages or conv.messages[-1]["role"] != "assistant":
             raise InputError("there is no reply to retry")
-        reply = conv.messages.pop()
-        try:
-            return self.generate(conv, sampling, on_cancel=lambda: conv.messages.append(reply))
-        except InputError:
-            conv.messages.append(reply)
-            raise
+        return self._turn(conv, conv.messages[:-1], sampling)
 
-    def fit(self, conv: Conversation, sampling: Sampling) -> tuple[list[int], int]:
-        """Render the conversation's view, dropping its oldest exchanges while it leaves no room for a reply.
+    def _turn(self, conv: Conversation, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Token | TurnEnd]:
+        """Fit `messages` (the conversation as it will be, ending with the user's) now; reply as iterated."""
+        assert messages and messages[-1]["role"] == "user", "a turn needs a user message last"
+        started = time.perf_counter()
+        target, first_kept, dropped = self.fit(conv, sampling, messages)
+        return self._reply(conv, sampling, target, dropped, started, messages, first_kept)
+
+    def fit(self, conv: Conversation, sampling: Sampling,
+            messages: list[dict[str, str]] | None = None) -> tuple[list[int], int, int]:
+        """Render the view of `messages` (default: the conversation's), dropping the oldest exchanges while it
+        leaves no room for a reply. Changes nothing.
 
         When it must drop, it drops down to three quarters of the room, so that the next turns do not
-        each drop (and re-prefill) again. Returns the prompt's token ids and the number of turns dropped.
-        Raises InputError, with `conv` unchanged, when even the last message alone does not fit.
+        each drop (and re-prefill) again. Returns the prompt's token ids, the index of the first message
+        kept, and the number of turns dropped. Raises InputError when even the last message alone does not fit.
         """
+        plan = Conversation(messages=conv.messages if messages is None else messages, first_kept=conv.first_kept)
         room = self.max_context - sampling.max_new_tokens if self.max_context else None
-        target = self.render(conv.view())
+        target = self.render(plan.view())
         if room is None or len(target) <= room:
-            return target, 0
+            return target, plan.first_kept, 0
         if room <= 0:
             raise InputError(f"max_new_tokens={sampling.max_new_tokens} leaves no room in a context of "
                              f"{self.max_context} tokens")
-        first_kept, dropped = conv.first_kept, 0
+        dropped = 0
         while len(target) > room * 3 // 4:
-            users = [i for i, m in enumerate(conv.messages) if m["role"] == "user" and i >= conv.first_kept]
+            users = [i for i, m in enumerate(plan.messages) if m["role"] == "user" and i >= plan.first_kept]
             if len(users) < 2:
                 break
-            conv.first_kept = users[1]
+            plan.first_kept = users[1]
             dropped += 1
-            target = self.render(conv.view())
+            target = self.render(plan.view())
         if len(target) > room:
-            conv.first_kept = first_kept
-            alone = self.render(conv.view()[:1] + conv.messages[-1:]) if conv.system else target
+            alone = self.render(plan.view()[:1] + plan.messages[-1:]) if plan.system else target
             raise InputError(
                 f"the message is too long: with the system prompt it takes {len(alone)} tokens, and the context "
                 f"of {self.max_context} holds {room} once {sampling.max_new_tokens} are kept for the reply")
-        return target, dropped
+        return target, plan.first_kept, dropped
 
     def undo(self, conv: Conversation) -> None:
         """Remove the last exchange (the last user message and the reply to it) and cut the cache to match."""
@@ -337,23 +338,13 @@ class Engine:
         if keep < len(conv.token_ids):
             conv.cut_to(keep)
 
-    def generate(self, conv: Conversation, sampling: Sampling,
-                 on_cancel: Callable[[], Any] = lambda: None) -> Iterator[Token | TurnEnd]:
-        """Generate the assistant reply to the conversation as it stands (its last message is the user's).
-
-        Fitting the conversation into the context happens now; the reply is generated as the result is
-        iterated. `on_cancel` puts the messages back when the turn is cut off before its first token.
-        """
-        assert conv.messages and conv.messages[-1]["role"] == "user", "generate() needs a user message last"
-        started = time.perf_counter()
-        target, dropped = self.fit(conv, sampling)
-        return self._reply(conv, sampling, target, dropped, started, on_cancel)
-
     def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
-               started: float, on_cancel: Callable[[], Any]) -> Iterator[Token | TurnEnd]:
+               started: float, messages: list[dict[str, str]], first_kept: int) -> Iterator[Token | TurnEnd]:
         decoder = IncrementalDecoder(self.tokenizer)
         finished = False
+        before = (list(conv.messages), conv.first_kept)
         try:
+            conv.messages[:], conv.first_kept = messages, first_kept
             with torch.inference_mode():
                 reused, fallback, loaded = self._sync_cache(conv, target)
                 if reused == len(target):
@@ -390,8 +381,8 @@ class Engine:
             reply = decoder.text()
             if decoder.ids or finished:
                 conv.messages.append({"role": "assistant", "content": reply})
-            else:
-                on_cancel()  # cut off before any reply: the turn never happened
+            else:  # cut off before any reply: the turn never happened
+                conv.messages[:], conv.first_kept = before
             self._restore_invariant(conv)
             conv.checkpoint()  # where this reply ends: the next turn, or an /undo of it, comes back here
         generated = len(decoder.ids)

@@ -275,3 +275,38 @@ def test_a_seed_is_drawn_from_once_per_conversation_so_retry_gives_a_new_reply(t
     run = replies()
     assert len({tuple(ids) for ids in run}) > 1  # retries draw new replies
     assert replies() == run  # and the conversation is reproducible from its seed
+
+
+def test_a_turn_that_never_starts_leaves_no_trace(tiny, monkeypatch):
+    """Regression (issue 10): the user's message stayed in the conversation after a template rejection, a
+    Ctrl-C while the prompt was rendered, or a Ctrl-C between send() returning and the first token."""
+    from kvchat.errors import KvchatError
+
+    engine = Engine(tiny)
+    conv = Conversation.start("You are a helpful assistant.")
+    run_turn(engine, conv, MESSAGES[0])
+    before = [dict(m) for m in conv.messages]
+
+    stream = engine.send(conv, MESSAGES[1], GREEDY)  # returned, never iterated (Ctrl-C right here)
+    stream.close()
+    del stream
+    assert conv.messages == before
+    assert engine.retry(conv, GREEDY) is not None and conv.messages == before  # the old reply stays until a new one
+
+    def interrupted_render(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "render", interrupted_render)
+        with pytest.raises(KeyboardInterrupt):
+            engine.send(conv, MESSAGES[1], GREEDY)
+    assert conv.messages == before
+
+    strict = "{% for m in messages %}{% if m['content'] == 'BAD' %}{{ raise_exception('no BAD') }}{% endif %}{% endfor %}"
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.tokenizer, "chat_template", strict + engine.tokenizer.chat_template)
+        with pytest.raises(KvchatError, match="no BAD"):
+            engine.send(conv, "BAD", GREEDY)
+        assert conv.messages == before
+        end = run_turn(engine, conv, MESSAGES[1])  # the chat goes on, exactly
+    assert end.token_ids == fresh_reply_ids(engine, before + [{"role": "user", "content": MESSAGES[1]}])
