@@ -67,6 +67,19 @@ class Conversation:
         head = 1 if self.system is not None else 0
         return self.messages[:head] + self.messages[max(self.first_kept, head):]
 
+    def set_system(self, text: str | None) -> None:
+        """Set (or with None/empty, remove) the system prompt, keeping `first_kept` on the same message."""
+        had = self.system is not None
+        rest = self.messages[1:] if had else self.messages
+        self.messages[:] = ([{"role": "system", "content": text}] if text else []) + rest
+        if self.first_kept:
+            self.first_kept = max(0, self.first_kept + bool(text) - had)
+
+    def reset(self) -> None:
+        """Start over: only the system prompt stays (its cached KV is the caller's to trim)."""
+        self.messages[:] = self.messages[:1] if self.system is not None else []
+        self.first_kept = 0
+
     @property
     def dropped_turns(self) -> int:
         """User turns hidden from the model to fit the context."""

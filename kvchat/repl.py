@@ -25,10 +25,10 @@ from kvchat.terminal import visible
 COMMANDS = {
     "/help": "this list",
     "/system": "TEXT  set the system prompt (empty: remove it)",
-    "/reset": "start over (keeps the system prompt and its cached KV)",
+    "/reset": "start over (keeps the system prompt and its cached KV; a saved session stays as it was)",
     "/undo": "remove the last exchange (cuts the cache back; nothing is prefilled again)",
     "/retry": "regenerate the last reply (the prompt is cached: nothing is prefilled)",
-    "/save": "[NAME]  save as a session; autosaved after every turn from then on",
+    "/save": "[NAME]  save as a session (NAME! replaces an existing one); autosaved after every turn from then on",
     "/load": "NAME  switch to a saved session",
     "/sessions": "list saved sessions",
     "/fork": "NAME  copy this conversation to a new session (sharing its stored KV) and switch to it",
@@ -332,16 +332,21 @@ class Repl:
         self.say(help_text())
 
     def cmd_system(self, arg: str) -> None:
-        rest = [m for m in self.conv.messages if m["role"] != "system"]
-        self.conv.messages = ([{"role": "system", "content": arg}] if arg else []) + rest
+        self.conv.set_system(arg or None)
         self.engine.trim(self.conv)
         self.note("system prompt set" if arg else "system prompt removed")
 
     def cmd_reset(self, _arg: str) -> None:
-        self.conv.messages = [m for m in self.conv.messages if m["role"] == "system"]
+        saved = self.persister.session if self.persister is not None else None
+        if saved:  # the saved transcript stays as it is; the new conversation is not saved until /save
+            self.persister.store.unlock(saved)
+            self.persister.session = None
+        self.conv.reset()
         self.engine.trim(self.conv)
         self.last = None
-        self.note(f"conversation reset ({self.conv.cached_tokens} tokens of system prompt kept in the cache)")
+        self.note(f"conversation reset ({self.conv.cached_tokens} tokens of system prompt kept in the cache)"
+                  + (f"; session '{saved}' stays saved as it was, this new one is not saved (/save NAME)"
+                     if saved else ""))
 
     def cmd_undo(self, _arg: str) -> None:
         self.engine.undo(self.conv)
@@ -366,10 +371,13 @@ class Repl:
 
     def cmd_save(self, arg: str) -> None:
         persister = self._needs_store()
-        name = arg or persister.session
+        name, overwrite = (arg[:-1], True) if arg.endswith("!") else (arg, False)
+        name = name or persister.session
         if not name:
             raise KvchatError("no session yet: /save NAME")
         check_name(name)
+        if name != persister.session and not overwrite and persister.store.read_manifest(name) is not None:
+            raise KvchatError(f"a session named '{name}' already exists; /save {name}! replaces it")
         persister.store.save_session(name, self.conv)
         self._switch(name)
         self.note(f"saved as '{name}' ({self.conv.cached_tokens} tokens of KV); autosaving from now on")

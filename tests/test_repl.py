@@ -262,3 +262,40 @@ def test_escape_sequences_in_a_reply_are_shown_not_obeyed(tiny, pipe, monkeypatc
     monkeypatch.setattr(repl.engine, "send", hostile_send)
     out = drive(repl, "Hello\r/quit\r")
     assert "\x1b[2J" not in out and "\x07" not in out and "^[[2J^[]0;pwned^G" in out
+
+
+def test_reset_in_a_saved_session_and_save_onto_another_lose_nothing(tiny, pipe, tmp_path):
+    """Regression (issue 10): /reset in a saved session wiped its transcript at the next autosave, and
+    /save NAME silently replaced another session."""
+    first = make_repl(tiny, pipe, tmp_path / "first")
+    drive(first, "Hello\r/save trip\rTell me a story.\r/reset\rNumbers?\r/quit\r")
+    kept = first.persister.store.read_manifest("trip")
+    assert [m["content"] for m in kept["messages"] if m["role"] == "user"] == ["Hello", "Tell me a story."]
+    first.persister.store.close()
+
+    repl = make_repl(tiny, pipe, tmp_path)
+    out = drive(repl, "Hello\r/save trip\rTell me a story.\r/reset\rNumbers?\r/save other\rCats?\r"
+                      "/save trip\r/save trip!\r/quit\r")
+    assert "session 'trip' stays saved as it was" in out
+    assert "a session named 'trip' already exists; /save trip! replaces it" in out
+    store = repl.persister.store
+    assert store.read_manifest("other")["turns"] == 2
+    assert store.read_manifest("trip")["turns"] == 2  # replaced only by the explicit /save trip!
+    assert [m["content"] for m in store.read_manifest("trip")["messages"] if m["role"] == "user"] == \
+        ["Numbers?", "Cats?"]
+    store.close()
+
+
+def test_system_and_reset_keep_the_view_right_after_turns_were_dropped(tiny):
+    """Regression (issue 10): after a context drop, /system shifted first_kept onto a reply, and /reset kept it."""
+    conv = Conversation.start("Be brief.")
+    for i in range(4):
+        conv.messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    conv.first_kept = 5  # q2 is the first message the model still sees
+    conv.set_system(None)
+    assert conv.view()[0] == {"role": "user", "content": "q2"}
+    conv.set_system("Be kind.")
+    assert conv.view()[:2] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q2"}]
+    conv.reset()
+    conv.messages.append({"role": "user", "content": "new"})
+    assert conv.view() == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "new"}]
