@@ -127,15 +127,42 @@ class Engine:
 
     # -- rendering ---------------------------------------------------------------------------
 
-    def render(self, messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
         """Token ids of the whole conversation as the chat template renders it, ready for the assistant's reply
-        (or, without `generation_prompt`, ending where the reply's header would begin)."""
+        (or, without `generation_prompt`, ending where the reply's header would begin).
+
+        A reply that carries the ids the model generated for it ('token_ids') and appears verbatim in the
+        rendered text keeps those ids, so the conversation re-renders to exactly the tokens in the cache
+        (re-tokenizing a reply can give other ids). Elsewhere, and where a template changed a reply's text,
+        the text is tokenized.
+        """
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own errors for messages a template rejects
             raise KvchatError(f"the model's chat template rejected the conversation: {exc}") from None
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        done = search = 0  # text[:done] is tokenized; messages are looked for from `search` on, in order
+        for message in messages:
+            content = message.get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            at = text.find(content, search)
+            if at < 0:
+                continue  # the template changed this message's text
+            search = at + len(content)
+            generated = message.get("token_ids") if message.get("role") == "assistant" else None
+            if isinstance(generated, list) and generated and self.decode(generated) == content:
+                ids += self._tokenize(text[done:at]) + generated
+                done = search
+        return ids + self._tokenize(text[done:])
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of generated ids, as a reply's text is made."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def system_prefix_ids(self, system: str | None) -> list[int]:
         """The tokens every conversation with this system prompt starts with (whatever the first message is)."""
@@ -380,7 +407,7 @@ class Engine:
         finally:
             reply = decoder.text()
             if decoder.ids or finished:
-                conv.messages.append({"role": "assistant", "content": reply})
+                conv.messages.append({"role": "assistant", "content": reply, "token_ids": list(decoder.ids)})
             else:  # cut off before any reply: the turn never happened
                 conv.messages[:], conv.first_kept = before
             self._restore_invariant(conv)

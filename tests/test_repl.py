@@ -54,9 +54,11 @@ def test_exact_transcript_of_a_two_turn_chat(tiny, pipe):
     out = drive(repl, "Hello there\r\r   \rWhat is the capital of France?\r/quit\r")
     first = reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "Hello there"}])
+    # The model's own reply tokens stand for its reply (a fresh prefill of the tokens in the cache).
     second = reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "Hello there"},
-                                    {"role": "assistant", "content": first},
+                                    {"role": "assistant", "content": first,
+                                     "token_ids": repl.conv.messages[2]["token_ids"]},
                                     {"role": "user", "content": "What is the capital of France?"}])
     lines = out.splitlines()
     assert lines[0].startswith("kvchat · tiny-llama on cpu (float64)")

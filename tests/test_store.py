@@ -187,8 +187,10 @@ def damage_missing(path):
 def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, which):
     engine, store = make_engine(tiny, tmp_path)
     conv = Conversation.start(SYSTEM)
-    for text in MESSAGES[:2]:
+    for text in MESSAGES[:4]:  # at least two turns, ending in a partial chunk (a tail)
         turn(engine, conv, text, Persister(store, "s"))
+        if len(conv.messages) >= 5 and len(conv.token_ids) % store_module.CHUNK_TOKENS:
+            break
     store.close()
     manifest = json.loads((tmp_path / "s.json").read_text())
     target = (tmp_path / ".kv" / "chunks" / f"{manifest['chunks'][-1]}.safetensors" if which == "chunk"
@@ -202,7 +204,7 @@ def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, wh
     assert "\n" not in opened.notice
     assert opened.conversation.messages == conv.messages  # nothing lost
     assert opened.conversation.cached_tokens == 0
-    end = turn(engine2, opened.conversation, MESSAGES[2])
+    end = turn(engine2, opened.conversation, MESSAGES[4])
     assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
 
 
