@@ -15,7 +15,7 @@ from kvchat.config import Settings, load_config
 from kvchat.conversation import MAX_CHECKPOINTS, Conversation
 from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
 from kvchat.errors import ConfigError, InputError, KvchatError
-from kvchat.model import fingerprint, kvchat_home, load_model
+from kvchat.model import fingerprint, kvchat_home, load_model, one_line
 from kvchat.store import Persister, Store, check_name
 from kvchat.terminal import visible
 
@@ -120,22 +120,14 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
               line_numbers: list[int] | None = None) -> int:
     """Scripting mode: send each message, print only the replies to `out`, statistics to `err`.
 
-    With `line_numbers` (--lines), a message that cannot be sent is reported with its line number and the
-    script goes on; returns how many were refused. Without, the first refusal raises.
+    With `line_numbers` (--lines), a message that cannot be sent, or whose turn fails, is reported with its
+    line number and the script goes on; returns how many failed. Without, the first failure raises
+    (a KvchatError: one line).
     """
-    refused = 0
+    failed = 0
     for index, text in enumerate(messages):
         try:
-            events = engine.send(conv, text, settings.sampling)
-        except InputError as exc:
-            if line_numbers is None:
-                raise
-            err.write(f"kvchat: line {line_numbers[index]}: {exc}; skipped\n")
-            err.flush()
-            refused += 1
-            continue
-        try:
-            for event in events:
+            for event in engine.send(conv, text, settings.sampling):
                 if isinstance(event, Token):
                     out.write(visible(event.text) if out.isatty() else event.text)
                     out.flush()
@@ -147,10 +139,19 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
                     if settings.stats:
                         err.write(json.dumps(stats_record(event)) + "\n")
                         err.flush()
+        except (KvchatError, RuntimeError, ValueError) as exc:  # a refused message, out of memory, sampling
+            reason = str(exc) if isinstance(exc, KvchatError) else f"{type(exc).__name__}: {one_line(exc)}"
+            if line_numbers is None:
+                if isinstance(exc, KvchatError):
+                    raise
+                raise KvchatError(f"the turn failed ({reason})") from None
+            err.write(f"kvchat: line {line_numbers[index]}: {reason}; skipped\n")
+            err.flush()
+            failed += 1
         finally:
             if persister is not None:
                 persister.after_turn(conv)  # an interrupted turn is saved too: the conversation is consistent
-    return refused
+    return failed
 
 
 def stats_record(end: TurnEnd) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def chat(argv: list[str]) -> int:
             return Repl(engine, conv, settings, persister=persister, history_path=history).run()
         refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
         if refused:
-            print(f"kvchat: {refused} of {len(messages)} lines were not sent", file=sys.stderr)
+            print(f"kvchat: {refused} of {len(messages)} lines failed (see above)", file=sys.stderr)
         return 1 if refused else 0
     finally:
         store.close()

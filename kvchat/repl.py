@@ -20,6 +20,7 @@ from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
+from kvchat.model import one_line
 from kvchat.terminal import visible
 
 COMMANDS = {
@@ -306,6 +307,9 @@ class Repl:
             self.note("[interrupted]")
         except KvchatError as exc:
             self.note(f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - out of memory, a sampling failure: one line, the chat goes on
+            self.note(f"error in this turn ({type(exc).__name__}: {one_line(exc)}); the conversation is as it was "
+                      "before the failure")
         finally:
             if writer is not None:
                 writer.finish()

@@ -49,7 +49,8 @@ class StoreError(KvchatError):
 def check_name(name: str) -> str:
     """Return `name` if it is a plain session name; refuse paths, '..', empty or overlong names."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise StoreError(f"invalid session name {name!r}: use {NAME_RULE}")
+        shown = repr(name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "…")
+        raise StoreError(f"invalid session name {shown}: use {NAME_RULE}")
     return name
 
 
@@ -567,7 +568,14 @@ class Store:
         """Evict least recently used prefix entries (and their unused chunks) while the store is over its cap."""
         if self.max_bytes <= 0:
             return
-        entries = sorted(self.prefixes.glob("*.json"), key=lambda p: _read_json(p).get("last_used", 0))
+        def last_used(path: Path) -> float:
+            try:
+                value = _read_json(path).get("last_used", 0)
+            except (OSError, ValueError, AttributeError):
+                return 0.0  # a damaged entry is of no use: evicted first
+            return value if isinstance(value, (int, float)) else 0.0
+
+        entries = sorted(self.prefixes.glob("*.json"), key=last_used)
         while self.kv_bytes() > self.max_bytes and entries:
             entries.pop(0).unlink()
             self.prune()

@@ -130,3 +130,20 @@ def test_a_damaged_gguf_file_is_one_line_and_exit_1(monkeypatch, capsys, tmp_pat
     code, out, err = run(monkeypatch, capsys, ["--model", str(path), "-p", "hi"])
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and "not a usable GGUF file" in err
+
+
+def test_a_failed_turn_in_lines_mode_is_reported_and_the_script_goes_on(monkeypatch, capsys, tiny_model_dir):
+    import kvchat.engine as engine_module
+
+    real, calls = engine_module.next_token, {"n": 0}
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token", failing_once)
+    code, out, err = run(monkeypatch, capsys, greedy(tiny_model_dir, "--lines"), b"Hello!\nHow are you?\n")
+    assert code == 1 and len(out.splitlines()) == 1
+    assert "line 1: RuntimeError: out of memory; skipped" in err and "Traceback" not in err

@@ -142,6 +142,6 @@ def test_lines_mode_reports_a_too_long_line_by_number_and_goes_on(monkeypatch, c
     out, err = capsys.readouterr()
     assert code == 1
     assert len(out.splitlines()) == 2  # the replies to lines 1 and 4
-    assert "line 3: the message is too long" in err and "1 of 3 lines were not sent" in err
+    assert "line 3: the message is too long" in err and "1 of 3 lines failed" in err
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert len(records) == 2 and records[1]["reused"] > 0  # the conversation went on, its cache intact

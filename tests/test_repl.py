@@ -301,3 +301,25 @@ def test_system_and_reset_keep_the_view_right_after_turns_were_dropped(tiny):
     conv.reset()
     conv.messages.append({"role": "user", "content": "new"})
     assert conv.view() == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "new"}]
+
+
+def test_a_failure_inside_a_turn_is_one_line_and_the_chat_goes_on(tiny, pipe, monkeypatch):
+    """Regression (issue 10): an exception inside a turn (out of memory, sampling) ended the chat with a traceback."""
+    import kvchat.engine as engine_module
+
+    repl = make_repl(tiny, pipe)
+    calls = {"n": 0}
+    real = engine_module.next_token
+
+    def failing_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "next_token", failing_once)
+    out = drive(repl, "Hello\rHello again\r/quit\r")
+    assert "error in this turn (RuntimeError: CUDA out of memory. Tried to allocate 2 GiB)" in out
+    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant"]  # the failed turn left nothing
+    assert repl.conv.messages[1]["content"] == "Hello again"
+    repl.conv.check()

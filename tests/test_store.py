@@ -485,3 +485,21 @@ def test_a_tail_that_is_not_a_regular_file_is_reported_never_read(tiny, tmp_path
     assert opened.notice and "not a regular file" in opened.notice and opened.conversation.cached_tokens == 0
     assert opened.conversation.messages == conv.messages
     assert outside.read_bytes() == b"not yours"
+
+
+def test_a_damaged_prefix_entry_under_a_size_cap_does_not_stop_the_save(tiny, tmp_path):
+    """Regression (issue 10): with cache_max_mb, one damaged prefix manifest crashed after the reply
+    (JSONDecodeError in the cap), and the session was never saved."""
+    engine, store = make_engine(tiny, tmp_path, max_bytes=1)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    (tmp_path / ".kv" / "prefixes" / "damaged.json").write_text("{not json")
+    other = Conversation.start("Another system prompt, another prefix.")
+    turn(engine, other, MESSAGES[1], Persister(store, "t"))
+    assert store.read_manifest("t")["turns"] == 1
+
+
+def test_an_overlong_session_name_is_not_echoed_whole(tiny, tmp_path):
+    with pytest.raises(StoreError) as refused:
+        check_name("x" * 100_000)
+    assert len(str(refused.value)) < 300
