@@ -128,8 +128,10 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
     try:
         header = json.loads(bytes(data[8:8 + header_len]))
         meta = header.pop("__metadata__", {})
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
         raise DamagedKV(f"{path.name} has a corrupt header") from None
+    if not isinstance(header, dict) or not isinstance(meta, dict):
+        raise DamagedKV(f"{path.name} has a corrupt header")
     body = 8 + header_len
     if meta.get("crc32") != str(zlib.crc32(data[body:])):
         raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
@@ -144,14 +146,18 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
         if name not in header:
             continue
         entry, want = header[name], dtype if isinstance(dtype, torch.dtype) else dtype[name]
-        if not isinstance(entry, dict) or tuple(entry.get("shape", ())) != tuple(shape):
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
+                tuple(entry["shape"]) != tuple(shape):
             raise DamagedKV(f"{path.name} has wrong shapes for this model")
         if _DTYPES.get(entry.get("dtype")) != want:
             raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}")
         count = 1
         for dim in shape:
             count *= dim
-        begin, end = entry["data_offsets"]
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
+            raise DamagedKV(f"{path.name} has a corrupt header")
+        begin, end = offsets
         if end - begin != count * want.itemsize or body + end > len(data):
             raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
         tensors[name] = torch.frombuffer(mapped, dtype=want, count=count, offset=body + begin).view(shape) \

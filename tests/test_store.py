@@ -503,3 +503,31 @@ def test_an_overlong_session_name_is_not_echoed_whole(tiny, tmp_path):
     with pytest.raises(StoreError) as refused:
         check_name("x" * 100_000)
     assert len(str(refused.value)) < 300
+
+
+def _kv_bytes(header, body=b"\0" * 16):
+    import struct
+    import zlib
+
+    if isinstance(header, dict) and isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"]["crc32"] = str(zlib.crc32(body))
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2, 3],
+    {"__metadata__": "not a dict"},
+    {"__metadata__": {"format": "1", "fingerprint": "f"}, "0.keys": {"dtype": "F32", "shape": [1, 1, 2]}},
+    {"__metadata__": {"format": "1", "fingerprint": "f"}, "0.keys": {"dtype": "F32", "shape": 4, "data_offsets": [0, 8]}},
+    {"__metadata__": {"format": "1", "fingerprint": "f"},
+     "0.keys": {"dtype": "F32", "shape": [1, 1, 2], "data_offsets": ["a", None]}},
+], ids=["list", "metadata-string", "no-offsets", "shape-int", "offsets-wrong-type"])
+def test_a_kv_header_of_valid_json_and_crc_but_wrong_structure_is_damage_not_a_traceback(tmp_path, header):
+    """Regression (issue 10): four such headers raised KeyError/TypeError out of the reader."""
+    from kvchat import kvfile
+
+    path = tmp_path / "chunk.safetensors"
+    path.write_bytes(_kv_bytes(header))
+    with pytest.raises(kvfile.DamagedKV):
+        kvfile.read(path, {"fingerprint": "f"}, {"0.keys": (1, 1, 2)}, torch.float32)
