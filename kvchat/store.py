@@ -25,6 +25,7 @@ import json
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from kvchat import kv, kvfile
 from kvchat.conversation import Checkpoint, Conversation
 from kvchat.errors import KvchatError
 from kvchat.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
+from kvchat.model import one_line
 
 CHUNK_TOKENS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -52,6 +54,45 @@ def check_name(name: str) -> str:
         shown = repr(name if not isinstance(name, str) or len(name) <= 40 else name[:40] + "…")
         raise StoreError(f"invalid session name {shown}: use {NAME_RULE}")
     return name
+
+
+def transcript_crc(messages: list[dict[str, Any]]) -> str:
+    """A checksum of a transcript as saved (its canonical JSON)."""
+    return str(zlib.crc32(json.dumps(messages, sort_keys=True, ensure_ascii=True).encode()))
+
+
+def _ints(value: Any) -> bool:
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def check_manifest(manifest: Any, name: str) -> dict[str, Any]:
+    """A session manifest whose every field kvchat reads has the right type, belongs to `name`, and whose
+    transcript matches its checksum; raises ValueError saying what is wrong."""
+    if not isinstance(manifest, dict):
+        raise ValueError("the manifest is not a JSON object")
+    if manifest.get("name", name) != name:
+        raise ValueError(f"it is the manifest of another session ({str(manifest.get('name'))[:40]!r})")
+    messages = manifest.get("messages")
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            and ("token_ids" not in m or _ints(m["token_ids"])) for m in messages):
+        raise ValueError("its transcript is not a list of messages")
+    if "transcript_crc" in manifest and manifest["transcript_crc"] != transcript_crc(messages):
+        raise ValueError("its transcript fails its checksum")
+    if not _ints(manifest.get("token_ids", [])):
+        raise ValueError("its token ids are not a list of token ids")
+    if not (isinstance(manifest.get("chunks", []), list) and all(isinstance(k, str) for k in manifest.get("chunks", []))):
+        raise ValueError("its chunk list is damaged")
+    if not isinstance(manifest.get("tail"), (dict, type(None))) or \
+            not isinstance(manifest.get("states") or [], list):
+        raise ValueError("its KV listing is damaged")
+    first_kept = manifest.get("first_kept", 0)
+    if type(first_kept) is not int or not 0 <= first_kept <= len(messages):
+        raise ValueError("its first kept message is out of range")
+    if not isinstance(manifest.get("turns", 0), int):
+        raise ValueError("its turn count is damaged")
+    manifest.setdefault("turns", sum(1 for m in messages if m["role"] == "user"))
+    return manifest
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -318,18 +359,32 @@ class Store:
         for name in list(self._locks):
             self.unlock(name)
 
+    def _previous_path(self, name: str) -> Path:
+        """Where a session's previous manifest is kept, to recover from a damaged one."""
+        return self.root / ".kv" / "previous" / f"{check_name(name)}.json"
+
     def read_manifest(self, name: str) -> dict[str, Any] | None:
-        """A session's manifest, None when it does not exist; a damaged manifest is a StoreError (nothing is touched)."""
+        """A session's manifest, checked (see `check_manifest`); None when it does not exist.
+
+        A damaged one is replaced, in what is returned, by the previous save when that one is intact (its
+        'recovered' key then says why); when neither is, a StoreError (nothing is touched).
+        """
         path = self.manifest_path(name)
         try:
-            manifest = _read_json(path)
+            return check_manifest(_read_json(path), name)
         except FileNotFoundError:
-            return None
+            if not self._previous_path(name).exists():
+                return None
+            reason = "its manifest is missing"
         except (OSError, ValueError) as exc:
-            raise StoreError(f"session '{name}' cannot be read ({path}: {exc}); it was left as it is") from None
-        if not isinstance(manifest.get("messages"), list):
-            raise StoreError(f"session '{name}' has no transcript in {path}; it was left as it is")
-        return manifest
+            reason = one_line(exc)
+        try:
+            previous = check_manifest(_read_json(self._previous_path(name)), name)
+        except (OSError, ValueError):
+            raise StoreError(f"session '{name}' cannot be read ({path.name}: {reason}); it was left as it "
+                             "is") from None
+        previous["recovered"] = reason
+        return previous
 
     def open_session(self, name: str, system: str | None = None) -> Opened:
         """Lock and load a session (KV included when it is intact), or start it when it does not exist."""
@@ -337,7 +392,11 @@ class Store:
         manifest = self.read_manifest(name)
         if manifest is None:
             return Opened(Conversation.start(system))
-        conv = Conversation(messages=manifest["messages"], first_kept=int(manifest.get("first_kept", 0)))
+        conv = Conversation(messages=manifest["messages"], first_kept=manifest.get("first_kept", 0))
+        if manifest.get("recovered"):
+            return Opened(conv, f"session '{name}': its last save is damaged ({manifest['recovered']}); recovered "
+                                f"the save before it ({manifest['turns']} turns), rebuilding its cache from the "
+                                "text", existed=True)
         ids = manifest.get("token_ids", [])
         if (manifest.get("format"), manifest.get("fingerprint"), manifest.get("chunk_tokens", CHUNK_TOKENS)) != \
                 (FORMAT, self.fingerprint, CHUNK_TOKENS):
@@ -429,6 +488,16 @@ class Store:
             "messages": conv.messages, "first_kept": conv.first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
             "chunks": chunks, "tail": tail, "states": states,
         }
+        manifest["transcript_crc"] = transcript_crc(conv.messages)
+        if previous is not None and not previous.get("recovered"):  # keep the last good save: a hard link, no copy
+            self._previous_path(name).parent.mkdir(parents=True, exist_ok=True)
+            keep = self._previous_path(name).with_name(f".{name}.{os.getpid()}.link.tmp")
+            keep.unlink(missing_ok=True)
+            try:
+                os.link(self.manifest_path(name), keep)
+                os.replace(keep, self._previous_path(name))
+            except OSError:  # no hard links here: a copy
+                atomic_write(self._previous_path(name), kvfile.read_bytes(self.manifest_path(name)))
         self.counters.add(atomic_write(self.manifest_path(name), json.dumps(manifest).encode()))
         old_tail = self._tail_file(name, previous)
         if old_tail is not None and old_tail != self._tail_file(name, manifest):
@@ -467,12 +536,12 @@ class Store:
         rows = []
         for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
             try:
-                manifest = _read_json(path)
+                manifest = check_manifest(_read_json(path), path.stem)
             except (OSError, ValueError):
-                rows.append({"name": path.stem, "turns": "?", "tokens": "?", "bytes": path.stat().st_size,
-                             "updated": path.stat().st_mtime, "damaged": True})
+                rows.append({"name": path.stem, "turns": "?", "tokens": "?", "bytes": path.lstat().st_size,
+                             "updated": path.lstat().st_mtime, "damaged": True})
                 continue
-            files = [self._chunk_path(key) for key in manifest.get("chunks", [])]
+            files = [self._chunk_path(key) for key in manifest.get("chunks", []) if KEY_PATTERN.fullmatch(key)]
             if NAME_PATTERN.fullmatch(path.stem):
                 files += [tail for tail in [self._tail_file(path.stem, manifest)] if tail is not None]
                 files += self._state_files(path.stem, manifest)
@@ -493,7 +562,8 @@ class Store:
             tail.unlink(missing_ok=True)
         for path in self._state_files(name, manifest):
             path.unlink(missing_ok=True)
-        self.manifest_path(name).unlink()
+        self._previous_path(name).unlink(missing_ok=True)
+        self.manifest_path(name).unlink(missing_ok=True)
         self.unlock(name)
         (self.root / f"{name}.lock").unlink(missing_ok=True)
 
@@ -502,20 +572,23 @@ class Store:
     def _referenced(self) -> tuple[set[str], set[str], set[str]]:
         """Chunk keys, tail files and state file names that some session or prefix entry uses."""
         chunks, tails, states = set(), set(), set()
-        for path in list(self.root.glob("*.json")) + list(self.prefixes.glob("*.json")):
+        previous = self.root / ".kv" / "previous"
+        for path in [*self.root.glob("*.json"), *previous.glob("*.json"), *self.prefixes.glob("*.json")]:
             try:
                 manifest = _read_json(path)
             except (OSError, ValueError):
                 continue
+            if not isinstance(manifest, dict):
+                continue
             chunks.update(manifest.get("chunks", []))
-            tail = self._tail_file(path.stem, manifest) if path.parent == self.root and \
-                NAME_PATTERN.fullmatch(path.stem) else None
+            session = path.parent in (self.root, previous) and NAME_PATTERN.fullmatch(path.stem)
+            tail = self._tail_file(path.stem, manifest) if session else None
             if tail is not None:
                 tails.add(tail.name)
             shared = manifest.get("state")
             if isinstance(shared, dict):
                 states.add(f"{shared.get('key')}.safetensors")
-            if path.parent == self.root and NAME_PATTERN.fullmatch(path.stem):
+            if session:
                 states.update(p.name for p in self._state_files(path.stem, manifest))
         return chunks, tails, states
 

@@ -4,6 +4,7 @@ import io
 import json
 
 from kvchat.cli import main
+from kvchat.store import transcript_crc
 
 
 def run(monkeypatch, capsys, argv, stdin=b""):
@@ -91,8 +92,10 @@ def test_escape_sequences_read_from_the_store_reach_the_terminal_visible(monkeyp
     assert run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "x", "-p", "Hello!"))[0] == 0
     manifest = json.loads((sessions / "x.json").read_text())
     manifest["messages"][-1]["content"] = "\x1b]0;pwned\x07\x1b[2J\x9b31mred"
+    manifest["messages"][-1].pop("token_ids")
+    manifest["transcript_crc"] = transcript_crc(manifest["messages"])  # a hostile store has valid checksums
     (sessions / "x.json").write_text(json.dumps(manifest))
-    (sessions / "evil\x1b[31m.json").write_text(json.dumps(manifest))
+    (sessions / "evil\x1b[31m.json").write_text(json.dumps({**manifest, "name": "evil\x1b[31m"}))
 
     code, out, _ = run(monkeypatch, capsys, ["sessions", "show", "x", "--sessions-dir", str(sessions)])
     assert code == 0 and "\x1b" not in out and "\x07" not in out and "\x9b" not in out

@@ -531,3 +531,58 @@ def test_a_kv_header_of_valid_json_and_crc_but_wrong_structure_is_damage_not_a_t
     path.write_bytes(_kv_bytes(header))
     with pytest.raises(kvfile.DamagedKV):
         kvfile.read(path, {"fingerprint": "f"}, {"0.keys": (1, 1, 2)}, torch.float32)
+
+
+def _two_saves(tiny, root, name="s", texts=MESSAGES[:2]):
+    engine, store = make_engine(tiny, root)
+    conv = Conversation.start(SYSTEM)
+    for text in texts:
+        turn(engine, conv, text, Persister(store, name))
+    store.close()
+    return conv
+
+
+@pytest.mark.parametrize("damage", ["swapped", "changed-byte", "wrong-types", "deleted"])
+def test_a_damaged_manifest_is_never_adopted_and_the_previous_save_is_recovered(tiny, tmp_path, damage):
+    """Regression (issue 10): a manifest swapped with another session's was adopted, a changed byte that kept
+    the JSON valid was accepted, valid JSON of the wrong types raised tracebacks, and there was no second copy."""
+    conv = _two_saves(tiny, tmp_path, "s")
+    other = _two_saves(tiny, tmp_path / "elsewhere", "t", MESSAGES[2:4])
+    path = tmp_path / "s.json"
+    manifest = json.loads(path.read_text())
+    if damage == "swapped":
+        path.write_bytes((tmp_path / "elsewhere" / "t.json").read_bytes())
+    elif damage == "changed-byte":
+        manifest["messages"][1]["content"] = manifest["messages"][1]["content"].replace("o", "0")
+        path.write_text(json.dumps(manifest))
+    elif damage == "wrong-types":
+        path.write_text(json.dumps({**manifest, "token_ids": "1,2,3", "first_kept": "x"}))
+    else:
+        path.unlink()
+    engine, store = make_engine(tiny, tmp_path)
+    opened = store.open_session("s")
+    assert opened.notice and "recovered the save before it (1 turns)" in opened.notice
+    assert opened.conversation.messages == conv.messages[:3]  # the first turn, as saved before the second
+    assert opened.conversation.messages != other.messages[:3]
+    end = turn(engine, opened.conversation, MESSAGES[2], Persister(store, "s"))
+    assert end.token_ids == fresh_reply(engine, opened.conversation.messages[:-1])
+    assert store.read_manifest("s")["turns"] == 2 and "recovered" not in store.read_manifest("s")
+
+
+@pytest.mark.parametrize("fields", [{"messages": {"a": 1}}, {"messages": [{"role": 1, "content": None}]},
+                                    {"chunks": 5}, {"tail": [1]}, {"states": "x"}, {"turns": "many"},
+                                    {"first_kept": 10**6}],
+                         ids=["messages-dict", "message-types", "chunks", "tail", "states", "turns", "first-kept"])
+def test_valid_json_of_the_wrong_types_is_one_clear_error(tiny, tmp_path, fields):
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))  # one save: no previous to recover
+    store.close()
+    manifest = json.loads((tmp_path / "s.json").read_text())
+    (tmp_path / "s.json").write_text(json.dumps({**manifest, **fields}))
+    _, store2 = make_engine(tiny, tmp_path)
+    with pytest.raises(StoreError, match="cannot be read .* it was left as it is"):
+        store2.open_session("s")
+    assert json.loads((tmp_path / "s.json").read_text()) == {**manifest, **fields}  # nothing touched
+    rows = store2.list_sessions()
+    assert rows[0]["damaged"]
