@@ -265,7 +265,8 @@ def cache_command(argv: list[str]) -> int:
     info = store.summary()
     print(f"store: {info['root']}")
     print(f"KV on disk: {memory.human(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
-          f"({info['unused_chunks']} chunks unused; `kvchat cache prune` removes them)")
+          f"({info['unused_chunks']} chunks unused and {info['leftovers']} temporary files left by interrupted "
+          "writes; `kvchat cache prune` removes them)")
     print(f"sessions: {info['sessions']}, shared prefixes: {len(info['prefixes'])}")
     for prefix in info["prefixes"]:
         print(f"  prefix {prefix['key'][:16]}  {prefix['tokens']:>6} tokens  last used {_when(prefix['last_used'])}")

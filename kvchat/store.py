@@ -26,9 +26,10 @@ import os
 import re
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -147,6 +148,18 @@ class Store:
         self.engine, self.fingerprint = engine, fingerprint
         return self
 
+    @contextmanager
+    def _store_lock(self, exclusive: bool) -> Iterator[None]:
+        """Saves hold the store shared, prune and the size cap exclusive: a prune never deletes what a save
+        has written and not yet listed (or its temporary files)."""
+        self._ensure_dirs()
+        fd = kvfile.open_regular(self.root / ".kv" / "store.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _ensure_dirs(self) -> None:
         for path in (self.chunks, self.tails, self.prefixes, self.states):
             path.mkdir(parents=True, exist_ok=True)
@@ -229,8 +242,16 @@ class Store:
     def save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None = None) -> bool:
         """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored.
 
-        A cache with recurrent state needs `state`, the state after exactly `ids` (a checkpoint's).
+        A cache with recurrent state needs `state`, the state after exactly `ids` (a checkpoint's). The size
+        cap is enforced afterwards, never evicting this entry.
         """
+        with self._store_lock(exclusive=False):
+            saved = self._save_prefix(ids, cache, state)
+        if saved:
+            self._enforce_cap(keep=chunk_key(self.fingerprint, ids))
+        return saved
+
+    def _save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None) -> bool:
         self._ensure_dirs()
         key = chunk_key(self.fingerprint, ids)
         entry_path = self.prefixes / f"{key}.json"
@@ -248,7 +269,6 @@ class Store:
                  "state": self._write_state(ids, state) if kv.has_state(cache) else None,
                  "last_used": time.time()}
         self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
-        self._enforce_cap()
         return True
 
     def longest_prefix(self, target: list[int]) -> tuple[int, Any] | None:
@@ -454,7 +474,10 @@ class Store:
     def save_session(self, name: str, conv: Conversation) -> None:
         """Write what is new since the last save: new full chunks, the partial tail, the manifest."""
         self.lock(name)
-        self._ensure_dirs()
+        with self._store_lock(exclusive=False):
+            self._save_session(name, conv)
+
+    def _save_session(self, name: str, conv: Conversation) -> None:
         previous = self.read_manifest(name)
         ids = list(conv.token_ids)
         exportable = conv.cache is not None and kv.can_export(conv.cache)
@@ -557,15 +580,16 @@ class Store:
         if manifest is None:
             raise StoreError(f"no session named '{name}' in {self.root}")
         self.lock(name)
-        tail = self._tail_file(name, manifest)
-        if tail is not None:
-            tail.unlink(missing_ok=True)
-        for path in self._state_files(name, manifest):
-            path.unlink(missing_ok=True)
-        self._previous_path(name).unlink(missing_ok=True)
-        self.manifest_path(name).unlink(missing_ok=True)
+        with self._store_lock(exclusive=False):
+            tail = self._tail_file(name, manifest)
+            if tail is not None:
+                tail.unlink(missing_ok=True)
+            for path in self._state_files(name, manifest):
+                path.unlink(missing_ok=True)
+            self._previous_path(name).unlink(missing_ok=True)
+            self.manifest_path(name).unlink(missing_ok=True)
+        (self.root / f"{name}.lock").unlink(missing_ok=True)  # while still held: no other process owns it yet
         self.unlock(name)
-        (self.root / f"{name}.lock").unlink(missing_ok=True)
 
     # -- the store as a whole ----------------------------------------------------------------
 
@@ -596,17 +620,25 @@ class Store:
         """Delete chunks, tails and leftovers that nothing uses; returns (files removed, bytes freed)."""
         if not self.chunks.parent.is_dir():
             return 0, 0
+        with self._store_lock(exclusive=True):
+            return self._prune()
+
+    def _prune(self) -> tuple[int, int]:
         used_chunks, used_tails, used_states = self._referenced()
         removed = freed = 0
         candidates = [p for p in self.chunks.glob("*.safetensors") if p.stem not in used_chunks]
         candidates += [p for p in self.tails.glob("*.safetensors") if p.name not in used_tails]
         candidates += [p for p in self.states.glob("*.safetensors") if p.name not in used_states]
-        candidates += list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
+        candidates += self._leftovers()
         for path in candidates:
-            freed += path.stat().st_size
-            path.unlink()
+            freed += path.lstat().st_size
+            path.unlink(missing_ok=True)
             removed += 1
         return removed, freed
+
+    def _leftovers(self) -> list[Path]:
+        """Temporary files a killed or failed write left behind."""
+        return list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
 
     def _kv_files(self) -> tuple[list[Path], list[Path]]:
         """All chunk files and all session tail files."""
@@ -635,12 +667,15 @@ class Store:
             "bytes": self.kv_bytes(), "sessions": len(self.list_sessions()),
             "prefixes": sorted(prefixes, key=lambda p: -p["last_used"]),
             "unused_chunks": sum(1 for p in chunk_files if p.stem not in used_chunks),
+            "leftovers": len(self._leftovers()) if self.chunks.parent.is_dir() else 0,
         }
 
-    def _enforce_cap(self) -> None:
-        """Evict least recently used prefix entries (and their unused chunks) while the store is over its cap."""
+    def _enforce_cap(self, keep: str | None = None) -> None:
+        """Evict least recently used prefix entries (and their unused chunks) while the store is over its cap,
+        never the entry `keep` (the one just saved)."""
         if self.max_bytes <= 0:
             return
+
         def last_used(path: Path) -> float:
             try:
                 value = _read_json(path).get("last_used", 0)
@@ -648,10 +683,11 @@ class Store:
                 return 0.0  # a damaged entry is of no use: evicted first
             return value if isinstance(value, (int, float)) else 0.0
 
-        entries = sorted(self.prefixes.glob("*.json"), key=last_used)
-        while self.kv_bytes() > self.max_bytes and entries:
-            entries.pop(0).unlink()
-            self.prune()
+        with self._store_lock(exclusive=True):
+            entries = sorted((p for p in self.prefixes.glob("*.json") if p.stem != keep), key=last_used)
+            while self.kv_bytes() > self.max_bytes and entries:
+                entries.pop(0).unlink(missing_ok=True)
+                self._prune()
 
 
 @dataclass

@@ -586,3 +586,48 @@ def test_valid_json_of_the_wrong_types_is_one_clear_error(tiny, tmp_path, fields
     assert json.loads((tmp_path / "s.json").read_text()) == {**manifest, **fields}  # nothing touched
     rows = store2.list_sessions()
     assert rows[0]["damaged"]
+
+
+def test_prune_waits_for_a_save_in_progress_and_counts_leftovers(tiny, tmp_path):
+    """Regression (issue 10): prune took no lock, so it deleted chunks and temporaries a concurrent save had
+    written but not yet listed; leftovers of killed writes were not counted by `kvchat cache`."""
+    import threading
+
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0])
+    (tmp_path / ".kv" / "chunks").mkdir(parents=True, exist_ok=True)
+    (tmp_path / ".kv" / "chunks" / ".orphan.safetensors.1.tmp").write_bytes(b"x")
+    assert store.summary()["leftovers"] == 1
+
+    in_save, go_on = threading.Event(), threading.Event()
+    real_write_kv = store._write_kv
+
+    def slow_write_kv(*args, **kwargs):  # a save stopped between writing its chunks and listing them
+        real_write_kv(*args, **kwargs)
+        in_save.set()
+        go_on.wait(10)
+
+    store._write_kv = slow_write_kv
+    saver = threading.Thread(target=store.save_session, args=("s", conv))
+    saver.start()
+    assert in_save.wait(10)
+    pruner = threading.Thread(target=Store(tmp_path).prune)
+    pruner.start()
+    pruner.join(0.5)
+    assert pruner.is_alive()  # it waits for the save
+    go_on.set()
+    saver.join(10)
+    pruner.join(10)
+    store.close()
+    engine2, store2 = make_engine(tiny, tmp_path)
+    opened = store2.open_session("s")
+    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)  # nothing the save wrote was lost
+    assert store2.summary()["leftovers"] == 0
+
+
+def test_the_size_cap_never_evicts_the_prefix_it_just_saved(tiny, tmp_path):
+    engine, store = make_engine(tiny, tmp_path, max_bytes=1)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store))
+    assert len(list((tmp_path / ".kv" / "prefixes").glob("*.json"))) == 1
