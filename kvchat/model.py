@@ -31,6 +31,7 @@ class LoadedModel:
     name: str
     device: torch.device  # where input ids go (the embedding's device)
     dtype: torch.dtype
+    weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
@@ -158,14 +159,69 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     if not getattr(tokenizer, "chat_template", None):
         raise KvchatError(f"model '{spec}' has no chat template; kvchat needs an instruction-tuned model")
     input_device = model.get_input_embeddings().weight.device
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
+                       weights=weight_files(source, extra.get("gguf_file")))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weight_files(source: str | Path, gguf_file: str | None = None) -> list[Path] | None:
+    """The files a model's weights come from: a .gguf file, a directory's weight files, or a cached hub
+    snapshot's (found through the Hugging Face cache); None when they cannot be found."""
+    if gguf_file:
+        return [Path(source) / gguf_file]
+    directory = Path(source)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # noqa: BLE001 - no snapshot to be found offline: fall back to sampled weights
+            return None
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return files or None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a weight file. A Hugging Face cache blob is named by it already; others are hashed once and
+    remembered by path, size and modification time (in $KVCHAT_HOME/digests.json)."""
+    import hashlib
+    import json
+
+    real = path.resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    info = real.stat()
+    key = f"{real}:{info.st_size}:{info.st_mtime_ns}"
+    memo = kvchat_home() / "digests.json"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".digests.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # remembering is an optimisation
+    return known[key]
 
 
 def fingerprint(loaded: LoadedModel) -> str:
     """A hash that changes when the weights, tokenizer, chat template, dtype or attention/rope config change.
 
-    Weights are sampled (every tensor's name, shape, dtype and ~4k evenly spaced values) so that
-    hashing takes milliseconds, not the seconds a full pass over a large model would.
+    Weights read from files count by the files' SHA-256 (see `file_digest`: computed once per file). Weights
+    built in memory are sampled: every tensor's name, shape, dtype and ~4k evenly spaced values.
     """
     import hashlib
     import json
@@ -183,9 +239,11 @@ def fingerprint(loaded: LoadedModel) -> str:
     with torch.inference_mode():
         for name, tensor in loaded.model.state_dict().items():
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            if tensor.device.type == "meta":
-                continue  # offloaded by accelerate: no values at hand, the name and shape still count
+            if loaded.weights or tensor.device.type == "meta":
+                continue  # the files count below (an offloaded tensor has no values at hand)
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
             digest.update(sample.numpy().tobytes())
+    for path in loaded.weights or []:
+        digest.update(f"{path.name}:{file_digest(path)}".encode())
     return digest.hexdigest()[:32]

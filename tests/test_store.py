@@ -631,3 +631,24 @@ def test_the_size_cap_never_evicts_the_prefix_it_just_saved(tiny, tmp_path):
     conv = Conversation.start(SYSTEM)
     turn(engine, conv, MESSAGES[0], Persister(store))
     assert len(list((tmp_path / ".kv" / "prefixes").glob("*.json"))) == 1
+
+
+def test_weights_the_fingerprint_sample_misses_still_make_another_model(tmp_path):
+    """Regression (issue 10): changing weights that the sampled fingerprint never reads gave the same
+    fingerprint, and model B loaded model A's KV. Weights from files count by their SHA-256."""
+    from kvchat.model import load_model
+
+    dirs = []
+    for changed in (False, True):
+        loaded = make_loaded(torch.float32)
+        if changed:
+            with torch.no_grad():
+                loaded.model.model.embed_tokens.weight[5, 1] += 1.0  # not one of the ~4k sampled values
+        path = tmp_path / f"model-{changed}"
+        loaded.model.save_pretrained(path)
+        loaded.tokenizer.save_pretrained(path)
+        dirs.append(path)
+    a, b = (load_model(str(path), "cpu", "float32") for path in dirs)
+    assert a.weights and b.weights
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) == fingerprint(load_model(str(dirs[0]), "cpu", "float32"))  # stable, from the memo
