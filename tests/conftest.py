@@ -27,6 +27,14 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """16-token store chunks, so a short test conversation spans several chunks plus a tail."""
+    from kvchat import store
+
+    monkeypatch.setattr(store, "CHUNK_TOKENS", 16)
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch, request):
     """Point kvchat's user directory and config lookup at a temp dir (the real-model tests keep the model cache)."""

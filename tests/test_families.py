@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from kvchat import kv, memory
-from kvchat import store as store_module
 from kvchat.cli import main
 from kvchat.config import Sampling
 from kvchat.conversation import MAX_CHECKPOINTS, Conversation
@@ -36,9 +35,7 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    monkeypatch.setattr(store_module, "CHUNK_TOKENS", 16)
+pytestmark = pytest.mark.usefixtures("small_chunks")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES) + [f"{name}:window" for name in SLIDING])

@@ -26,10 +26,7 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    """16-token chunks, so a short test conversation spans several chunks plus a tail."""
-    monkeypatch.setattr(store_module, "CHUNK_TOKENS", 16)
+pytestmark = pytest.mark.usefixtures("small_chunks")
 
 
 def make_engine(loaded, root, **store_kwargs):
