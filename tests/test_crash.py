@@ -1,0 +1,26 @@
+"""kill -9 in the middle of a saved session, a few times (the long form: python tests/kill_loop.py MODEL_DIR 40)."""
+
+import torch
+
+from kill_loop import run_kills
+from kvchat.config import Sampling
+from kvchat.engine import Engine, TurnEnd
+from kvchat.model import fingerprint, load_model
+from kvchat.store import Store
+from reference import greedy_without_cache
+
+
+def test_kill_9_at_random_moments_never_loses_a_saved_turn_and_the_chat_goes_on_exactly(tiny_model_dir, tmp_path):
+    sessions = tmp_path / "sessions"
+    figures = run_kills(tiny_model_dir, sessions, kills=5, seed=1)
+    assert figures["kills"] == 5 and figures["turns"] > 0
+    loaded = load_model(str(tiny_model_dir), "cpu", "float32")
+    engine = Engine(loaded)
+    store = Store(sessions).bind(engine, fingerprint(loaded))
+    conv = store.open_session("crash").conversation
+    sampling = Sampling(temperature=0, max_new_tokens=8)
+    end = [e for e in engine.send(conv, "One more question?", sampling) if isinstance(e, TurnEnd)][0]
+    with torch.inference_mode():
+        want = greedy_without_cache(loaded.model, engine.render(conv.view()[:-1]), 8, engine.stop_ids)
+    assert end.token_ids == want
+    store.close()
