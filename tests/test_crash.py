@@ -24,3 +24,11 @@ def test_kill_9_at_random_moments_never_loses_a_saved_turn_and_the_chat_goes_on_
         want = greedy_without_cache(loaded.model, engine.render(conv.view()[:-1]), 8, engine.stop_ids)
     assert end.token_ids == want
     store.close()
+
+
+def test_random_damage_to_store_files_never_gives_a_traceback_a_wrong_reply_or_a_lost_transcript():
+    """The short form of tests/corruption_loop.py (100 rounds for the figures)."""
+    from corruption_loop import run_rounds
+
+    figures = run_rounds(20, seed=3)
+    assert figures["rounds"] == 20 and sum(figures[k] for k in ("intact", "older", "recovered", "refused")) == 40
