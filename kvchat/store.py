@@ -352,12 +352,14 @@ class Store:
         check_name(name)
         if name in self._locks:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             fd = kvfile.open_regular(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT)
         except kvfile.NotRegular:
             raise StoreError(f"session '{name}': its lock file {self.root / (name + '.lock')} is not a regular "
                              "file; remove it") from None
+        except OSError as exc:  # a read-only or full store
+            raise StoreError(f"cannot lock session '{name}' in {self.root}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -366,9 +368,12 @@ class Store:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise StoreError(f"session '{name}' is open in another kvchat process (pid {holder})") from None
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._locks[name] = fd
+        try:  # who holds it, for the other process's message; the lock itself is the flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # a full disk: the session is still locked
 
     def unlock(self, name: str) -> None:
         fd = self._locks.pop(name, None)

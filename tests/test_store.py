@@ -649,3 +649,30 @@ def test_weights_the_fingerprint_sample_misses_still_make_another_model(tmp_path
     assert a.weights and b.weights
     assert fingerprint(a) != fingerprint(b)
     assert fingerprint(a) == fingerprint(load_model(str(dirs[0]), "cpu", "float32"))  # stable, from the memo
+
+
+@pytest.mark.parametrize("failure", ["read-only", "disk-full"])
+def test_a_read_only_or_full_store_at_lock_time_is_one_clear_error_or_no_error(tiny, tmp_path, monkeypatch, failure):
+    """Regression (issue 10): a read-only store or a full disk when taking a session's lock gave a traceback."""
+    import errno
+
+    from kvchat import kvfile
+
+    _, store = make_engine(tiny, tmp_path)
+    if failure == "read-only":
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(kvfile, "open_regular", refuse)
+        with pytest.raises(StoreError, match="cannot lock session 's' in .*: Read-only file system"):
+            store.lock("s")
+    else:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+        store.lock("s")  # the flock holds; only the holder's pid could not be written
+        monkeypatch.undo()
+        with pytest.raises(StoreError, match="open in another kvchat process"):
+            Store(tmp_path).lock("s")
+    store.close()
