@@ -329,14 +329,26 @@ class Engine:
         if room <= 0:
             raise InputError(f"max_new_tokens={sampling.max_new_tokens} leaves no room in a context of "
                              f"{self.max_context} tokens")
-        dropped = 0
-        while len(target) > room * 3 // 4:
-            users = [i for i, m in enumerate(plan.messages) if m["role"] == "user" and i >= plan.first_kept]
-            if len(users) < 2:
-                break
-            plan.first_kept = users[1]
-            dropped += 1
-            target = self.render(plan.view())
+        # Dropping k exchanges starts the view at users[k]; the prompt shrinks as k grows, so the fewest drops
+        # that reach three quarters of the room are found by bisection (a few renders, not one per turn).
+        users = [i for i, m in enumerate(plan.messages) if m["role"] == "user" and i >= plan.first_kept]
+        renders: dict[int, list[int]] = {0: target}
+
+        def prompt(k: int) -> list[int]:
+            if k not in renders:
+                renders[k] = self.render(Conversation(messages=plan.messages, first_kept=users[k]).view())
+            return renders[k]
+
+        low, high = 1, len(users) - 1  # the last message always stays
+        dropped = high
+        while low <= high:
+            middle = (low + high) // 2
+            if len(prompt(middle)) <= room * 3 // 4:
+                dropped, high = middle, middle - 1
+            else:
+                low = middle + 1
+        if dropped:
+            plan.first_kept, target = users[dropped], prompt(dropped)
         if len(target) > room:
             alone = self.render(plan.view()[:1] + plan.messages[-1:]) if plan.system else target
             raise InputError(

@@ -145,3 +145,30 @@ def test_lines_mode_reports_a_too_long_line_by_number_and_goes_on(monkeypatch, c
     assert "line 3: the message is too long" in err and "1 of 3 lines failed" in err
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert len(records) == 2 and records[1]["reused"] > 0  # the conversation went on, its cache intact
+
+
+def test_fit_finds_the_fewest_drops_with_a_few_renders_not_one_per_turn(tiny, monkeypatch):
+    """Regression (issue 10): fit() re-rendered the conversation once per dropped turn (39 renders for one
+    drop at 16k tokens)."""
+    engine = Engine(tiny, max_context=400)
+    conv = Conversation.start("Be brief.")
+    for i in range(60):
+        conv.messages += [{"role": "user", "content": f"Tell me about topic {i}, please."},
+                          {"role": "assistant", "content": f"Topic {i} is a fine topic."}]
+    conv.messages.append({"role": "user", "content": "And the last one?"})
+    sampling = Sampling(temperature=0, max_new_tokens=8)
+    room = 400 - 8
+    users = [i for i, m in enumerate(conv.messages) if m["role"] == "user"]
+    fewest = next(k for k in range(1, len(users))
+                  if len(engine.render(Conversation(messages=conv.messages, first_kept=users[k]).view())) <= room * 3 // 4)
+    calls = {"n": 0}
+    real_render = engine.render
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "render", counting)
+    target, first_kept, dropped = engine.fit(conv, sampling)
+    assert (dropped, first_kept) == (fewest, users[fewest]) and len(target) <= room * 3 // 4
+    assert calls["n"] <= 10 < fewest  # bisection: a handful of renders for dozens of dropped turns
