@@ -330,7 +330,6 @@ class Layout:
     state: dict[str, tuple[int, ...]]  # 'L.conv.S' -> the state's full shape
     state_dtypes: dict[str, torch.dtype]
     windows: dict[str, tuple[int, int, int]]  # 'L.window_keys' -> (kv_heads, dim, window) of a window-only layer
-    kinds: list[str | None]
     logits_shape: tuple[int, ...] = ()  # next-token logits [vocab], kept with a prompt's checkpoint
     logits_dtype: torch.dtype = torch.float32
 
@@ -397,7 +396,7 @@ def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Lay
     return Layout(per_token=per_token, windows=window_dims,
                   state={k: tuple(v.shape) for k, v in states.items() if k not in window_dims},
                   state_dtypes={k: v.dtype for k, v in states.items()},
-                  kinds=[kind(layer) for layer in cache.layers], logits_shape=tuple(logits.shape),
+                  logits_shape=tuple(logits.shape),
                   logits_dtype=logits.dtype)
 
 
