@@ -96,6 +96,19 @@ def check_manifest(manifest: Any, name: str) -> dict[str, Any]:
     return manifest
 
 
+def _link_twin(path: Path, key: str) -> bool:
+    """Make `path` (a session's NAME-KEY file) a hard link to another session's file of the same key in the same
+    folder (a fork's); False when there is none or the filesystem has no hard links (then write a copy)."""
+    twin = next(path.parent.glob(f"*-{key[:16]}.safetensors"), None)
+    if twin is None:
+        return False
+    try:
+        os.link(twin, path)
+    except OSError:
+        return False
+    return True
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON file of the store, read without following links or blocking on a FIFO."""
     return json.loads(kvfile.read_bytes(path).decode("utf-8"))
@@ -195,13 +208,7 @@ class Store:
         """
         key = chunk_key(self.fingerprint, ids)
         path = self._state_path(key, owner)
-        twin = next(self.states.glob(f"*-{key[:16]}.safetensors"), None) if owner else None
-        if not path.exists() and twin is not None:
-            try:
-                os.link(twin, path)
-            except OSError:
-                pass  # a filesystem without hard links: write a copy below
-        if not path.exists():
+        if not path.exists() and not (owner and _link_twin(path, key)):
             tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
             if logits is not None:
                 tensors["logits"] = logits.detach().to("cpu").contiguous()
@@ -550,14 +557,8 @@ class Store:
 
     def _write_tail(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
         """A session's tail; a hard link to an identical tail of another session (a fork) instead of a copy."""
-        twin = next(self.tails.glob(f"*-{key[:16]}.safetensors"), None)
-        if twin is not None:
-            try:
-                os.link(twin, path)
-                return
-            except OSError:
-                pass  # a filesystem without hard links: write a copy
-        self._write_kv(path, cache, key, start, end)
+        if not _link_twin(path, key):
+            self._write_kv(path, cache, key, start, end)
 
     def list_sessions(self) -> list[dict[str, Any]]:
         """One row per session: name, turns, tokens, bytes on disk (shared chunks counted in full), last used."""
