@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated ids, as a reply's text is made (special tokens left out)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDecoder:
     """Turns token ids into text deltas; holds back a delta while it ends in a partial UTF-8 character."""
 
@@ -15,7 +20,7 @@ class IncrementalDecoder:
         self._read = 0  # ids before this have been emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return decode(self._tokenizer, ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""

@@ -14,7 +14,7 @@ import torch
 from kvchat import kv
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation
-from kvchat.detokenize import IncrementalDecoder
+from kvchat.detokenize import IncrementalDecoder, decode
 from kvchat.errors import InputError, KvchatError
 from kvchat.model import LoadedModel
 from kvchat.sampling import make_generator, next_token
@@ -152,17 +152,13 @@ class Engine:
                 continue  # the template changed this message's text
             search = at + len(content)
             generated = message.get("token_ids") if message.get("role") == "assistant" else None
-            if isinstance(generated, list) and generated and self.decode(generated) == content:
+            if isinstance(generated, list) and generated and decode(self.tokenizer, generated) == content:
                 ids += self._tokenize(text[done:at]) + generated
                 done = search
         return ids + self._tokenize(text[done:])
 
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def decode(self, ids: list[int]) -> str:
-        """The text of generated ids, as a reply's text is made."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def system_prefix_ids(self, system: str | None) -> list[int]:
         """The tokens every conversation with this system prompt starts with (whatever the first message is)."""
