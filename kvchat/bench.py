@@ -19,6 +19,7 @@ from kvchat import kv, memory
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd
+from kvchat.prompt import common_prefix
 from kvchat.model import LoadedModel, fingerprint
 from kvchat.store import Persister, Store
 
@@ -36,11 +37,12 @@ class BenchPlan:
     reply_tokens: int = 32
     resume_tokens: int = 2000
     repeat: int = 3
+    history_tokens: tuple[int, ...] = (1000, 8000, 32000)  # turn cost: conversations this long
 
     @classmethod
     def quick(cls) -> "BenchPlan":
         return cls(prompt_tokens=64, new_tokens=16, turns=4, message_tokens=24, reply_tokens=8,
-                   resume_tokens=200, repeat=2)
+                   resume_tokens=200, repeat=2, history_tokens=(300, 1200))
 
 
 WORDS = ("river mountain quiet garden copper lantern orbit velvet harbor signal meadow thunder "
@@ -193,6 +195,65 @@ def _first_token(events, started: float, sink: list[float]) -> list[int]:
     raise AssertionError("a turn ended without a TurnEnd event")
 
 
+REPLY = ("The river winds through the valley, past old mills and quiet farms, where herons wait in the "
+         "shallows and the light falls slanting through willow leaves in late afternoon. ")
+
+
+def _history(engine: Engine, tokens: int) -> list[dict[str, Any]]:
+    """A conversation of at least `tokens` tokens, ending with a reply; replies carry their ids as generated."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are a helpful assistant."}]
+    while len(engine.render(messages)) < tokens:
+        turn = len(messages) // 2
+        messages.append({"role": "user", "content": message(turn, 50)})
+        messages.append(_reply(engine, f"Answer {turn}: " + REPLY * 3))
+    return messages
+
+
+def _reply(engine: Engine, text: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": text,
+            "token_ids": engine.tokenizer(text, add_special_tokens=False)["input_ids"]}
+
+
+def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, Any]:
+    """Scenario 5: what a turn costs before its first forward pass (render, tokenize, fit the context, find the
+    cached prefix) as the history grows; the whole conversation rendered each turn against remembered pieces.
+
+    Each timed turn is a new reply and a new message on a history the previous turn rendered. "no limit"
+    lets the whole history stay in view (the cost of rendering it); "model context" drops old turns to fit
+    the model's context, as a chat does.
+    """
+    engines = {"whole": Engine(loaded), "pieces": Engine(loaded)}
+    engines["whole"].renderer.use_pieces = False
+    context = engines["pieces"].max_context
+    sampling = Sampling(temperature=0, max_new_tokens=plan.new_tokens)
+    rows = []
+    steps = len(plan.history_tokens) * plan.repeat * 2
+    for size in plan.history_tokens:
+        history = _history(engines["pieces"], size)
+        tokens = len(engines["whole"].render(history))
+        for limit, label in ((None, "no limit"), (context, "model context")):
+            times: dict[str, list[float]] = {"whole": [], "pieces": []}
+            targets: dict[str, list[int]] = {}
+            for rep in range(plan.repeat):
+                progress(f"turn cost: {tokens} tokens, {label}", len(rows) * plan.repeat + rep, steps)
+                turn = [{"role": "user", "content": message(900 + rep, 50)},
+                        _reply(engines["pieces"], f"Answer {rep} {label}: " + REPLY * 2),
+                        {"role": "user", "content": message(950 + rep, 50)}]
+                for side, engine in engines.items():
+                    engine.max_context = limit
+                    conv = Conversation(messages=history + turn[:2])
+                    conv.token_ids = engine.render(history + turn[:1]) + turn[1]["token_ids"]  # the last turn's
+                    started = time.perf_counter()
+                    target, _, _ = engine.fit(conv, sampling, history + turn)
+                    common_prefix(conv.token_ids, target)
+                    times[side].append((time.perf_counter() - started) * 1000)
+                    targets[side] = target
+            rows.append({"history_tokens": tokens, "context": label, "prompt_tokens": len(targets["pieces"]),
+                         "whole_ms": _median(times["whole"]), "pieces_ms": _median(times["pieces"]),
+                         "same_tokens": targets["whole"] == targets["pieces"]})
+    return {"rows": rows, "model_context": context, "whole_reason": engines["pieces"].renderer.whole_reason}
+
+
 def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) -> dict[str, Any]:
     """Scenario 4: measured KV bytes per token against the formula, and on disk."""
     cache = kv.new_cache(loaded.model)
@@ -219,6 +280,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, A
     with tempfile.TemporaryDirectory(prefix="kvchat-bench-") as workdir:
         results["resume"] = resume(loaded, plan, progress, Path(workdir))
     results["memory"] = memory_figures(loaded, results["resume"])
+    results["turn_cost"] = turn_cost(loaded, plan, progress)
     results["peer"] = "llama_cpp is not importable here: no peer column"
     return results
 
@@ -260,6 +322,19 @@ def markdown(results: dict[str, Any]) -> str:
         for save in (saves[1], saves[-1]):
             lines.append(f"| after turn {save['turn']} | {save['tokens']} | {save['ms']:.0f} ms | "
                          f"{memory.human(save['bytes'])} |")
+    cost = results.get("turn_cost")
+    if cost:
+        lines += ["", "| turn cost before the first forward pass | prompt | whole render | remembered pieces | "
+                      "speed-up | same tokens |", "|---|---|---|---|---|---|"]
+        for row in cost["rows"]:
+            context = ("no context limit" if row["context"] == "no limit" else
+                       f"{cost['model_context']}-token context")
+            lines.append(f"| {row['history_tokens']:,}-token history, {context} | {row['prompt_tokens']:,} tokens | "
+                         f"{row['whole_ms']:.1f} ms | {row['pieces_ms']:.1f} ms | "
+                         f"{row['whole_ms'] / row['pieces_ms'] if row['pieces_ms'] else 0:.1f}x | "
+                         f"{'yes' if row['same_tokens'] else 'NO'} |")
+        if cost["whole_reason"]:
+            lines.append(f"This model's template is rendered whole: {cost['whole_reason']}.")
     lines += ["", f"Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
     lines.append(f"Peer: {results['peer']}")

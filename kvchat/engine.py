@@ -14,9 +14,10 @@ import torch
 from kvchat import kv
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation
-from kvchat.detokenize import IncrementalDecoder, decode
+from kvchat.detokenize import IncrementalDecoder
 from kvchat.errors import InputError, KvchatError
 from kvchat.model import LoadedModel
+from kvchat.prompt import Renderer, common_prefix
 from kvchat.sampling import make_generator, next_token
 
 # Special tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
@@ -84,15 +85,6 @@ def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token id lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 # Given the token ids of a prompt, the longest stored prefix of them as (tokens, cache), or None.
 PrefixSource = Callable[[list[int]], "tuple[int, Any] | None"]
 
@@ -119,7 +111,7 @@ class Engine:
         self._cache_kwarg = kv.cache_kwarg(self.model)
         self.stepwise = kv.stepwise_continuation(self.model)
         self.window_cache = window_cache  # how sliding-window layers are kept (kv.WINDOWS_FULL or WINDOWS_ONLY)
-        self._system_prefixes: dict[str | None, list[int]] = {}
+        self.renderer = Renderer(self.tokenizer)
         try:  # what the cache keeps per token and as state: one probe forward pass
             self.layout = kv.layout(self.model, self.device, self.window_cache)
         except kv.Unsupported as exc:
@@ -128,46 +120,13 @@ class Engine:
     # -- rendering ---------------------------------------------------------------------------
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-        """Token ids of the whole conversation as the chat template renders it, ready for the assistant's reply
-        (or, without `generation_prompt`, ending where the reply's header would begin).
-
-        A reply that carries the ids the model generated for it ('token_ids') and appears verbatim in the
-        rendered text keeps those ids, so the conversation re-renders to exactly the tokens in the cache
-        (re-tokenizing a reply can give other ids). Elsewhere, and where a template changed a reply's text,
-        the text is tokenized.
-        """
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=generation_prompt)
-        except Exception as exc:  # jinja raises its own errors for messages a template rejects
-            raise KvchatError(f"the model's chat template rejected the conversation: {exc}") from None
-        ids: list[int] = []
-        done = search = 0  # text[:done] is tokenized; messages are looked for from `search` on, in order
-        for message in messages:
-            content = message.get("content")
-            if not isinstance(content, str) or not content:
-                continue
-            at = text.find(content, search)
-            if at < 0:
-                continue  # the template changed this message's text
-            search = at + len(content)
-            generated = message.get("token_ids") if message.get("role") == "assistant" else None
-            if isinstance(generated, list) and generated and decode(self.tokenizer, generated) == content:
-                ids += self._tokenize(text[done:at]) + generated
-                done = search
-        return ids + self._tokenize(text[done:])
-
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        """Token ids of the conversation as the chat template renders it, ready for the assistant's reply (or,
+        without `generation_prompt`, ending where the reply's header would begin); see `prompt.Renderer`."""
+        return self.renderer.render(messages, generation_prompt)
 
     def system_prefix_ids(self, system: str | None) -> list[int]:
         """The tokens every conversation with this system prompt starts with (whatever the first message is)."""
-        if system not in self._system_prefixes:
-            head = [{"role": "system", "content": system}] if system else []
-            a = self.render(head + [{"role": "user", "content": "a"}])
-            b = self.render(head + [{"role": "user", "content": "b"}])
-            self._system_prefixes[system] = a[:common_prefix(a, b)]
-        return self._system_prefixes[system]
+        return self.renderer.system_prefix_ids(system)
 
     # -- model calls -------------------------------------------------------------------------
 

@@ -31,6 +31,11 @@ def check_shape(out, results):
     assert results["turns"]["prefilled"]["no_reuse"][-1] > results["turns"]["prefilled"]["reuse"][-1]
     assert results["resume"]["tokens"] >= 200
     assert len(results["cache_vs_recompute"]["runs"]["cached"]) == 2
+    cost = [line for line in table if line.startswith("| turn cost") or "-token history" in line]
+    assert cost[0].startswith("| turn cost before the first forward pass | prompt | whole render |")
+    rows = results["turn_cost"]["rows"]
+    assert len(cost) == 1 + len(rows) == 5 and all(row.endswith("| yes |") for row in cost[1:])
+    assert [row["history_tokens"] >= size for row, size in zip(rows[::2], (300, 1200))] == [True, True]
 
 
 def test_bench_quick_on_the_tiny_model(monkeypatch, capsys, tmp_path, tiny_model_dir):
