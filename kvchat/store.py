@@ -166,7 +166,13 @@ class Store:
         """Saves hold the store shared, prune and the size cap exclusive: a prune never deletes what a save
         has written and not yet listed (or its temporary files)."""
         self._ensure_dirs()
-        fd = kvfile.open_regular(self.root / ".kv" / "store.lock", os.O_RDWR | os.O_CREAT)
+        path = self.root / ".kv" / "store.lock"
+        try:
+            fd = kvfile.open_regular(path, os.O_RDWR | os.O_CREAT)
+        except kvfile.NotRegular:
+            raise
+        except OSError as exc:  # say which file: a lock made unreadable is fixed by removing it
+            raise OSError(exc.errno, f"{exc.strerror or exc} (the store's lock file {path})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
@@ -365,8 +371,9 @@ class Store:
         except kvfile.NotRegular:
             raise StoreError(f"session '{name}': its lock file {self.root / (name + '.lock')} is not a regular "
                              "file; remove it") from None
-        except OSError as exc:  # a read-only or full store
-            raise StoreError(f"cannot lock session '{name}' in {self.root}: {exc.strerror or exc}") from None
+        except OSError as exc:  # a read-only or full store, a lock file made unreadable
+            raise StoreError(f"cannot lock session '{name}' with {self.root / (name + '.lock')}: "
+                             f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -1,16 +1,21 @@
 """Random damage to random store files: `python tests/corruption_loop.py [ROUNDS]` (the suite runs a short form).
 
 A store with two saved sessions (three turns each, so each has a previous save) and a shared prefix is
-copied afresh for every round; one file in it is truncated, bit-flipped, zeroed, deleted, swapped with
-another file of the store, replaced by a directory, a FIFO, or a symlink to a file outside the store.
+copied afresh for every round; one file in it (lock files included) is truncated, bit-flipped, zeroed, deleted, swapped with
+another file of the store, replaced by a directory, a FIFO, or a symlink to a file outside the store, or
+made unreadable (permission 000). Run as root, the rounds read the store as a non-root user (nobody; the
+store is handed to that user and the process takes its effective uid while kvchat works), since
+permission bits do not stop root.
 Then both sessions are opened and sent one more message by a new engine. Checked every round: no
 exception but a one-line StoreError, every reply equal to a cache-free greedy run (no wrong KV used),
 the file outside the store untouched, and each transcript intact unless its manifest was the file hit
-(then the previous save, or one clear error).
+(then the previous save, or one clear error) or its lock file cannot be opened (one clear error naming it;
+the transcript is untouched).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -33,7 +38,8 @@ from kvchat.model import fingerprint  # noqa: E402
 from kvchat.store import Persister, Store, StoreError  # noqa: E402
 
 GREEDY = Sampling(temperature=0, max_new_tokens=6)
-DAMAGES = ("truncate", "flip", "zero", "delete", "swap", "directory", "fifo", "symlink-out")
+DAMAGES = ("truncate", "flip", "zero", "delete", "swap", "directory", "fifo", "symlink-out", "unreadable")
+NOBODY = 65534  # the user a root run reads the store as
 
 
 def _build(root: Path, loaded) -> dict[str, list]:
@@ -52,6 +58,9 @@ def _build(root: Path, loaded) -> dict[str, list]:
 
 
 def _damage(path: Path, how: str, files: list[Path], outside: Path, rng: random.Random) -> None:
+    if how == "unreadable":
+        path.chmod(0)
+        return
     if how in ("truncate", "flip", "zero") and path.stat().st_size:
         data = bytearray(path.read_bytes())
         if how == "truncate":
@@ -78,21 +87,44 @@ def _damage(path: Path, how: str, files: list[Path], outside: Path, rng: random.
         path.symlink_to(outside)
 
 
-def run_rounds(rounds: int, seed: int = 0) -> dict[str, int]:
+def run_rounds(rounds: int, seed: int = 0, damages: tuple[str, ...] = DAMAGES) -> dict[str, int]:
     """Damage a fresh copy of the store `rounds` times; returns counts. Raises AssertionError on any failure."""
     chunk_tokens, store_module.CHUNK_TOKENS = store_module.CHUNK_TOKENS, 16  # several chunks and a tail each
     try:
-        return _rounds(rounds, seed)
+        return _rounds(rounds, seed, damages)
     finally:
         store_module.CHUNK_TOKENS = chunk_tokens
 
 
-def _rounds(rounds: int, seed: int) -> dict[str, int]:
+@contextlib.contextmanager
+def _as_user(uid: int | None):
+    """Run the block with effective uid and gid `uid` (None: as is); always back to root after."""
+    if uid is None:
+        yield
+        return
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _hand_over(top: Path, uid: int) -> None:
+    for path in [top, *top.rglob("*")]:
+        os.chown(path, uid, uid, follow_symlinks=False)
+
+
+def _rounds(rounds: int, seed: int, damages: tuple[str, ...]) -> dict[str, int]:
     import signal
 
+    user = NOBODY if os.geteuid() == 0 else None
     rng = random.Random(seed)
     loaded = make_loaded(torch.float64)
-    figures = {"rounds": 0, "intact": 0, "older": 0, "recovered": 0, "refused": 0, "rebuilt": 0}
+    figures = {"rounds": 0, "intact": 0, "older": 0, "recovered": 0, "refused": 0, "rebuilt": 0,
+               "as_user": os.geteuid() if user is None else user}
+    fp = fingerprint(loaded)
     with tempfile.TemporaryDirectory() as tmp:
         pristine = Path(tmp) / "pristine"
         transcripts = _build(pristine, loaded)
@@ -102,44 +134,58 @@ def _rounds(rounds: int, seed: int) -> dict[str, int]:
             root = Path(tmp) / "round"
             shutil.rmtree(root, ignore_errors=True)
             shutil.copytree(pristine, root, symlinks=True)
-            files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
-            target, how = rng.choice(files), rng.choice(DAMAGES)
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+            target, how = rng.choice(files), rng.choice(damages)
             _damage(target, how, files, outside, rng)
+            if user is not None:
+                _hand_over(root, user)
+                os.chown(tmp, user, user)
             engine = Engine(loaded)
-            store = Store(root).bind(engine, fingerprint(loaded))
-            engine.prefix_source = store.longest_prefix
             signal.alarm(60)  # a FIFO must never make kvchat wait
             try:
-                for name in ("s", "t"):
+                with _as_user(user):
+                    store = Store(root).bind(engine, fp)
+                    engine.prefix_source = store.longest_prefix
                     try:
-                        opened = store.open_session(name)
-                    except StoreError as exc:
-                        assert "\n" not in str(exc)
-                        assert target.name == f"{name}.json" or how == "swap", f"{name} refused for {how} {target}"
-                        figures["refused"] += 1
-                        continue
-                    conv = opened.conversation
-                    if conv.messages == transcripts[name]:
-                        figures["intact"] += 1
-                    elif how == "swap" and conv.messages == transcripts[name][:len(conv.messages)]:
-                        figures["older"] += 1  # swapped with its own previous save: older, never foreign
-                    else:
-                        assert opened.notice and "recovered" in opened.notice, f"{name} changed by {how} {target}"
-                        figures["recovered"] += 1
-                    figures["rebuilt"] += opened.notice is not None
-                    end = [e for e in engine.send(conv, "And then?", GREEDY) if isinstance(e, TurnEnd)][0]
-                    want = greedy_without_cache(loaded.model, engine.render(conv.view()[:-1]), 6, engine.stop_ids)
-                    assert end.token_ids == want, f"wrong reply after {how} of {target.relative_to(root)}"
-                    try:
-                        Persister(store, name).after_turn(conv)
-                    except StoreError as exc:
-                        assert "\n" not in str(exc)
+                        for name in ("s", "t"):
+                            _continue_session(store, engine, name, transcripts[name], (target, how, root), figures)
+                    finally:
+                        store.close()
             finally:
                 signal.alarm(0)
-                store.close()
             assert outside.read_text() == "not the store's"
             figures["rounds"] += 1
     return figures
+
+
+def _continue_session(store: Store, engine: Engine, name: str, transcript: list, damage: tuple,
+                      figures: dict[str, int]) -> None:
+    """Open session `name` of a damaged store and send it one more message; count how it came back."""
+    target, how, root = damage
+    try:
+        opened = store.open_session(name)
+    except StoreError as exc:
+        assert "\n" not in str(exc)
+        locked_out = target.name in (f"{name}.lock", "store.lock") and "lock" in str(exc)
+        assert target.name == f"{name}.json" or how == "swap" or locked_out, f"{name} refused for {how} {target}"
+        figures["refused"] += 1
+        return
+    conv = opened.conversation
+    if conv.messages == transcript:
+        figures["intact"] += 1
+    elif how == "swap" and conv.messages == transcript[:len(conv.messages)]:
+        figures["older"] += 1  # swapped with its own previous save: older, never foreign
+    else:
+        assert opened.notice and "recovered" in opened.notice, f"{name} changed by {how} {target}"
+        figures["recovered"] += 1
+    figures["rebuilt"] += opened.notice is not None
+    end = [e for e in engine.send(conv, "And then?", GREEDY) if isinstance(e, TurnEnd)][0]
+    want = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), 6, engine.stop_ids)
+    assert end.token_ids == want, f"wrong reply after {how} of {target.relative_to(root)}"
+    try:
+        Persister(store, name).after_turn(conv)
+    except StoreError as exc:
+        assert "\n" not in str(exc)
 
 
 def main(argv: list[str]) -> int:
@@ -147,7 +193,8 @@ def main(argv: list[str]) -> int:
     print(f"{figures['rounds']} damaged stores: no traceback, no wrong reply, nothing outside touched; sessions "
           f"intact {figures['intact']}, recovered from the previous save {figures['recovered']}, an older save "
           f"of its own swapped in {figures['older']}, refused in one "
-          f"line {figures['refused']}; {figures['rebuilt']} opens rebuilt their cache from the text")
+          f"line {figures['refused']}; {figures['rebuilt']} opens rebuilt their cache from the text; read as "
+          f"uid {figures['as_user']}")
     return 0
 
 

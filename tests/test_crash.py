@@ -32,3 +32,14 @@ def test_random_damage_to_store_files_never_gives_a_traceback_a_wrong_reply_or_a
 
     figures = run_rounds(20, seed=3)
     assert figures["rounds"] == 20 and sum(figures[k] for k in ("intact", "older", "recovered", "refused")) == 40
+
+
+def test_unreadable_store_files_as_a_non_root_user_are_damage_like_any_other():
+    """Permission 000 on any store file, read by a user it stops (as root the rounds run as nobody): one line
+    or a rebuild, never a traceback or a lost transcript."""
+    from corruption_loop import run_rounds
+
+    figures = run_rounds(12, seed=5, damages=("unreadable",))
+    assert figures["as_user"] != 0
+    assert figures["rounds"] == 12 and sum(figures[k] for k in ("intact", "older", "recovered", "refused")) == 24
+    assert figures["rebuilt"] + figures["recovered"] + figures["refused"] > 0  # the damage was felt

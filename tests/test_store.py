@@ -664,7 +664,7 @@ def test_a_read_only_or_full_store_at_lock_time_is_one_clear_error_or_no_error(t
             raise OSError(errno.EROFS, "Read-only file system")
 
         monkeypatch.setattr(kvfile, "open_regular", refuse)
-        with pytest.raises(StoreError, match="cannot lock session 's' in .*: Read-only file system"):
+        with pytest.raises(StoreError, match="cannot lock session 's' with .*s.lock: Read-only file system"):
             store.lock("s")
     else:
         def full(*args, **kwargs):
@@ -676,3 +676,44 @@ def test_a_read_only_or_full_store_at_lock_time_is_one_clear_error_or_no_error(t
         with pytest.raises(StoreError, match="open in another kvchat process"):
             Store(tmp_path).lock("s")
     store.close()
+
+
+@pytest.mark.parametrize("lock", ["s.lock", ".kv/store.lock"])
+def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_is_untouched(tiny, lock):
+    """Permission 000 on a lock file, for a user it stops (as root the store is read as nobody): one line
+    naming the file, never a traceback, and the saved transcript stays as it was."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from corruption_loop import NOBODY, _as_user, _hand_over
+
+    top = Path(tempfile.mkdtemp(prefix="kvchat-lock-"))
+    try:
+        root = top / "sessions"
+        engine, store = make_engine(tiny, root)
+        conv = Conversation.start(SYSTEM)
+        turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+        store.close()
+        saved = (root / "s.json").read_bytes()
+        (root / lock).chmod(0)
+        user = NOBODY if os.geteuid() == 0 else None
+        if user is not None:
+            _hand_over(top, user)
+        with _as_user(user):
+            engine, store = make_engine(tiny, root)
+            try:
+                if lock == "s.lock":
+                    with pytest.raises(StoreError, match=r"cannot lock session 's' with .*s\.lock: Permission denied"):
+                        store.lock("s")
+                else:
+                    opened = store.open_session("s")
+                    turn(engine, opened.conversation, MESSAGES[1])
+                    with pytest.raises(StoreError, match=r"Permission denied \(the store's lock file .*store\.lock\); "
+                                                         "the previous save is intact"):
+                        Persister(store, "s").after_turn(opened.conversation)
+            finally:
+                store.close()
+        assert (root / "s.json").read_bytes() == saved
+    finally:
+        shutil.rmtree(top)
