@@ -8,16 +8,20 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
-from kvchat import __version__, kv, memory
-from kvchat.config import Settings, load_config
-from kvchat.conversation import MAX_CHECKPOINTS, Conversation
-from kvchat.engine import Engine, Token, TurnEnd, check_message, turn_notices
-from kvchat.errors import ConfigError, InputError, KvchatError
-from kvchat.model import fingerprint, kvchat_home, load_model, one_line
+from kvchat import __version__, memory
+from kvchat.config import Settings, kvchat_home, load_config
+from kvchat.conversation import MAX_CHECKPOINTS, Conversation, check_message
+from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store import Persister, Store, check_name
 from kvchat.terminal import visible
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine, TurnEnd
+
+# torch and transformers are imported only by the commands that load a model: --help, --version, sessions and
+# cache answer at once.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +102,9 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
 
 def load_engine(settings: Settings) -> Engine:
     """Load the configured model (progress on stderr) and wrap it in an engine."""
+    from kvchat.engine import Engine
+    from kvchat.model import load_model
+
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
@@ -124,6 +131,8 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
     line number and the script goes on; returns how many failed. Without, the first failure raises
     (a KvchatError: one line).
     """
+    from kvchat.engine import Token, TurnEnd, turn_notices
+
     failed = 0
     for index, text in enumerate(messages):
         try:
@@ -186,6 +195,8 @@ def chat(argv: list[str]) -> int:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     engine = load_engine(settings)
+    from kvchat.model import fingerprint
+
     warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context, engine.layout),
                                     memory.free_memory(engine.device), MAX_CHECKPOINTS)
     if warning:
@@ -280,6 +291,9 @@ def info_command(argv: list[str]) -> int:
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context", "window_cache"))
+    from kvchat import kv
+    from kvchat.model import load_model
+
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     try:
@@ -347,6 +361,8 @@ def bench_command(argv: list[str]) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise KvchatError("--plot needs matplotlib: pip install matplotlib")
+    from kvchat.model import load_model
+
     loaded = load_model(settings.model, settings.device, settings.dtype,
                         progress=lambda message: print(message, file=sys.stderr, flush=True))
     bar = ProgressBar(sys.stderr)

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kvchat.errors import ConfigError
+
+
+def kvchat_home() -> Path:
+    """Where kvchat keeps its own files outside the project (converted models, input history, digests)."""
+    return Path(os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat")
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

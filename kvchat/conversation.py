@@ -1,12 +1,17 @@
-"""A conversation: its messages, the exact token ids in its KV cache, and that cache, kept together."""
+"""A conversation: its messages, the exact token ids in its KV cache, and that cache, kept together.
+
+The cache adapter (and with it torch) is imported by the methods that touch a cache, so that commands which
+only read sessions start at once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvchat import kv
+from kvchat.errors import InputError
 
+MAX_MESSAGE_CHARS = 1_000_000
 MAX_CHECKPOINTS = 8  # recurrent-state snapshots kept in memory: pinned ones (the system prompt's) and the latest
 
 
@@ -91,6 +96,8 @@ class Conversation:
 
     def check(self) -> None:
         """Assert that the cache holds exactly `token_ids`."""
+        from kvchat import kv
+
         assert not self.dirty, "a forward pass was cut short and its cache not restored"
         if self.cache is not None and kv.tracks_length(self.cache):
             held = kv.length(self.cache)
@@ -110,6 +117,8 @@ class Conversation:
 
         Beyond MAX_CHECKPOINTS the oldest unpinned snapshot goes.
         """
+        from kvchat import kv
+
         if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache):
             return
         n = len(self.token_ids)
@@ -131,6 +140,8 @@ class Conversation:
         at or before `n` (its state cannot be cut). With no such point, or layers kvchat does not know,
         the cache is forgotten and 0 is returned.
         """
+        from kvchat import kv
+
         if self.cache is None or n <= 0 or kv.unsupported(self.cache) is not None:
             self.drop_cache()
             return 0
@@ -153,7 +164,19 @@ class Conversation:
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` tokens of the attention layers and ids (state layers are `cut_to`'s business)."""
+        from kvchat import kv
+
         kv.truncate(self.cache, n)
         del self.token_ids[n:]
         if self.prompt_logits is not None and self.prompt_logits[0] > n:
             self.prompt_logits = None
+
+
+def check_message(text: str) -> None:
+    """Refuse a user message that cannot be a chat turn: empty, whitespace, NUL bytes, absurdly long."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("empty message: nothing to send")
+    if "\x00" in text:
+        raise InputError("the message contains a NUL byte; binary input cannot be sent to the model")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise InputError(f"the message is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")

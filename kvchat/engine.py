@@ -13,7 +13,7 @@ import torch
 
 from kvchat import kv
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
+from kvchat.conversation import Conversation, check_message
 from kvchat.detokenize import IncrementalDecoder
 from kvchat.errors import InputError, KvchatError
 from kvchat.model import LoadedModel
@@ -397,20 +397,7 @@ class Engine:
         yield TurnEnd(reply, stats, list(decoder.ids))
 
 
-MAX_MESSAGE_CHARS = 1_000_000
-
-
 def model_max_context(model: Any) -> int | None:
     """The model's maximum positions, when its config says."""
     config = model.config.get_text_config(decoder=True)
     return getattr(config, "max_position_embeddings", None)
-
-
-def check_message(text: str) -> None:
-    """Refuse a user message that cannot be a chat turn: empty, whitespace, NUL bytes, absurdly long."""
-    if not isinstance(text, str) or not text.strip():
-        raise InputError("empty message: nothing to send")
-    if "\x00" in text:
-        raise InputError("the message contains a NUL byte; binary input cannot be sent to the model")
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise InputError(f"the message is {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,}")

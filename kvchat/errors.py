@@ -7,6 +7,12 @@ class KvchatError(Exception):
     exit_code = 1
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class ConfigError(KvchatError):
     """An invalid setting in config.toml or on the command line."""
 

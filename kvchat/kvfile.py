@@ -16,11 +16,14 @@ import struct
 import zlib
 from pathlib import Path
 
-import torch
-from safetensors.torch import save as st_save
+from array import array
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = 1
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # names in torch
 
 
 class DamagedKV(Exception):
@@ -72,7 +75,7 @@ def atomic_write(path: Path, data: bytes) -> int:
 
 
 def _ids_bytes(ids: list[int]) -> bytes:
-    return torch.tensor(ids, dtype=torch.int64).numpy().tobytes() if ids else b""
+    return array("q", ids).tobytes()  # int64 in native byte order
 
 
 class ChunkKeys:
@@ -97,6 +100,8 @@ def chunk_key(fingerprint: str, ids: list[int]) -> str:
 
 def encode(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
     """safetensors bytes whose metadata adds the CRC32 of the tensor data (serialized twice to learn it)."""
+    from safetensors.torch import save as st_save
+
     meta = dict(meta, format=str(FORMAT))
     plain = st_save(tensors, metadata=meta)
     header_len = struct.unpack("<Q", plain[:8])[0]
@@ -110,6 +115,8 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
     each of its shape and dtype (one for all, or one per name; those named in `optional` may be absent). Its tensors are views of the mapping (no copy).
     Raises DamagedKV with the reason.
     """
+    import torch
+
     try:
         with os.fdopen(open_regular(path), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -149,7 +156,7 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
                 tuple(entry["shape"]) != tuple(shape):
             raise DamagedKV(f"{path.name} has wrong shapes for this model")
-        if _DTYPES.get(entry.get("dtype")) != want:
+        if getattr(torch, _DTYPES.get(entry.get("dtype"), ""), None) != want:
             raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}")
         count = 1
         for dim in shape:

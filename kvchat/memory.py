@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ WELL_KNOWN = [
 def model_shape(loaded: Any, context: int | None, layout: Any) -> KVShape:
     """The cache dimensions of a loaded model, from what a probe forward pass kept (`kv.Layout`) and its config."""
     config = loaded.model.config.get_text_config(decoder=True)
-    dtype_bytes = torch.empty((), dtype=loaded.dtype).element_size()
+    dtype_bytes = loaded.dtype.itemsize
     widths = {dims for name, dims in layout.per_token.items() if not name.endswith(".indexer_keys")}
     kv_layers = {int(name.split(".")[0]) for name in layout.per_token}
     uniform = len(widths) == 1 and all(not name.endswith(".indexer_keys") for name in layout.per_token)
@@ -89,6 +90,8 @@ def model_shape(loaded: Any, context: int | None, layout: Any) -> KVShape:
 def free_memory(device: torch.device) -> int | None:
     """Bytes free for new tensors on `device`, when it can be known."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
         try:

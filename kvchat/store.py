@@ -29,15 +29,19 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
-
-from kvchat import kv, kvfile
-from kvchat.conversation import Checkpoint, Conversation
-from kvchat.errors import KvchatError
+from kvchat import kvfile
+from kvchat.errors import KvchatError, one_line
 from kvchat.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
-from kvchat.model import one_line
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvchat.conversation import Conversation
+
+# Listing, showing, removing and pruning sessions never import torch (kvchat sessions/cache answer at once):
+# the KV side imports the cache adapter when it first needs it.
 
 CHUNK_TOKENS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -189,6 +193,8 @@ class Store:
     # -- KV files ----------------------------------------------------------------------------
 
     def _write_kv(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
+        from kvchat import kv
+
         data = kvfile.encode(kv.export(cache, start, end), self._kv_meta(key, start, end - start))
         self.counters.add(atomic_write(path, data))
 
@@ -265,6 +271,8 @@ class Store:
         return saved
 
     def _save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None) -> bool:
+        from kvchat import kv
+
         self._ensure_dirs()
         key = chunk_key(self.fingerprint, ids)
         entry_path = self.prefixes / f"{key}.json"
@@ -292,6 +300,8 @@ class Store:
         the whole of `target` (a state cannot be cut back to leave a token to feed).
         Damaged files are skipped, never used.
         """
+        from kvchat import kv
+
         if self.fingerprint is None or not self.chunks.is_dir():
             return None
         stateful = self.engine.layout.has_state
@@ -427,6 +437,9 @@ class Store:
 
     def open_session(self, name: str, system: str | None = None) -> Opened:
         """Lock and load a session (KV included when it is intact), or start it when it does not exist."""
+        from kvchat import kv
+        from kvchat.conversation import Checkpoint, Conversation
+
         self.lock(name)
         manifest = self.read_manifest(name)
         if manifest is None:
@@ -497,6 +510,8 @@ class Store:
             self._save_session(name, conv)
 
     def _save_session(self, name: str, conv: Conversation) -> None:
+        from kvchat import kv
+
         previous = self.read_manifest(name)
         ids = list(conv.token_ids)
         exportable = conv.cache is not None and kv.can_export(conv.cache)
@@ -726,6 +741,8 @@ class Persister:
                                  f"{exc.strerror or exc}; the previous save is intact") from None
 
     def _save_system_prefix(self, conv: Conversation) -> None:
+        from kvchat import kv
+
         prefix = self.store.engine.system_prefix_ids(conv.system)
         key = hash(tuple(prefix))
         if key in self.prefixes_saved or len(prefix) > len(conv.token_ids) or conv.token_ids[:len(prefix)] != prefix:

@@ -147,3 +147,17 @@ def test_a_failed_turn_in_lines_mode_is_reported_and_the_script_goes_on(monkeypa
     code, out, err = run(monkeypatch, capsys, greedy(tiny_model_dir, "--lines"), b"Hello!\nHow are you?\n")
     assert code == 1 and len(out.splitlines()) == 1
     assert "line 1: RuntimeError: out of memory; skipped" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["sessions", "list"], ["cache"], ["sessions", "rm", "x"]])
+def test_commands_that_load_no_model_never_import_torch(tmp_path, argv):
+    """Regression (issue 11): every command imported torch and transformers first (3 s before --help)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from kvchat.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('IMPORTED', sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv, *(["--sessions-dir", str(tmp_path)]
+                                                                    if argv[0] in ("sessions", "cache") else [])],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert "IMPORTED []" in done.stdout, done.stdout + done.stderr
