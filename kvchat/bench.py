@@ -18,7 +18,7 @@ import torch
 from kvchat import kv, memory
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
+from kvchat.engine import Engine, Prefill, TurnEnd
 from kvchat.prompt import common_prefix
 from kvchat.model import LoadedModel, fingerprint
 from kvchat.store import Persister, Store
@@ -187,7 +187,7 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
 def _first_token(events, started: float, sink: list[float]) -> list[int]:
     first = None
     for event in events:
-        if first is None:
+        if first is None and not isinstance(event, Prefill):  # the first token (or the end of an empty reply)
             first = (time.perf_counter() - started) * 1000
         if isinstance(event, TurnEnd):
             sink.append(first)

@@ -100,13 +100,23 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
     return Store(root, max_bytes=settings.cache_max_mb * 1024 * 1024)
 
 
-def load_engine(settings: Settings) -> Engine:
-    """Load the configured model (progress on stderr) and wrap it in an engine."""
-    from kvchat.engine import Engine
+def load(settings: Settings) -> Any:
+    """Load the configured model, its progress on stderr (a transient line in a terminal)."""
+    from kvchat.display import LoadProgress
     from kvchat.model import load_model
 
-    loaded = load_model(settings.model, settings.device, settings.dtype,
-                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    progress = LoadProgress(sys.stderr)
+    try:
+        return load_model(settings.model, settings.device, settings.dtype, progress=progress)
+    finally:
+        progress.close()
+
+
+def load_engine(settings: Settings) -> Engine:
+    """Load the configured model and wrap it in an engine."""
+    from kvchat.engine import Engine
+
+    loaded = load(settings)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
                   max_context=settings.max_context, window_cache=settings.window_cache)
 
@@ -194,6 +204,8 @@ def chat(argv: list[str]) -> int:
     if not interactive and line_numbers is None:
         for message in messages:
             check_message(message)  # refuse bad input before spending seconds on loading the model
+    if interactive:  # at once: loading takes seconds
+        print(f"kvchat {__version__} · starting {visible(settings.model)} · Ctrl-C to cancel", flush=True)
     engine = load_engine(settings)
     from kvchat.model import fingerprint
 
@@ -292,10 +304,8 @@ def info_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context", "window_cache"))
     from kvchat import kv
-    from kvchat.model import load_model
 
-    loaded = load_model(settings.model, settings.device, settings.dtype,
-                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    loaded = load(settings)
     try:
         layout = kv.layout(loaded.model, loaded.device, settings.window_cache)
     except kv.Unsupported as exc:
@@ -361,10 +371,7 @@ def bench_command(argv: list[str]) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise KvchatError("--plot needs matplotlib: pip install matplotlib")
-    from kvchat.model import load_model
-
-    loaded = load_model(settings.model, settings.device, settings.dtype,
-                        progress=lambda message: print(message, file=sys.stderr, flush=True))
+    loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
         results = bench.run(loaded, plan, bar)

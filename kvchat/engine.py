@@ -33,6 +33,15 @@ class Token:
 
 
 @dataclass
+class Prefill:
+    """Progress of the prompt's prefill, after each forward pass: `done` of `total` tokens this turn."""
+
+    done: int
+    total: int
+    elapsed_s: float  # since the prefill began
+
+
+@dataclass
 class TurnStats:
     """What one turn cost, and how much of it the cache saved."""
 
@@ -147,8 +156,9 @@ class Engine:
         conv.dirty = False
         return logits
 
-    def _prefill(self, conv: Conversation, ids: list[int], marks: dict[int, bool] | None = None) -> torch.Tensor:
-        """Feed `ids` in chunks; return the last logits. A cache with recurrent state is snapshotted after each
+    def _prefill(self, conv: Conversation, ids: list[int],
+                 marks: dict[int, bool] | None = None) -> Iterator[Prefill]:
+        """Feed `ids` in chunks, yielding a `Prefill` after each; return the last logits. A cache with recurrent state is snapshotted after each
         absolute position in `marks` (chunks end there; the value says whether the snapshot is pinned), so that
         a later turn can come back to it.
 
@@ -162,6 +172,7 @@ class Engine:
         stops = sorted({m for m in marks if start < m < end} | {end}) if stateful else [end]
         logits = None
         position = start
+        began = time.perf_counter()
         for stop in stops:
             while position < stop:
                 size = self.prefill_chunk
@@ -170,6 +181,7 @@ class Engine:
                 step = min(size, stop - position)
                 logits = self._feed(conv, ids[position - start:position - start + step])
                 position += step
+                yield Prefill(position - start, len(ids), time.perf_counter() - began)
             if stop != end:
                 conv.checkpoint(pin=marks[stop])
         return logits
@@ -242,8 +254,8 @@ class Engine:
 
     # -- a turn ------------------------------------------------------------------------------
 
-    def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Token | TurnEnd]:
-        """Add a user message and generate the reply, yielding `Token`s and then one `TurnEnd`.
+    def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
+        """Add a user message and generate the reply, yielding `Prefill` progress, `Token`s and then one `TurnEnd`.
 
         Raises InputError (or KvchatError for a template that rejects the conversation) at once, with the
         conversation untouched. The message enters the conversation only when the reply starts; a turn cut off
@@ -253,14 +265,14 @@ class Engine:
         check_message(text)
         return self._turn(conv, conv.messages + [{"role": "user", "content": text}], sampling)
 
-    def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Token | TurnEnd]:
+    def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
         """Generate the last reply again (its prompt is entirely cached, so nothing is prefilled); the old reply
         stays until the new one starts."""
         if not conv.messages or conv.messages[-1]["role"] != "assistant":
             raise InputError("there is no reply to retry")
         return self._turn(conv, conv.messages[:-1], sampling)
 
-    def _turn(self, conv: Conversation, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Token | TurnEnd]:
+    def _turn(self, conv: Conversation, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
         """Fit `messages` (the conversation as it will be, ending with the user's) now; reply as iterated."""
         assert messages and messages[-1]["role"] == "user", "a turn needs a user message last"
         started = time.perf_counter()
@@ -333,7 +345,7 @@ class Engine:
             conv.cut_to(keep)
 
     def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
-               started: float, messages: list[dict[str, str]], first_kept: int) -> Iterator[Token | TurnEnd]:
+               started: float, messages: list[dict[str, str]], first_kept: int) -> Iterator[Prefill | Token | TurnEnd]:
         decoder = IncrementalDecoder(self.tokenizer)
         finished = False
         before = (list(conv.messages), conv.first_kept)
@@ -344,7 +356,7 @@ class Engine:
                 if reused == len(target):
                     logits = conv.prompt_logits[1]
                 else:
-                    logits = self._prefill(conv, target[reused:], self._marks(conv, target))
+                    logits = yield from self._prefill(conv, target[reused:], self._marks(conv, target))
                     conv.prompt_logits = (len(target), logits)
                     conv.checkpoint(logits)
                 prefill_done = time.perf_counter()

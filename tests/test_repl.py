@@ -1,6 +1,7 @@
 """The REPL driven through prompt-toolkit's pipe input with a tiny engine: transcripts and slash commands."""
 
 import io
+import re
 
 import pytest
 from prompt_toolkit.input import create_pipe_input
@@ -8,9 +9,10 @@ from prompt_toolkit.output import DummyOutput
 
 from kvchat.config import Sampling, Settings
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine
+from kvchat.display import WrappingWriter
+from kvchat.engine import Engine, Token
 from kvchat.model import fingerprint
-from kvchat.repl import Repl, WrappingWriter
+from kvchat.repl import Repl
 from kvchat.store import Persister, Store
 
 SETTINGS = Settings(sampling=Sampling(temperature=0, max_new_tokens=6))
@@ -186,9 +188,11 @@ def test_colour_only_on_a_terminal_without_no_color(tiny, pipe, monkeypatch, no_
     repl = Repl(Engine(tiny), Conversation.start(), SETTINGS, input=pipe, output=DummyOutput(),
                 out=FakeTerminal(), width=80)
     repl.pipe = pipe
+    repl.progress_delay = 0  # the progress line shows too, coloured or not
     out = drive(repl, "Hello\r/quit\r")
-    assert ("\x1b[" in out) is (not no_color)
-    plain = make_repl(tiny, pipe)  # output that is not a terminal: never colour
+    colour = re.compile(r"\x1b\[[0-9;]*m")  # SGR: colours and styles (a live line also moves the cursor)
+    assert bool(colour.search(out)) is (not no_color)
+    plain = make_repl(tiny, pipe)  # output that is not a terminal: no escape sequence at all
     assert "\x1b[" not in drive(plain, "Hello\r/quit\r")
 
 
@@ -199,7 +203,10 @@ def test_ctrl_c_during_a_reply_keeps_it_and_the_chat_goes_on(tiny, pipe):
     def send_then_interrupt(conv, text, sampling):
         stream = real_send(conv, text, sampling)
         if text == "Hello":
-            yield next(stream)
+            for event in stream:
+                yield event
+                if isinstance(event, Token):
+                    break
             stream.close()  # what the generator sees when Ctrl-C lands while a token is printed
             raise KeyboardInterrupt
         yield from stream
@@ -323,3 +330,28 @@ def test_a_failure_inside_a_turn_is_one_line_and_the_chat_goes_on(tiny, pipe, mo
     assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant"]  # the failed turn left nothing
     assert repl.conv.messages[1]["content"] == "Hello again"
     repl.conv.check()
+
+
+def test_a_long_prefill_shows_its_progress_and_the_reply_follows(tiny, pipe):
+    """Regression (issue 11): nothing moved on screen while a long message was read (108 s seen). In a
+    terminal, a turn without its first token shows a transient line: tokens read of how many, the rate,
+    Ctrl-C to stop; the reply follows it."""
+    repl = make_repl(tiny, pipe, terminal=True, width=120)
+    repl.engine.prefill_chunk = 16
+    repl.progress_delay = 0
+    message = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+    out = drive(repl, message + "\r/quit\r")
+    total = len(repl.engine.render(repl.conv.messages[:-1]))  # nothing was cached: the whole prompt
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
+    assert "reading the prompt" in lines and "Ctrl-C stops" in lines and "tok/s" in lines
+    assert f"16/{total} tokens" in lines
+    expected = reply_to(repl.engine, repl.conv.messages[:-1])
+    assert expected.strip() and expected.strip() in lines
+
+
+def test_no_progress_line_outside_a_terminal(tiny, pipe):
+    repl = make_repl(tiny, pipe)
+    repl.engine.prefill_chunk = 16
+    repl.progress_delay = 0
+    out = drive(repl, " ".join(["The quick brown fox."] * 12) + "\r/quit\r")
+    assert "reading the prompt" not in out and "\x1b[" not in out

@@ -1,0 +1,153 @@
+"""How the REPL draws what is not plain text: replies wrapped between words, the prefill progress line.
+
+Only the REPL uses it; nothing here reads input.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+from prompt_toolkit.utils import get_cwidth
+
+
+class WrappingWriter:
+    """Streams text to a terminal, breaking lines between words and measuring wide characters as two columns."""
+
+    def __init__(self, out: TextIO, width: int | None):
+        self.out, self.width = out, width
+        self.column = 0
+        self.pending = ""  # a word that may continue in the next piece
+        self.spaces = ""  # blanks after the last word, dropped if the line breaks there
+        self.wrapped = False  # the current line was started by a wrap, not by the text's own newline
+
+    def write(self, text: str) -> None:
+        if not self.width:
+            self.out.write(text)
+            self.out.flush()
+            if text:
+                self.column = 0 if text.endswith("\n") else self.column + len(text)
+            return
+        self.pending += text
+        *complete, self.pending = self._split(self.pending)
+        for piece in complete:
+            self._emit(piece)
+        self.out.flush()
+
+    @staticmethod
+    def _split(text: str) -> list[str]:
+        """Words and separators (spaces, newlines) in order; the last item is the unfinished word (maybe '')."""
+        pieces, word = [], ""
+        for char in text:
+            if char in " \n\t":
+                if word:
+                    pieces.append(word)
+                pieces.append(char)
+                word = ""
+            else:
+                word += char
+        return pieces + [word]
+
+    def _emit(self, piece: str) -> None:
+        if piece == "\n":
+            self.out.write(self.spaces.rstrip(" \t") + "\n")
+            self.column, self.spaces, self.wrapped = 0, "", False
+            return
+        if piece in (" ", "\t"):
+            self.spaces += piece  # written only if a word follows on the same line
+            return
+        width = sum(get_cwidth(c) for c in piece)
+        if self.column and self.column + len(self.spaces) + width > self.width:
+            self.out.write("\n")
+            self.column, self.wrapped = 0, True
+        elif self.column or not self.wrapped:  # between words, or indentation at the start of a real line
+            self.out.write(self.spaces)
+            self.column += len(self.spaces)
+        self.spaces = ""
+        while self.column + width > self.width:  # a word longer than the line: hard-break it
+            head, used = "", 0
+            for char in piece:
+                if self.column + used + get_cwidth(char) > self.width:
+                    break
+                head += char
+                used += get_cwidth(char)
+            self.out.write(head + "\n")
+            piece, width, self.column, self.wrapped = piece[len(head):], width - used, 0, True
+        self.out.write(piece)
+        self.column += width
+
+    def finish(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = ""
+        if self.column:
+            self.out.write("\n")
+        self.column, self.spaces = 0, ""
+        self.out.flush()
+
+
+class PrefillProgress:
+    """While a turn has not produced its first token: after `delay` seconds, one transient line with the tokens
+    of the prompt read so far, of how many, the rate, and how to stop (rich's progress bar)."""
+
+    def __init__(self, out: TextIO, delay: float = 0.5, width: int | None = None, color: bool = True):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        began = time.monotonic()
+
+        class Delayed(Progress):
+            def get_renderables(self):
+                if time.monotonic() - began >= delay:
+                    yield from super().get_renderables()
+
+        console = Console(file=out, force_terminal=True, width=width, highlight=False,
+                          color_system="auto" if color else None)  # NO_COLOR: cursor moves only, no colours
+        self._progress = Delayed(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("tokens · {task.fields[rate]} · "), TimeElapsedColumn(), TextColumn("· Ctrl-C stops"),
+            console=console, transient=True, refresh_per_second=8, redirect_stdout=False, redirect_stderr=False)
+        self._task = self._progress.add_task("reading the prompt", total=None, rate="")
+        self._progress.start()
+        self.shown = False
+
+    def update(self, done: int, total: int, elapsed_s: float) -> None:
+        """After a forward pass of the prefill: `done` of `total` prompt tokens, in `elapsed_s`."""
+        rate = f"{done / elapsed_s:,.0f} tok/s" if elapsed_s > 0 else ""
+        self._progress.update(self._task, completed=done, total=total, rate=rate, refresh=True)
+
+    def stop(self) -> None:
+        """Remove the line (before the reply's first token is written)."""
+        self._progress.stop()
+
+
+class LoadProgress:
+    """A model's loading on stderr: in a terminal, one transient rich progress line (steps, elapsed time);
+    elsewhere a line per phase. Called as the `progress` of `model.load_model`."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.last = stream, None
+        self._progress = self._task = None
+        if stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=16),
+                                      TimeElapsedColumn(), console=Console(file=stream, highlight=False),
+                                      transient=True, redirect_stdout=False, redirect_stderr=False)
+            self._task = self._progress.add_task("loading", total=None)
+            self._progress.start()
+
+    def __call__(self, what: str, step: int, steps: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=what, completed=step, total=steps, refresh=True)
+        elif what != self.last and steps > 1:  # scripts see the one-time conversion, not every load
+            self.stream.write(f"kvchat: {what}\n")
+            self.stream.flush()
+        self.last = what
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
