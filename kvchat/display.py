@@ -151,3 +151,30 @@ class LoadProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+COLLAPSE_ROWS = 12  # a message taller than this (in terminal rows) is shown collapsed
+SHOWN_ROWS = 6  # how many rows of it stay
+
+
+def collapse(text: str, width: int) -> str:
+    """`text` as it stays on screen once sent: whole when it is short, else its first rows and a marker
+    saying how much more there is (the model gets all of it)."""
+    width = max(width, 20)
+    lines = text.split("\n")
+    rows = [max(1, -(-sum(get_cwidth(c) for c in line) // width)) for line in lines]
+    if sum(rows) <= COLLAPSE_ROWS:
+        return text
+    kept, used = [], 0
+    for line, height in zip(lines, rows):
+        if used + height > SHOWN_ROWS:
+            if not kept:  # one very long line: its first rows
+                kept.append(line[:SHOWN_ROWS * width])
+            break
+        kept.append(line)
+        used += height
+    more_lines = len(lines) - len(kept)
+    shown = "\n".join(kept)
+    more = (f"{more_lines:,} more line{'s' if more_lines != 1 else ''}" if more_lines else
+            f"{len(text) - len(shown):,} more characters")
+    return f"{shown}\n[… {more}; {len(text):,} characters sent]"

@@ -15,7 +15,7 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from kvchat import kv
 from kvchat.config import Settings, set_sampling
-from kvchat.display import PrefillProgress, WrappingWriter
+from kvchat.display import PrefillProgress, WrappingWriter, collapse
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
@@ -32,6 +32,7 @@ COMMANDS = {
     "/save": "[NAME]  save as a session (NAME! replaces an existing one); autosaved after every turn from then on",
     "/load": "NAME  switch to a saved session",
     "/sessions": "list saved sessions",
+    "/history": "[N]  show the conversation (the last N exchanges)",
     "/fork": "NAME  copy this conversation to a new session (sharing its stored KV) and switch to it",
     "/stats": "this session's figures, including the time reuse saved",
     "/set": "KEY=VALUE  temperature, top_p, top_k, max_new_tokens, seed",
@@ -40,6 +41,34 @@ COMMANDS = {
 KEYS = """Keys: Enter sends · Alt-Enter (or Esc then Enter) adds a newline; pasted text keeps its newlines
       Ctrl-C stops a reply, or clears the line · Ctrl-D leaves · Ctrl-R searches history · Tab completes"""
 SETTABLE = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+RESUME_EXCHANGES = 2  # exchanges shown when a session is resumed or loaded
+MAX_HISTORY_CHARS = 10_000  # longer inputs (pastes) are sent but not kept in the input history
+
+
+class _Kept:
+    """Input history that keeps what was sent (a collapsed paste's whole text, not its collapsed form), and
+    nothing longer than MAX_HISTORY_CHARS."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.sent: dict[str, str] = {}  # collapsed form -> whole text, for the entry being accepted
+
+    def append_string(self, string: str) -> None:
+        string = self.sent.pop(string, string)
+        if len(string) <= MAX_HISTORY_CHARS:
+            super().append_string(string)
+
+
+class KeptFileHistory(_Kept, FileHistory):
+    pass
+
+
+class KeptMemoryHistory(_Kept, InMemoryHistory):
+    pass
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def help_text() -> str:
@@ -120,22 +149,28 @@ class Repl:
         self.width = width
         self.last: TurnStats | None = None
         self.totals = Totals()
+        self.history = KeptFileHistory(history_path) if history_path else KeptMemoryHistory()
+        self._collapsed: tuple[str, str] | None = None  # (as shown, as typed) of a long message being sent
         self.session = PromptSession(
             multiline=True, key_bindings=self._keys(), completer=ReplCompleter(self),
-            complete_while_typing=False, bottom_toolbar=self.toolbar,
-            history=FileHistory(history_path) if history_path else InMemoryHistory(),
+            complete_while_typing=False, bottom_toolbar=self.toolbar, history=self.history,
             input=input, output=output, prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
         )
 
     # -- terminal ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _keys() -> KeyBindings:
+    def _keys(self) -> KeyBindings:
         keys = KeyBindings()
 
         @keys.add("enter")
         def _send(event):
-            event.current_buffer.validate_and_handle()
+            buffer = event.current_buffer
+            shown = collapse(buffer.text, self.width or 80)
+            if shown != buffer.text:  # a long paste stays on screen collapsed; the model gets all of it
+                self._collapsed = (shown, buffer.text)
+                self.history.sent[shown] = buffer.text
+                buffer.text = shown
+            buffer.validate_and_handle()
 
         @keys.add("escape", "enter")
         def _newline(event):
@@ -176,7 +211,8 @@ class Repl:
                   "/help for commands · Ctrl-D to quit")
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
         if turns:
-            self.note(f"resumed: {turns} turns, {self.conv.cached_tokens} tokens of KV loaded from disk")
+            self.note(f"resumed: {plural(turns, 'turn')}, {self.conv.cached_tokens} tokens of KV loaded from disk")
+            self.show_history(RESUME_EXCHANGES)
         while True:
             try:
                 line = self.session.prompt(HTML("<ansigreen><b>you&gt; </b></ansigreen>") if self.color else "you> ")
@@ -184,6 +220,10 @@ class Repl:
                 continue
             except EOFError:
                 return 0
+            if self._collapsed is not None:
+                if line == self._collapsed[0]:
+                    line = self._collapsed[1]
+                self._collapsed = None
             if "\x00" in line:
                 self.note("NUL bytes cannot be sent; input ignored.")
                 continue
@@ -348,7 +388,39 @@ class Repl:
         self._switch(arg)
         self.conv, self.last = opened.conversation, None
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
-        self.note(f"loaded '{arg}': {turns} turns, {opened.loaded_tokens} tokens of KV restored")
+        self.note(f"loaded '{arg}': {plural(turns, 'turn')}, {opened.loaded_tokens} tokens of KV restored")
+        self.show_history(RESUME_EXCHANGES)
+
+    def cmd_history(self, arg: str) -> None:
+        if arg and not (arg.isdigit() and int(arg) > 0):
+            raise KvchatError("usage: /history [N] (the last N exchanges)")
+        if not any(m["role"] == "user" for m in self.conv.messages):
+            self.note("no exchanges yet")
+        self.show_history(int(arg) if arg else None)
+
+    def show_history(self, last: int | None) -> None:
+        """The conversation's messages as they were shown (long messages collapsed), the last `last` exchanges
+        or all; exchanges the model no longer sees (dropped to fit the context) are marked."""
+        users = [i for i, m in enumerate(self.conv.messages) if m["role"] == "user"]
+        if not users:
+            return
+        start = users[-last] if last is not None and last < len(users) else users[0]
+        if start > users[0]:
+            self.note(f"[{plural(users.index(start), 'earlier exchange')}: /history shows all]")
+        for index, message in enumerate(self.conv.messages[start:], start):
+            if index == self.conv.first_kept and index > users[0]:
+                self.note("[the model sees the conversation from here on; older exchanges were dropped to fit]")
+            text = visible(message.get("content") or "")
+            if message["role"] == "user":
+                self.say(f"{self._paint('you>', '1;32')} {collapse(text, (self.width or 80) - 5)}")
+            elif message["role"] == "assistant":
+                if self.color:
+                    self.out.write("\x1b[36m")
+                writer = WrappingWriter(self.out, self.width)
+                writer.write(text)
+                writer.finish()
+                if self.color:
+                    self.out.write("\x1b[0m")
 
     def cmd_sessions(self, _arg: str) -> None:
         rows = self._needs_store().store.list_sessions()

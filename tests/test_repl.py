@@ -355,3 +355,64 @@ def test_no_progress_line_outside_a_terminal(tiny, pipe):
     repl.progress_delay = 0
     out = drive(repl, " ".join(["The quick brown fox."] * 12) + "\r/quit\r")
     assert "reading the prompt" not in out and "\x1b[" not in out
+
+
+def screen_repl(tiny, pipe, **kwargs):
+    """A REPL whose prompt is drawn into a string (an 80x24 xterm), to read what stays on screen."""
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.output.vt100 import Vt100_Output
+
+    screen = io.StringIO()
+    repl = Repl(Engine(tiny), Conversation.start("Be brief."), SETTINGS, input=pipe, width=80,
+                output=Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm"), out=io.StringIO(),
+                **kwargs)
+    repl.pipe, repl.screen = pipe, screen
+    return repl
+
+
+def test_a_long_paste_stays_on_screen_collapsed_and_the_model_gets_all_of_it(tiny, pipe, tmp_path, monkeypatch):
+    """Regression (issue 11): a paste taller than the terminal blanked the screen and was never shown; the
+    input history kept 300 KB pastes. Now it is shown as its first lines and what is left out; the model
+    and the input history get the whole text (history only below MAX_HISTORY_CHARS)."""
+    monkeypatch.setattr("kvchat.repl.MAX_HISTORY_CHARS", 5000)  # a message over it that still fits the context
+    paste = "\n".join(f"row {i} of the paste" for i in range(1, 201))
+    huge = "The quick brown fox jumps over the lazy dog. " * 120
+    repl = screen_repl(tiny, pipe, history_path=str(tmp_path / "history"))
+    drive(repl, f"\x1b[200~{paste}\x1b[201~\r\x1b[200~{huge}\x1b[201~\rShort one.\r/quit\r")
+    sent = [m["content"] for m in repl.conv.messages if m["role"] == "user"]
+    assert sent == [paste, huge, "Short one."]
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", repl.screen.getvalue())
+    assert "row 6 of the paste" in screen and f"[… 194 more lines; {len(paste):,} characters sent]" in screen
+    assert "row 7 of the paste" not in screen and "row 200 " not in screen
+    assert f"more characters; {len(huge):,} characters sent]" in screen
+    assert repl.history.get_strings()[-3:] == [paste, "Short one.", "/quit"]  # the huge one is not kept
+
+
+def test_resuming_shows_the_last_exchanges_and_history_shows_them_all(tiny, pipe, tmp_path):
+    """Regression (issue 11): resuming said only "resumed: 5 turns" (and "1 turns" for one)."""
+    from kvchat.repl import RESUME_EXCHANGES
+
+    first = make_repl(tiny, pipe, tmp_path)
+    drive(first, "/save talk\rHello\rTell me a story.\rNumbers?\r/quit\r")
+    first.persister.store.close()
+    messages = [m for m in first.conv.messages if m["role"] != "system"]
+    store = Store(tmp_path / "sessions").bind(Engine(tiny), fingerprint(tiny))
+    conv = store.open_session("talk").conversation
+    with create_pipe_input() as again:
+        resumed = Repl(store.engine, conv, SETTINGS, persister=Persister(store, "talk"), input=again,
+                       output=DummyOutput(), out=io.StringIO())
+        resumed.pipe = again
+        out = drive(resumed, "/history\r/history 1\r/history x\r/quit\r")
+    head = out[:out.index("you> Tell me a story.")]
+    assert "resumed: 3 turns" in head and "[1 earlier exchange: /history shows all]" in head
+    shown = out[out.index("you> Tell me a story."):]
+    for message in messages[-2 * RESUME_EXCHANGES:]:
+        assert message["content"].strip()[:20] in shown
+    assert out.count("you> Hello") == 1  # once, by /history (all), not on resume
+    assert out.count("you> Numbers?") == 3  # resume, /history, /history 1
+    assert "usage: /history [N]" in out
+    store.close()
+
+    single = make_repl(tiny, pipe)
+    single.conv.messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert "resumed: 1 turn," in drive(single, "/quit\r")
