@@ -13,11 +13,12 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 class IncrementalDecoder:
     """Turns token ids into text deltas; holds back a delta while it ends in a partial UTF-8 character."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, ids: list[int] | tuple[int, ...] = ()):
+        """`ids`: a text already shown, that the new tokens continue."""
         self._tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the window decoded for context (keeps word-joining spaces right)
-        self._read = 0  # ids before this have been emitted
+        self.ids: list[int] = list(ids)
+        self._read = len(self.ids)  # ids before this have been emitted
+        self._prefix = max(0, self._read - 4)  # start of the window decoded for context (word-joining spaces)
 
     def _decode(self, ids: list[int]) -> str:
         return decode(self._tokenizer, ids)

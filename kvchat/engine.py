@@ -14,7 +14,7 @@ import torch
 from kvchat import kv
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation, check_message
-from kvchat.detokenize import IncrementalDecoder
+from kvchat.detokenize import IncrementalDecoder, decode
 from kvchat.errors import InputError, KvchatError
 from kvchat.model import LoadedModel
 from kvchat.prompt import Renderer, common_prefix
@@ -344,9 +344,30 @@ class Engine:
         if keep < len(conv.token_ids):
             conv.cut_to(keep)
 
+    def extend(self, conv: Conversation, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
+        """Continue the last reply from where it stopped (cut at max_new_tokens, or interrupted), up to
+        `max_new_tokens` more; the cache holds the reply, so only its last token is fed. The `TurnEnd` carries
+        the whole reply as it now is. Raises InputError when there is no reply or no room left."""
+        reply = conv.messages[-1] if conv.messages else {}
+        if reply.get("role") != "assistant" or not reply.get("token_ids"):
+            raise InputError("there is no reply to continue")
+        if decode(self.tokenizer, reply["token_ids"]) != reply.get("content"):
+            raise InputError("the last reply's text is not the model's own tokens; it cannot be continued")
+        started = time.perf_counter()
+        target = self.render(conv.view()[:-1]) + list(reply["token_ids"])
+        room = self.max_context - len(target) if self.max_context else sampling.max_new_tokens
+        if room <= 0:
+            raise InputError(f"the context of {self.max_context} tokens is full; /undo or start over")
+        return self._reply(conv, sampling, target, 0, started, conv.messages, conv.first_kept,
+                           extending=reply, limit=min(room, sampling.max_new_tokens))
+
     def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
-               started: float, messages: list[dict[str, str]], first_kept: int) -> Iterator[Prefill | Token | TurnEnd]:
-        decoder = IncrementalDecoder(self.tokenizer)
+               started: float, messages: list[dict[str, Any]], first_kept: int, extending: dict | None = None,
+               limit: int | None = None) -> Iterator[Prefill | Token | TurnEnd]:
+        """Prefill what `target` adds to the cache and decode; the reply becomes a new message, or, with
+        `extending`, goes on in that (last) message."""
+        decoder = IncrementalDecoder(self.tokenizer, extending["token_ids"] if extending else ())
+        kept = len(decoder.ids)
         finished = False
         before = (list(conv.messages), conv.first_kept)
         try:
@@ -355,6 +376,8 @@ class Engine:
                 reused, fallback, loaded = self._sync_cache(conv, target)
                 if reused == len(target):
                     logits = conv.prompt_logits[1]
+                elif extending is not None:
+                    logits = yield from self._prefill(conv, target[reused:])
                 else:
                     logits = yield from self._prefill(conv, target[reused:], self._marks(conv, target))
                     conv.prompt_logits = (len(target), logits)
@@ -363,7 +386,7 @@ class Engine:
                 generator = self._generator(conv, sampling)
                 stop = "length"
                 first_token_at = None
-                limit = sampling.max_new_tokens  # fit() kept room for all of it in the context
+                limit = limit or sampling.max_new_tokens  # fit() kept room for all of it in the context
                 for step in range(limit):
                     token = next_token(logits, sampling, generator)  # [1]
                     token_id = int(token)
@@ -385,13 +408,15 @@ class Engine:
             finished = True
         finally:
             reply = decoder.text()
-            if decoder.ids or finished:
+            if extending is not None:
+                extending["content"], extending["token_ids"] = reply, list(decoder.ids)
+            elif decoder.ids or finished:
                 conv.messages.append({"role": "assistant", "content": reply, "token_ids": list(decoder.ids)})
             else:  # cut off before any reply: the turn never happened
                 conv.messages[:], conv.first_kept = before
             self._restore_invariant(conv)
             conv.checkpoint()  # where this reply ends: the next turn, or an /undo of it, comes back here
-        generated = len(decoder.ids)
+        generated = len(decoder.ids) - kept
         first = first_token_at or ended
         stats = TurnStats(
             reused=reused,

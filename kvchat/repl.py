@@ -23,20 +23,22 @@ from kvchat.store import Persister, check_name
 from kvchat.model import one_line
 from kvchat.terminal import visible
 
+# name -> (its arguments, what it does); a command without arguments refuses any
 COMMANDS = {
-    "/help": "this list",
-    "/system": "TEXT  set the system prompt (empty: remove it)",
-    "/reset": "start over (keeps the system prompt and its cached KV; a saved session stays as it was)",
-    "/undo": "remove the last exchange (cuts the cache back; nothing is prefilled again)",
-    "/retry": "regenerate the last reply (the prompt is cached: nothing is prefilled)",
-    "/save": "[NAME]  save as a session (NAME! replaces an existing one); autosaved after every turn from then on",
-    "/load": "NAME  switch to a saved session",
-    "/sessions": "list saved sessions",
-    "/history": "[N]  show the conversation (the last N exchanges)",
-    "/fork": "NAME  copy this conversation to a new session (sharing its stored KV) and switch to it",
-    "/stats": "this session's figures, including the time reuse saved",
-    "/set": "KEY=VALUE  temperature, top_p, top_k, max_new_tokens, seed",
-    "/quit": "leave (Ctrl-D works too)",
+    "/help": ("", "this list"),
+    "/system": ("TEXT", "set the system prompt (empty: remove it)"),
+    "/reset": ("", "start over (keeps the system prompt and its cached KV; a saved session stays as it was)"),
+    "/undo": ("", "remove the last exchange (cuts the cache back; nothing is prefilled again)"),
+    "/retry": ("", "regenerate the last reply (the prompt is cached: nothing is prefilled)"),
+    "/continue": ("", "go on with the last reply where it stopped (only its last token is prefilled)"),
+    "/save": ("[NAME]", "save as a session (NAME! replaces an existing one); autosaved after every turn from then on"),
+    "/load": ("NAME", "switch to a saved session"),
+    "/sessions": ("", "list saved sessions"),
+    "/history": ("[N]", "show the conversation (the last N exchanges)"),
+    "/fork": ("NAME", "copy this conversation to a new session (sharing its stored KV) and switch to it"),
+    "/stats": ("", "this session's figures, including the time reuse saved"),
+    "/set": ("KEY=VALUE", "temperature, top_p, top_k, max_new_tokens, seed (kept with a saved session)"),
+    "/quit": ("", "leave (Ctrl-D works too)"),
 }
 KEYS = """Keys: Enter sends · Alt-Enter (or Esc then Enter) adds a newline; pasted text keeps its newlines
       Ctrl-C stops a reply, or clears the line · Ctrl-D leaves · Ctrl-R searches history · Tab completes"""
@@ -72,8 +74,9 @@ def plural(n: int, word: str) -> str:
 
 
 def help_text() -> str:
-    width = max(len(name) for name in COMMANDS)
-    return "\n".join([f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()] + [KEYS])
+    usage = {name: f"{name} {args}".strip() for name, (args, _) in COMMANDS.items()}
+    width = max(len(text) for text in usage.values())
+    return "\n".join([f"  {usage[name]:<{width}}  {text}" for name, (_, text) in COMMANDS.items()] + [KEYS])
 
 
 class ReplCompleter(Completer):
@@ -248,6 +251,9 @@ class Repl:
         if name not in COMMANDS or handler is None:
             self.note(f"unknown command {name}; /help lists them")
             return None
+        if arg and not COMMANDS[name][0]:
+            self.note(f"{name} takes no argument; /help lists the commands")
+            return None
         try:
             handler(arg)
         except KvchatError as exc:
@@ -278,6 +284,8 @@ class Repl:
                     writer.finish()
                     for line in turn_notices(event.stats, self.engine.max_context):
                         self.note(line)
+                    if event.stats.stop == "length":
+                        self.note(f"[cut at max_new_tokens={self.sampling.max_new_tokens}: /continue goes on]")
         except KeyboardInterrupt:
             writer.finish()
             writer = None
@@ -340,6 +348,9 @@ class Repl:
         if not self.conv.messages or self.conv.messages[-1]["role"] != "assistant":
             raise KvchatError("there is no reply to retry")
         self.stream(lambda: self.engine.retry(self.conv, self.sampling))
+
+    def cmd_continue(self, _arg: str) -> None:
+        self.stream(lambda: self.engine.extend(self.conv, self.sampling))
 
     def _needs_store(self) -> Persister:
         if self.persister is None:

@@ -341,3 +341,39 @@ def test_the_models_own_reply_tokens_are_kept_so_every_turn_reuses_the_whole_cac
     # An edited reply is tokenized from its new text: the stored ids no longer decode to it.
     conv.messages[2]["content"] = "Edited."
     assert "Edited." in engine.tokenizer.decode(engine.render(conv.view()))
+
+
+def test_continue_extends_a_cut_reply_exactly_and_prefills_only_its_last_token(tiny):
+    """/continue (issue 11): a reply cut at max_new_tokens goes on where it stopped; greedy, a reply cut at 5
+    and continued by 7 is the reply a 12-token budget gives, and only the cut token is prefilled."""
+    short, long = Sampling(temperature=0, max_new_tokens=5), Sampling(temperature=0, max_new_tokens=12)
+    engine = Engine(tiny)
+    engine.stop_ids = frozenset()  # replies of exactly the budget
+    conv, whole = Conversation.start("Be brief."), Conversation.start("Be brief.")
+    first = run_turn(engine, conv, MESSAGES[0], short)
+    assert first.stats.stop == "length" and len(first.token_ids) == 5
+    cached = conv.cached_tokens
+    events = list(engine.extend(conv, Sampling(temperature=0, max_new_tokens=7)))
+    end = events[-1]
+    assert end.stats.prefilled == 1 and end.stats.reused == cached and end.stats.generated == 7
+    assert end.token_ids == run_turn(engine, whole, MESSAGES[0], long).token_ids
+    assert conv.messages[-1]["token_ids"] == end.token_ids
+    assert conv.messages[-1]["content"] == end.reply == whole.messages[-1]["content"]
+    streamed = "".join(e.text for e in events if isinstance(e, Token))
+    assert first.reply + streamed == end.reply
+    next_turn = run_turn(engine, conv, MESSAGES[1], short)  # the chat goes on from the whole reply, exactly
+    assert next_turn.stats.reused == len(engine.render(conv.messages[:2])) + 12 - 1  # all but the fed token
+    assert next_turn.token_ids == fresh_reply_ids(engine, conv.messages[:-1], short)
+
+
+def test_continue_refuses_without_a_reply_or_room(tiny):
+    engine = Engine(tiny, max_context=64)
+    conv = Conversation.start("Be brief.")
+    with pytest.raises(InputError, match="no reply to continue"):
+        engine.extend(conv, GREEDY)
+    conv.messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", "token_ids": [60] * 80}]
+    with pytest.raises(InputError, match="is not the model's own tokens"):
+        engine.extend(conv, GREEDY)
+    conv.messages[-1]["content"] = engine.tokenizer.decode([60] * 80, skip_special_tokens=True)
+    with pytest.raises(InputError, match="the context of 64 tokens is full"):
+        engine.extend(conv, GREEDY)

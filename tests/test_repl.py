@@ -64,7 +64,10 @@ def test_exact_transcript_of_a_two_turn_chat(tiny, pipe):
                                     {"role": "user", "content": "What is the capital of France?"}])
     lines = out.splitlines()
     assert lines[0].startswith("kvchat · tiny-llama on cpu (float64)")
-    assert lines[1:] == [first, second]  # blank input is ignored, each reply on its own line
+    cut = "[cut at max_new_tokens=6: /continue goes on]"  # after a reply that stopped at the limit
+    expected = [line for text, message in ((first, repl.conv.messages[2]), (second, repl.conv.messages[4]))
+                for line in [text] + ([cut] if len(message["token_ids"]) == 6 else [])]
+    assert lines[1:] == expected  # blank input is ignored, each reply on its own line
     assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert repl.totals.turns == 2 and repl.last.reused > 0
 
@@ -416,3 +419,25 @@ def test_resuming_shows_the_last_exchanges_and_history_shows_them_all(tiny, pipe
     single = make_repl(tiny, pipe)
     single.conv.messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     assert "resumed: 1 turn," in drive(single, "/quit\r")
+
+
+def test_a_cut_reply_is_marked_and_continue_goes_on_with_it(tiny, pipe):
+    """Regression (issue 11): replies cut at max_new_tokens were not marked; /continue extends them."""
+    repl = make_repl(tiny, pipe)
+    repl.engine.stop_ids = frozenset()  # every reply runs to max_new_tokens
+    out = drive(repl, "Hello\r/continue\r/continue\r/quit\r")
+    assert out.count("[cut at max_new_tokens=6: /continue goes on]") == 3
+    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant"]
+    assert len(repl.conv.messages[-1]["token_ids"]) == 18 and repl.last.prefilled == 1
+    repl.conv.check()
+
+
+def test_commands_refuse_arguments_they_do_not_take_and_help_shows_arguments_with_the_name(tiny, pipe):
+    """Regression (issue 11): `/undo 3` silently removed one exchange; /help put TEXT and NAME in the
+    description column."""
+    repl = make_repl(tiny, pipe)
+    out = drive(repl, "Hello\rAgain\r/undo 3\r/help\r/quit\r")
+    assert "/undo takes no argument" in out
+    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Again"]
+    assert "  /system TEXT  " in out and "  /load NAME  " in out and "  /save [NAME]  " in out
+    assert "  /undo  " in out and "TEXT  set" not in out
