@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from kvchat import __version__, memory
-from kvchat.config import Settings, kvchat_home, load_config
+from kvchat.config import Settings, adopt_sampling, kvchat_home, load_config
 from kvchat.conversation import MAX_CHECKPOINTS, Conversation, check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store import Persister, Store, check_name
@@ -226,6 +227,10 @@ def chat(argv: list[str]) -> int:
             conv = opened.conversation
         else:
             conv = Conversation.start(settings.system)
+        given = {key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+                 if getattr(args, key, None) is not None}  # flags win over what the session kept
+        settings = dataclasses.replace(settings, sampling=adopt_sampling(settings.sampling, conv.settings, given))
+        conv.settings = dataclasses.asdict(settings.sampling)
         if interactive:
             from kvchat.repl import Repl
 

@@ -8,7 +8,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from kvchat.errors import ConfigError
 
@@ -170,6 +170,19 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> S
         settings = _apply(settings, read_config_file(path), lambda key: f"'{key}' in {path}")
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     return _apply(settings, given, lambda key: f"--{key.replace('_', '-')}")
+
+
+def adopt_sampling(sampling: Sampling, saved: Any, keep: Iterable[str] = ()) -> Sampling:
+    """`sampling` with the values a session saved (read from disk: each checked, a bad one ignored), except
+    the keys in `keep` (given on the command line, which wins)."""
+    values = {}
+    for key, value in (saved.items() if isinstance(saved, dict) else ()):
+        if key in _SAMPLING and key not in keep:
+            try:
+                values[key] = _SAMPLING[key](value)
+            except (ValueError, TypeError):
+                continue
+    return dataclasses.replace(sampling, **values)
 
 
 def set_sampling(sampling: Sampling, key: str, value: str) -> Sampling:

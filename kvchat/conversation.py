@@ -54,6 +54,8 @@ class Conversation:
     # whole conversation is reproducible from its seed.
     rng: Any = None
     rng_seed: int | None = None
+    # Sampling settings kept with the conversation (a saved session resumes with them), as plain values.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from kvchat import kv
-from kvchat.config import Settings, set_sampling
+from kvchat.config import Settings, adopt_sampling, set_sampling
 from kvchat.display import PrefillProgress, WrappingWriter, collapse
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
@@ -142,6 +143,8 @@ class Repl:
         self.conv = conv
         self.settings = settings
         self.sampling = settings.sampling
+        if not conv.settings:
+            conv.settings = dataclasses.asdict(self.sampling)
         self.persister = persister
         self.out = out or sys.stdout
         self.terminal = self.out.isatty() if terminal is None else terminal  # live progress and colour
@@ -325,7 +328,12 @@ class Repl:
     def cmd_system(self, arg: str) -> None:
         self.conv.set_system(arg or None)
         self.engine.trim(self.conv)
-        self.note("system prompt set" if arg else "system prompt removed")
+        done = "system prompt set" if arg else "system prompt removed"
+        view = self.conv.view()
+        if any(m["role"] == "user" for m in view):  # the history after it is read again
+            again = len(self.engine.render(view, generation_prompt=False)) - self.conv.cached_tokens
+            done += f"; the next turn re-reads {again:,} tokens of the conversation" if again > 0 else ""
+        self.note(done)
 
     def cmd_reset(self, _arg: str) -> None:
         saved = self.persister.session if self.persister is not None else None
@@ -398,6 +406,8 @@ class Repl:
             self.note(opened.notice)
         self._switch(arg)
         self.conv, self.last = opened.conversation, None
+        self.sampling = adopt_sampling(self.sampling, self.conv.settings)  # the session's own settings
+        self.conv.settings = dataclasses.asdict(self.sampling)
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
         self.note(f"loaded '{arg}': {plural(turns, 'turn')}, {opened.loaded_tokens} tokens of KV restored")
         self.show_history(RESUME_EXCHANGES)
@@ -446,7 +456,9 @@ class Repl:
         if not sep:
             raise KvchatError(f"usage: /set KEY=VALUE ({', '.join(SETTABLE)})")
         self.sampling = set_sampling(self.sampling, key.strip(), value.strip())
+        self.conv.settings = dataclasses.asdict(self.sampling)
         self.note(f"{key.strip()} = {getattr(self.sampling, key.strip())}")
+        self.autosave()  # kept with the session
 
     def cmd_stats(self, _arg: str) -> None:
         t = self.totals

@@ -445,6 +445,8 @@ class Store:
         if manifest is None:
             return Opened(Conversation.start(system))
         conv = Conversation(messages=manifest["messages"], first_kept=manifest.get("first_kept", 0))
+        if isinstance(manifest.get("settings"), dict):
+            conv.settings = manifest["settings"]  # checked where they are used (config.adopt_sampling)
         if manifest.get("recovered"):
             return Opened(conv, f"session '{name}': its last save is damaged ({manifest['recovered']}); recovered "
                                 f"the save before it ({manifest['turns']} turns), rebuilding its cache from the "
@@ -543,7 +545,7 @@ class Store:
             "created": (previous or {}).get("created", now), "updated": now,
             "turns": sum(1 for m in conv.messages if m["role"] == "user"),
             "messages": conv.messages, "first_kept": conv.first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
-            "chunks": chunks, "tail": tail, "states": states,
+            "chunks": chunks, "tail": tail, "states": states, "settings": conv.settings,
         }
         manifest["transcript_crc"] = transcript_crc(conv.messages)
         if previous is not None and not previous.get("recovered"):  # keep the last good save: a hard link, no copy

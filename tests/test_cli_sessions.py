@@ -102,3 +102,23 @@ def test_escape_sequences_read_from_the_store_reach_the_terminal_visible(monkeyp
     assert "^[]0;pwned^G^[[2J<U+009B>31mred" in out
     code, out, _ = run(monkeypatch, capsys, ["sessions", "list", "--sessions-dir", str(sessions)])
     assert code == 0 and "\x1b" not in out and "evil^[[31m" in out
+
+
+def test_a_session_keeps_its_settings_and_flags_given_again_win(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Regression (issue 11): after resuming, max_new_tokens and the other settings were back to defaults."""
+    sessions = tmp_path / "sessions"
+    base = ["--model", str(tiny_model_dir), "--sessions-dir", str(sessions), "--session", "s"]
+    assert run(monkeypatch, capsys, base + ["--temperature", "0", "--max-new-tokens", "3", "--top-k", "7",
+                                            "-p", "Hello!"])[0] == 0
+    kept = lambda: json.loads((sessions / "s.json").read_text())["settings"]  # noqa: E731
+    assert kept() == {"temperature": 0.0, "top_p": 0.95, "top_k": 7, "seed": None, "max_new_tokens": 3}
+    code, _, err = run(monkeypatch, capsys, base + ["--stats", "-p", "Again?"])  # no flags: the session's own
+    assert code == 0 and json.loads(err.strip().splitlines()[-1])["generated"] <= 3
+    assert kept()["max_new_tokens"] == 3 and kept()["temperature"] == 0.0
+    assert run(monkeypatch, capsys, base + ["--max-new-tokens", "5", "-p", "More?"])[0] == 0  # a flag wins
+    assert kept() == {"temperature": 0.0, "top_p": 0.95, "top_k": 7, "seed": None, "max_new_tokens": 5}
+    manifest = json.loads((sessions / "s.json").read_text())  # a damaged value is ignored, not trusted
+    manifest["settings"] = {"temperature": "hot", "max_new_tokens": -4, "top_k": 9, "evil": 1}
+    (sessions / "s.json").write_text(json.dumps(manifest))
+    assert run(monkeypatch, capsys, base + ["-p", "Still there?"])[0] == 0
+    assert kept() == {"temperature": 0.7, "top_p": 0.95, "top_k": 9, "seed": None, "max_new_tokens": 512}

@@ -441,3 +441,24 @@ def test_commands_refuse_arguments_they_do_not_take_and_help_shows_arguments_wit
     assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Again"]
     assert "  /system TEXT  " in out and "  /load NAME  " in out and "  /save [NAME]  " in out
     assert "  /undo  " in out and "TEXT  set" not in out
+
+
+def test_set_values_are_kept_with_the_session_and_load_brings_them_back(tiny, pipe, tmp_path):
+    repl = make_repl(tiny, pipe, tmp_path)
+    out = drive(repl, "/save a\r/set max_new_tokens=3\r/save b\r/set max_new_tokens=4\r/load a\r/quit\r")
+    assert repl.sampling.max_new_tokens == 3  # a was saved (autosave after /set) with 3
+    store = repl.persister.store
+    assert store.read_manifest("b")["settings"]["max_new_tokens"] == 4
+    assert "max_new_tokens = 4" in out
+    store.close()
+
+
+def test_system_mid_chat_says_how_much_the_next_turn_reads_again(tiny, pipe):
+    """Regression (issue 11): /system mid-chat re-prefilled the whole conversation without a word."""
+    repl = make_repl(tiny, pipe)
+    out = drive(repl, "Hello\rTell me a story.\r/system You are a pirate.\r/quit\r")
+    conv = repl.conv
+    again = len(repl.engine.render(conv.view(), generation_prompt=False)) - conv.cached_tokens
+    assert again > 20 and f"system prompt set; the next turn re-reads {again:,} tokens of the conversation" in out
+    first = drive(make_repl(tiny, pipe), "/system Short.\r/quit\r")  # before any exchange: nothing read again
+    assert "system prompt set" in first and "re-reads" not in first
