@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from prompt_toolkit import PromptSession
@@ -107,9 +107,12 @@ class ReplCompleter(Completer):
                 yield Completion(option, start_position=-len(arg))
 
 
+MIN_SAMPLE_TOKENS = 32  # prefills shorter than this say more about a turn's fixed cost than about tokens
+
+
 @dataclass
 class Totals:
-    """Figures summed over the turns of this REPL session."""
+    """Figures summed over the turns of one conversation (they start again on /load and /reset)."""
 
     turns: int = 0
     reused: int = 0
@@ -117,9 +120,12 @@ class Totals:
     generated: int = 0
     prefill_ms: float = 0.0
     decode_s: float = 0.0
+    samples: list[tuple[int, float]] = field(default_factory=list)  # (tokens prefilled, ms) of each turn
 
     def add(self, stats: TurnStats) -> None:
         self.turns += 1
+        if stats.prefilled:
+            self.samples.append((stats.prefilled, stats.prefill_ms))
         self.reused += stats.reused
         self.prefilled += stats.prefilled
         self.generated += stats.generated
@@ -130,6 +136,25 @@ class Totals:
     @property
     def prefill_ms_per_token(self) -> float:
         return self.prefill_ms / self.prefilled if self.prefilled else 0.0
+
+    def marginal_ms_per_token(self) -> float:
+        """What one more prompt token costs to prefill, measured: the slope of prefill time against tokens
+        over this conversation's prefills of MIN_SAMPLE_TOKENS or more (a turn's fixed cost left out); with
+        one such size only, the rate of the largest prefill."""
+        points = [(n, ms) for n, ms in self.samples if n >= MIN_SAMPLE_TOKENS] or self.samples
+        if not points:
+            return 0.0
+        sizes = {n for n, _ in points}
+        if len(sizes) < 2:
+            n, ms = max(points)
+            return ms / n
+        mean_n = sum(n for n, _ in points) / len(points)
+        mean_ms = sum(ms for _, ms in points) / len(points)
+        slope = sum((n - mean_n) * (ms - mean_ms) for n, ms in points) / sum((n - mean_n) ** 2 for n, _ in points)
+        if slope > 0:
+            return slope
+        n, ms = max(points)
+        return ms / n
 
 
 class Repl:
@@ -342,7 +367,7 @@ class Repl:
             self.persister.session = None
         self.conv.reset()
         self.engine.trim(self.conv)
-        self.last = None
+        self.last, self.totals = None, Totals()
         self.note(f"conversation reset ({self.conv.cached_tokens} tokens of system prompt kept in the cache)"
                   + (f"; session '{saved}' stays saved as it was, this new one is not saved (/save NAME)"
                      if saved else ""))
@@ -405,7 +430,7 @@ class Repl:
         if opened.notice:
             self.note(opened.notice)
         self._switch(arg)
-        self.conv, self.last = opened.conversation, None
+        self.conv, self.last, self.totals = opened.conversation, None, Totals()
         self.sampling = adopt_sampling(self.sampling, self.conv.settings)  # the session's own settings
         self.conv.settings = dataclasses.asdict(self.sampling)
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
@@ -462,7 +487,8 @@ class Repl:
 
     def cmd_stats(self, _arg: str) -> None:
         t = self.totals
-        saved_s = t.reused * t.prefill_ms_per_token / 1000
+        per_token = t.marginal_ms_per_token()
+        saved_s = t.reused * per_token / 1000
         kv_bytes = kv.nbytes(self.conv.cache) if self.conv.cache is not None else 0
         lines = [
             f"turns {t.turns} · cache {self.conv.cached_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
@@ -471,6 +497,8 @@ class Repl:
             f"generated {t.generated} tokens"
             + (f" at {(t.generated - t.turns) / t.decode_s:.1f} tok/s" if t.decode_s > 0 else ""),
             f"prefill rate {1000 / t.prefill_ms_per_token:.0f} tok/s" if t.prefill_ms_per_token else "prefill rate -",
-            f"time saved by reuse ~{saved_s:.1f} s ({t.reused} tokens not prefilled again)",
+            f"time saved by reuse ~{saved_s:.1f} s ({t.reused} tokens not prefilled again, at {per_token:.1f} ms "
+            "per prompt token as measured in this conversation's prefills)" if per_token else
+            f"time saved by reuse: not measured yet ({t.reused} tokens not prefilled again)",
         ]
         self.say("\n".join(lines))

@@ -462,3 +462,28 @@ def test_system_mid_chat_says_how_much_the_next_turn_reads_again(tiny, pipe):
     assert again > 20 and f"system prompt set; the next turn re-reads {again:,} tokens of the conversation" in out
     first = drive(make_repl(tiny, pipe), "/system Short.\r/quit\r")  # before any exchange: nothing read again
     assert "system prompt set" in first and "re-reads" not in first
+
+
+def test_time_saved_is_estimated_from_the_measured_cost_of_a_prompt_token():
+    """Regression (issue 11): /stats divided all prefill time by all prefilled tokens, so the fixed cost of the
+    many small prefills (5-11 tok/s) inflated the time saved; it now uses the slope over the larger prefills."""
+    from kvchat.engine import TurnStats
+    from kvchat.repl import Totals
+
+    totals = Totals()
+    for prefilled, ms, reused in ((12, 120.0, 0), (500, 1100.0, 40), (1000, 2100.0, 600), (20, 150.0, 1500)):
+        totals.add(TurnStats(reused=reused, prefilled=prefilled, generated=4, ttft_ms=ms, decode_tok_s=20.0,
+                             kv_bytes=0, prefill_ms=ms))
+    assert totals.marginal_ms_per_token() == pytest.approx(2.0)  # (2100 - 1100) / (1000 - 500)
+    assert totals.prefill_ms_per_token > 2.1  # what the old estimate used
+    single = Totals(samples=[(8, 100.0), (300, 600.0)])
+    assert single.marginal_ms_per_token() == pytest.approx(2.0)  # one size of 32 or more: its rate
+    assert Totals().marginal_ms_per_token() == 0.0
+
+
+def test_stats_count_this_conversation_only(tiny, pipe, tmp_path):
+    repl = make_repl(tiny, pipe, tmp_path)
+    out = drive(repl, "/save a\rHello\rAgain\r/save b\r/load a\r/stats\r/quit\r")
+    assert "turns 0 · cache" in out  # the turns of session b are not session a's
+    assert "time saved by reuse: not measured yet" in out
+    repl.persister.store.close()
