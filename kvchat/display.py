@@ -5,8 +5,11 @@ Only the REPL uses it; nothing here reads input.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import termios
 import time
-from typing import TextIO
+from typing import Any, Iterator, TextIO
 
 from prompt_toolkit.utils import get_cwidth
 
@@ -110,7 +113,7 @@ class PrefillProgress:
             console=console, transient=True, refresh_per_second=8, redirect_stdout=False, redirect_stderr=False)
         self._task = self._progress.add_task("reading the prompt", total=None, rate="")
         self._progress.start()
-        self.shown = False
+        self.running = True
 
     def update(self, done: int, total: int, elapsed_s: float) -> None:
         """After a forward pass of the prefill: `done` of `total` prompt tokens, in `elapsed_s`."""
@@ -120,6 +123,7 @@ class PrefillProgress:
     def stop(self) -> None:
         """Remove the line (before the reply's first token is written)."""
         self._progress.stop()
+        self.running = False
 
 
 class LoadProgress:
@@ -178,3 +182,24 @@ def collapse(text: str, width: int) -> str:
     more = (f"{more_lines:,} more line{'s' if more_lines != 1 else ''}" if more_lines else
             f"{len(text) - len(shown):,} more characters")
     return f"{shown}\n[… {more}; {len(text):,} characters sent]"
+
+
+@contextlib.contextmanager
+def quiet_input(stream: Any) -> Iterator[None]:
+    """While a reply streams: keys typed ahead are not echoed into it (they wait, unread, for the next
+    prompt), and Ctrl-C still interrupts. A no-op when `stream` is not a terminal."""
+    try:
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (AttributeError, OSError, ValueError, termios.error):
+        saved = None
+    if saved is None:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)  # lflags: no echo, no line editing; ISIG stays (Ctrl-C)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -16,7 +17,7 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from kvchat import kv
 from kvchat.config import Settings, adopt_sampling, set_sampling
-from kvchat.display import PrefillProgress, WrappingWriter, collapse
+from kvchat.display import PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
@@ -294,48 +295,58 @@ class Repl:
         progress = PrefillProgress(self.out, self.progress_delay, self.width, self.color) \
             if self.terminal else None
         try:
-            for event in start():
-                if isinstance(event, Prefill):
-                    if progress is not None:
-                        progress.update(event.done, event.total, event.elapsed_s)
-                    continue
-                if progress is not None:
-                    progress.stop()
-                    progress = None
-                    if self.color:
-                        self.out.write("\x1b[36m")
-                if isinstance(event, Token):
-                    writer.write(visible(event.text))
-                elif isinstance(event, TurnEnd):
-                    self.last = event.stats
-                    self.totals.add(event.stats)
-                    writer.finish()
-                    for line in turn_notices(event.stats, self.engine.max_context):
-                        self.note(line)
-                    if event.stats.stop == "length":
-                        self.note(f"[cut at max_new_tokens={self.sampling.max_new_tokens}: /continue goes on]")
+            with quiet_input(self.session.input) if self.terminal else contextlib.nullcontext():
+                self._show(start(), writer, progress)
         except KeyboardInterrupt:
-            writer.finish()
-            writer = None
+            self.last = None  # the toolbar shows no figures of a turn that did not end
+            self._end(writer, progress)
             self.note("[interrupted]")
         except KvchatError as exc:
+            self._end(writer, progress)
             self.note(f"error: {exc}")
         except Exception as exc:  # noqa: BLE001 - out of memory, a sampling failure: one line, the chat goes on
+            self._end(writer, progress)
             self.note(f"error in this turn ({type(exc).__name__}: {one_line(exc)}); the conversation is as it was "
                       "before the failure")
         finally:
-            if progress is not None:
-                progress.stop()
-            if writer is not None:
-                writer.finish()
-            if self.color:
-                self.out.write("\x1b[0m")
-                self.out.flush()
+            self._end(writer, progress)
         if self.settings.stats and self.last is not None:
             s = self.last
             self.note(f"[reused {s.reused}, prefilled {s.prefilled}, generated {s.generated}, "
                       f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s]")
         self.autosave()
+
+    def _show(self, events, writer: WrappingWriter, progress: PrefillProgress | None) -> None:
+        for event in events:
+            if isinstance(event, Prefill):
+                if progress is not None:
+                    progress.update(event.done, event.total, event.elapsed_s)
+                continue
+            if progress is not None and progress.running:
+                progress.stop()
+                if self.color:
+                    self.out.write("\x1b[36m")
+            if isinstance(event, Token):
+                writer.write(visible(event.text))
+            elif isinstance(event, TurnEnd):
+                self.last = event.stats
+                self.totals.add(event.stats)
+                writer.finish()
+                if self.color:
+                    self.out.write("\x1b[0m")
+                for line in turn_notices(event.stats, self.engine.max_context):
+                    self.note(line)
+                if event.stats.stop == "length":
+                    self.note(f"[cut at max_new_tokens={self.sampling.max_new_tokens}: /continue goes on]")
+
+    def _end(self, writer: WrappingWriter, progress: PrefillProgress | None) -> None:
+        """Close what a turn drew: the progress line, the reply's last line and its colour (idempotent)."""
+        if progress is not None and progress.running:
+            progress.stop()
+        writer.finish()
+        if self.color:
+            self.out.write("\x1b[0m")
+            self.out.flush()
 
     def autosave(self) -> None:
         if self.persister is None:

@@ -487,3 +487,50 @@ def test_stats_count_this_conversation_only(tiny, pipe, tmp_path):
     assert "turns 0 · cache" in out  # the turns of session b are not session a's
     assert "time saved by reuse: not measured yet" in out
     repl.persister.store.close()
+
+
+def test_after_an_interrupted_reply_the_toolbar_shows_no_old_figures(tiny, pipe):
+    """Regression (issue 11): the toolbar kept the previous turn's reused/TTFT figures after a Ctrl-C."""
+    repl = make_repl(tiny, pipe)
+    real_send = repl.engine.send
+
+    def interrupted_second(conv, text, sampling):
+        for event in real_send(conv, text, sampling):
+            yield event
+            if text == "Again" and isinstance(event, Token):
+                raise KeyboardInterrupt
+
+    repl.engine.send = interrupted_second
+    drive(repl, "Hello\r/quit\r")
+    assert "TTFT" in repl.toolbar().value
+    drive(repl, "Again\r/quit\r")
+    bar = repl.toolbar().value
+    assert "TTFT" not in bar and "reused" not in bar and f"cache {repl.conv.cached_tokens}/" in bar
+
+
+def test_typed_ahead_keys_are_not_echoed_into_a_streaming_reply_and_wait_for_the_prompt():
+    """Regression (issue 11): text typed while a reply streamed was echoed inside it. During a reply the
+    terminal neither echoes nor edits lines (Ctrl-C still interrupts); the keys stay for the next prompt."""
+    import os
+    import pty
+    import select
+    import termios
+
+    from kvchat.display import quiet_input
+
+    leader, follower = pty.openpty()
+    try:
+        with os.fdopen(os.dup(follower), "rb", buffering=0) as tty:
+            before = termios.tcgetattr(follower)
+            with quiet_input(tty):
+                during = termios.tcgetattr(follower)
+                os.write(leader, b"typed ahead\n")
+                assert select.select([follower], [], [], 5)[0], "the typed keys were lost"  # the line discipline saw them
+            after = termios.tcgetattr(follower)
+            assert not during[3] & (termios.ECHO | termios.ICANON) and during[3] & termios.ISIG
+            assert after == before and before[3] & termios.ECHO
+            assert os.read(follower, 100) == b"typed ahead\n"  # still there for the prompt
+            assert not select.select([leader], [], [], 0.2)[0]  # and nothing was echoed
+    finally:
+        os.close(leader)
+        os.close(follower)
