@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from kvchat.config import Settings, adopt_sampling, kvchat_home, load_config
 from kvchat.conversation import MAX_CHECKPOINTS, Conversation, check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store import Persister, Store, check_name
-from kvchat.terminal import visible
+from kvchat.terminal import visible, wrap
 
 if TYPE_CHECKING:
     from kvchat.engine import Engine, TurnEnd
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-reuse", dest="reuse", action="store_const", const=False,
                         help="baseline: re-prefill the whole conversation every turn")
     return parser
+
+
+def usage_name(name: str) -> str:
+    """A session name given on the command line; a bad one is a usage error (exit 2)."""
+    try:
+        return check_name(name)
+    except KvchatError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_path(given: Path | None) -> Path | None:
@@ -187,6 +196,7 @@ def chat(argv: list[str]) -> int:
     settings, config_file = settings_from_args(args)
     store = open_store(settings, config_file)
     if args.session is not None:
+        usage_name(args.session)
         store.lock(args.session)  # a second process on this session fails now, not after loading the model
     interactive = args.prompt is None and sys.stdin.isatty()
     line_numbers: list[int] | None = None  # --lines: where each message stood in stdin
@@ -259,6 +269,8 @@ def sessions_command(argv: list[str]) -> int:
     store = open_store(settings, config_file)
     if args.action != "list" and not args.name:
         raise ConfigError(f"kvchat sessions {args.action} needs a session name")
+    if args.name is not None:
+        usage_name(args.name)
     if args.action == "list":
         rows = store.list_sessions()
         if not rows:
@@ -402,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[argv[0]](argv[1:])
         return chat(argv)
     except KvchatError as exc:
-        print(f"kvchat: error: {visible(exc)}", file=sys.stderr)
+        width = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
+        print(wrap(f"kvchat: error: {visible(exc)}", width), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("", file=sys.stderr)

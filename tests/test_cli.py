@@ -119,6 +119,19 @@ def test_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     code, _, err = run(monkeypatch, capsys, ["--model", str(tmp_path / "empty"), "-p", "hi"])
     assert code == 1 and "not a model directory" in err
+    (tmp_path / "notes.txt").write_text("my notes")  # issue 11: a file was called "not a model directory"
+    code, _, err = run(monkeypatch, capsys, ["--model", str(tmp_path / "notes.txt"), "-p", "hi"])
+    assert code == 2 and "notes.txt is a file, not a model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_long_error_in_a_terminal_wraps_between_words():
+    """Regression (issue 11): long error lines wrapped mid-word in the terminal."""
+    from kvchat.terminal import wrap
+
+    text = "kvchat: error: " + " ".join(["extraordinarily"] * 12)
+    wrapped = wrap(text, 40)
+    assert all(len(line) <= 40 for line in wrapped.splitlines()) and len(wrapped.splitlines()) > 1
+    assert wrapped.replace("\n  ", " ") == text and wrap(text, None) == text
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00" * 10, bytes(range(256)) * 20, b"GGUF\x03\x00\x00\x00" + b"\x01" * 40],

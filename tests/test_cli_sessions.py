@@ -58,8 +58,11 @@ def test_scripting_mode_autosaves_every_turn(monkeypatch, capsys, tiny_model_dir
 def test_bad_session_name_is_one_line_and_writes_nothing(monkeypatch, capsys, tiny_model_dir, tmp_path):
     sessions = tmp_path / "s"
     code, out, err = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "../x", "-p", "hi"))
-    assert code == 1 and out == "" and "invalid session name" in err and len(err.strip().splitlines()) == 1
+    # A usage error, like every bad flag value (issue 11: it exited 1 where others exit 2).
+    assert code == 2 and out == "" and "invalid session name" in err and len(err.strip().splitlines()) == 1
     assert not sessions.exists() and not (tmp_path / "x.json").exists()
+    code, _, err = run(monkeypatch, capsys, ["sessions", "rm", "../x", "--sessions-dir", str(sessions)])
+    assert code == 2 and "invalid session name" in err
     code, _, err = run(monkeypatch, capsys, ["sessions", "show", "nope", "--sessions-dir", str(sessions)])
     assert code == 1 and "no session named 'nope'" in err
 

@@ -696,6 +696,7 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
         turn(engine, conv, MESSAGES[0], Persister(store, "s"))
         store.close()
         saved = (root / "s.json").read_bytes()
+        (root / lock).touch()  # a session's lock file is left only by a process that died (kill -9)
         (root / lock).chmod(0)
         user = NOBODY if os.geteuid() == 0 else None
         if user is not None:
@@ -717,3 +718,21 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
         assert (root / "s.json").read_bytes() == saved
     finally:
         shutil.rmtree(top)
+
+
+def test_a_clean_close_leaves_no_lock_file_and_the_lock_still_excludes(tiny, tmp_path):
+    """Regression (issue 11): NAME.lock files stayed after a clean exit."""
+    engine, store = make_engine(tiny, tmp_path)
+    conv = Conversation.start(SYSTEM)
+    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    assert (tmp_path / "s.lock").exists()
+    other = Store(tmp_path)
+    with pytest.raises(StoreError, match="open in another kvchat process"):
+        other.lock("s")
+    store.close()
+    assert not (tmp_path / "s.lock").exists()
+    other.lock("s")  # free now
+    with pytest.raises(StoreError, match="open in another kvchat process"):
+        Store(tmp_path).lock("s")
+    other.close()
+    assert not list(tmp_path.glob("*.lock"))
