@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
     _add_store_flags(parser)
     parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
+    parser.add_argument("--plain", action="store_const", const=True,
+                        help="replies as raw text (no Markdown rendering; pipes and NO_COLOR are always raw)")
     parser.add_argument("--no-reuse", dest="reuse", action="store_const", const=False,
                         help="baseline: re-prefill the whole conversation every turn")
     return parser
@@ -85,7 +87,8 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir")
+             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir",
+             "plain")
 
 
 def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:

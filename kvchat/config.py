@@ -45,6 +45,7 @@ class Settings:
     max_context: int | None = None  # None: the model's own maximum
     reuse: bool = True
     stats: bool = False
+    plain: bool = False  # replies as raw text in a terminal (not rendered as Markdown)
     sessions_dir: str | None = None  # None: sessions/ beside the config file in use, else $KVCHAT_HOME/sessions
     cache_max_mb: int = 0  # cap on the store's KV bytes; least recently used prefixes are evicted (0: no cap)
     sampling: Sampling = field(default_factory=Sampling)
@@ -118,6 +119,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "max_context": _optional(_number(int, 16)),
     "reuse": _boolean,
     "stats": _boolean,
+    "plain": _boolean,
     "sessions_dir": _optional(_nonempty_text),
     "cache_max_mb": _number(int, 0),
 }

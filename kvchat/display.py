@@ -203,3 +203,59 @@ def quiet_input(stream: Any) -> Iterator[None]:
         yield
     finally:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+class MarkdownStream:
+    """A reply rendered as Markdown while it streams (rich): each finished block (up to a blank line outside a
+    code fence) is printed for good; the block still being written is redrawn below it as it grows."""
+
+    def __init__(self, out: TextIO, width: int | None, color: bool = True):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(file=out, force_terminal=True, width=width, highlight=False,
+                               color_system="auto" if color else None)
+        self._live = Live(console=self.console, auto_refresh=False, transient=True, redirect_stdout=False,
+                          redirect_stderr=False, vertical_overflow="visible")
+        self._pending = ""
+        self._started = False
+
+    def write(self, text: str) -> None:
+        """Add reply text (already made safe with `terminal.visible`)."""
+        from rich.markdown import Markdown
+
+        self._pending += text
+        done = _finished_blocks(self._pending)
+        if not self._started:
+            self._live.start()
+            self._started = True
+        if done:
+            self._live.console.print(Markdown(self._pending[:done]))
+            self._pending = self._pending[done:]
+        self._live.update(Markdown(self._pending), refresh=True)
+
+    def finish(self) -> None:
+        """Print what is left for good (idempotent)."""
+        from rich.markdown import Markdown
+
+        if self._started:
+            self._live.update("", refresh=True)
+            self._live.stop()
+            self._started = False
+        if self._pending.strip():
+            self.console.print(Markdown(self._pending))
+        self._pending = ""
+
+
+def _finished_blocks(text: str) -> int:
+    """How much of `text` is whole Markdown blocks: up to its last blank line outside a code fence."""
+    end, fenced, position = 0, False, 0
+    for line in text.splitlines(keepends=True):
+        position += len(line)
+        if not line.endswith("\n"):
+            break
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and not line.strip():
+            end = position
+    return end

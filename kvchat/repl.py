@@ -17,7 +17,7 @@ from prompt_toolkit.key_binding import KeyBindings
 
 from kvchat import kv
 from kvchat.config import Settings, adopt_sampling, set_sampling
-from kvchat.display import PrefillProgress, WrappingWriter, collapse, quiet_input
+from kvchat.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
 from kvchat.errors import KvchatError
@@ -175,6 +175,7 @@ class Repl:
         self.out = out or sys.stdout
         self.terminal = self.out.isatty() if terminal is None else terminal  # live progress and colour
         self.color = self.terminal and not os.environ.get("NO_COLOR")
+        self.markdown = self.color and not settings.plain  # replies rendered as Markdown, else raw text
         if width is None and self.out.isatty():
             width = os.get_terminal_size(self.out.fileno()).columns
         self.progress_delay = 0.5  # seconds before a turn without a token shows its progress line
@@ -291,7 +292,7 @@ class Repl:
 
     def stream(self, start) -> None:
         """Run a turn from `start()`, streaming the reply; Ctrl-C stops it and keeps what was said."""
-        writer = WrappingWriter(self.out, self.width)
+        writer = self._writer()
         progress = PrefillProgress(self.out, self.progress_delay, self.width, self.color) \
             if self.terminal else None
         try:
@@ -316,15 +317,21 @@ class Repl:
                       f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s]")
         self.autosave()
 
-    def _show(self, events, writer: WrappingWriter, progress: PrefillProgress | None) -> None:
+    def _writer(self) -> WrappingWriter | MarkdownStream:
+        return MarkdownStream(self.out, self.width, self.color) if self.markdown else WrappingWriter(self.out, self.width)
+
+    def _show(self, events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
+        started = False
         for event in events:
             if isinstance(event, Prefill):
                 if progress is not None:
                     progress.update(event.done, event.total, event.elapsed_s)
                 continue
-            if progress is not None and progress.running:
-                progress.stop()
-                if self.color:
+            if not started:  # the first token: the progress line goes, the reply's colour starts
+                started = True
+                if progress is not None and progress.running:
+                    progress.stop()
+                if self.color and not self.markdown:
                     self.out.write("\x1b[36m")
             if isinstance(event, Token):
                 writer.write(visible(event.text))
@@ -339,7 +346,7 @@ class Repl:
                 if event.stats.stop == "length":
                     self.note(f"[cut at max_new_tokens={self.sampling.max_new_tokens}: /continue goes on]")
 
-    def _end(self, writer: WrappingWriter, progress: PrefillProgress | None) -> None:
+    def _end(self, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
         """Close what a turn drew: the progress line, the reply's last line and its colour (idempotent)."""
         if progress is not None and progress.running:
             progress.stop()
@@ -471,12 +478,12 @@ class Repl:
             if message["role"] == "user":
                 self.say(f"{self._paint('you>', '1;32')} {collapse(text, (self.width or 80) - 5)}")
             elif message["role"] == "assistant":
-                if self.color:
+                if self.color and not self.markdown:
                     self.out.write("\x1b[36m")
-                writer = WrappingWriter(self.out, self.width)
+                writer = self._writer()
                 writer.write(text)
                 writer.finish()
-                if self.color:
+                if self.color and not self.markdown:
                     self.out.write("\x1b[0m")
 
     def cmd_sessions(self, _arg: str) -> None:

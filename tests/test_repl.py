@@ -534,3 +534,36 @@ def test_typed_ahead_keys_are_not_echoed_into_a_streaming_reply_and_wait_for_the
     finally:
         os.close(leader)
         os.close(follower)
+
+
+MARKDOWN_REPLY = "# Plan\n\nSome **bold** words and `code`.\n\n```python\nprint(1)\n```\n\n- first\n- second\n"
+
+
+def markdown_repl(tiny, pipe, monkeypatch, **settings):
+    """A REPL on a (fake) terminal whose model answers MARKDOWN_REPLY, a few characters at a time."""
+    from kvchat.engine import TurnEnd, TurnStats
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    repl = Repl(Engine(tiny), Conversation.start(), Settings(sampling=SETTINGS.sampling, **settings), input=pipe,
+                output=DummyOutput(), out=FakeTerminal(), width=60)
+    repl.pipe = pipe
+
+    def send(conv, text, sampling):
+        for start in range(0, len(MARKDOWN_REPLY), 3):
+            yield Token(MARKDOWN_REPLY[start:start + 3], 1)
+        yield TurnEnd(MARKDOWN_REPLY, TurnStats(0, 1, 1, 1.0, 1.0, 0), [1])
+
+    repl.engine.send = send
+    return repl
+
+
+def test_replies_are_rendered_as_markdown_in_a_terminal_and_plain_gives_the_raw_text(tiny, pipe, monkeypatch):
+    """Issue 11: replies in a terminal are Markdown (headings, emphasis, code blocks, lists), streamed;
+    --plain gives the raw text."""
+    out = drive(markdown_repl(tiny, pipe, monkeypatch), "Plan?\r/quit\r")
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", out)
+    assert "Plan" in shown and "bold" in shown and "print(1)" in shown and "• first" in shown
+    assert "**bold**" not in shown and "```" not in shown and "# Plan" not in shown
+    assert "\x1b[1m" in out  # bold, as the terminal shows it
+    plain = drive(markdown_repl(tiny, pipe, monkeypatch, plain=True), "Plan?\r/quit\r")
+    assert "**bold**" in plain and "```python" in plain and "# Plan" in plain
