@@ -40,12 +40,13 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.",
-                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat info, kvchat bench.")
+                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat models, kvchat info, "
+                            "kvchat bench.")
     parser.add_argument("--version", action="version", version=f"kvchat {__version__}")
     parser.add_argument("--session", help="start or resume this named session (saved after every turn)")
     parser.add_argument("-p", "--prompt", help="send one message and print the reply (stdin is not read)")
     parser.add_argument("--lines", action="store_true", help="scripting: each non-empty stdin line is one turn")
-    parser.add_argument("--model", help="'default', a model directory, a .gguf file, or a cached hub id")
+    parser.add_argument("--model", help="'default', a model directory, a .gguf file, or a Hugging Face id (org/name: downloaded once)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", help="0 for greedy decoding")
     parser.add_argument("--top-p", dest="top_p")
@@ -406,7 +407,21 @@ def bench_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command, "bench": bench_command}
+def models_command(argv: list[str]) -> int:
+    _Parser(prog="kvchat models", description="The models on this machine: size and KV bytes per token.").parse_args(argv)
+    from kvchat.models import local_models
+
+    rows = local_models()
+    if not rows:
+        print("no local models (the default model is converted on first use; --model org/name downloads one)")
+    for row in rows:
+        kv = f"{memory.human(row['kv_per_token'])}/token" if row["kv_per_token"] else "KV ?"
+        print(f"{visible(row['name']):40} {memory.human(row['bytes']):>10}  {kv:>16}  {row['what']}")
+    return 0
+
+
+COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command, "bench": bench_command,
+            "models": models_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
-"""Turn a model spec ("default", a directory, a .gguf file, a cached hub id) into a model and tokenizer on a device."""
+"""Turn a model spec ("default", a directory, a .gguf file, a Hugging Face id) into a model and tokenizer on a device."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -106,9 +107,57 @@ def default_model_dir(progress: Progress) -> Path:
     return out_dir
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what a chat needs
+_OFF = ("1", "true", "yes", "on")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def hub_snapshot(repo_id: str, progress: Progress) -> Path:
+    """The local copy of Hugging Face model `repo_id`: from the Hugging Face cache, else downloaded (its files
+    counted on `progress`). Offline (HF_HUB_OFFLINE) or with the Hub out of reach, one clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars
+    from tqdm.auto import tqdm
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFF:
+        raise KvchatError(f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                          "unset it to download, or give a local model")
+
+    class Files(tqdm):  # the file count of the download, on kvchat's one progress line
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True  # drawn by kvchat, not by tqdm
+            super().__init__(*args, **kwargs)
+            self.files = 0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.files += int(n or 0)
+            progress(f"downloading {repo_id} from the Hugging Face Hub", self.files, int(self.total or 0))
+            return None
+
+    disable_progress_bars()  # huggingface_hub's own bars, one per file
+    progress(f"downloading {repo_id} from the Hugging Face Hub", 0, 1)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, tqdm_class=Files))
+    except RepositoryNotFoundError:
+        raise KvchatError(f"no model '{repo_id}' on the Hugging Face Hub (a private one needs `hf auth login`)") \
+            from None
+    except LocalEntryNotFoundError as exc:  # what snapshot_download raises when the Hub cannot be reached
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise KvchatError(f"cannot download '{repo_id}': the Hugging Face Hub cannot be reached "
+                          f"({one_line(cause, 120)})") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise KvchatError(f"cannot download '{repo_id}': {one_line(exc, 160)}") from None
+
+
 def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
                progress: Progress = lambda _what, _step, _steps: None) -> LoadedModel:
-    """Load `spec` offline: 'default', a local model directory, a .gguf file, or a hub id already cached."""
+    """Load `spec`: 'default', a local model directory, a .gguf file, or a Hugging Face id (from the local
+    Hugging Face cache, else downloaded)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device_name)
@@ -127,9 +176,11 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
         if not (Path(spec) / "config.json").is_file():
             raise KvchatError(f"{spec} is not a model directory (no config.json)")
         source, name = Path(spec), Path(spec).name
+    elif HUB_ID.fullmatch(spec):
+        source, name = hub_snapshot(spec, progress), spec
     else:
-        source, name = spec, spec
-        extra["local_files_only"] = True
+        raise ConfigError(f"model '{spec}' is not 'default', a model directory, a .gguf file or a Hugging Face "
+                          "id (org/name)")
 
     progress(f"loading {name}", 0, 1)
     placement: dict[str, Any] = {"device_map": "auto"} if device.type == "cuda" else {}
@@ -145,11 +196,6 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
             raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
         if not isinstance(exc, OSError):
             raise
-        if extra.get("local_files_only"):
-            raise KvchatError(
-                f"model '{spec}' is neither a local directory nor in the local Hugging Face cache "
-                "(kvchat never downloads)"
-            ) from None
         raise KvchatError(f"cannot load model from {spec}: {exc}") from None
     hf_logging.enable_progress_bar()
     if not placement:

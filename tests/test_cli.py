@@ -114,8 +114,12 @@ def test_project_config_file_is_valid_and_all_defaults():
 
 
 def test_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run(monkeypatch, capsys, ["--model", "nobody/no-such-model", "-p", "hi"])
-    assert code == 1 and "never downloads" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(monkeypatch, capsys, ["--model", "no such thing", "-p", "hi"])
+    assert code == 2 and "is not 'default', a model directory, a .gguf file or a Hugging Face id" in err
     (tmp_path / "empty").mkdir()
     code, _, err = run(monkeypatch, capsys, ["--model", str(tmp_path / "empty"), "-p", "hi"])
     assert code == 1 and "not a model directory" in err
@@ -162,7 +166,8 @@ def test_a_failed_turn_in_lines_mode_is_reported_and_the_script_goes_on(monkeypa
     assert "line 1: RuntimeError: out of memory; skipped" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["sessions", "list"], ["cache"], ["sessions", "rm", "x"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["sessions", "list"], ["cache"], ["sessions", "rm", "x"],
+                                  ["models"]])
 def test_commands_that_load_no_model_never_import_torch(tmp_path, argv):
     """Regression (issue 11): every command imported torch and transformers first (3 s before --help)."""
     import subprocess
@@ -174,3 +179,86 @@ def test_commands_that_load_no_model_never_import_torch(tmp_path, argv):
                                                                     if argv[0] in ("sessions", "cache") else [])],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert "IMPORTED []" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_hub_model_with_the_hub_out_of_reach_is_one_line(tmp_path):
+    """Issue 11: `--model org/name` downloads when the Hub is there; when it cannot be reached, one line (the
+    test points the Hub at a closed local port: nothing leaves this machine)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2",
+               KVCHAT_HOME=str(tmp_path / "home"))
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "kvchat", "--model", "nobody/no-such-model", "-p", "hi"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "cannot download 'nobody/no-such-model': the Hugging Face Hub cannot be reached" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_hub_model_not_cached_is_downloaded_with_its_progress_counted(monkeypatch, tiny_model_dir, tmp_path):
+    """The download path, with huggingface_hub's snapshot_download stood in for (no network in tests): the
+    cache is asked first, then the files are fetched with their count on kvchat's progress line."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from kvchat.model import load_model
+
+    calls, seen = [], []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False, tqdm_class=None):
+        calls.append((repo_id, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        files = sorted(tiny_model_dir.iterdir())
+        bar = tqdm_class(total=len(files))
+        target = tmp_path / "snapshot"
+        target.mkdir(exist_ok=True)
+        for path in files:
+            shutil.copy(path, target / path.name)
+            bar.update(1)
+        return str(target)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = load_model("someone/tiny-chat", "cpu", "float32", progress=lambda *step: seen.append(step))
+    assert loaded.name == "someone/tiny-chat" and calls == [("someone/tiny-chat", True), ("someone/tiny-chat", False)]
+    files = len(list(tiny_model_dir.iterdir()))
+    assert ("downloading someone/tiny-chat from the Hugging Face Hub", files, files) in seen
+
+
+def test_models_lists_the_hugging_face_cache_and_converted_models_with_size_and_kv_per_token(
+        monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """Issue 11: `kvchat models` lists what is local, with size and KV bytes per token."""
+    import shutil
+
+    from kvchat import memory
+
+    hub = tmp_path / "hub" / "models--someone--tiny-chat"
+    commit = "0" * 40
+    (hub / "refs").mkdir(parents=True)
+    (hub / "refs" / "main").write_text(commit)
+    snapshot = hub / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in tiny_model_dir.iterdir():
+        blob = hub / "blobs" / f"{abs(hash(path.name)):x}"
+        blob.parent.mkdir(exist_ok=True)
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    converted = tmp_path / "home" / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", converted / "config.json")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
+    code, out, _ = run(monkeypatch, capsys, ["models"])
+    per_token = 2 * 2 * 2 * 16 * 4  # tiny.py: 2 layers, 2 KV heads of 64 / 4 = 16, float32
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert lines[0].startswith("default ") and "converted by kvchat" in lines[0]
+    assert lines[1].startswith("someone/tiny-chat ") and "Hugging Face cache" in lines[1]
+    assert all(f"{memory.human(per_token)}/token" in line for line in lines)
