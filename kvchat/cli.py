@@ -114,23 +114,26 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
     return Store(root, max_bytes=settings.cache_max_mb * 1024 * 1024)
 
 
-def load(settings: Settings) -> Any:
-    """Load the configured model, its progress on stderr (a transient line in a terminal)."""
+def load(settings: Settings, progress: Any = None) -> Any:
+    """Load the configured model; its progress goes to `progress(what, step, steps)`, by default on stderr (a
+    transient line in a terminal)."""
     from kvchat.display import LoadProgress
     from kvchat.model import load_model
 
-    progress = LoadProgress(sys.stderr)
-    try:
+    if progress is not None:
         return load_model(settings.model, settings.device, settings.dtype, progress=progress)
+    line = LoadProgress(sys.stderr)
+    try:
+        return load_model(settings.model, settings.device, settings.dtype, progress=line)
     finally:
-        progress.close()
+        line.close()
 
 
-def load_engine(settings: Settings) -> Engine:
+def load_engine(settings: Settings, progress: Any = None) -> Engine:
     """Load the configured model and wrap it in an engine."""
     from kvchat.engine import Engine
 
-    loaded = load(settings)
+    loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
                   max_context=settings.max_context, window_cache=settings.window_cache)
 
@@ -221,42 +224,59 @@ def chat(argv: list[str]) -> int:
             check_message(message)  # refuse bad input before spending seconds on loading the model
     if interactive:  # at once: loading takes seconds
         print(f"kvchat {__version__} · starting {visible(settings.model)} · Ctrl-C to cancel", flush=True)
-    engine = load_engine(settings)
-    from kvchat.model import fingerprint
-
-    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context, engine.layout),
-                                    memory.free_memory(engine.device), MAX_CHECKPOINTS)
-    if warning:
-        print(f"kvchat: warning: {warning}", file=sys.stderr)
-
-    store.bind(engine, fingerprint(engine.loaded))
-    if settings.reuse:
-        engine.prefix_source = store.longest_prefix
-    persister = Persister(store, args.session)
     try:
-        if args.session is not None:
-            opened = store.open_session(args.session, settings.system)
-            if opened.notice:
-                print(f"kvchat: {visible(opened.notice)}", file=sys.stderr)
-            conv = opened.conversation
-        else:
-            conv = Conversation.start(settings.system)
-        given = {key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
-                 if getattr(args, key, None) is not None}  # flags win over what the session kept
-        settings = dataclasses.replace(settings, sampling=adopt_sampling(settings.sampling, conv.settings, given))
-        conv.settings = dataclasses.asdict(settings.sampling)
         if interactive:
-            from kvchat.repl import Repl
+            from kvchat.repl import Pending, Repl
 
             kvchat_home().mkdir(parents=True, exist_ok=True)
             history = str(kvchat_home() / "history")
+            if args.session is None or store.read_manifest(args.session) is None:
+                # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
+                pending = Pending(lambda report: open_chat(settings, args, store, report))
+                return Repl(None, None, settings, history_path=history, pending=pending).run()
+            engine, conv, persister, settings, notices = open_chat(settings, args, store)
+            for notice in notices:
+                print(f"kvchat: {visible(notice)}", file=sys.stderr)
             return Repl(engine, conv, settings, persister=persister, history_path=history).run()
+        engine, conv, persister, settings, notices = open_chat(settings, args, store)
+        for notice in notices:
+            print(f"kvchat: {visible(notice)}", file=sys.stderr)
         refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
         if refused:
             print(f"kvchat: {refused} of {len(messages)} lines failed (see above)", file=sys.stderr)
         return 1 if refused else 0
     finally:
         store.close()
+
+
+def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
+              progress: Any = None) -> tuple[Any, Conversation, Persister, Settings, list[str]]:
+    """Load the model, bind the store, open the session or start a conversation. Returns the engine, the
+    conversation, its persister, the settings as the session adjusts them, and notices for the user."""
+    from kvchat.model import fingerprint
+
+    engine = load_engine(settings, progress)
+    notices = []
+    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context, engine.layout),
+                                    memory.free_memory(engine.device), MAX_CHECKPOINTS)
+    if warning:
+        notices.append(f"warning: {warning}")
+    store.bind(engine, fingerprint(engine.loaded))
+    if settings.reuse:
+        engine.prefix_source = store.longest_prefix
+    persister = Persister(store, args.session)
+    if args.session is not None:
+        opened = store.open_session(args.session, settings.system)
+        if opened.notice:
+            notices.append(opened.notice)
+        conv = opened.conversation
+    else:
+        conv = Conversation.start(settings.system)
+    given = {key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+             if getattr(args, key, None) is not None}  # flags win over what the session kept
+    settings = dataclasses.replace(settings, sampling=adopt_sampling(settings.sampling, conv.settings, given))
+    conv.settings = dataclasses.asdict(settings.sampling)
+    return engine, conv, persister, settings, notices
 
 
 def _when(timestamp: float) -> str:

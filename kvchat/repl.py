@@ -6,8 +6,9 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
@@ -15,15 +16,15 @@ from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from kvchat import kv
 from kvchat.config import Settings, adopt_sampling, set_sampling
-from kvchat.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Prefill, Token, TurnEnd, TurnStats, turn_notices
-from kvchat.errors import KvchatError
+from kvchat.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
+from kvchat.errors import KvchatError, one_line
 from kvchat.store import Persister, check_name
-from kvchat.model import one_line
 from kvchat.terminal import visible, wrap
+
+if TYPE_CHECKING:  # the engine (torch) is imported once there is a model: the prompt comes up first
+    from kvchat.engine import Engine, TurnStats
 
 # name -> (its arguments, what it does); a command without arguments refuses any
 COMMANDS = {
@@ -158,20 +159,60 @@ class Totals:
         return ms / n
 
 
-class Repl:
-    """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits."""
+class Pending:
+    """What a chat needs that takes seconds to make (the model, its engine, the conversation), made in a
+    background thread while the prompt is already up. `make(report)` returns (engine, conversation,
+    persister, settings, notices); `report(what, step, steps)` is its progress."""
 
-    def __init__(self, engine: Engine, conv: Conversation, settings: Settings,
+    def __init__(self, make: Callable[[Callable[[str, int, int], None]], tuple]):
+        self.status = "loading the model"
+        self.result: tuple | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(make,), name="kvchat-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable) -> None:
+        try:
+            self.result = make(self._report)
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that waits, which raises it
+            self.error = exc
+
+    def _report(self, what: str, step: int, steps: int) -> None:
+        self.status = f"{what} ({step}/{steps})" if steps > 1 else what
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self) -> tuple:
+        """The result, once made (Ctrl-C interrupts the wait, not the loading); raises what making it raised."""
+        while self._thread.is_alive():
+            self._thread.join(0.1)
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None, "the loading thread ended without a result"
+        return self.result
+
+
+class Repl:
+    """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits.
+
+    With `pending` (and no engine or conversation yet) the prompt is up while the model loads; the first
+    message or command that needs them waits for it."""
+
+    def __init__(self, engine: Engine | None, conv: Conversation | None, settings: Settings,
                  persister: Persister | None = None, input: Any = None, output: Any = None,
                  out: TextIO | None = None, history_path: str | None = None, width: int | None = None,
-                 terminal: bool | None = None):
+                 terminal: bool | None = None, pending: Pending | None = None):
+        assert (engine is None) == (pending is not None), "a REPL needs an engine or a pending one"
         self.engine = engine
         self.conv = conv
         self.settings = settings
         self.sampling = settings.sampling
-        if not conv.settings:
+        if conv is not None and not conv.settings:
             conv.settings = dataclasses.asdict(self.sampling)
         self.persister = persister
+        self.pending = pending
         self.out = out or sys.stdout
         self.terminal = self.out.isatty() if terminal is None else terminal  # live progress and colour
         self.color = self.terminal and not os.environ.get("NO_COLOR")
@@ -188,6 +229,7 @@ class Repl:
             multiline=True, key_bindings=self._keys(), completer=ReplCompleter(self),
             complete_while_typing=False, bottom_toolbar=self.toolbar, history=self.history,
             input=input, output=output, prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
+            refresh_interval=0.5 if pending is not None else 0,  # the toolbar follows the loading
         )
 
     # -- terminal ------------------------------------------------------------------------------
@@ -224,8 +266,13 @@ class Repl:
         self.say(self._paint(wrap(visible(text), self.width), "2"))  # notes carry names and errors read from disk
 
     def toolbar(self) -> HTML:
-        """The live cache state under the prompt."""
+        """The live cache state under the prompt (the loading, while the model loads)."""
+        if self.pending is not None:
+            status = "model ready (Enter)" if self.pending.done else f"{self.pending.status}…"
+            return HTML(" " + status.replace("&", "&amp;").replace("<", "&lt;"))
         context = self.engine.max_context or "?"
+        from kvchat import kv
+
         kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
         parts = [f"cache {self.conv.cached_tokens}/{context}", f"KV {kv_mb:.1f} MB"]
         if self.last is not None:
@@ -237,15 +284,37 @@ class Repl:
 
     # -- loop ----------------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """Loop until the user leaves; returns the exit code."""
+    def ready(self) -> None:
+        """Wait for a pending model (a line says so while it takes), then take what it made."""
+        if self.pending is None:
+            return
+        if not self.pending.done:
+            self.note("[waiting for the model to load]")
+        self.engine, self.conv, self.persister, self.settings, notices = self.pending.wait()
+        self.pending = None
+        self.sampling = self.settings.sampling
+        for notice in notices:
+            self.note(notice)
+        self._banner()
+
+    def _banner(self) -> None:
         loaded = self.engine.loaded
         self.note(f"kvchat · {loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}) · "
                   "/help for commands · Ctrl-D to quit")
+
+    def run(self) -> int:
+        """Loop until the user leaves; returns the exit code."""
+        if self.pending is not None:
+            self.note("kvchat · the model loads while you type · /help for commands · Ctrl-D to quit")
+            return self._loop()
+        self._banner()
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
         if turns:
             self.note(f"resumed: {plural(turns, 'turn')}, {self.conv.cached_tokens} tokens of KV loaded from disk")
             self.show_history(RESUME_EXCHANGES)
+        return self._loop()
+
+    def _loop(self) -> int:
         while True:
             try:
                 line = self.session.prompt(HTML("<ansigreen><b>you&gt; </b></ansigreen>") if self.color else "you> ")
@@ -261,12 +330,17 @@ class Repl:
                 self.note("NUL bytes cannot be sent; input ignored.")
                 continue
             if not line.strip():
+                if self.pending is not None and self.pending.done:
+                    self.ready()  # Enter on an empty line takes the model once it is loaded
                 continue
             try:
                 if line.startswith("/"):
+                    if line.split()[0] not in ("/help", "/quit", "/exit"):
+                        self.ready()
                     if self.command(line.strip()) == "quit":
                         return 0
                     continue
+                self.ready()
                 self.stream(lambda: self.engine.send(self.conv, line, self.sampling))
             except KeyboardInterrupt:  # outside a reply (a save, a /load): nothing half-done is left behind
                 self.note("[interrupted]")
@@ -321,6 +395,8 @@ class Repl:
         return MarkdownStream(self.out, self.width, self.color) if self.markdown else WrappingWriter(self.out, self.width)
 
     def _show(self, events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
+        from kvchat.engine import Prefill, Token, TurnEnd, turn_notices
+
         started = False
         for event in events:
             if isinstance(event, Prefill):
@@ -507,6 +583,8 @@ class Repl:
         t = self.totals
         per_token = t.marginal_ms_per_token()
         saved_s = t.reused * per_token / 1000
+        from kvchat import kv
+
         kv_bytes = kv.nbytes(self.conv.cache) if self.conv.cache is not None else 0
         lines = [
             f"turns {t.turns} · cache {self.conv.cached_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",

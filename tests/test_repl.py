@@ -567,3 +567,41 @@ def test_replies_are_rendered_as_markdown_in_a_terminal_and_plain_gives_the_raw_
     assert "\x1b[1m" in out  # bold, as the terminal shows it
     plain = drive(markdown_repl(tiny, pipe, monkeypatch, plain=True), "Plan?\r/quit\r")
     assert "**bold**" in plain and "```python" in plain and "# Plan" in plain
+
+
+def test_the_prompt_is_up_while_the_model_loads_and_the_first_message_waits_for_it(tiny, pipe):
+    """Issue 11: a chat at its prompt at once; the model loads behind it (the toolbar says how far), and a
+    message sent before it is ready waits for it, then goes through exactly as without the wait."""
+    import threading
+
+    from kvchat.errors import KvchatError
+    from kvchat.repl import Pending
+
+    release = threading.Event()
+
+    def make(report):
+        report("loading tiny-llama", 0, 1)
+        release.wait(10)
+        return Engine(tiny), Conversation.start("Be brief."), None, SETTINGS, ["a notice from loading"]
+
+    pending = Pending(make)
+    repl = Repl(None, None, SETTINGS, input=pipe, output=DummyOutput(), out=io.StringIO(), pending=pending)
+    repl.pipe = pipe
+    assert "loading tiny-llama…" in repl.toolbar().value and repl.engine is None
+    threading.Timer(0.3, release.set).start()
+    out = drive(repl, "/help\rHello there\r/quit\r")
+    assert "the model loads while you type" in out and "[waiting for the model to load]" in out
+    assert out.index("/retry") < out.index("[waiting")  # /help answered before the model was there
+    assert "a notice from loading" in out and "kvchat · tiny-llama on cpu" in out
+    assert repl.conv.messages[-1]["content"] == reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
+                                                                      {"role": "user", "content": "Hello there"}])
+
+    def broken(report):
+        raise KvchatError("model 'nope' is not there")
+
+    with create_pipe_input() as other:
+        failing = Repl(None, None, SETTINGS, input=other, output=DummyOutput(), out=io.StringIO(),
+                       pending=Pending(broken))
+        other.send_text("Hello\r")
+        with pytest.raises(KvchatError, match="is not there"):
+            failing.run()

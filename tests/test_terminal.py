@@ -52,8 +52,10 @@ def quit_cleanly(session, done):
 def test_chat_in_a_real_terminal(tmp_path):
     session, done = start(tmp_path, "--max-new-tokens", "40", "--session", "t")
     try:
-        wait_for(session, "you>")
-        wait_for(session, "cache 0/8192")  # the toolbar
+        wait_for(session, "you>")  # at once: the model loads behind the prompt
+        wait_for(session, "model ready (Enter)")  # the toolbar follows the loading
+        tmux("send-keys", "-t", session, "Enter")
+        wait_for(session, "cache 0/8192")  # the toolbar, once the model is taken
         tmux("send-keys", "-t", session, "What is the capital of France?", "Enter")
         wait_for(session, "Paris")
         tmux("send-keys", "-t", session, "And of Germany?", "Enter")
