@@ -215,10 +215,22 @@ class MarkdownStream:
 
         self.console = Console(file=out, force_terminal=True, width=width, highlight=False,
                                color_system="auto" if color else None)
-        self._live = Live(console=self.console, auto_refresh=False, transient=True, redirect_stdout=False,
-                          redirect_stderr=False, vertical_overflow="visible")
         self._pending = ""
+        self.status = ""  # a line under the reply while it streams (what the toolbar says between turns)
+        # Redrawn 8 times a second by rich's thread, not once per token (a Markdown parse of the block
+        # being written costs more as the block grows).
+        self._live = Live(console=self.console, get_renderable=self._live_view, auto_refresh=True,
+                          refresh_per_second=8, transient=True, redirect_stdout=False, redirect_stderr=False,
+                          vertical_overflow="visible")
         self._started = False
+
+    def _live_view(self) -> Any:
+        from rich.console import Group
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        reply = Markdown(self._pending)
+        return Group(reply, Text(self.status, style="dim")) if self.status else reply
 
     def write(self, text: str) -> None:
         """Add reply text (already made safe with `terminal.visible`)."""
@@ -230,16 +242,14 @@ class MarkdownStream:
             self._live.start()
             self._started = True
         if done:
-            self._live.console.print(Markdown(self._pending[:done]))
-            self._pending = self._pending[done:]
-        self._live.update(Markdown(self._pending), refresh=True)
+            finished, self._pending = self._pending[:done], self._pending[done:]
+            self._live.console.print(Markdown(finished))
 
     def finish(self) -> None:
         """Print what is left for good (idempotent)."""
         from rich.markdown import Markdown
 
         if self._started:
-            self._live.update("", refresh=True)
             self._live.stop()
             self._started = False
         if self._pending.strip():

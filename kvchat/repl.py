@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, TextIO
 
@@ -397,7 +398,7 @@ class Repl:
     def _show(self, events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
         from kvchat.engine import Prefill, Token, TurnEnd, turn_notices
 
-        started = False
+        started, generated, began = False, 0, time.perf_counter()
         for event in events:
             if isinstance(event, Prefill):
                 if progress is not None:
@@ -410,6 +411,11 @@ class Repl:
                 if self.color and not self.markdown:
                     self.out.write("\x1b[36m")
             if isinstance(event, Token):
+                if isinstance(writer, MarkdownStream):  # the toolbar's place while the reply streams
+                    generated += 1
+                    rate = generated / max(time.perf_counter() - began, 1e-6)
+                    writer.status = (f"{generated} tokens · {rate:.1f} tok/s · cache {self.conv.cached_tokens}/"
+                                     f"{self.engine.max_context or '?'} · Ctrl-C stops")
                 writer.write(visible(event.text))
             elif isinstance(event, TurnEnd):
                 self.last = event.stats

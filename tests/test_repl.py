@@ -2,6 +2,7 @@
 
 import io
 import re
+import time
 
 import pytest
 from prompt_toolkit.input import create_pipe_input
@@ -550,6 +551,7 @@ def markdown_repl(tiny, pipe, monkeypatch, **settings):
 
     def send(conv, text, sampling):
         for start in range(0, len(MARKDOWN_REPLY), 3):
+            time.sleep(0.01)  # a model's pace: the live view is redrawn 8 times a second
             yield Token(MARKDOWN_REPLY[start:start + 3], 1)
         yield TurnEnd(MARKDOWN_REPLY, TurnStats(0, 1, 1, 1.0, 1.0, 0), [1])
 
@@ -565,6 +567,8 @@ def test_replies_are_rendered_as_markdown_in_a_terminal_and_plain_gives_the_raw_
     assert "Plan" in shown and "bold" in shown and "print(1)" in shown and "• first" in shown
     assert "**bold**" not in shown and "```" not in shown and "# Plan" not in shown
     assert "\x1b[1m" in out  # bold, as the terminal shows it
+    assert "tok/s · cache " in shown and "Ctrl-C stops" in shown  # a status line under the streaming reply
+    assert not shown.rstrip().endswith("Ctrl-C stops")  # and gone once it ends
     plain = drive(markdown_repl(tiny, pipe, monkeypatch, plain=True), "Plan?\r/quit\r")
     assert "**bold**" in plain and "```python" in plain and "# Plan" in plain
 
