@@ -254,6 +254,23 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
     return {"rows": rows, "model_context": context, "whole_reason": engines["pieces"].renderer.whole_reason}
 
 
+def sampling_cost(loaded: LoadedModel, plan: BenchPlan) -> dict[str, Any]:
+    """Scenario 6: what choosing one token costs with the default sampling settings (top-k 50, top-p 0.95,
+    temperature 0.7) on logits of the model's vocabulary size; median over 200 draws."""
+    from kvchat.sampling import next_token
+
+    sampling = Sampling()
+    torch.manual_seed(0)
+    logits = torch.randn(loaded.model.get_output_embeddings().weight.shape[0], device=loaded.device) * 4
+    generator = torch.Generator(device=loaded.device).manual_seed(0)
+    times = []
+    for _ in range(200):
+        started = time.perf_counter()
+        int(next_token(logits, sampling, generator))  # the host sync a streamed token needs anyway
+        times.append((time.perf_counter() - started) * 1000)
+    return {"vocab": int(logits.shape[0]), "ms_per_token": _median(times), "settings": asdict(sampling)}
+
+
 def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) -> dict[str, Any]:
     """Scenario 4: measured KV bytes per token against the formula, and on disk."""
     cache = kv.new_cache(loaded.model)
@@ -281,6 +298,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, A
         results["resume"] = resume(loaded, plan, progress, Path(workdir))
     results["memory"] = memory_figures(loaded, results["resume"])
     results["turn_cost"] = turn_cost(loaded, plan, progress)
+    results["sampling"] = sampling_cost(loaded, plan)
     results["peer"] = "llama_cpp is not importable here: no peer column"
     return results
 
@@ -335,6 +353,11 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{'yes' if row['same_tokens'] else 'NO'} |")
         if cost["whole_reason"]:
             lines.append(f"This model's template is rendered whole: {cost['whole_reason']}.")
+    if "sampling" in results:
+        cost = results["sampling"]
+        lines += ["", f"Sampling one token with the default settings (top-k {cost['settings']['top_k']}, top-p "
+                      f"{cost['settings']['top_p']}) over a {cost['vocab']:,}-token vocabulary: "
+                      f"{cost['ms_per_token']:.3f} ms"]
     lines += ["", f"Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
     lines.append(f"Peer: {results['peer']}")

@@ -36,6 +36,8 @@ def check_shape(out, results):
     rows = results["turn_cost"]["rows"]
     assert len(cost) == 1 + len(rows) == 5 and all(row.endswith("| yes |") for row in cost[1:])
     assert [row["history_tokens"] >= size for row, size in zip(rows[::2], (300, 1200))] == [True, True]
+    assert "Sampling one token with the default settings (top-k 50, top-p 0.95)" in out
+    assert results["sampling"]["ms_per_token"] > 0
 
 
 def test_bench_quick_on_the_tiny_model(monkeypatch, capsys, tmp_path, tiny_model_dir):

@@ -46,3 +46,32 @@ def test_a_tiny_temperature_is_greedy_not_a_crash():
         sampling = Sampling(temperature=temperature, top_k=0, top_p=1.0, seed=1)
         gen = make_generator(sampling, torch.device("cpu"))
         assert {int(next_token(LOGITS, sampling, gen)) for _ in range(20)} == {1}
+
+
+def reference_distribution(logits, sampling):
+    """Top-k then top-p over the whole vocabulary, the slow way (what sampling did before issue 12)."""
+    scores = (logits.float() - logits.float().max()) / sampling.temperature
+    if 0 < sampling.top_k < scores.shape[-1]:
+        scores = scores.masked_fill(scores < torch.topk(scores, sampling.top_k).values[-1], float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        sorted_scores = sorted_scores.masked_fill((probs.cumsum(dim=-1) - probs) >= sampling.top_p, float("-inf"))
+        scores = torch.empty_like(scores).scatter_(0, order, sorted_scores)
+    return scores.softmax(dim=-1)
+
+
+def test_candidates_are_the_same_distribution_as_filtering_the_whole_vocabulary():
+    """Issue 12: sampling sorted the whole 49k vocabulary per token; top-k first, then top-p on the k
+    survivors, gives the same probabilities over a fraction of the work."""
+    from kvchat.sampling import candidates
+
+    torch.manual_seed(0)
+    for top_k, top_p, temperature in ((50, 0.95, 0.7), (0, 0.9, 1.0), (10, 1.0, 1.3), (0, 1.0, 0.5), (3, 0.5, 2.0)):
+        logits = torch.randn(49152) * 4
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+        ids, probs = candidates(logits, sampling)
+        full = torch.zeros(49152).index_put_((ids,), probs)
+        torch.testing.assert_close(full, reference_distribution(logits, sampling), atol=1e-6, rtol=1e-5)
+        if top_k:
+            assert len(ids) <= top_k
