@@ -254,7 +254,7 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
     return {"rows": rows, "model_context": context, "whole_reason": engines["pieces"].renderer.whole_reason}
 
 
-def sampling_cost(loaded: LoadedModel, plan: BenchPlan) -> dict[str, Any]:
+def sampling_cost(loaded: LoadedModel) -> dict[str, Any]:
     """Scenario 6: what choosing one token costs with the default sampling settings (top-k 50, top-p 0.95,
     temperature 0.7) on logits of the model's vocabulary size; median over 200 draws."""
     from kvchat.sampling import next_token
@@ -298,7 +298,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, A
         results["resume"] = resume(loaded, plan, progress, Path(workdir))
     results["memory"] = memory_figures(loaded, results["resume"])
     results["turn_cost"] = turn_cost(loaded, plan, progress)
-    results["sampling"] = sampling_cost(loaded, plan)
+    results["sampling"] = sampling_cost(loaded)
     results["peer"] = "llama_cpp is not importable here: no peer column"
     return results
 

@@ -234,13 +234,11 @@ def chat(argv: list[str]) -> int:
                 # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
                 pending = Pending(lambda report: open_chat(settings, args, store, report))
                 return Repl(None, None, settings, history_path=history, pending=pending).run()
-            engine, conv, persister, settings, notices = open_chat(settings, args, store)
-            for notice in notices:
-                print(f"kvchat: {visible(notice)}", file=sys.stderr)
-            return Repl(engine, conv, settings, persister=persister, history_path=history).run()
         engine, conv, persister, settings, notices = open_chat(settings, args, store)
         for notice in notices:
             print(f"kvchat: {visible(notice)}", file=sys.stderr)
+        if interactive:
+            return Repl(engine, conv, settings, persister=persister, history_path=history).run()
         refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
         if refused:
             print(f"kvchat: {refused} of {len(messages)} lines failed (see above)", file=sys.stderr)

@@ -89,12 +89,20 @@ class WrappingWriter:
         self.out.flush()
 
 
+def _terminal_console(out: TextIO, width: int | None, color: bool) -> Any:
+    """A rich console that draws on `out` as on a terminal; without `color` (NO_COLOR) it moves the cursor
+    but writes no colours."""
+    from rich.console import Console
+
+    return Console(file=out, force_terminal=True, width=width, highlight=False,
+                   color_system="auto" if color else None)
+
+
 class PrefillProgress:
     """While a turn has not produced its first token: after `delay` seconds, one transient line with the tokens
     of the prompt read so far, of how many, the rate, and how to stop (rich's progress bar)."""
 
     def __init__(self, out: TextIO, delay: float = 0.5, width: int | None = None, color: bool = True):
-        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn)
 
@@ -105,12 +113,10 @@ class PrefillProgress:
                 if time.monotonic() - began >= delay:
                     yield from super().get_renderables()
 
-        console = Console(file=out, force_terminal=True, width=width, highlight=False,
-                          color_system="auto" if color else None)  # NO_COLOR: cursor moves only, no colours
         self._progress = Delayed(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
             TextColumn("tokens · {task.fields[rate]} · "), TimeElapsedColumn(), TextColumn("· Ctrl-C stops"),
-            console=console, transient=True, refresh_per_second=8, redirect_stdout=False, redirect_stderr=False)
+            console=_terminal_console(out, width, color), transient=True, refresh_per_second=8, redirect_stdout=False, redirect_stderr=False)
         self._task = self._progress.add_task("reading the prompt", total=None, rate="")
         self._progress.start()
         self.running = True
@@ -210,11 +216,9 @@ class MarkdownStream:
     code fence) is printed for good; the block still being written is redrawn below it as it grows."""
 
     def __init__(self, out: TextIO, width: int | None, color: bool = True):
-        from rich.console import Console
         from rich.live import Live
 
-        self.console = Console(file=out, force_terminal=True, width=width, highlight=False,
-                               color_system="auto" if color else None)
+        self.console = _terminal_console(out, width, color)
         self._pending = ""
         self.status = ""  # a line under the reply while it streams (what the toolbar says between turns)
         # Redrawn 8 times a second by rich's thread, not once per token (a Markdown parse of the block

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvchat.config import kvchat_home
+from kvchat.memory import KVShape
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -27,7 +28,8 @@ def kv_bytes_per_token(config_file: Path, dtype: str = "float32") -> int | None:
         head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    return 2 * layers * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 4)
+    return KVShape(config_file.parent.name, layers, kv_heads, head_dim, context=0,
+                   dtype_bytes=DTYPE_BYTES.get(dtype, 4)).bytes_per_token
 
 
 def _size(path: Path) -> int:

@@ -56,7 +56,6 @@ class Renderer:
         self.use_pieces = pieces  # False: every render is whole (the way to compare, in the benchmark)
         self.whole_reason: str | None = None  # why this template is rendered whole, once it is known
         self._template: Any = None
-        self._checked = False
         self._pieces: OrderedDict[tuple, list[int]] = OrderedDict()
         self._chains: list[_Chain] = []
         self._system_prefixes: dict[str | None, list[int]] = {}
@@ -110,9 +109,9 @@ class Renderer:
     def _follow_template(self) -> None:
         """Forget what was learnt of the template when it changes; check a new one on the samples."""
         template = self.tokenizer.chat_template
-        if template is self._template or (self._checked and template == self._template):
+        if template is self._template or template == self._template:
             return
-        self._template, self._checked = template, True
+        self._template = template
         self._pieces.clear()
         self._chains = []
         self._system_prefixes.clear()
@@ -281,21 +280,26 @@ class _Chain:
         self.ends.append(len(self.ids))
 
 
-def _value(message: dict[str, Any]) -> tuple:
+# What a piece depends on in a message: its role, its text, and a reply's generated ids. `_key` makes it
+# hashable (the pieces' dictionary); a chain keeps it as `_value` (a copy) and compares with `_same` (no copy).
+
+def _ids(message: dict[str, Any]) -> list[int] | None:
     ids = message.get("token_ids")
-    return message.get("role"), message.get("content"), list(ids) if isinstance(ids, list) else None
+    return ids if isinstance(ids, list) else None
+
+
+def _value(message: dict[str, Any]) -> tuple:
+    ids = _ids(message)
+    return message.get("role"), message.get("content"), None if ids is None else list(ids)
 
 
 def _same(kept: tuple, message: dict[str, Any]) -> bool:
     role, content, ids = kept
-    return role == message.get("role") and content == message.get("content") and ids == (
-        message.get("token_ids") if isinstance(message.get("token_ids"), list) else None)
+    return role == message.get("role") and content == message.get("content") and ids == _ids(message)
 
 
 def _key(messages: Messages) -> tuple:
-    """What a piece depends on in `messages`: roles, texts, and the generated ids of replies."""
-    return tuple((m.get("role"), m.get("content"),
-                  tuple(m["token_ids"]) if isinstance(m.get("token_ids"), list) else None) for m in messages)
+    return tuple((m.get("role"), m.get("content"), None if _ids(m) is None else tuple(_ids(m))) for m in messages)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -269,18 +269,17 @@ class Repl:
     def toolbar(self) -> HTML:
         """The live cache state under the prompt (the loading, while the model loads)."""
         if self.pending is not None:
-            status = "model ready (Enter)" if self.pending.done else f"{self.pending.status}…"
-            return HTML(" " + status.replace("&", "&amp;").replace("<", "&lt;"))
-        context = self.engine.max_context or "?"
-        from kvchat import kv
+            parts = ["model ready (Enter)" if self.pending.done else f"{self.pending.status}…"]
+        else:
+            from kvchat import kv
 
-        kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
-        parts = [f"cache {self.conv.cached_tokens}/{context}", f"KV {kv_mb:.1f} MB"]
-        if self.last is not None:
-            parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
-                      f"TTFT {self.last.ttft_ms:.0f} ms", f"{self.last.decode_tok_s:.1f} tok/s"]
-        if self.persister is not None and self.persister.session:
-            parts.append(f"session {self.persister.session}")
+            kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
+            parts = [f"cache {self.conv.cached_tokens}/{self.engine.max_context or '?'}", f"KV {kv_mb:.1f} MB"]
+            if self.last is not None:
+                parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
+                          f"TTFT {self.last.ttft_ms:.0f} ms", f"{self.last.decode_tok_s:.1f} tok/s"]
+            if self.persister is not None and self.persister.session:
+                parts.append(f"session {self.persister.session}")
         return HTML(" " + " · ".join(parts).replace("&", "&amp;").replace("<", "&lt;"))
 
     # -- loop ----------------------------------------------------------------------------------
