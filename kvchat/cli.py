@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--weights", help="auto (int8 on the CPU where exact), full or int8")
     _add_store_flags(parser)
     parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
     parser.add_argument("--plain", action="store_const", const=True,
@@ -88,7 +89,7 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "stats", "reuse", "sessions_dir",
+             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "weights", "stats", "reuse", "sessions_dir",
              "plain")
 
 
@@ -121,10 +122,11 @@ def load(settings: Settings, progress: Any = None) -> Any:
     from kvchat.model import load_model
 
     if progress is not None:
-        return load_model(settings.model, settings.device, settings.dtype, progress=progress)
+        return load_model(settings.model, settings.device, settings.dtype, progress=progress,
+                          weights=settings.weights)
     line = LoadProgress(sys.stderr)
     try:
-        return load_model(settings.model, settings.device, settings.dtype, progress=line)
+        return load_model(settings.model, settings.device, settings.dtype, progress=line, weights=settings.weights)
     finally:
         line.close()
 
@@ -337,11 +339,11 @@ def cache_command(argv: list[str]) -> int:
 
 def info_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
-    for flag in ("--model", "--device", "--dtype", "--max-context", "--window-cache"):
+    for flag in ("--model", "--device", "--dtype", "--weights", "--max-context", "--window-cache"):
         parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args, ("model", "device", "dtype", "max_context", "window_cache"))
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "max_context", "window_cache"))
     from kvchat import kv
 
     loaded = load(settings)
@@ -350,8 +352,10 @@ def info_command(argv: list[str]) -> int:
     except kv.Unsupported as exc:
         raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
     shape = memory.model_shape(loaded, settings.max_context, layout)
-    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS):
+    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, loaded.weight_format):
         print(line)
+    if loaded.weight_note:
+        print(loaded.weight_note)
     warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)
     if warning:
         print(f"warning: {warning}")
@@ -382,7 +386,7 @@ class ProgressBar:
 
 def bench_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat bench", description="Measure what the KV cache buys, side by side.")
-    for flag in ("--model", "--device", "--dtype"):
+    for flag in ("--model", "--device", "--dtype", "--weights"):
         parser.add_argument(flag, dest=flag[2:])
     parser.add_argument("--config", type=Path)
     parser.add_argument("--quick", action="store_true", help="every scenario small (under a minute on 2 CPU cores)")
@@ -390,10 +394,13 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, help="scenario 1 prompt length (default 512)")
     parser.add_argument("--new-tokens", type=int, help="scenario 1 tokens generated (default 128)")
     parser.add_argument("--turns", type=int, help="scenario 2 turns (default 20)")
+    parser.add_argument("--levers", action="store_true",
+                        help="only the decode levers: float32, int8 blocks and bfloat16 on the CPU, speed and "
+                             "greedy agreement (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args, ("model", "device", "dtype"))
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights"))
     from dataclasses import replace
 
     from kvchat import bench
@@ -410,6 +417,8 @@ def bench_command(argv: list[str]) -> int:
 
         if importlib.util.find_spec("matplotlib") is None:
             raise KvchatError("--plot needs matplotlib: pip install matplotlib")
+    if args.levers:
+        return _levers(settings, args)
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
@@ -423,6 +432,32 @@ def bench_command(argv: list[str]) -> int:
         bench.plot(results, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _levers(settings: Settings, args: argparse.Namespace) -> int:
+    """kvchat bench --levers: the same model loaded each way on the CPU, side by side."""
+    from dataclasses import replace
+
+    from kvchat import levers
+
+    bar = ProgressBar(sys.stderr)
+    try:
+        results = levers.run(lambda weights, dtype: load(replace(settings, device="cpu", dtype=dtype,
+                                                                  weights=weights), bar),
+                             levers.LeverPlan.quick() if args.quick else levers.LeverPlan(), bar)
+    finally:
+        bar.close()
+    print(f"kvchat bench --levers · {settings.model} · cpu · {torch_threads()} threads")
+    print(levers.markdown(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def models_command(argv: list[str]) -> int:

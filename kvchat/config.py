@@ -19,6 +19,7 @@ def kvchat_home() -> Path:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "full", "int8")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Settings:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
+    weights: str = "auto"  # int8 blocks on the CPU where exact ("auto"), always ("int8"), never ("full")
     system: str | None = None
     prefill_chunk: int = 512
     window_cache: str = "full"  # sliding-window layers: "full" keeps every token, "window" only the window
@@ -113,6 +115,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "model": _nonempty_text,
     "device": _choice(DEVICES),
     "dtype": _choice(DTYPES),
+    "weights": _choice(WEIGHTS),
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
     "window_cache": _choice(("full", "window")),

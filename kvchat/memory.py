@@ -125,9 +125,11 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
-def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype, checkpoints: int = 0) -> list[str]:
+def info_lines(shape: KVShape, device: torch.device, dtype: torch.dtype, checkpoints: int = 0,
+               weights: str = "full") -> list[str]:
     """The `kvchat info` report."""
-    lines = [f"model: {shape.name}", f"device: {device}, dtype: {str(dtype).replace('torch.', '')}"]
+    lines = [f"model: {shape.name}", f"device: {device}, dtype: {str(dtype).replace('torch.', '')}"
+             + ("" if weights == "full" else f", {weights} weights")]
     if shape.uniform and shape.layers:
         lines += [
             f"layers with KV: {shape.layers}, attention heads: {shape.attention_heads}, KV heads: {shape.kv_heads}, "

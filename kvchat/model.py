@@ -34,6 +34,8 @@ class LoadedModel:
     device: torch.device  # where input ids go (the embedding's device)
     dtype: torch.dtype
     weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
+    weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
+    weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,9 +157,9 @@ def hub_snapshot(repo_id: str, progress: Progress) -> Path:
 
 
 def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
-               progress: Progress = lambda _what, _step, _steps: None) -> LoadedModel:
+               progress: Progress = lambda _what, _step, _steps: None, weights: str = "auto") -> LoadedModel:
     """Load `spec`: 'default', a local model directory, a .gguf file, or a Hugging Face id (from the local
-    Hugging Face cache, else downloaded)."""
+    Hugging Face cache, else downloaded). `weights` is 'full', 'int8' or 'auto' (see `choose_weights`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device_name)
@@ -204,8 +206,56 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     if not getattr(tokenizer, "chat_template", None):
         raise KvchatError(f"model '{spec}' has no chat template; kvchat needs an instruction-tuned model")
     input_device = model.get_input_embeddings().weight.device
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
-                       weights=weight_files(source, extra.get("gguf_file")))
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
+                         weights=weight_files(source, extra.get("gguf_file")))
+    choose_weights(loaded, weights, progress)
+    return loaded
+
+
+def precision(loaded: LoadedModel) -> str:
+    """How the model computes, in a few words: 'float32', 'float32, int8 weights'."""
+    dtype = str(loaded.dtype).replace("torch.", "")
+    return dtype if loaded.weight_format == "full" else f"{dtype}, {loaded.weight_format} weights"
+
+
+PACK_VERSION = "1"  # changes when quant.pack's output would
+
+
+def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
+    """Pack the model's weights as int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto', when it runs
+    on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF file does);
+    'full' keeps them as loaded. Sets `weight_format` and, when 'auto' keeps full weights, `weight_note`."""
+    from kvchat import quant
+
+    assert weights in ("auto", "full", "int8"), f"unknown weights setting {weights!r}"
+    if weights == "full":
+        return
+    usable = loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    if weights == "int8" and not usable:
+        raise ConfigError(f"int8 weights run on the CPU in float32, not on {loaded.device.type} in "
+                          f"{str(loaded.dtype).replace('torch.', '')}: use --device cpu --dtype float32")
+    if not usable:
+        return
+    if not quant.KERNEL.build():
+        if weights == "int8":
+            raise KvchatError(f"int8 weights need their kernel, which could not be built: {quant.KERNEL.failure}")
+        loaded.weight_note = f"full float32 weights: {quant.KERNEL.failure}"
+        return
+    progress(f"packing {loaded.name}'s weights as int8", 0, 1)
+    stored = None
+    if loaded.weights:
+        import hashlib
+
+        key = hashlib.sha256(PACK_VERSION.encode())
+        for path in loaded.weights:
+            key.update(f"{path.name}:{file_digest(path)}".encode())
+        stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
+    packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored)
+    if not quant.is_packed(loaded.model):
+        loaded.weight_note = (f"full float32 weights: {packing.approximate} of {packing.blocks} weight blocks are "
+                              "not exact int8 blocks (--weights int8 quantizes them)")
+        return
+    loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -277,6 +327,8 @@ def fingerprint(loaded: LoadedModel) -> str:
         config.pop(volatile, None)
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(loaded.dtype).encode())
+    if loaded.weight_format != "full":  # (full weights hash as before, so existing sessions keep matching)
+        digest.update(loaded.weight_format.encode())
     digest.update((loaded.tokenizer.chat_template or "").encode())
     backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else

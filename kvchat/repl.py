@@ -298,8 +298,10 @@ class Repl:
         self._banner()
 
     def _banner(self) -> None:
+        from kvchat.model import precision
+
         loaded = self.engine.loaded
-        self.note(f"kvchat · {loaded.name} on {loaded.device} ({str(loaded.dtype).replace('torch.', '')}) · "
+        self.note(f"kvchat · {loaded.name} on {loaded.device} ({precision(loaded)}) · "
                   "/help for commands · Ctrl-D to quit")
 
     def run(self) -> int:

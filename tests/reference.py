@@ -11,7 +11,7 @@ def greedy_without_cache(model, prompt_ids: list[int], max_new_tokens: int, stop
     ids = list(prompt_ids)
     reply: list[int] = []
     for _ in range(max_new_tokens):
-        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0, -1]
         token = int(logits.argmax())
         if token in stop_ids:
             break

@@ -57,3 +57,17 @@ def test_bench_refuses_bad_sizes(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
     assert main(["bench", "--repeat", "0"]) == 2
     assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_bench_levers_quick_compares_each_weight_form_with_float32(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["bench", "--levers", "--quick", "--model", str(tiny_model_dir), "--json", str(tmp_path / "l.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads((tmp_path / "l.json").read_text())["rows"]
+    assert [row["precision"] for row in rows] == ["float32", "float32, int8 (approximate) weights", "bfloat16"]
+    assert rows[0]["agree"] == [8, 8] and rows[0]["decode_x"] == 1.0  # float32 against itself
+    assert all(len(row["agree"]) == 2 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 for row in rows)
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| lever | context | decode tok/s | vs float32 |") and len(table) == 1 + 3
+    assert table[1].startswith("| float32 | 128 |") and table[1].endswith("| 2/2 | 8 |")

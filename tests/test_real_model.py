@@ -84,3 +84,14 @@ def test_session_saved_after_turn_3_resumes_exactly(default_model, tmp_path):
     assert resumed.stats.reused == cached == resumed.stats.loaded
     question_tokens = len(engine.tokenizer(QUESTIONS[3], add_special_tokens=False)["input_ids"])
     assert resumed.stats.prefilled <= question_tokens + 12
+
+
+def test_default_model_runs_on_exact_int8_weights_and_answers_as_float32_does(default_model):
+    assert default_model.weight_format == "int8"  # every Q4_1/Q8_0 block of the GGUF came back bit for bit
+    full = load_model("default", "cpu", "float32", weights="full")
+    assert full.weight_format == "full"
+    packed_engine, full_engine = Engine(default_model), Engine(full)
+    a, b = Conversation.start(), Conversation.start()
+    for turn, question in enumerate(QUESTIONS[:3]):
+        end_a, end_b = chat(packed_engine, a, question), chat(full_engine, b, question)
+        assert end_a.token_ids == end_b.token_ids, f"turn {turn + 1}: int8 weights changed the reply"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -58,7 +60,10 @@ def make_model(vocab_size: int, dtype: torch.dtype = torch.float64, seed: int = 
     return model.eval()
 
 
+TEST_DEVICE = torch.device(os.environ.get("KVCHAT_TEST_DEVICE", "cpu"))  # scripts/gpu-check.sh sets cuda
+
+
 def make_loaded(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> LoadedModel:
     tok = make_tokenizer()
-    model = make_model(len(tok), dtype=dtype, seed=seed, **overrides)
-    return LoadedModel(model=model, tokenizer=tok, name="tiny-llama", device=torch.device("cpu"), dtype=dtype)
+    model = make_model(len(tok), dtype=dtype, seed=seed, **overrides).to(TEST_DEVICE)
+    return LoadedModel(model=model, tokenizer=tok, name="tiny-llama", device=TEST_DEVICE, dtype=dtype)

@@ -1,0 +1,200 @@
+"""int8 block weights (kvchat/quant.py): recovered bit for bit from GGUF blocks, computed in float32, and every
+exactness property of the cache kept with them (reuse, resume, undo, continue)."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from kvchat import quant
+from kvchat.config import Sampling
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd
+from kvchat.errors import ConfigError, KvchatError
+from kvchat.model import choose_weights, fingerprint, precision
+from kvchat.store import Persister, Store
+from reference import greedy_without_cache
+from tiny import make_loaded
+
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell me a story about a cat.",
+            "Numbers: 1 2 3 4 5."]
+FORMATS = {"Q4_1": GGMLQuantizationType.Q4_1, "Q4_0": GGMLQuantizationType.Q4_0,
+           "Q8_0": GGMLQuantizationType.Q8_0}
+
+
+def through_gguf(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """`weight` quantized to a GGUF block format and back, as a model converted from a GGUF file has it."""
+    rows = weight.detach().to(torch.float32).numpy()
+    back = quants.dequantize(quants.quantize(rows, FORMATS[kind]), FORMATS[kind])
+    return torch.from_numpy(np.ascontiguousarray(back, dtype=np.float32)).reshape(weight.shape)
+
+
+def gguf_like(seed: int = 0, **overrides):
+    """The tiny float32 Llama with its matrices in Q4_1 and its embeddings in Q8_0, as the default model is.
+    Wider weights than the default initialisation give the random model clear greedy choices."""
+    loaded = make_loaded(torch.float32, seed=seed, initializer_range=0.2, **overrides)
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(through_gguf(parameter, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    assert quant.KERNEL.build(), f"the int8 kernel did not build here: {quant.KERNEL.failure}"
+    return quant.KERNEL
+
+
+@pytest.mark.parametrize("kind", sorted(FORMATS))
+def test_gguf_blocks_come_back_bit_for_bit(kind):
+    torch.manual_seed(0)
+    weight = through_gguf(torch.randn(48, 4 * quant.BLOCK) * 0.05, kind)
+    weight[3, :quant.BLOCK] = 0.0  # an all-zero block
+    q, scale, offset, missing = quant.pack(weight)
+    assert missing == 0
+    assert torch.equal(quant.unpack(q, scale, offset), weight)
+    assert q.dtype == torch.int8 and scale.shape == (48, 4)
+
+
+def test_weights_that_are_no_block_format_are_quantized_closely_and_counted():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 2 * quant.BLOCK)
+    q, scale, offset, missing = quant.pack(weight)
+    assert missing == 64 * 2
+    error = (quant.unpack(q, scale, offset) - weight).abs()
+    step = weight.reshape(64, 2, quant.BLOCK).abs().amax(-1, keepdim=True) / 127
+    assert (error.reshape(64, 2, quant.BLOCK) <= step / 2 + 1e-7).all()  # half a step at most
+    _, _, _, refused = quant.pack(weight, allow_approximate=False)
+    assert refused == 64 * 2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_packed_layers_compute_what_the_float_layers_do(kernel, rows):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2 * quant.BLOCK, 40, bias=True)
+    embedding = torch.nn.Embedding(50, 2 * quant.BLOCK)
+    with torch.no_grad():
+        linear.weight.copy_(through_gguf(linear.weight, "Q4_1"))
+        embedding.weight.copy_(through_gguf(embedding.weight, "Q8_0"))
+    model = torch.nn.Sequential(embedding, linear)
+    packing = quant.pack_model(model)
+    assert packing.exact and quant.is_packed(model) and packing.bytes_after < packing.bytes_before / 3
+    ids = torch.randint(0, 50, (1, rows))
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(embedding.weight[ids], linear.weight, linear.bias)
+        got = model(ids)
+    assert got.shape == expected.shape == (1, rows, 40)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # float32 sums in another order, no more
+
+
+def exact_packed(seed: int = 0):
+    loaded = gguf_like(seed)
+    choose_weights(loaded, "auto", lambda *_: None)
+    assert loaded.weight_format == "int8" and quant.is_packed(loaded.model)
+    return loaded
+
+
+def run_turn(engine, conv, text):
+    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+
+
+def test_auto_packs_exact_gguf_weights_and_keeps_others_full(kernel):
+    loaded = exact_packed()
+    assert precision(loaded) == "float32, int8 weights"
+    random = make_loaded(torch.float32)
+    choose_weights(random, "auto", lambda *_: None)
+    assert random.weight_format == "full" and not quant.is_packed(random.model)
+    assert "not exact int8 blocks" in random.weight_note
+    forced = make_loaded(torch.float32)
+    choose_weights(forced, "int8", lambda *_: None)
+    assert forced.weight_format == "int8 (approximate)" and quant.is_packed(forced.model)
+    with pytest.raises(ConfigError, match="int8 weights run on the CPU in float32"):
+        choose_weights(make_loaded(torch.float64), "int8", lambda *_: None)
+    wide = make_loaded(torch.float64)
+    choose_weights(wide, "auto", lambda *_: None)  # float64 is asked for: auto leaves it alone
+    assert wide.weight_format == "full"
+
+
+def test_packed_and_full_weights_are_other_models_to_the_store(kernel):
+    full, packed = gguf_like(), exact_packed()
+    assert fingerprint(full) != fingerprint(packed)
+    assert fingerprint(exact_packed()) == fingerprint(packed)
+
+
+def test_packed_weights_reuse_the_cache_exactly_every_turn(kernel):
+    loaded = exact_packed()
+    engine = Engine(loaded, prefill_chunk=7)
+    conv = Conversation.start("You are a helpful assistant.")
+    for number, text in enumerate(MESSAGES):
+        history = conv.messages + [{"role": "user", "content": text}]
+        end = run_turn(engine, conv, text)
+        fresh = greedy_without_cache(engine.model, engine.render(history), GREEDY.max_new_tokens, engine.stop_ids)
+        assert end.token_ids == fresh, f"turn {number + 1} diverged"
+        assert len(end.token_ids) > 3, "the check needs replies of several tokens"
+        if number:
+            assert end.stats.reused > 0
+    # The same replies as the model with its float32 weights: the weights are the same numbers.
+    full = Engine(gguf_like(), prefill_chunk=7)
+    again = Conversation.start("You are a helpful assistant.")
+    for text, expected in zip(MESSAGES, [m for m in conv.messages if m["role"] == "assistant"]):
+        assert run_turn(full, again, text).token_ids == expected["token_ids"]
+
+
+def test_packed_weights_undo_continue_and_resume_exactly(kernel, tmp_path):
+    loaded = exact_packed()
+    store = Store(tmp_path)
+    engine = Engine(loaded)
+    store.bind(engine, fingerprint(loaded))
+    engine.prefix_source = store.longest_prefix
+    conv = Conversation.start("Be brief.")
+    persister = Persister(store, "talk")
+    for text in MESSAGES[:2]:
+        run_turn(engine, conv, text)
+        persister.after_turn(conv)
+    engine.undo(conv)  # the cache is cut back to the first exchange
+    redo = run_turn(engine, conv, MESSAGES[2])
+    assert redo.stats.reused > 0
+    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]),
+                                                  GREEDY.max_new_tokens, engine.stop_ids)
+    persister.after_turn(conv)
+    uninterrupted = run_turn(engine, conv, MESSAGES[3])
+    store.close()
+
+    engine2 = Engine(exact_packed())  # another process, the next day
+    store2 = Store(tmp_path)
+    store2.bind(engine2, fingerprint(engine2.loaded))
+    engine2.prefix_source = store2.longest_prefix
+    opened = store2.open_session("talk")
+    assert opened.notice is None and opened.loaded_tokens > 0
+    resumed = run_turn(engine2, opened.conversation, MESSAGES[3])
+    assert resumed.token_ids == uninterrupted.token_ids
+    assert resumed.stats.loaded == resumed.stats.reused > 0
+    store2.close()
+
+
+def test_stored_packing_is_read_back_and_a_damaged_one_is_redone(kernel, tmp_path):
+    loaded = gguf_like()
+    path = tmp_path / "packed.safetensors"
+    first = quant.pack_model(loaded.model, stored=path)
+    assert path.is_file() and first.exact
+    expected = {name: t.clone() for name, t in loaded.model.state_dict().items()}
+    again = gguf_like()
+    quant.pack_model(again.model, stored=path)
+    assert all(torch.equal(t, expected[name]) for name, t in again.model.state_dict().items())
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    third = gguf_like()
+    assert quant.pack_model(third.model, stored=path).exact
+    assert all(torch.equal(t, expected[name]) for name, t in third.model.state_dict().items())
+    assert quant._read_stored(path, {"x": torch.zeros(4, quant.BLOCK)}) is None  # another model's packing
+
+
+def test_without_a_compiler_auto_keeps_full_weights_and_int8_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(quant, "KERNEL", quant.Kernel())
+    loaded = gguf_like()
+    choose_weights(loaded, "auto", lambda *_: None)
+    assert loaded.weight_format == "full" and "no-such-compiler" in loaded.weight_note
+    with pytest.raises(KvchatError, match="int8 weights need their kernel"):
+        choose_weights(gguf_like(), "int8", lambda *_: None)
