@@ -286,8 +286,9 @@ def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) ->
     return figures
 
 
-def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, Any]:
-    """All scenarios; returns the raw figures."""
+def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | None = None) -> dict[str, Any]:
+    """All scenarios; returns the raw figures. With the model's `gguf` file and llama-cpp-python importable, a
+    peer column: the same work on llama.cpp (see `kvchat.peer`)."""
     results: dict[str, Any] = {
         "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "plan": asdict(plan),
@@ -299,7 +300,14 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, A
     results["memory"] = memory_figures(loaded, results["resume"])
     results["turn_cost"] = turn_cost(loaded, plan, progress)
     results["sampling"] = sampling_cost(loaded)
-    results["peer"] = "llama_cpp is not importable here: no peer column"
+    from kvchat import peer
+
+    reason = peer.unavailable() or (None if gguf else "no GGUF file for this model: no peer column")
+    if reason:
+        results["peer"] = reason
+    else:
+        peer_plan = peer.PeerPlan.quick() if plan.repeat < BenchPlan().repeat else peer.PeerPlan(repeat=plan.repeat)
+        results["peer"] = peer.run(loaded, gguf, peer_plan, progress)
     return results
 
 
@@ -360,7 +368,12 @@ def markdown(results: dict[str, Any]) -> str:
                       f"{cost['ms_per_token']:.3f} ms"]
     lines += ["", f"Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
-    lines.append(f"Peer: {results['peer']}")
+    if isinstance(results["peer"], dict):
+        from kvchat import peer
+
+        lines += ["", peer.markdown(results["peer"])]
+    else:
+        lines.append(f"Peer: {results['peer']}")
     return "\n".join(lines)
 
 

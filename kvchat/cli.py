@@ -422,7 +422,7 @@ def bench_command(argv: list[str]) -> int:
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
-        results = bench.run(loaded, plan, bar)
+        results = bench.run(loaded, plan, bar, gguf=_gguf_of(settings.model))
     finally:
         bar.close()
     print(bench.markdown(results))
@@ -432,6 +432,15 @@ def bench_command(argv: list[str]) -> int:
         bench.plot(results, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
+
+
+def _gguf_of(spec: str) -> Path | None:
+    """The GGUF file a model spec comes from, when it comes from one (for bench's llama.cpp column)."""
+    if spec == "default":
+        from kvchat.model import default_gguf_path
+
+        return default_gguf_path()
+    return Path(spec) if spec.endswith(".gguf") and Path(spec).is_file() else None
 
 
 def _levers(settings: Settings, args: argparse.Namespace) -> int:

@@ -71,3 +71,56 @@ def test_bench_levers_quick_compares_each_weight_form_with_float32(monkeypatch, 
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| lever | context | decode tok/s | vs float32 |") and len(table) == 1 + 3
     assert table[1].startswith("| float32 | 128 |") and table[1].endswith("| 2/2 | 8 |")
+
+
+class FakeLlama:
+    """Stands in for llama_cpp.Llama: greedy tokens from the tiny model itself, its prefix kept between calls."""
+
+    engine = None
+
+    def __init__(self, path, **kwargs):
+        self.ids = []
+
+    def reset(self):
+        self.ids = []
+
+    def eval(self, ids):
+        self.ids = self.ids + list(ids)
+
+    def generate(self, ids, temp, top_k, reset):
+        from reference import greedy_without_cache
+
+        self.ids = (self.ids if not reset else []) + list(ids)
+        while True:
+            token = greedy_without_cache(self.engine.model, self.ids, 1, frozenset())[0]
+            self.ids.append(token)
+            yield token
+
+    def save_state(self):
+        return list(self.ids)
+
+    def load_state(self, state):
+        self.ids = list(state)
+
+
+def test_bench_peer_column_runs_the_same_work_on_the_peer(monkeypatch, tmp_path, tiny_model_dir):
+    import sys
+    import types
+
+    from kvchat import bench, peer
+    from kvchat.engine import Engine
+    from kvchat.model import load_model
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: object())
+    loaded = load_model(str(tiny_model_dir), "cpu", "float32")
+    FakeLlama.engine = Engine(loaded)
+    gguf = tmp_path / "model.gguf"
+    results = peer.run(loaded, gguf, peer.PeerPlan.quick(), lambda *_: None)
+    assert [row["first_8_tokens_agree"] for row in results["rows"]] == [True]  # the same model on both sides
+    assert results["rows"][0]["prompt_tokens"] >= 64 and results["rows"][0]["peer_decode"] > 0
+    assert results["resume"]["tokens"] >= 150 and results["resume"]["peer_ms"] > 0
+    table = peer.markdown(results)
+    assert "| decode tok/s, " in table and "| TTFT at turn 3 " in table and "| resume a " in table
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    assert "llama_cpp is not importable" in peer.unavailable()

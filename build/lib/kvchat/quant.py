@@ -1,0 +1,326 @@
+"""Weights kept as int8 blocks for fast CPU decoding, computed in float32.
+
+Decoding one token reads every weight once, so on a CPU its speed is the speed of reading the weights. Here
+each linear layer (and the embedding) keeps its weight as int8 values with a float32 scale and offset per
+block of 32 inputs (w = q * scale + offset): 1.25 bytes per weight instead of 4. Activations, attention and
+the KV cache stay float32.
+
+Models converted from a GGUF file (the default model among them) carry weights that were quantized in such
+blocks (Q4_0, Q4_1, Q8_0): `pack` finds each block's scale and offset and checks that every weight comes back
+bit for bit, so the model computes with exactly the weights of its float32 form. Blocks that do not come back
+exactly are quantized (symmetric int8, the scale in float32); `Packing.exact` says whether any were.
+
+A token's products run through a small C kernel (kernels/packed_matvec.c, built once with the machine's C
+compiler) that reads the int8 weights and computes in float32; a prompt's chunks dequantize the weight and
+use the float32 matrix product.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvchat.config import kvchat_home
+from kvchat.errors import KvchatError, one_line
+
+BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
+
+# (levels, asymmetric): the block formats `pack` recognises, tried in order. Q4_1 is v = d*q + m with q in
+# 0..15 and m the block's minimum; Q8_0 and Q4_0 are v = d*q with |q| at most 127 and 8. d and m are float16.
+FORMATS = ((15, True), (127, False), (8, False))
+
+
+@dataclass
+class Packing:
+    """What `pack_model` did to a model."""
+
+    matrices: int = 0  # weights packed
+    blocks: int = 0
+    approximate: int = 0  # blocks quantized because no format reproduced them exactly
+    bytes_before: int = 0
+    bytes_after: int = 0
+    skipped: list[str] = field(default_factory=list)  # weights left as they were (shape or type unsupported)
+
+    @property
+    def exact(self) -> bool:
+        return self.approximate == 0
+
+
+def pack(weight: torch.Tensor, allow_approximate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Split `weight` [out, in] into q int8 [out, in], scale and offset float32 [out, in // BLOCK].
+
+    Returns them and how many blocks were quantized rather than recovered. With `allow_approximate` False the
+    count is returned without quantizing (q is then meaningless where it is non-zero)."""
+    rows, cols = weight.shape
+    assert cols % BLOCK == 0, f"a packed weight needs a multiple of {BLOCK} inputs, not {cols}"
+    blocks = weight.detach().to(torch.float32).reshape(-1, BLOCK)  # [out * in/B, B]
+    q = torch.zeros(blocks.shape, dtype=torch.int8)
+    scale = torch.zeros(blocks.shape[0])
+    offset = torch.zeros(blocks.shape[0])
+    left = torch.arange(blocks.shape[0])  # blocks no format has reproduced yet
+    for levels, asymmetric in FORMATS:
+        if not len(left):
+            break
+        part = blocks[left]
+        base = part.amin(-1, keepdim=True) if asymmetric else torch.zeros(len(left), 1)
+        spread = part.amax(-1, keepdim=True) - base if asymmetric else part.abs().amax(-1, keepdim=True)
+        step = (spread / levels).half().float()
+        trial = torch.round((part - base) / torch.where(step == 0, 1.0, step)).clamp(-128, 127)
+        exact = ((trial * step + base) == part).all(-1)
+        hit = left[exact]
+        q[hit], scale[hit], offset[hit] = trial[exact].to(torch.int8), step[exact, 0], base[exact, 0]
+        left = left[~exact]
+    if len(left) and allow_approximate:
+        part = blocks[left]
+        step = part.abs().amax(-1) / 127
+        q[left] = torch.round(part / torch.where(step == 0, 1.0, step)[:, None]).clamp(-127, 127).to(torch.int8)
+        scale[left], offset[left] = step, 0.0
+    return q.reshape(rows, cols), scale.reshape(rows, -1), offset.reshape(rows, -1), len(left)
+
+
+def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [out, in] that `pack` split."""
+    rows, cols = q.shape
+    blocks = q.reshape(rows, cols // BLOCK, BLOCK).to(torch.float32)
+    return (blocks * scale[..., None] + offset[..., None]).reshape(rows, cols)
+
+
+class Kernel:
+    """The one-token product (kernels/packed_matvec.c), built once per machine with its C compiler and kept in
+    $KVCHAT_HOME/kernels; `build` says why not when it cannot be (no compiler, a failed build)."""
+
+    SOURCE = Path(__file__).with_name("kernels") / "packed_matvec.c"
+
+    def __init__(self) -> None:
+        self.function: Any = None
+        self.failure: str | None = None
+
+    def build(self) -> bool:
+        """Build (or find) and load the kernel, and check it on a small weight; False with `failure` set when
+        that cannot be done."""
+        if self.function is not None or self.failure is not None:
+            return self.function is not None
+        try:
+            library = ctypes.CDLL(str(self._library()))
+            function = library.packed_matvec
+            function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            function.restype = None
+            self.function = function
+            weight = torch.randn(40, 3 * BLOCK)
+            q, scale, offset, _ = pack(weight)
+            x = torch.randn(2, 3 * BLOCK)
+            if not torch.allclose(self(x, q, scale, offset), x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
+                raise KvchatError("the built kernel computes wrong products")
+        except (OSError, KvchatError, subprocess.SubprocessError) as exc:
+            self.function, self.failure = None, one_line(exc, 200)
+        return self.function is not None
+
+    def _library(self) -> Path:
+        source = self.SOURCE.read_bytes()
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not compiler:
+            raise KvchatError("no C compiler (cc, gcc or clang) to build kvchat's int8 kernel")
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()).hexdigest()
+        directory = kvchat_home() / "kernels"
+        library = directory / f"packed_matvec-{key[:16]}.so"
+        if library.is_file():
+            return library
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = directory / f".build-{os.getpid()}-{library.name}"
+        errors = ""
+        for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):  # OpenMP and -march where they exist
+            command = [compiler, "-O3", *flags, "-shared", "-fPIC", str(self.SOURCE), "-o", str(staging)]
+            built = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if built.returncode == 0:
+                os.replace(staging, library)
+                return library
+            errors = built.stderr
+        staging.unlink(missing_ok=True)
+        raise KvchatError(f"{Path(compiler).name} could not build kvchat's int8 kernel: {one_line(errors, 160)}")
+
+    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """x [vectors, in] float32 times the packed weight: [vectors, out]."""
+        assert self.function is not None, "the kernel is used before it is built"
+        x = x.contiguous()
+        rows, cols = q.shape
+        y = x.new_empty((x.shape[0], rows))
+        block_sums = x.new_empty((x.shape[0], cols // BLOCK))
+        self.function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols,
+                      block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+def _cpu() -> str:
+    """What identifies this CPU's instruction set (a kernel built with -march=native runs only there)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return "".join(sorted({line for line in info if line.startswith(("flags", "model name"))}))
+    except OSError:
+        return platform.processor()
+
+
+KERNEL = Kernel()
+DECODE_ROWS = 4  # inputs of at most this many rows use the kernel; longer ones a dequantized matrix product
+
+
+class PackedLinear(nn.Module):
+    """An nn.Linear whose weight is kept packed (see `pack`)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight (transformers reads `.weight` of output layers, for its dtype and device)."""
+        return unpack(self.q, self.scale, self.offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= DECODE_ROWS and KERNEL.function is not None:
+            y = KERNEL(rows.to(torch.float32), self.q, self.scale, self.offset)
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = nn.functional.linear(rows.to(torch.float32), unpack(self.q, self.scale, self.offset), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class PackedEmbedding(nn.Module):
+    """An nn.Embedding whose table is kept packed; looked-up rows are dequantized."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, padding_idx: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = q.shape
+        self.padding_idx = padding_idx
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return unpack(self.q, self.scale, self.offset)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
+        flat = ids.reshape(-1)
+        rows = unpack(self.q[flat], self.scale[flat], self.offset[flat])
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | None = None) -> Packing:
+    """Replace the model's float32 nn.Linear and nn.Embedding layers (exact classes only: subclasses may scale
+    or reshape) by packed ones, in place. A weight shared by two layers (tied embeddings) is packed once.
+
+    With `allow_approximate` False nothing is replaced unless every block comes back exactly; the returned
+    `Packing` then tells how many did not. `stored` is a file that keeps the packed weights between runs
+    (packing reads every weight several times: seconds for a 135M model): read when it matches the model's
+    layers, else written."""
+    packing = Packing()
+    plan: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, attribute, layer, key of its weight)
+    keys: dict[int, str] = {}
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) not in (nn.Linear, nn.Embedding):
+                continue
+            weight, full_name = child.weight, f"{parent_name}.{name}".lstrip(".")
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
+                packing.skipped.append(full_name)
+                continue
+            keys.setdefault(id(weight), full_name)
+            plan.append((parent, name, child, keys[id(weight)]))
+    weights = {keys[id(child.weight)]: child.weight for _, _, child, _ in plan}
+    packed = _read_stored(stored, weights) if stored else None
+    if packed is None:
+        packed = {}
+        for key, weight in weights.items():
+            q, scale, offset, missing = pack(weight, allow_approximate)
+            packed[key] = (q, scale, offset, missing)
+        if stored and (allow_approximate or not any(entry[3] for entry in packed.values())):
+            _write_stored(stored, packed)
+    for key, weight in weights.items():
+        q, scale, offset, missing = packed[key]
+        packing.matrices += 1
+        packing.blocks += scale.numel()
+        packing.approximate += missing
+        packing.bytes_before += weight.numel() * 4
+        packing.bytes_after += q.numel() + (scale.numel() + offset.numel()) * 4
+    if not allow_approximate and not packing.exact:
+        return packing
+    for parent, name, child, key in plan:
+        q, scale, offset, _ = packed[key]
+        if isinstance(child, nn.Linear):
+            setattr(parent, name, PackedLinear(q, scale, offset, child.bias))
+        else:
+            setattr(parent, name, PackedEmbedding(q, scale, offset, child.padding_idx))
+    return packing
+
+
+Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
+
+
+def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
+    """The packed weights kept in `path`, when it holds exactly these weights' shapes; None otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        missing = json.loads(header["__metadata__"]["missing"])
+        packed = {key: (tensors[f"{key}.q"], tensors[f"{key}.scale"], tensors[f"{key}.offset"], int(missing[key]))
+                  for key in weights}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    for key, weight in weights.items():
+        q, scale, offset, _ = packed[key]
+        rows, cols = weight.shape
+        if (q.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) != \
+                (torch.int8, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)):
+            return None
+    return packed
+
+
+def _write_stored(path: Path, packed: Packed) -> None:
+    """Keep `packed` in `path` (atomically; failing to keep it only costs the next run the packing)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, (q, scale, offset, _) in packed.items():
+        tensors.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
+    metadata = {"missing": json.dumps({key: entry[3] for key, entry in packed.items()})}
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(staging), metadata=metadata)
+        os.replace(staging, path)
+    except OSError:
+        staging.unlink(missing_ok=True)
+
+
+def is_packed(model: nn.Module) -> bool:
+    """Whether `pack_model` replaced any of the model's layers."""
+    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())
+
+
+def describe(packing: Packing) -> dict[str, Any]:
+    """A small summary for notices and benchmarks."""
+    return {"matrices": packing.matrices, "exact": packing.exact, "approximate_blocks": packing.approximate,
+            "mb_before": round(packing.bytes_before / 1e6, 1), "mb_after": round(packing.bytes_after / 1e6, 1)}
