@@ -96,6 +96,10 @@ def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.
     return (blocks * scale[..., None] + offset[..., None]).reshape(rows, cols)
 
 
+# No contraction of a * b + c into one fused rounding: the unpacked weights must be the very numbers of float32.
+BUILD_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+
+
 class Kernel:
     """The one-token product (kernels/packed_matvec.c), built once per machine with its C compiler and kept in
     $KVCHAT_HOME/kernels; `build` says why not when it cannot be (no compiler, a failed build)."""
@@ -103,7 +107,8 @@ class Kernel:
     SOURCE = Path(__file__).with_name("kernels") / "packed_matvec.c"
 
     def __init__(self) -> None:
-        self.function: Any = None
+        self.function: Any = None  # packed_matvec
+        self.expand: Any = None  # packed_unpack
         self.failure: str | None = None
 
     def build(self) -> bool:
@@ -117,14 +122,20 @@ class Kernel:
             function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             function.restype = None
-            self.function = function
+            expand = library.packed_unpack
+            expand.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_int]
+            expand.restype = None
+            self.function, self.expand = function, expand
             weight = torch.randn(40, 3 * BLOCK)
             q, scale, offset, _ = pack(weight)
             x = torch.randn(2, 3 * BLOCK)
             if not torch.allclose(self(x, q, scale, offset), x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
                 raise KvchatError("the built kernel computes wrong products")
-        except (OSError, KvchatError, subprocess.SubprocessError) as exc:
-            self.function, self.failure = None, one_line(exc, 200)
+            if not torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset)):
+                raise KvchatError("the built kernel unpacks wrong weights")
+        except (OSError, AttributeError, KvchatError, subprocess.SubprocessError) as exc:
+            self.function, self.expand, self.failure = None, None, one_line(exc, 200)
         return self.function is not None
 
     def _library(self) -> Path:
@@ -133,7 +144,8 @@ class Kernel:
         if not compiler:
             raise KvchatError("no C compiler (cc, gcc or clang) to build kvchat's int8 kernel")
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()).hexdigest()
+        key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()
+                             + " ".join(BUILD_FLAGS).encode()).hexdigest()
         directory = kvchat_home() / "kernels"
         library = directory / f"packed_matvec-{key[:16]}.so"
         if library.is_file():
@@ -142,7 +154,7 @@ class Kernel:
         staging = directory / f".build-{os.getpid()}-{library.name}"
         errors = ""
         for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):  # OpenMP and -march where they exist
-            command = [compiler, "-O3", *flags, "-shared", "-fPIC", str(self.SOURCE), "-o", str(staging)]
+            command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging)]
             built = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if built.returncode == 0:
                 os.replace(staging, library)
@@ -161,6 +173,16 @@ class Kernel:
         self.function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols,
                       block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
+
+
+    def weight(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The float32 weight [out, in] of a packed one, in one pass over it (what `unpack` computes)."""
+        assert self.expand is not None, "the kernel is used before it is built"
+        rows, cols = q.shape
+        weight = torch.empty((rows, cols), dtype=torch.float32)
+        self.expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(),
+                    torch.get_num_threads())
+        return weight
 
 
 def _cpu() -> str:
@@ -199,7 +221,9 @@ class PackedLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            y = nn.functional.linear(rows.to(torch.float32), unpack(self.q, self.scale, self.offset), self.bias)
+            weight = KERNEL.weight(self.q, self.scale, self.offset) if KERNEL.expand is not None else \
+                unpack(self.q, self.scale, self.offset)
+            y = nn.functional.linear(rows.to(torch.float32), weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

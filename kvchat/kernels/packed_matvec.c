@@ -69,3 +69,20 @@ void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float
         }
     }
 }
+
+/* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product. */
+void packed_unpack(const int8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols, float *w,
+                   int threads) {
+    const int64_t blocks = cols / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float s = scale[r * blocks + b], o = offset[r * blocks + b];
+            const int8_t *qb = q + r * cols + b * 32;
+            float *wb = w + r * cols + b * 32;
+            for (int j = 0; j < 32; j++) {
+                float product = (float)qb[j] * s;  /* two roundings, as quant.unpack computes it */
+                wb[j] = product + o;
+            }
+        }
+}
