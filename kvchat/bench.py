@@ -20,7 +20,7 @@ from kvchat.config import Sampling
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, Prefill, TurnEnd
 from kvchat.prompt import common_prefix
-from kvchat.model import LoadedModel, fingerprint
+from kvchat.model import LoadedModel, fingerprint, precision
 from kvchat.store import Persister, Store
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -290,7 +290,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | N
     """All scenarios; returns the raw figures. With the model's `gguf` file and llama-cpp-python importable, a
     peer column: the same work on llama.cpp (see `kvchat.peer`)."""
     results: dict[str, Any] = {
-        "model": loaded.name, "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.name, "device": str(loaded.device), "dtype": precision(loaded),
         "threads": torch.get_num_threads(), "plan": asdict(plan),
     }
     results["cache_vs_recompute"] = cache_vs_recompute(loaded, plan, progress)

@@ -169,9 +169,9 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The side-by-side table (ratios are kvchat over llama.cpp for rates, llama.cpp over kvchat for times)."""
+    """The side-by-side table; the last column is kvchat's speed over llama.cpp's (above 1: kvchat is faster)."""
     lines = [f"Peer: llama.cpp (llama-cpp-python) on {results['gguf']}, {results['threads']} threads, in the same run",
-             "", "| measure | kvchat | llama.cpp | kvchat / llama.cpp |", "|---|---|---|---|"]
+             "", "| measure | kvchat | llama.cpp | kvchat's speed / llama.cpp's |", "|---|---|---|---|"]
     for row in results["rows"]:
         for what in ("decode", "prefill"):
             ours, theirs = row[f"kvchat_{what}"], row[f"peer_{what}"]
@@ -179,9 +179,8 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{ours / theirs if theirs else 0:.2f}x |")
     ttft = results["last_turn_ttft_ms"]
     lines.append(f"| TTFT at turn {results['turns']} (ms, lower is better) | {ttft['kvchat']:.0f} | {ttft['peer']:.0f} | "
-                 f"{ttft['peer'] / ttft['kvchat'] if ttft['kvchat'] else 0:.2f}x faster |")
+                 f"{ttft['peer'] / ttft['kvchat'] if ttft['kvchat'] else 0:.2f}x |")
     resume = results["resume"]
     lines.append(f"| resume a {resume['tokens']}-token session to its first new token (ms) | {resume['kvchat_ms']:.0f} | "
-                 f"{resume['peer_ms']:.0f} | {resume['peer_ms'] / resume['kvchat_ms'] if resume['kvchat_ms'] else 0:.2f}x "
-                 "faster |")
+                 f"{resume['peer_ms']:.0f} | {resume['peer_ms'] / resume['kvchat_ms'] if resume['kvchat_ms'] else 0:.2f}x |")
     return "\n".join(lines)
