@@ -314,12 +314,24 @@ def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     for key, weight in weights.items():
-        q, scale, offset, _ = packed[key]
+        q, scale, offset, missing = packed[key]
         rows, cols = weight.shape
-        if (q.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) != \
-                (torch.int8, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)):
+        if (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) != \
+                (torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)):
+            return None
+        if not _matches(weight, q, scale, offset, missing):
             return None
     return packed
+
+
+def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, missing: int) -> bool:
+    """Whether a stored packing is this weight's: bit for bit when it was exact, else within half a step
+    (a damaged file, or one of other weights with the same shapes, must not change the model's numbers)."""
+    restored = KERNEL.weight(q, scale, offset) if KERNEL.expand is not None else unpack(q, scale, offset)
+    if missing == 0:
+        return torch.equal(restored, weight.detach())
+    bound = scale.abs().repeat_interleave(BLOCK, dim=1) * 0.5 + 1e-6 * weight.detach().abs()
+    return bool(((restored - weight.detach()).abs() <= bound).all())
 
 
 def _write_stored(path: Path, packed: Packed) -> None:

@@ -1,6 +1,8 @@
 """int8 block weights (kvchat/quant.py): recovered bit for bit from GGUF blocks, computed in float32, and every
 exactness property of the cache kept with them (reuse, resume, undo, continue)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,20 @@ def test_stored_packing_is_read_back_and_a_damaged_one_is_redone(kernel, tmp_pat
     assert quant.pack_model(third.model, stored=path).exact
     assert all(torch.equal(t, expected[name]) for name, t in third.model.state_dict().items())
     assert quant._read_stored(path, {"x": torch.zeros(4, quant.BLOCK)}) is None  # another model's packing
+    # One int8 value changed in a well-formed file: never used, the weight is packed again from the model.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(key for key in tensors if key.endswith(".q"))
+    tensors[name][0, 0] += 1
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    save_file(tensors, str(path), metadata=header["__metadata__"])
+    fourth = gguf_like()
+    weights = {n: p for n, p in fourth.model.named_parameters() if p.dim() == 2}
+    assert quant._read_stored(path, {name[:-len(".q")]: weights[name[:-len(".q")] + ".weight"]}) is None
+    assert quant.pack_model(fourth.model, stored=path).exact
+    assert all(torch.equal(t, expected[n]) for n, t in fourth.model.state_dict().items())
 
 
 def test_without_a_compiler_auto_keeps_full_weights_and_int8_is_one_clear_error(monkeypatch, tmp_path):
