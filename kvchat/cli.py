@@ -261,6 +261,8 @@ def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
                                     memory.free_memory(engine.device), MAX_CHECKPOINTS)
     if warning:
         notices.append(f"warning: {warning}")
+    if engine.loaded.weight_warning:
+        notices.append(f"warning: {engine.loaded.weight_warning}")
     store.bind(engine, fingerprint(engine.loaded))
     if settings.reuse:
         engine.prefix_source = store.longest_prefix

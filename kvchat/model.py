@@ -36,6 +36,7 @@ class LoadedModel:
     weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
     weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
+    weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,6 +241,9 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         if weights == "int8":
             raise KvchatError(f"int8 weights need their kernel, which could not be built: {quant.KERNEL.failure}")
         loaded.weight_note = f"full float32 weights: {quant.KERNEL.failure}"
+        if loaded.name == DEFAULT_MODEL_NAME or any(path.suffix == ".gguf" for path in loaded.weights or []):
+            loaded.weight_warning = ("decoding on float32 weights, about 2.5x slower than on int8 ones: "
+                                     f"{quant.KERNEL.failure}")
         return
     progress(f"packing {loaded.name}'s weights as int8", 0, 1)
     stored = None

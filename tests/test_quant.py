@@ -13,7 +13,7 @@ from kvchat.config import Sampling
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd
 from kvchat.errors import ConfigError, KvchatError
-from kvchat.model import choose_weights, fingerprint, precision
+from kvchat.model import DEFAULT_MODEL_NAME, choose_weights, fingerprint, precision
 from kvchat.store import Persister, Store
 from reference import greedy_without_cache
 from tiny import make_loaded
@@ -232,5 +232,28 @@ def test_without_a_compiler_auto_keeps_full_weights_and_int8_is_one_clear_error(
     loaded = gguf_like()
     choose_weights(loaded, "auto", lambda *_: None)
     assert loaded.weight_format == "full" and "no-such-compiler" in loaded.weight_note
+    assert loaded.weight_warning is None  # a model that is no GGUF would not have been packed anyway
+    default = gguf_like()
+    default.name = DEFAULT_MODEL_NAME
+    choose_weights(default, "auto", lambda *_: None)
+    assert "about 2.5x slower" in default.weight_warning and "no-such-compiler" in default.weight_warning
     with pytest.raises(KvchatError, match="int8 weights need their kernel"):
         choose_weights(gguf_like(), "int8", lambda *_: None)
+
+
+def test_a_chat_of_the_default_model_says_when_it_decodes_without_the_kernel(monkeypatch, capsys, tmp_path,
+                                                                              tiny_model_dir):
+    import io
+    import shutil
+
+    from kvchat.cli import main
+
+    model = tmp_path / DEFAULT_MODEL_NAME  # a model named as the default one, which is meant to be packed
+    shutil.copytree(tiny_model_dir, model)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(quant, "KERNEL", quant.Kernel())
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["--model", str(model), "--temperature", "0", "--max-new-tokens", "4", "-p", "hello"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.strip()  # it still answers
+    assert "kvchat: warning: decoding on float32 weights, about 2.5x slower" in err and "no-such-compiler" in err
