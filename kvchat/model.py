@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -93,6 +94,7 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        pack_directory(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -102,11 +104,72 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
     return out_dir
 
 
+PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact int8 blocks (see pack_directory)
+
+
+def pack_directory(directory: Path) -> bool:
+    """Replace the float32 weights that save_pretrained wrote in `directory` by their int8 blocks (see
+    `kvchat.quant`) when every matrix comes back bit for bit, as a GGUF's do: the default model takes 170 MB
+    on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
+    keeps packings in (so int8 weights are read from it as they are), plus the tensors left unpacked."""
+    from safetensors.torch import load_file, save_file
+
+    from kvchat import quant
+
+    files = list(directory.glob("*.safetensors"))
+    if [f.name for f in files] != ["model.safetensors"]:
+        return False  # sharded, or nothing to pack
+    kept: dict[str, torch.Tensor] = {}
+    packed: dict[str, int] = {}
+    for name, tensor in load_file(str(files[0])).items():
+        if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
+                and tensor.shape[1] % quant.BLOCK == 0:
+            q, scale, offset, missing = quant.pack(tensor, allow_approximate=False)
+            if missing:
+                return False
+            key = name[: -len(".weight")]
+            kept.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
+            packed[key] = 0
+        else:
+            kept[name] = tensor
+    staging = directory / f".{PACKED_WEIGHTS}.{os.getpid()}.tmp"
+    save_file(kept, str(staging), metadata={"missing": json.dumps(packed)})
+    os.replace(staging, directory / PACKED_WEIGHTS)
+    files[0].unlink()  # (a crash before this leaves both files: the float32 one is loaded, as before)
+    return True
+
+
+def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The float32 state dict of a directory that `pack_directory` packed; None for any other directory."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from kvchat import quant
+
+    path = directory / PACKED_WEIGHTS
+    if not path.is_file() or any(p.name != PACKED_WEIGHTS for p in directory.glob("*.safetensors")):
+        return None
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys = json.loads((handle.metadata() or {})["missing"])
+        state = load_file(str(path))
+        for key in keys:
+            parts = [state.pop(f"{key}.{part}") for part in ("q", "scale", "offset")]
+            state[f"{key}.weight"] = quant.unpack(*parts)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise KvchatError(f"the converted model in {directory} is damaged ({one_line(exc, 80)}): delete that "
+                          "folder and kvchat converts it again") from None
+    return state
+
+
 def default_model_dir(progress: Progress) -> Path:
     """The converted default model, converting it on first use."""
     out_dir = kvchat_home() / "models" / DEFAULT_MODEL_NAME
     if not (out_dir / "config.json").is_file():
         convert_gguf(default_gguf_path(), out_dir, progress)
+    elif (out_dir / "model.safetensors").is_file() and not (out_dir / PACKED_WEIGHTS).exists():
+        progress(f"packing the converted {DEFAULT_MODEL_NAME} (once: 538 MB -> 170 MB on disk)", 0, 1)
+        pack_directory(out_dir)  # converted before kvchat kept it packed
     return out_dir
 
 
@@ -192,7 +255,18 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     hf_logging.disable_progress_bar()  # a 2 s load needs no bar; the one-time conversion above shows its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
+        state = packed_state(source) if isinstance(source, Path) and not extra else None
+        if state is not None:  # a model kvchat converted and packed: built from its config, given its weights
+            from transformers import AutoConfig, GenerationConfig
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+            config = AutoConfig.from_pretrained(source)
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+                None, config=config, state_dict=state, dtype=dtype, **placement)
+            if (source / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(source)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
     except (OSError, ValueError, KeyError, struct.error) as exc:  # a damaged .gguf raises any of these
         hf_logging.enable_progress_bar()
         if "gguf_file" in extra:
@@ -246,15 +320,17 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
                                      f"{quant.KERNEL.failure}")
         return
     progress(f"packing {loaded.name}'s weights as int8", 0, 1)
-    stored = None
-    if loaded.weights:
+    stored, keep = None, True
+    if loaded.weights and [path.name for path in loaded.weights] == [PACKED_WEIGHTS]:
+        stored, keep = loaded.weights[0], False  # the model's own file holds the packing: read it, never write it
+    elif loaded.weights:
         import hashlib
 
         key = hashlib.sha256(PACK_VERSION.encode())
         for path in loaded.weights:
             key.update(f"{path.name}:{file_digest(path)}".encode())
         stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
-    packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored)
+    packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored, keep=keep)
     if not quant.is_packed(loaded.model):
         loaded.weight_note = (f"full float32 weights: {packing.approximate} of {packing.blocks} weight blocks are "
                               "not exact int8 blocks (--weights int8 quantizes them)")

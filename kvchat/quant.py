@@ -248,14 +248,15 @@ class PackedEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
-def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | None = None) -> Packing:
+def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | None = None,
+               keep: bool = True) -> Packing:
     """Replace the model's float32 nn.Linear and nn.Embedding layers (exact classes only: subclasses may scale
     or reshape) by packed ones, in place. A weight shared by two layers (tied embeddings) is packed once.
 
     With `allow_approximate` False nothing is replaced unless every block comes back exactly; the returned
     `Packing` then tells how many did not. `stored` is a file that keeps the packed weights between runs
     (packing reads every weight several times: seconds for a 135M model): read when it matches the model's
-    layers, else written."""
+    layers, else (with `keep`) written."""
     packing = Packing()
     plan: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, attribute, layer, key of its weight)
     keys: dict[int, str] = {}
@@ -276,7 +277,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
         for key, weight in weights.items():
             q, scale, offset, missing = pack(weight, allow_approximate)
             packed[key] = (q, scale, offset, missing)
-        if stored and (allow_approximate or not any(entry[3] for entry in packed.values())):
+        if stored and keep and (allow_approximate or not any(entry[3] for entry in packed.values())):
             _write_stored(stored, packed)
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]

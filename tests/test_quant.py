@@ -257,3 +257,31 @@ def test_a_chat_of_the_default_model_says_when_it_decodes_without_the_kernel(mon
     out, err = capsys.readouterr()
     assert code == 0 and out.strip()  # it still answers
     assert "kvchat: warning: decoding on float32 weights, about 2.5x slower" in err and "no-such-compiler" in err
+
+
+def test_a_converted_model_is_kept_packed_on_disk_and_loads_as_the_same_float32_numbers(tmp_path):
+    from kvchat.model import PACKED_WEIGHTS, load_model, pack_directory
+
+    loaded = gguf_like()
+    exact_dir, other_dir = tmp_path / "exact", tmp_path / "other"
+    for directory, model in ((exact_dir, loaded), (other_dir, make_loaded(torch.float32))):
+        model.model.save_pretrained(directory)
+        model.tokenizer.save_pretrained(directory)
+    before = (exact_dir / "model.safetensors").stat().st_size
+    assert pack_directory(exact_dir)
+    assert not (exact_dir / "model.safetensors").exists()
+    assert (exact_dir / PACKED_WEIGHTS).stat().st_size < before / 2.5
+    again = load_model(str(exact_dir), "cpu", "float32", weights="full")
+    expected = loaded.model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in again.model.state_dict().items())
+    assert again.model.generation_config.eos_token_id == loaded.model.generation_config.eos_token_id
+    # int8 weights are read from the model's own file, which is never written to
+    stamp = (exact_dir / PACKED_WEIGHTS).stat().st_mtime_ns
+    packed = load_model(str(exact_dir), "cpu", "float32")
+    assert packed.weight_format == "int8" and (exact_dir / PACKED_WEIGHTS).stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "home").rglob("packed/*.safetensors"))
+    (exact_dir / PACKED_WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # damaged
+    with pytest.raises(KvchatError, match="is damaged .*delete that folder"):
+        load_model(str(exact_dir), "cpu", "float32")
+    assert not pack_directory(other_dir)  # weights of no block format: left as they were
+    assert (other_dir / "model.safetensors").is_file() and not (other_dir / PACKED_WEIGHTS).exists()
