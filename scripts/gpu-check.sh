@@ -15,7 +15,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     # The versions this checkout is tested with; pure Python or abi3, so any CPython >= 3.10 takes them.
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$wheels" \
         transformers==5.24.0 huggingface_hub==2.4.0 prompt_toolkit==3.0.53 wcwidth==0.9.4 gguf==0.19.0 \
-        tokenizers==0.23.3
+        tokenizers==0.23.3 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 hf-xet==1.8.0
     exit $?
 fi
 python=${PYTHON:-python3}
@@ -25,6 +25,7 @@ echo "== set-up"
 "$python" -m venv --system-site-packages "$venv" || exit 1
 "$venv/bin/python" -m pip install -q --no-index --find-links "$wheels" --no-deps "$wheels"/*.whl || exit 1
 "$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+"$venv/bin/python" -m pip check | grep -i -E "kvchat|transformers|huggingface|tokenizers" || true
 "$venv/bin/python" - <<'PY' || exit 1
 import torch, transformers
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
