@@ -332,8 +332,8 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
     packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored, keep=keep)
     if not quant.is_packed(loaded.model):
-        loaded.weight_note = (f"full float32 weights: {packing.approximate} of {packing.blocks} weight blocks are "
-                              "not exact int8 blocks (--weights int8 quantizes them)")
+        loaded.weight_note = ("full float32 weights: they are not exact int8 blocks, as a GGUF's are "
+                              "(--weights int8 quantizes them)")
         return
     loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
 

@@ -271,6 +271,12 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
             keys.setdefault(id(weight), full_name)
             plan.append((parent, name, child, keys[id(weight)]))
     weights = {keys[id(child.weight)]: child.weight for _, _, child, _ in plan}
+    if not allow_approximate:  # a model whose weights are no block format fails on its first rows: cheaply
+        for key, weight in weights.items():
+            missing = pack(weight[:PROBE_ROWS], allow_approximate=False)[3]
+            if missing:
+                packing.approximate = missing  # (of the probed rows of `key`)
+                return packing
     packed = _read_stored(stored, weights) if stored else None
     if packed is None:
         packed = {}
@@ -297,6 +303,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
     return packing
 
 
+PROBE_ROWS = 64  # rows of each weight tried before packing any, when only exact packings are wanted
 Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
 
 

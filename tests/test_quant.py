@@ -285,3 +285,13 @@ def test_a_converted_model_is_kept_packed_on_disk_and_loads_as_the_same_float32_
         load_model(str(exact_dir), "cpu", "float32")
     assert not pack_directory(other_dir)  # weights of no block format: left as they were
     assert (other_dir / "model.safetensors").is_file() and not (other_dir / PACKED_WEIGHTS).exists()
+
+
+def test_auto_gives_up_on_weights_of_no_block_format_from_their_first_rows(monkeypatch):
+    calls = []
+    real = quant.pack
+    monkeypatch.setattr(quant, "pack", lambda weight, *args, **kw: calls.append(weight.shape[0]) or real(weight, *args, **kw))
+    model = torch.nn.Sequential(torch.nn.Embedding(5000, 2 * quant.BLOCK), torch.nn.Linear(2 * quant.BLOCK, 3000))
+    packing = quant.pack_model(model, allow_approximate=False)
+    assert not packing.exact and not quant.is_packed(model)
+    assert calls == [quant.PROBE_ROWS]  # one probe of the first weight's first rows, nothing packed whole
