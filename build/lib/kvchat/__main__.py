@@ -1,3 +1,0 @@
-from kvchat.cli import main
-
-raise SystemExit(main())
