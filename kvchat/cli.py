@@ -447,14 +447,12 @@ def _gguf_of(spec: str) -> Path | None:
 
 def _levers(settings: Settings, args: argparse.Namespace) -> int:
     """kvchat bench --levers: the same model loaded each way on the CPU, side by side."""
-    from dataclasses import replace
-
     from kvchat import levers
 
     bar = ProgressBar(sys.stderr)
     try:
-        results = levers.run(lambda weights, dtype: load(replace(settings, device="cpu", dtype=dtype,
-                                                                  weights=weights), bar),
+        results = levers.run(lambda weights, dtype: load(dataclasses.replace(settings, device="cpu", dtype=dtype,
+                                                                              weights=weights), bar),
                              levers.LeverPlan.quick() if args.quick else levers.LeverPlan(), bar)
     finally:
         bar.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -112,37 +111,32 @@ def pack_directory(directory: Path) -> bool:
     `kvchat.quant`) when every matrix comes back bit for bit, as a GGUF's do: the default model takes 170 MB
     on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
     keeps packings in (so int8 weights are read from it as they are), plus the tensors left unpacked."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from kvchat import quant
 
     files = list(directory.glob("*.safetensors"))
     if [f.name for f in files] != ["model.safetensors"]:
         return False  # sharded, or nothing to pack
-    kept: dict[str, torch.Tensor] = {}
-    packed: dict[str, int] = {}
+    others: dict[str, torch.Tensor] = {}
+    packed: quant.Packed = {}
     for name, tensor in load_file(str(files[0])).items():
         if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
                 and tensor.shape[1] % quant.BLOCK == 0:
-            q, scale, offset, missing = quant.pack(tensor, allow_approximate=False)
-            if missing:
+            packed[name[: -len(".weight")]] = entry = quant.pack(tensor, allow_approximate=False)
+            if entry[3]:
                 return False
-            key = name[: -len(".weight")]
-            kept.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
-            packed[key] = 0
         else:
-            kept[name] = tensor
-    staging = directory / f".{PACKED_WEIGHTS}.{os.getpid()}.tmp"
-    save_file(kept, str(staging), metadata={"missing": json.dumps(packed)})
-    os.replace(staging, directory / PACKED_WEIGHTS)
+            others[name] = tensor
+    if not quant.write_packing(directory / PACKED_WEIGHTS, packed, others):
+        return False
     files[0].unlink()  # (a crash before this leaves both files: the float32 one is loaded, as before)
     return True
 
 
 def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
     """The float32 state dict of a directory that `pack_directory` packed; None for any other directory."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
 
     from kvchat import quant
 
@@ -150,12 +144,9 @@ def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
     if not path.is_file() or any(p.name != PACKED_WEIGHTS for p in directory.glob("*.safetensors")):
         return None
     try:
-        with safe_open(str(path), "pt") as handle:
-            keys = json.loads((handle.metadata() or {})["missing"])
-        state = load_file(str(path))
-        for key in keys:
-            parts = [state.pop(f"{key}.{part}") for part in ("q", "scale", "offset")]
-            state[f"{key}.weight"] = quant.unpack(*parts)
+        packed, state = quant.read_packing(path)
+        for key, (q, scale, offset, _) in packed.items():
+            state[f"{key}.weight"] = quant.dequantize(q, scale, offset)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise KvchatError(f"the converted model in {directory} is damaged ({one_line(exc, 80)}): delete that "
                           "folder and kvchat converts it again") from None
@@ -326,9 +317,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
     elif loaded.weights:
         import hashlib
 
-        key = hashlib.sha256(PACK_VERSION.encode())
-        for path in loaded.weights:
-            key.update(f"{path.name}:{file_digest(path)}".encode())
+        key = _digest_files(hashlib.sha256(PACK_VERSION.encode()), loaded.weights)
         stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
     packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored, keep=keep)
     if not quant.is_packed(loaded.model):
@@ -421,6 +410,11 @@ def fingerprint(loaded: LoadedModel) -> str:
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
             digest.update(sample.numpy().tobytes())
-    for path in loaded.weights or []:
+    return _digest_files(digest, loaded.weights or []).hexdigest()[:32]
+
+
+def _digest_files(digest: Any, paths: list[Path]) -> Any:
+    """`digest` (a hashlib object) updated with each weight file's name and SHA-256."""
+    for path in paths:
         digest.update(f"{path.name}:{file_digest(path)}".encode())
-    return digest.hexdigest()[:32]
+    return digest

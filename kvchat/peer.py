@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from kvchat import levers
+from kvchat.bench import BenchPlan, _build_session, _median, message
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd
@@ -78,14 +79,8 @@ def _kvchat_reply(engine: Engine, conv: Conversation, text: str, new_tokens: int
             if isinstance(e, TurnEnd)][-1]
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
 def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> dict[str, Any]:
     """Every scenario on both sides; medians of `plan.repeat` runs."""
-    from kvchat import levers
-    from kvchat.bench import message
 
     threads = torch.get_num_threads()
     llm = _llama(gguf, threads)
@@ -136,8 +131,6 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
 def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progress: Progress) -> dict[str, Any]:
     """A saved session of about `plan.resume_tokens` tokens, resumed with a new question up to its first reply
     token, on both sides (model loading not counted on either)."""
-    from kvchat.bench import BenchPlan, _build_session
-
     question = "Summarize our conversation in one sentence."
     sampling = Sampling(temperature=0, max_new_tokens=1)
     times: dict[str, list[float]] = {"kvchat": [], "peer": []}

@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,9 @@ FORMATS = ((15, True), (127, False), (8, False))
 class Packing:
     """What `pack_model` did to a model."""
 
-    matrices: int = 0  # weights packed
-    blocks: int = 0
     approximate: int = 0  # blocks quantized because no format reproduced them exactly
     bytes_before: int = 0
     bytes_after: int = 0
-    skipped: list[str] = field(default_factory=list)  # weights left as they were (shape or type unsupported)
 
     @property
     def exact(self) -> bool:
@@ -94,6 +91,11 @@ def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.
     rows, cols = q.shape
     blocks = q.reshape(rows, cols // BLOCK, BLOCK).to(torch.float32)
     return (blocks * scale[..., None] + offset[..., None]).reshape(rows, cols)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """What `unpack` computes, in one pass through the kernel when it is built."""
+    return KERNEL.weight(q, scale, offset) if KERNEL.expand is not None else unpack(q, scale, offset)
 
 
 # No contraction of a * b + c into one fused rounding: the unpacked weights must be the very numbers of float32.
@@ -174,7 +176,6 @@ class Kernel:
                       block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
-
     def weight(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The float32 weight [out, in] of a packed one, in one pass over it (what `unpack` computes)."""
         assert self.expand is not None, "the kernel is used before it is built"
@@ -198,21 +199,28 @@ KERNEL = Kernel()
 DECODE_ROWS = 4  # inputs of at most this many rows use the kernel; longer ones a dequantized matrix product
 
 
-class PackedLinear(nn.Module):
-    """An nn.Linear whose weight is kept packed (see `pack`)."""
+class _Packed(nn.Module):
+    """A layer whose weight [out, in] is kept packed (see `pack`) as buffers q, scale and offset."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
         super().__init__()
-        self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The float32 weight (transformers reads `.weight` of output layers, for its dtype and device)."""
-        return unpack(self.q, self.scale, self.offset)
+        """The float32 weight (transformers reads `.weight` of input and output layers, for dtype and device)."""
+        return dequantize(self.q, self.scale, self.offset)
+
+
+class PackedLinear(_Packed):
+    """An nn.Linear whose weight is kept packed."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__(q, scale, offset)
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)
@@ -221,26 +229,17 @@ class PackedLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            weight = KERNEL.weight(self.q, self.scale, self.offset) if KERNEL.expand is not None else \
-                unpack(self.q, self.scale, self.offset)
-            y = nn.functional.linear(rows.to(torch.float32), weight, self.bias)
+            y = nn.functional.linear(rows.to(torch.float32), self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(_Packed):
     """An nn.Embedding whose table is kept packed; looked-up rows are dequantized."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, padding_idx: int | None):
-        super().__init__()
+        super().__init__(q, scale, offset)
         self.num_embeddings, self.embedding_dim = q.shape
         self.padding_idx = padding_idx
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return unpack(self.q, self.scale, self.offset)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
         flat = ids.reshape(-1)
@@ -266,8 +265,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
                 continue
             weight, full_name = child.weight, f"{parent_name}.{name}".lstrip(".")
             if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
-                packing.skipped.append(full_name)
-                continue
+                continue  # left as it is
             keys.setdefault(id(weight), full_name)
             plan.append((parent, name, child, keys[id(weight)]))
     weights = {keys[id(child.weight)]: child.weight for _, _, child, _ in plan}
@@ -284,11 +282,9 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
             q, scale, offset, missing = pack(weight, allow_approximate)
             packed[key] = (q, scale, offset, missing)
         if stored and keep and (allow_approximate or not any(entry[3] for entry in packed.values())):
-            _write_stored(stored, packed)
+            write_packing(stored, packed)
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]
-        packing.matrices += 1
-        packing.blocks += scale.numel()
         packing.approximate += missing
         packing.bytes_before += weight.numel() * 4
         packing.bytes_after += q.numel() + (scale.numel() + offset.numel()) * 4
@@ -307,18 +303,47 @@ PROBE_ROWS = 64  # rows of each weight tried before packing any, when only exact
 Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
 
 
-def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
-    """The packed weights kept in `path`, when it holds exactly these weights' shapes; None otherwise."""
-    from safetensors import SafetensorError
+def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
+    """The packings kept in `path` by `write_packing`, and the other tensors kept with them. Raises OSError,
+    ValueError, KeyError, TypeError or SafetensorError on a file that is not one."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    with safe_open(str(path), "pt") as handle:
+        missing = json.loads((handle.metadata() or {})["missing"])
+    tensors = load_file(str(path))
+    packed = {key: (tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale"), tensors.pop(f"{key}.offset"),
+                    int(missing[key])) for key in missing}
+    return packed, tensors
+
+
+def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | None = None) -> bool:
+    """Keep `packed` (and `others`, tensors kept as they are) in `path`, atomically; False when it could not
+    be written."""
+    from safetensors.torch import save_file
+
+    tensors = dict(others or {})
+    for key, (q, scale, offset, _) in packed.items():
+        tensors.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
+    metadata = {"missing": json.dumps({key: entry[3] for key, entry in packed.items()})}
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tensors = load_file(str(path))
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        missing = json.loads(header["__metadata__"]["missing"])
-        packed = {key: (tensors[f"{key}.q"], tensors[f"{key}.scale"], tensors[f"{key}.offset"], int(missing[key]))
-                  for key in weights}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(staging), metadata=metadata)
+        os.replace(staging, path)
+    except OSError:
+        staging.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
+    """The packed weights kept in `path`, when it holds exactly these weights' packings; None otherwise."""
+    from safetensors import SafetensorError
+
+    try:
+        kept, _ = read_packing(path)
+        packed = {key: kept[key] for key in weights}
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
     for key, weight in weights.items():
@@ -335,36 +360,13 @@ def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
 def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, missing: int) -> bool:
     """Whether a stored packing is this weight's: bit for bit when it was exact, else within half a step
     (a damaged file, or one of other weights with the same shapes, must not change the model's numbers)."""
-    restored = KERNEL.weight(q, scale, offset) if KERNEL.expand is not None else unpack(q, scale, offset)
+    restored = dequantize(q, scale, offset)
     if missing == 0:
         return torch.equal(restored, weight.detach())
     bound = scale.abs().repeat_interleave(BLOCK, dim=1) * 0.5 + 1e-6 * weight.detach().abs()
     return bool(((restored - weight.detach()).abs() <= bound).all())
 
 
-def _write_stored(path: Path, packed: Packed) -> None:
-    """Keep `packed` in `path` (atomically; failing to keep it only costs the next run the packing)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for key, (q, scale, offset, _) in packed.items():
-        tensors.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
-    metadata = {"missing": json.dumps({key: entry[3] for key, entry in packed.items()})}
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(staging), metadata=metadata)
-        os.replace(staging, path)
-    except OSError:
-        staging.unlink(missing_ok=True)
-
-
 def is_packed(model: nn.Module) -> bool:
     """Whether `pack_model` replaced any of the model's layers."""
-    return any(isinstance(m, (PackedLinear, PackedEmbedding)) for m in model.modules())
-
-
-def describe(packing: Packing) -> dict[str, Any]:
-    """A small summary for notices and benchmarks."""
-    return {"matrices": packing.matrices, "exact": packing.exact, "approximate_blocks": packing.approximate,
-            "mb_before": round(packing.bytes_before / 1e6, 1), "mb_after": round(packing.bytes_after / 1e6, 1)}
+    return any(isinstance(m, _Packed) for m in model.modules())
