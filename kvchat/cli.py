@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--weights", help="auto (int8 on the CPU where exact), full or int8")
+    parser.add_argument("--compile", help="auto (on CUDA), on or off: decode through a compiled one-token step")
     _add_store_flags(parser)
     parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
     parser.add_argument("--plain", action="store_const", const=True,
@@ -89,8 +90,8 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "weights", "stats", "reuse", "sessions_dir",
-             "plain")
+             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "weights", "compile", "stats", "reuse",
+             "sessions_dir", "plain")
 
 
 def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
@@ -137,7 +138,7 @@ def load_engine(settings: Settings, progress: Any = None) -> Engine:
 
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
-                  max_context=settings.max_context, window_cache=settings.window_cache)
+                  max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile)
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -341,12 +342,13 @@ def cache_command(argv: list[str]) -> int:
 
 def info_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
-    for flag in ("--model", "--device", "--dtype", "--weights", "--max-context", "--window-cache"):
+    for flag in ("--model", "--device", "--dtype", "--weights", "--compile", "--max-context", "--window-cache"):
         parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "max_context", "window_cache"))
-    from kvchat import kv
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
+                                            "window_cache"))
+    from kvchat import compiled, kv
 
     loaded = load(settings)
     try:
@@ -358,6 +360,13 @@ def info_command(argv: list[str]) -> int:
         print(line)
     if loaded.weight_note:
         print(loaded.weight_note)
+    if not compiled.wanted(settings.compile, loaded.device):
+        print(f"decode step: eager (compile = {settings.compile}; 'auto' compiles it on CUDA only)")
+    elif compiled.refusal(loaded.model) is not None:
+        print(f"decode step: eager (a compiled step needs a cache it can hold static: {compiled.refusal(loaded.model)})")
+    else:
+        graphs = ", captured as a CUDA graph" if loaded.device.type == "cuda" else ""
+        print(f"decode step: compiled with torch.compile{graphs} (in the background when a chat starts)")
     warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)
     if warning:
         print(f"warning: {warning}")

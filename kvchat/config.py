@@ -20,6 +20,7 @@ def kvchat_home() -> Path:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "full", "int8")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     weights: str = "auto"  # int8 blocks on the CPU where exact ("auto"), always ("int8"), never ("full")
+    compile: str = "auto"  # the one-token decode step through torch.compile: on CUDA ("auto"), always, never
     system: str | None = None
     prefill_chunk: int = 512
     window_cache: str = "full"  # sliding-window layers: "full" keeps every token, "window" only the window
@@ -116,6 +118,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "device": _choice(DEVICES),
     "dtype": _choice(DTYPES),
     "weights": _choice(WEIGHTS),
+    "compile": _choice(COMPILE),
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
     "window_cache": _choice(("full", "window")),

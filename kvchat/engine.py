@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat import kv
+from kvchat import compiled, kv
 from kvchat.config import Sampling
 from kvchat.conversation import Conversation, check_message
 from kvchat.detokenize import IncrementalDecoder, decode
@@ -56,6 +56,9 @@ class TurnStats:
     stop: str = "eos"  # "eos" or "length" (max_new_tokens)
     dropped: int = 0  # oldest turns dropped from the model's view this turn to make room
     fallback: str | None = None  # why the cache could not be reused, when it could not
+    compiled: int = 0  # of the tokens fed one at a time, how many went through the compiled step
+    compile_failure: str | None = None  # why the compiled step stopped, on the turn it did
+
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +81,8 @@ def turn_notices(stats: TurnStats, max_context: int | None) -> list[str]:
                      f"from the model's view to fit the {max_context}-token context (the transcript keeps them)")
     if stats.fallback:
         notes.append(stats.fallback)
+    if stats.compile_failure:
+        notes.append(f"the compiled decode step failed ({stats.compile_failure}); decoding without it")
     return notes
 
 
@@ -103,7 +108,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
                  prefix_source: PrefixSource | None = None, max_context: int | None = None,
-                 window_cache: str = kv.WINDOWS_FULL):
+                 window_cache: str = kv.WINDOWS_FULL, compile: str = "off", warm_up: bool = True):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -125,6 +130,13 @@ class Engine:
             self.layout = kv.layout(self.model, self.device, self.window_cache)
         except kv.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
+        # The compiled one-token step (see kvchat.compiled), compiled in the background unless `warm_up` is False
+        # (then on the first token that can use it).
+        self.step = compiled.step_for(self.model, self.device) if compiled.wanted(compile, self.device) else None
+        self.compiled_tokens = 0
+        self._failure_told = False
+        if self.step is not None and warm_up:
+            self.step.warm_up(background=True)
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -151,7 +163,11 @@ class Engine:
         which `_restore_invariant` repairs.
         """
         conv.dirty = True
-        logits = self._forward(conv, torch.tensor([ids], device=self.device))
+        logits = self.step(conv.cache, ids[0]) if self.step is not None and len(ids) == 1 else None
+        if logits is None:
+            logits = self._forward(conv, torch.tensor([ids], device=self.device))
+        else:
+            self.compiled_tokens += 1
         conv.token_ids.extend(ids)
         conv.dirty = False
         return logits
@@ -368,6 +384,7 @@ class Engine:
         `extending`, goes on in that (last) message."""
         decoder = IncrementalDecoder(self.tokenizer, extending["token_ids"] if extending else ())
         kept = len(decoder.ids)
+        compiled_before = self.compiled_tokens
         finished = False
         before = (list(conv.messages), conv.first_kept)
         try:
@@ -430,8 +447,17 @@ class Engine:
             stop=stop,
             fallback=fallback,
             dropped=dropped,
+            compiled=self.compiled_tokens - compiled_before,
+            compile_failure=self._new_failure(),
         )
         yield TurnEnd(reply, stats, list(decoder.ids))
+
+    def _new_failure(self) -> str | None:
+        """Why the compiled step failed, the first time it is asked after it did."""
+        if self.step is None or self.step.failure is None or self._failure_told:
+            return None
+        self._failure_told = True
+        return self.step.failure
 
 
 def model_max_context(model: Any) -> int | None:

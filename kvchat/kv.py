@@ -21,8 +21,9 @@ touches this file alone.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
@@ -37,7 +38,19 @@ class GrowableLayer(DynamicLayer):
     entire cache per decoded token (about 100 MB per token at 2,000 tokens on the default model).
     Here keys/values are views [1, kv_heads, n, head_dim] into buffers that grow by half when full.
     It also stands in for sliding-window layers: it keeps every token and the mask applies the window.
+
+    Inside `one_step` the layer is static: the forward pass sees the whole buffers, writes the new token at a
+    position held in a tensor and the mask hides the slots past it, so a compiled step has no Python number
+    that changes from token to token. Spare slots are zeros (never uninitialized memory: a NaN there would
+    reach the output through the masked attention).
     """
+
+    static = False
+    _position: torch.Tensor | None = None  # [1] the slot the static step writes, on the layer's device
+
+    @property
+    def is_compileable(self) -> bool:  # transformers builds a full mask for a one-token pass over a static cache
+        return self.static
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -50,8 +63,8 @@ class GrowableLayer(DynamicLayer):
             return
         capacity = max(needed, capacity + capacity // 2, 256)
         # Keys and values are sized apart: multi-head latent attention caches them in different widths.
-        key_buf = keys_like.new_empty((*keys_like.shape[:-2], capacity, keys_like.shape[-1]))
-        value_buf = values_like.new_empty((*values_like.shape[:-2], capacity, values_like.shape[-1]))
+        key_buf = keys_like.new_zeros((*keys_like.shape[:-2], capacity, keys_like.shape[-1]))
+        value_buf = values_like.new_zeros((*values_like.shape[:-2], capacity, values_like.shape[-1]))
         if self._n:
             key_buf[..., : self._n, :] = self.keys
             value_buf[..., : self._n, :] = self.values
@@ -78,6 +91,10 @@ class GrowableLayer(DynamicLayer):
         self._expose()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static:  # key_states [1, kv_heads, 1, dim] -> the whole buffers [1, kv_heads, capacity, dim]
+            self._key_buf.index_copy_(2, self._position, key_states)
+            self._value_buf.index_copy_(2, self._position, value_states)
+            return self._key_buf, self._value_buf
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self._n + key_states.shape[-2]
@@ -87,6 +104,16 @@ class GrowableLayer(DynamicLayer):
         self._n = end
         self._expose()
         return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self._key_buf.shape[-2], 0
+        return super().get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> Any:
+        if self.static:
+            return self._position[0]  # a tensor: the mask's query offset, without a number to specialize on
+        return super().get_seq_length()
 
     def crop(self, tokens_to_remove: int) -> None:
         assert tokens_to_remove <= 0, "crop takes minus the number of tokens to drop"
@@ -146,6 +173,66 @@ def new_cache(model: Any, windows: str = WINDOWS_FULL) -> Cache:
     else:  # no per-layer layout known: layers are created on first use
         cache.layer_class_to_replicate = GrowableLayer
     return cache
+
+
+def static_refusal(cache: Cache) -> str | None:
+    """Why a one-token pass cannot run on this cache as a static step (`one_step`), or None when it can: every
+    layer must be a growable attention layer holding the same tokens, all on one device."""
+    devices, lengths = set(), set()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not GrowableLayer:
+            return f"layer {i} keeps its cache in a {type(layer).__name__}"
+        if not layer.is_initialized or layer._key_buf is None:
+            return "the cache is empty"
+        devices.add(layer._key_buf.device)
+        lengths.add(layer._n)
+    if not cache.layers:
+        return "the cache has no layers yet"
+    if len(devices) > 1:
+        return "the cache is spread over several devices"
+    assert len(lengths) == 1, f"attention layers hold different numbers of tokens: {sorted(lengths)}"
+    return None
+
+
+@contextmanager
+def one_step(cache: Cache) -> Iterator[torch.Tensor]:
+    """Hold the cache static for one one-token forward pass (see GrowableLayer); yields the new token's position
+    [1, 1] (a tensor kept with the cache, so a compiled step sees the same tensor every time). When the block
+    ends normally every layer holds one more token; when it raises, the cache is as it was."""
+    assert static_refusal(cache) is None, f"one_step() on a cache it cannot take: {static_refusal(cache)}"
+    n = cache.layers[0]._n
+    device = cache.layers[0]._key_buf.device
+    position = getattr(cache, "_kvchat_position", None)
+    if position is None or position.device != device:
+        position = torch.zeros((1, 1), dtype=torch.long, device=device)
+        cache._kvchat_position, cache._kvchat_slot = position, position.view(1)
+        _mark(position, dynamic=False)
+    position.fill_(n)
+    for layer in cache.layers:
+        layer._reserve(layer._key_buf, layer._value_buf, n + 1)
+        _mark(layer._key_buf, dynamic=True)
+        _mark(layer._value_buf, dynamic=True)
+        layer._position, layer.static = cache._kvchat_slot, True
+    try:
+        yield position
+    finally:
+        for layer in cache.layers:
+            layer.static = False
+    for layer in cache.layers:
+        layer._n = n + 1
+        layer._expose()
+
+
+def _mark(tensor: torch.Tensor, dynamic: bool) -> None:
+    """Tell torch.compile, once per tensor, that its length varies (one compiled step serves every capacity) and,
+    on CUDA, that its address stays (CUDA graphs replay on the addresses they recorded)."""
+    if getattr(tensor, "_kvchat_marked", False):
+        return
+    if dynamic:
+        torch._dynamo.mark_dynamic(tensor, 2)
+    if tensor.is_cuda:
+        torch._dynamo.mark_static_address(tensor)
+    tensor._kvchat_marked = True
 
 
 def cache_kwarg(model: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pydoc
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +23,9 @@ from kvchat.model import LoadedModel, precision
 Progress = Callable[[str, int, int], None]
 Loader = Callable[[str, str], LoadedModel]  # (weights, dtype) -> the model loaded that way
 
-LEVERS = (("float32", "full", "float32"), ("int8 blocks", "int8", "float32"), ("bfloat16", "full", "bfloat16"))
+# (name, weights, dtype, compile)
+LEVERS = (("float32", "full", "float32", "off"), ("int8 blocks", "int8", "float32", "off"),
+          ("int8 blocks, compiled step", "int8", "float32", "on"), ("bfloat16", "full", "bfloat16", "off"))
 QUESTIONS = (
     "What is the main idea of the text above?", "Summarize the text above in two sentences.",
     "Write a haiku about the sea.", "List three uses of a hash map.", "Explain recursion to a child.",
@@ -85,9 +88,15 @@ def agreement(reference: list[int], other: list[int]) -> int:
 def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
     """Every lever at every context; speeds are medians over the prompts."""
     rows, reference = [], {}
-    for name, weights, dtype in LEVERS:
+    for name, weights, dtype, compile in LEVERS:
         loaded = load(weights, dtype)
-        engine = Engine(loaded)
+        engine = Engine(loaded, compile=compile, warm_up=False)
+        compile_s = None
+        if engine.step is not None:  # compiled before it is measured (a chat compiles it in the background)
+            progress(f"levers: compiling {name}", 0, 1)
+            began = time.perf_counter()
+            engine.step.warm_up(background=False)
+            compile_s = time.perf_counter() - began
         engine.stop_ids = frozenset()  # equal work on every lever: end-of-turn does not stop a reply
         for context in plan.contexts:
             conversations = prompts(engine, context, plan.prompts)
@@ -100,7 +109,10 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
                 if name == LEVERS[0][0]:
                     reference[(context, number)] = end.token_ids
                 agree.append(agreement(reference[(context, number)], end.token_ids))
-            rows.append({"lever": name, "precision": precision(loaded), "context": context,
+            label = precision(loaded) + (", compiled step" if engine.step is not None else "")
+            if engine.step is not None and engine.step.failure:
+                label += f" (failed: {engine.step.failure}; ran eagerly)"
+            rows.append({"lever": name, "precision": label, "context": context, "compile_s": compile_s,
                          "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
                          "agree": agree, "all_agree": sum(a == plan.new_tokens for a in agree)})
         del engine, loaded

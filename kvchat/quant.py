@@ -199,6 +199,18 @@ KERNEL = Kernel()
 DECODE_ROWS = 4  # inputs of at most this many rows use the kernel; longer ones a dequantized matrix product
 
 
+@torch.library.custom_op("kvchat::packed_matvec", mutates_args=())
+def packed_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The kernel's product as one opaque operator, so that a compiled step calls it as it is (eager code calls
+    KERNEL directly: an operator's dispatch costs more than the small products it would wrap)."""
+    return KERNEL(x, q, scale, offset)
+
+
+@packed_matvec.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
 class _Packed(nn.Module):
     """A layer whose weight [out, in] is kept packed (see `pack`) as buffers q, scale and offset."""
 
@@ -225,7 +237,8 @@ class PackedLinear(_Packed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= DECODE_ROWS and KERNEL.function is not None:
-            y = KERNEL(rows.to(torch.float32), self.q, self.scale, self.offset)
+            product = packed_matvec if torch.compiler.is_compiling() else KERNEL
+            y = product(rows.to(torch.float32), self.q, self.scale, self.offset)
             if self.bias is not None:
                 y = y + self.bias
         else:

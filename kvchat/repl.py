@@ -301,7 +301,8 @@ class Repl:
         from kvchat.model import precision
 
         loaded = self.engine.loaded
-        self.note(f"kvchat · {loaded.name} on {loaded.device} ({precision(loaded)}) · "
+        step = ", compiled decode step" if self.engine.step is not None else ""
+        self.note(f"kvchat · {loaded.name} on {loaded.device} ({precision(loaded)}{step}) · "
                   "/help for commands · Ctrl-D to quit")
 
     def run(self) -> int:

@@ -1,4 +1,6 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_loaded  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# One compile cache for the whole run (kvchat's own default is under $KVCHAT_HOME, which each test points elsewhere):
+# tests that compile the same tiny model share what inductor built.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kvchat-inductor-"))
 
 
 @pytest.fixture(scope="session")

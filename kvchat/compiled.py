@@ -1,0 +1,126 @@
+"""The compiled one-token decode step: torch.compile over a static view of kvchat's cache (`kv.one_step`).
+
+Only decoding is compiled; prefill stays eager. The step is compiled once per loaded model (its capacity
+dimension is dynamic, so a growing cache does not recompile), in a background thread while the first tokens
+decode eagerly, and inductor keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a
+fraction of the time. On CUDA the step is captured as a CUDA graph ("reduce-overhead"). A step that cannot be
+compiled, or fails, is reported once and decoding goes on eagerly with nothing lost.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from kvchat import kv
+from kvchat.config import COMPILE, kvchat_home
+
+
+def wanted(setting: str, device: torch.device) -> bool:
+    """Whether `compile = setting` compiles the decode step on `device`: "auto" does on CUDA (where the step's
+    cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 5-20% faster
+    at the price of a 70-second compile on two cores: docs/benchmarks.md)."""
+    assert setting in COMPILE, f"unknown compile setting {setting!r}"
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+class CompiledStep:
+    """Runs one token through `model` on top of a cache, compiled. A call returns None when the step is not
+    (or not yet) compiled, and the caller runs the token eagerly; the cache is then as it was."""
+
+    def __init__(self, model: Any, device: torch.device):
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvchat_home() / "compiled"))
+        self.model = model
+        self._kwarg = kv.cache_kwarg(model)
+        self._ids: torch.Tensor | None = None  # [1, 1], refilled every step (no allocation per token)
+        self.failure: str | None = None  # why compiling (or a compiled step) failed, once it has
+        self.refused: str | None = None  # why the model's cache cannot take a static step (found by the warm-up)
+        self.ready = False  # a step has run compiled
+        self._warming: threading.Thread | None = None
+        self._lock = threading.Lock()  # one compiled call at a time (the warm-up's and the engine's)
+        # The model's weights never change once loaded, so its modules need no guards (they cost ~2 ms a step).
+        self._compiled = torch.compile(self._step, fullgraph=True,
+                                       mode="reduce-overhead" if device.type == "cuda" else None,
+                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def _step(self, ids: torch.Tensor, position: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
+                         **{self._kwarg: cache})
+        return out.logits[0, -1]  # [vocab]
+
+    def __call__(self, cache: Any, token_id: int) -> torch.Tensor | None:
+        """The next-token logits [vocab] after `token_id`, with the token added to `cache`; None (cache untouched)
+        while the step is compiled in the background, when this cache cannot take a static step (recurrent
+        state, window-only layers), or once compiling failed."""
+        if self.failure is not None or self.refused is not None or (self._warming is not None and not self.ready):
+            return None
+        if kv.static_refusal(cache) is not None:
+            return None
+        with self._lock:
+            return self._run(cache, token_id)
+
+    def _run(self, cache: Any, token_id: int) -> torch.Tensor | None:
+        try:
+            with kv.one_step(cache) as position:
+                if self._ids is None or self._ids.device != position.device:
+                    self._ids = torch.zeros((1, 1), dtype=torch.long, device=position.device)
+                self._ids.fill_(token_id)
+                logits = self._compiled(self._ids, position, cache)
+        except (torch._dynamo.exc.TorchDynamoException, NotImplementedError, RuntimeError) as exc:
+            self.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            return None
+        self.ready = True
+        return logits.clone() if logits.is_cuda else logits  # a CUDA graph writes its next output in the same memory
+
+    def warm_up(self, background: bool = True) -> None:
+        """Compile the step now on a scratch cache of one token (in a thread with `background`), so that the
+        conversation's first replies do not wait for it."""
+        if self.ready or self.failure is not None or self.refused is not None or self._warming is not None:
+            return
+        if background:
+            self._warming = threading.Thread(target=self._warm, name="kvchat-compile", daemon=True)
+            self._warming.start()
+        else:
+            self._warm()
+
+    def _warm(self) -> None:
+        with torch.inference_mode():
+            scratch = _one_token_cache(self.model)
+            self.refused = kv.static_refusal(scratch)
+            if self.refused is not None:
+                return
+            with self._lock:
+                self._run(scratch, 0)
+
+    def wait(self) -> None:
+        """Block until a background warm-up has finished."""
+        if self._warming is not None:
+            self._warming.join()
+
+
+def _one_token_cache(model: Any) -> Any:
+    """A cache of `model` holding one token, laid out as a conversation's is."""
+    cache = kv.new_cache(model)
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device),
+              use_cache=True, logits_to_keep=1, **{kv.cache_kwarg(model): cache})
+    return cache
+
+
+def refusal(model: Any) -> str | None:
+    """Why `model`'s cache cannot take a compiled step (recurrent state, window-only or shared layers), or None."""
+    return kv.static_refusal(_one_token_cache(model))
+
+
+_STEPS: weakref.WeakKeyDictionary[Any, CompiledStep] = weakref.WeakKeyDictionary()
+
+
+def step_for(model: Any, device: torch.device) -> CompiledStep:
+    """The compiled step of `model` (one per model: every engine on it shares what was compiled)."""
+    if model not in _STEPS:
+        _STEPS[model] = CompiledStep(model, device)
+    return _STEPS[model]

@@ -1,0 +1,181 @@
+"""The compiled one-token decode step (kvchat/compiled.py, kv.one_step): every exactness property of the cache
+holds through it (reuse, undo, continue, resume, a cache that grows past its first buffer, sliding windows), it
+gives the eager step's tokens, and where it cannot run or fails, decoding goes on eagerly with nothing lost."""
+
+import pytest
+import torch
+
+from families import make_family
+from kvchat import kv
+from kvchat.config import Sampling, load_config
+from kvchat.conversation import Conversation
+from kvchat.engine import Engine, TurnEnd, turn_notices
+from kvchat.errors import ConfigError
+from kvchat.model import fingerprint
+from kvchat.store import Persister, Store
+from reference import greedy_without_cache
+from tiny import make_loaded
+
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell me a story about a cat.",
+            "Numbers: 1 2 3 4 5."]
+
+
+def run_turn(engine, conv, text, sampling=GREEDY):
+    return [e for e in engine.send(conv, text, sampling) if isinstance(e, TurnEnd)][-1]
+
+
+def fresh(engine, conv, sampling=GREEDY):
+    """The greedy reply to the conversation's last user message, computed with no cache at all."""
+    return greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), sampling.max_new_tokens,
+                                engine.stop_ids)
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    """The tiny float64 Llama with its step compiled once for the module (every engine on it shares it)."""
+    loaded = make_loaded(torch.float64)
+    engine = Engine(loaded, compile="on", warm_up=False)
+    engine.step.warm_up(background=False)
+    assert engine.step.ready and engine.step.failure is None, engine.step.failure
+    return loaded
+
+
+def test_compiled_turns_reuse_undo_and_continue_exactly(compiled_tiny):
+    engine = Engine(compiled_tiny, prefill_chunk=5, compile="on")
+    conv = Conversation.start("Be brief.")
+    for number, text in enumerate(MESSAGES[:3]):
+        end = run_turn(engine, conv, text)
+        assert end.token_ids == fresh(engine, conv), f"turn {number + 1} diverged from a fresh prefill"
+        # every token fed one at a time (the reply after its first token, a 1-token last prefill chunk) went compiled
+        assert len(end.token_ids) > 3 and end.stats.compiled >= len(end.token_ids) - 1
+        assert number == 0 or end.stats.reused > 0
+    engine.undo(conv)
+    redo = run_turn(engine, conv, MESSAGES[3])
+    assert redo.stats.reused > 0 and redo.token_ids == fresh(engine, conv)
+    cut = run_turn(engine, conv, "Count to twenty.", Sampling(temperature=0, max_new_tokens=4))
+    assert cut.stats.stop == "length"
+    more = [e for e in engine.extend(conv, Sampling(temperature=0, max_new_tokens=8)) if isinstance(e, TurnEnd)][-1]
+    whole = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), 12, engine.stop_ids)
+    assert more.token_ids == whole[:len(more.token_ids)] and more.stats.compiled > 0
+    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+
+
+def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
+    replies = {}
+    for mode in ("on", "off"):
+        engine = Engine(compiled_tiny, compile=mode)
+        conv = Conversation.start(None)
+        replies[mode] = [run_turn(engine, conv, text).token_ids for text in MESSAGES]
+        assert (engine.compiled_tokens > 0) == (mode == "on")
+    assert replies["on"] == replies["off"]
+
+
+def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_diverging(compiled_tiny):
+    engine = Engine(compiled_tiny, compile="on")
+    engine.stop_ids = frozenset()  # a long reply: past the 256 slots the cache starts with
+    conv = Conversation.start(None)
+    long = Sampling(temperature=0, max_new_tokens=300)
+    end = run_turn(engine, conv, "Tell me a story about a cat and a dog.", long)
+    assert len(end.token_ids) == 300 and end.stats.compiled == 299
+    assert conv.cache.layers[0]._key_buf.shape[-2] > 256 > len(engine.render(conv.messages[:-1]))
+    assert end.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), 300, frozenset())
+    assert engine.step.failure is None
+
+
+def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_path):
+    store = Store(tmp_path)
+    engine = Engine(compiled_tiny, compile="on")
+    store.bind(engine, fingerprint(compiled_tiny))
+    engine.prefix_source = store.longest_prefix
+    conv = Conversation.start("Be brief.")
+    persister = Persister(store, "talk")
+    for text in MESSAGES[:2]:
+        run_turn(engine, conv, text)
+        persister.after_turn(conv)
+    uninterrupted = run_turn(engine, conv, MESSAGES[2])
+    store.close()
+
+    engine2 = Engine(compiled_tiny, compile="on")
+    store2 = Store(tmp_path)
+    store2.bind(engine2, fingerprint(compiled_tiny))
+    engine2.prefix_source = store2.longest_prefix
+    opened = store2.open_session("talk")
+    resumed = run_turn(engine2, opened.conversation, MESSAGES[2])
+    assert resumed.stats.loaded == resumed.stats.reused > 0 and resumed.stats.compiled > 0
+    assert resumed.token_ids == uninterrupted.token_ids
+    store2.close()
+
+
+def test_an_interrupted_compiled_reply_leaves_the_cache_matching_its_tokens(compiled_tiny):
+    engine = Engine(compiled_tiny, compile="on")
+    conv = Conversation.start(None)
+    events = engine.send(conv, MESSAGES[0], GREEDY)
+    tokens = 0
+    for event in events:
+        tokens += hasattr(event, "token_id")
+        if tokens == 3:
+            break
+    events.close()
+    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+    end = run_turn(engine, conv, MESSAGES[1])
+    assert end.stats.reused > 0 and end.token_ids == fresh(engine, conv)
+
+
+def test_a_failing_compile_is_told_once_and_the_turn_decodes_eagerly_with_the_same_tokens(monkeypatch):
+    loaded = make_loaded(torch.float64)
+    expected = [run_turn(Engine(loaded), Conversation.start(None), text).token_ids for text in MESSAGES[:1]]
+    engine = Engine(loaded, compile="on", warm_up=False)
+
+    def broken(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
+
+    monkeypatch.setattr(engine.step, "_compiled", broken)
+    conv = Conversation.start(None)
+    first = run_turn(engine, conv, MESSAGES[0])
+    assert first.token_ids == expected[0] and first.stats.compiled == 0
+    assert "BackendCompilerFailed" in first.stats.compile_failure
+    notes = turn_notices(first.stats, None)
+    assert any(note.startswith("the compiled decode step failed (BackendCompilerFailed") for note in notes)
+    second = run_turn(engine, conv, MESSAGES[1])
+    assert second.stats.compile_failure is None and second.token_ids == fresh(engine, conv)
+    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3.5"])
+def test_sliding_windows_compile_and_recurrent_state_is_refused_and_decodes_eagerly(family):
+    loaded = make_family(family)
+    engine = Engine(loaded, compile="on", warm_up=False)
+    engine.step.warm_up(background=False)
+    conv = Conversation.start("Be brief.")
+    for number, text in enumerate(MESSAGES[:2]):
+        end = run_turn(engine, conv, text)
+        assert end.token_ids == fresh(engine, conv), f"{family}: turn {number + 1} diverged"
+    if family == "gemma3":  # its 12-token windows are applied by the mask over the static buffers
+        assert engine.step.refused is None and engine.step.failure is None and end.stats.compiled > 0
+    else:
+        assert "LinearAttentionLayer" in engine.step.refused and end.stats.compiled == 0
+
+
+def test_a_background_warm_up_leaves_replies_eager_until_it_is_done(compiled_tiny):
+    loaded = make_loaded(torch.float64, seed=1)
+    engine = Engine(loaded, compile="on")  # warms up in a thread
+    conv = Conversation.start(None)
+    first = run_turn(engine, conv, MESSAGES[0])  # eager or compiled, depending on the race: the same tokens
+    assert first.token_ids == fresh(engine, conv)
+    engine.step.wait()
+    assert engine.step.ready
+    second = run_turn(engine, conv, MESSAGES[1])
+    assert second.stats.compiled == len(second.token_ids) - 1 and second.token_ids == fresh(engine, conv)
+
+
+def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
+    from kvchat.compiled import wanted
+
+    config = tmp_path / "config.toml"
+    config.write_text('compile = "maybe"\n')
+    with pytest.raises(ConfigError, match="compile.*must be one of auto, on, off"):
+        load_config(config, {})
+    assert load_config(None, {"compile": "on"}).compile == "on"
+    assert wanted("auto", torch.device("cuda")) and not wanted("auto", torch.device("cpu"))
+    assert wanted("on", torch.device("cpu")) and not wanted("off", torch.device("cuda"))
