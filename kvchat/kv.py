@@ -74,19 +74,31 @@ class GrowableLayer(DynamicLayer):
         self.keys = self._key_buf[..., : self._n, :]
         self.values = self._value_buf[..., : self._n, :]
 
-    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], device: torch.device) -> None:
-        """Take restored pieces, each [kv_heads, n_i, dim], as the layer's content, copying each once."""
+    def fill(self, keys: list[torch.Tensor], values: list[torch.Tensor], device: torch.device,
+             pinned: list[torch.Tensor] | None = None) -> None:
+        """Take restored pieces, each [kv_heads, n_i, dim], as the layer's content, copying each once.
+
+        To a GPU the pieces go through page-locked memory (gathered there, then one asynchronous copy per tensor);
+        those staging buffers are appended to `pinned`, and must outlive the copies (see `restore`)."""
         empty = [torch.empty((*p[0].shape[:-2], 0, p[0].shape[-1]), dtype=p[0].dtype, device=device).unsqueeze(0)
                  for p in (keys, values)]
         self.lazy_initialization(*empty)
         total = sum(piece.shape[-2] for piece in keys)
         self._reserve(*empty, total + max(256, total // 4))  # room for the next turns without regrowing
-        start = 0
-        for key_piece, value_piece in zip(keys, values):
-            end = start + key_piece.shape[-2]
-            self._key_buf[0, :, start:end].copy_(key_piece)
-            self._value_buf[0, :, start:end].copy_(value_piece)
-            start = end
+        if pinned is not None and device.type == "cuda" and all(p.device.type == "cpu" for p in keys + values):
+            for pieces, buf in ((keys, self._key_buf), (values, self._value_buf)):
+                staging = torch.empty((*pieces[0].shape[:-2], total, pieces[0].shape[-1]), dtype=pieces[0].dtype,
+                                      pin_memory=True)
+                torch.cat(pieces, dim=-2, out=staging)
+                buf[0, :, :total].copy_(staging, non_blocking=True)
+                pinned.append(staging)
+        else:
+            start = 0
+            for key_piece, value_piece in zip(keys, values):
+                end = start + key_piece.shape[-2]
+                self._key_buf[0, :, start:end].copy_(key_piece)
+                self._value_buf[0, :, start:end].copy_(value_piece)
+                start = end
         self._n = total
         self._expose()
 
@@ -503,13 +515,14 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
     """
     cache = new_cache(model, windows)
     devices = _layer_devices(model, device)
+    pinned: list[torch.Tensor] = []  # page-locked staging of the copies to a GPU, kept until they are done
     for i, layer in enumerate(cache.layers):
         target = devices[i] if i < len(devices) else device
         if f"{i}.keys" not in (pieces[0] if pieces else {}):
             continue
         parts = {name: [piece[f"{i}.{name}"] for piece in pieces] for name in ("keys", "values")}  # [kv_heads, n, dim]
         if isinstance(layer, GrowableLayer):
-            layer.fill(parts["keys"], parts["values"], target)
+            layer.fill(parts["keys"], parts["values"], target, pinned)
         else:
             keys, values = (torch.cat(parts[name], dim=1).unsqueeze(0).to(target) for name in ("keys", "values"))
             DynamicLayer.update(layer, keys, values) if type(layer) is LinearAttentionAndFullAttentionLayer \
@@ -518,4 +531,6 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
             layer.update_indexer(torch.cat([p[f"{i}.indexer_keys"] for p in pieces], dim=0).unsqueeze(0).to(target))
     if state:
         import_state(cache, state, tokens, devices)
+    for gpu in {devices[i] if i < len(devices) else device for i in range(len(cache.layers))} if pinned else ():
+        torch.cuda.synchronize(gpu)  # the asynchronous copies have read their staging buffers
     return cache

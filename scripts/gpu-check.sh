@@ -4,7 +4,7 @@
 #      (ignored by git; fill it where there is a network with: scripts/gpu-check.sh --fetch-wheels);
 #   2. runs the exactness tests with their tiny models on CUDA (KVCHAT_TEST_DEVICE=cuda);
 #   3. builds random-weight Llama-shaped models on the GPU (1B and 8B shapes) and prints prefill and decode
-#      tokens/s (eager, and a compiled decode step where torch.compile works), resume time and the
+#      tokens/s (eager, and kvchat's compiled decode step with its compile time), resume time and the
 #      bandwidth limit (scripts/gpu_speed.py).
 # Meant to finish in under 8 minutes. Through the device tool:
 #   run(command="bash scripts/gpu-check.sh", carry=[".gpu-wheels"], timeout_s=540)
@@ -33,7 +33,7 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
 PY
 echo "== exactness tests on CUDA"
 KVCHAT_TEST_DEVICE=cuda timeout 240 "$venv/bin/python" -m pytest -q -x -p no:cacheprovider \
-    tests/test_engine.py tests/test_store.py tests/test_kv.py -m "not real_model" 2>&1 | tail -15
+    tests/test_engine.py tests/test_store.py tests/test_kv.py tests/test_compiled.py -m "not real_model" 2>&1 | tail -15
 echo "== speed (random weights)"
 timeout $(( 480 - ($(date +%s) - started) )) "$venv/bin/python" scripts/gpu_speed.py
 echo "== done in $(( $(date +%s) - started )) s"

@@ -1,10 +1,11 @@
 """Speed of kvchat's cache path on a GPU, with random-weight Llama-shaped models (run by scripts/gpu-check.sh).
 
 For each shape: prefill tokens/s (512-token chunks into kvchat's cache), decode tokens/s eager through kvchat's
-cache (one host sync per token, as a streamed reply has), decode tokens/s of a compiled one-token step on
-transformers' StaticCache (torch.compile mode="reduce-overhead": CUDA graphs, as gpt-fast does), the time to
-save the cache of the context to safetensors and restore it onto the GPU, and the bandwidth limit on decode
-(weight bytes over the measured device copy bandwidth). `--device cpu --shapes tiny` tries it anywhere.
+cache (one host sync per token, as a streamed reply has), decode tokens/s of kvchat's compiled one-token step
+(kvchat/compiled.py: torch.compile on a static view of the same cache, a CUDA graph on CUDA) with its compile
+time and how many of its greedy tokens agree with the eager ones, the time to save the cache of the context to
+safetensors and restore it onto the GPU (through pinned memory, as the store does), and the bandwidth limit on
+decode (weight bytes over the measured device copy bandwidth). `--device cpu --shapes tiny` tries it anywhere.
 """
 
 from __future__ import annotations
@@ -40,49 +41,58 @@ def sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def eager(model, device: torch.device, context: int, new_tokens: int) -> tuple[float, float, object]:
-    cache = kv.new_cache(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
-    sync(device)
-    started = time.perf_counter()
-    for start in range(0, context, 512):
+def prefill(model, cache, ids: torch.Tensor):
+    for start in range(0, ids.shape[1], 512):
         out = model(input_ids=ids[:, start:start + 512], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    sync(device)
-    prefill = context / (time.perf_counter() - started)
-    token = out.logits[0, -1].argmax()
-    started = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[0, -1].argmax()
-        int(token)  # the host sync a streamed token needs
-    return prefill, new_tokens / (time.perf_counter() - started), cache
+    return out.logits[0, -1]
 
 
 @torch.inference_mode()
-def compiled(model, device: torch.device, context: int, new_tokens: int) -> float | str:
-    from transformers import StaticCache
+def eager(model, device: torch.device, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, object, list[int]]:
+    cache = kv.new_cache(model)
+    sync(device)
+    started = time.perf_counter()
+    logits = prefill(model, cache, ids)
+    sync(device)
+    prefill_tok_s = ids.shape[1] / (time.perf_counter() - started)
+    tokens = [int(logits.argmax())]
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        tokens.append(int(out.logits[0, -1].argmax()))  # the host sync a streamed token needs
+    return prefill_tok_s, new_tokens / (time.perf_counter() - started), cache, tokens
 
-    try:
-        cache = StaticCache(config=model.config, max_cache_len=context + new_tokens + 16)
-        ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-              cache_position=torch.arange(context, device=device))
-        step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        position = torch.tensor([context], device=device)
-        for warm in range(3):  # compile and record the graph
-            step(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                 cache_position=position + warm)
-        sync(device)
-        started = time.perf_counter()
-        for i in range(new_tokens):
-            out = step(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                       cache_position=position + 3 + i)
-            token = out.logits[:, -1].argmax(-1, keepdim=True).clone()
-            int(token)
-        return new_tokens / (time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - report the failure, keep measuring the rest
-        return f"compile failed: {type(exc).__name__}: {str(exc)[:120]}"
+
+@torch.inference_mode()
+def compiled(model, device: torch.device, ids: torch.Tensor, new_tokens: int,
+             reference: list[int]) -> tuple[float | str, float, int]:
+    """kvchat's compiled step: decode tokens/s (or why it failed), compile seconds, tokens agreeing with eager."""
+    from kvchat.compiled import CompiledStep
+
+    step = CompiledStep(model, device)
+    started = time.perf_counter()
+    step.warm_up(background=False)
+    sync(device)
+    compile_s = time.perf_counter() - started
+    if step.failure or step.refused:
+        return f"not compiled: {step.failure or step.refused}"[:160], compile_s, 0
+    cache = kv.new_cache(model)
+    tokens = [int(prefill(model, cache, ids).argmax())]
+    for warm in range(2):  # the capacity's first CUDA graph is recorded on the first calls
+        step(cache, tokens[-1])
+    cache = kv.new_cache(model)
+    tokens = [int(prefill(model, cache, ids).argmax())]
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = step(cache, tokens[-1])
+        if logits is None:
+            return f"step failed: {step.failure}"[:160], compile_s, 0
+        tokens.append(int(logits.argmax()))
+    tok_s = new_tokens / (time.perf_counter() - started)
+    agree = next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), len(tokens))
+    return tok_s, compile_s, agree
 
 
 def resume(model, cache, device: torch.device) -> tuple[float, float]:
@@ -93,10 +103,7 @@ def resume(model, cache, device: torch.device) -> tuple[float, float]:
     data = save(kv.export(cache, 0, tokens))
     saved = time.perf_counter() - started
     started = time.perf_counter()
-    pieces = load(data)
-    if device.type == "cuda":
-        pieces = {name: tensor.pin_memory() for name, tensor in pieces.items()}
-    restored = kv.restore(model, [pieces], device)
+    restored = kv.restore(model, [load(data)], device)
     sync(device)
     assert kv.length(restored) == tokens, "the restored cache lost tokens"
     return saved * 1000, (time.perf_counter() - started) * 1000
@@ -127,19 +134,21 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     limit = bandwidth(device)
     print(f"device copy bandwidth: {limit:.0f} GB/s")
-    print("| shape | weights | prefill tok/s | decode eager tok/s | decode compiled tok/s | bandwidth limit tok/s "
-          f"| save {args.context} tokens | restore |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | weights | prefill tok/s | decode eager tok/s | decode compiled tok/s | compile | "
+          f"greedy tokens agreeing | bandwidth limit tok/s | save {args.context} tokens | restore |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         model = build(shape, device, dtype)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        prefill, decode, cache = eager(model, device, args.context, args.new_tokens)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=device)
+        prefill_tok_s, decode, cache, reference = eager(model, device, ids, args.new_tokens)
         save_ms, restore_ms = resume(model, cache, device)
         del cache
-        fast = compiled(model, device, args.context, args.new_tokens)
+        fast, compile_s, agree = compiled(model, device, ids, args.new_tokens, reference)
         fast_text = f"{fast:.1f}" if isinstance(fast, float) else fast
-        print(f"| {shape} | {weight_bytes / 1e9:.1f} GB | {prefill:,.0f} | {decode:.1f} | {fast_text} | "
-              f"{limit * 1e9 / weight_bytes:.0f} | {save_ms:.0f} ms | {restore_ms:.0f} ms |", flush=True)
+        print(f"| {shape} | {weight_bytes / 1e9:.1f} GB | {prefill_tok_s:,.0f} | {decode:.1f} | {fast_text} | "
+              f"{compile_s:.0f} s | {agree}/{args.new_tokens + 1} | {limit * 1e9 / weight_bytes:.0f} | "
+              f"{save_ms:.0f} ms | {restore_ms:.0f} ms |", flush=True)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
