@@ -179,3 +179,27 @@ def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
     assert load_config(None, {"compile": "on"}).compile == "on"
     assert wanted("auto", torch.device("cuda")) and not wanted("auto", torch.device("cpu"))
     assert wanted("on", torch.device("cpu")) and not wanted("off", torch.device("cuda"))
+
+
+def test_compiled_attention_reads_grouped_heads_without_repeating_them(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    from kvchat.compiled import _SDPA, _static_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    torch.manual_seed(0)
+    query, keys, values = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    mask = (torch.arange(40) <= 29).view(1, 1, 1, 40)  # 30 tokens held, 10 spare slots (random, not zeros)
+    expected, _ = _SDPA(module, query, keys, values, mask, scaling=0.25)  # transformers' own, eager
+    exact, _ = _SDPA(module, query, keys[:, :, :30], values[:, :, :30], None, scaling=0.25)
+
+    def repeat_kv(*args):
+        raise AssertionError("the compiled step repeated the key/value heads")
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", repeat_kv)
+    compiled = torch.compile(lambda q, k, v, m: _static_sdpa(module, q, k, v, m, scaling=0.25)[0], fullgraph=True)
+    got = compiled(query, keys, values, mask)
+    assert got.shape == expected.shape == (1, 1, 6, 16)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, exact)
