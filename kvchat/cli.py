@@ -122,14 +122,15 @@ def load(settings: Settings, progress: Any = None) -> Any:
     from kvchat.display import LoadProgress
     from kvchat.model import load_model
 
-    if progress is not None:
-        return load_model(settings.model, settings.device, settings.dtype, progress=progress,
-                          weights=settings.weights)
-    line = LoadProgress(sys.stderr)
+    line = LoadProgress(sys.stderr) if progress is None else None
     try:
-        return load_model(settings.model, settings.device, settings.dtype, progress=line, weights=settings.weights)
+        loaded = load_model(settings.model, settings.device, settings.dtype, progress=progress or line,
+                            weights=settings.weights)
     finally:
-        line.close()
+        if line is not None:
+            line.close()
+    loaded.compile = settings.compile
+    return loaded
 
 
 def load_engine(settings: Settings, progress: Any = None) -> Engine:
@@ -138,7 +139,7 @@ def load_engine(settings: Settings, progress: Any = None) -> Engine:
 
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
-                  max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile)
+                  max_context=settings.max_context, window_cache=settings.window_cache)
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -397,7 +398,7 @@ class ProgressBar:
 
 def bench_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat bench", description="Measure what the KV cache buys, side by side.")
-    for flag in ("--model", "--device", "--dtype", "--weights"):
+    for flag in ("--model", "--device", "--dtype", "--weights", "--compile"):
         parser.add_argument(flag, dest=flag[2:])
     parser.add_argument("--config", type=Path)
     parser.add_argument("--quick", action="store_true", help="every scenario small (under a minute on 2 CPU cores)")
@@ -411,7 +412,7 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)
-    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights"))
+    settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile"))
     from dataclasses import replace
 
     from kvchat import bench

@@ -43,8 +43,9 @@ _SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 def wanted(setting: str, device: torch.device) -> bool:
     """Whether `compile = setting` compiles the decode step on `device`: "auto" does on CUDA (where the step's
-    cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 5-20% faster
-    at the price of a 70-second compile on two cores: docs/benchmarks.md)."""
+    cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 1.1x faster
+    with int8 weights, no faster with float32 ones, after a compile of about a minute on two cores that
+    competes with the first replies: docs/benchmarks.md)."""
     assert setting in COMPILE, f"unknown compile setting {setting!r}"
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 

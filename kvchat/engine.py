@@ -108,7 +108,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
                  prefix_source: PrefixSource | None = None, max_context: int | None = None,
-                 window_cache: str = kv.WINDOWS_FULL, compile: str = "off", warm_up: bool = True):
+                 window_cache: str = kv.WINDOWS_FULL, compile: str | None = None, warm_up: bool = True):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -130,9 +130,10 @@ class Engine:
             self.layout = kv.layout(self.model, self.device, self.window_cache)
         except kv.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
-        # The compiled one-token step (see kvchat.compiled), compiled in the background unless `warm_up` is False
-        # (then on the first token that can use it).
-        self.step = compiled.step_for(self.model, self.device) if compiled.wanted(compile, self.device) else None
+        # The compiled one-token step (see kvchat.compiled; `compile` defaults to the loaded model's setting),
+        # compiled in the background unless `warm_up` is False (then on the first token that can use it).
+        wanted = compiled.wanted(compile or loaded.compile, self.device)
+        self.step = compiled.step_for(self.model, self.device) if wanted else None
         self.compiled_tokens = 0
         self._failure_told = False
         if self.step is not None and warm_up:

@@ -37,6 +37,7 @@ class LoadedModel:
     weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
+    compile: str = "off"  # engines on it compile the decode step: "on", "off", "auto" (CUDA); see kvchat.compiled
 
 
 def resolve_device(name: str) -> torch.device:

@@ -203,3 +203,30 @@ def test_compiled_attention_reads_grouped_heads_without_repeating_them(monkeypat
     assert got.shape == expected.shape == (1, 1, 6, 16)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got, exact)
+
+
+def test_the_command_line_compiles_on_request_with_the_same_replies(monkeypatch, capsys, tiny_model_dir):
+    import io
+    import json
+
+    from kvchat import compiled
+    from kvchat.cli import main
+
+    def run(*flags):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello, how are you?\nTell me a story.\n")))
+        code = main(["--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "8", "--lines",
+                     "--stats", *flags])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out, [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+
+    eager, eager_stats = run("--compile", "off")
+    on, on_stats = run("--compile", "on")  # compiles in the background: the first replies may decode eagerly
+    assert on == eager and all(record["compiled"] == 0 for record in eager_stats)
+    assert [record["generated"] for record in on_stats] == [record["generated"] for record in eager_stats]
+    for step in list(compiled._STEPS.values()):
+        step.wait()  # no compile left running into the next tests
+    assert main(["info", "--model", str(tiny_model_dir), "--compile", "on"]) == 0
+    assert "decode step: compiled with torch.compile" in capsys.readouterr().out
+    assert main(["info", "--model", str(tiny_model_dir)]) == 0
+    assert "decode step: eager (compile = auto; 'auto' compiles it on CUDA only)" in capsys.readouterr().out
