@@ -15,7 +15,6 @@ import weakref
 from typing import Any
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from kvchat import kv
 from kvchat.config import COMPILE, kvchat_home
@@ -35,10 +34,19 @@ def _static_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None  # [1, 1, heads, dim]
-    return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
+_SDPA: list[Any] = []  # transformers' own sdpa attention, once `_static_sdpa` stands in for it
+
+
+def _take_over_sdpa() -> None:
+    """Register `_static_sdpa` as transformers' "sdpa" attention (it is transformers' own outside compiled steps)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    if not _SDPA:
+        _SDPA.append(ALL_ATTENTION_FUNCTIONS["sdpa"])
+        AttentionInterface.register("sdpa", _static_sdpa)
 
 
 def wanted(setting: str, device: torch.device) -> bool:
@@ -56,7 +64,7 @@ class CompiledStep:
 
     def __init__(self, model: Any, device: torch.device):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvchat_home() / "compiled"))
-        AttentionInterface.register("sdpa", _static_sdpa)  # the same as transformers' outside compiled steps
+        _take_over_sdpa()
         self.model = model
         self._kwarg = kv.cache_kwarg(model)
         self._ids: torch.Tensor | None = None  # [1, 1], refilled every step (no allocation per token)

@@ -184,15 +184,17 @@ def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
 def test_compiled_attention_reads_grouped_heads_without_repeating_them(monkeypatch):
     from transformers.integrations import sdpa_attention
 
-    from kvchat.compiled import _SDPA, _static_sdpa
+    from kvchat.compiled import _SDPA, _static_sdpa, _take_over_sdpa
 
+    _take_over_sdpa()
+    transformers_sdpa = _SDPA[0]
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
     torch.manual_seed(0)
     query, keys, values = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
     mask = (torch.arange(40) <= 29).view(1, 1, 1, 40)  # 30 tokens held, 10 spare slots (random, not zeros)
-    expected, _ = _SDPA(module, query, keys, values, mask, scaling=0.25)  # transformers' own, eager
-    exact, _ = _SDPA(module, query, keys[:, :, :30], values[:, :, :30], None, scaling=0.25)
+    expected, _ = transformers_sdpa(module, query, keys, values, mask, scaling=0.25)  # transformers' own, eager
+    exact, _ = transformers_sdpa(module, query, keys[:, :, :30], values[:, :, :30], None, scaling=0.25)
 
     def repeat_kv(*args):
         raise AssertionError("the compiled step repeated the key/value heads")
