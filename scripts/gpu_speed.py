@@ -43,7 +43,8 @@ def sync(device: torch.device) -> None:
 @torch.inference_mode()
 def prefill(model, cache, ids: torch.Tensor):
     for start in range(0, ids.shape[1], 512):
-        out = model(input_ids=ids[:, start:start + 512], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids[:, start:start + 512], use_cache=True, logits_to_keep=1,
+                    **{kv.cache_kwarg(model): cache})
     return out.logits[0, -1]
 
 
@@ -58,8 +59,8 @@ def eager(model, device: torch.device, ids: torch.Tensor, new_tokens: int) -> tu
     tokens = [int(logits.argmax())]
     started = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), use_cache=True, logits_to_keep=1,
+                    **{kv.cache_kwarg(model): cache})
         tokens.append(int(out.logits[0, -1].argmax()))  # the host sync a streamed token needs
     return prefill_tok_s, new_tokens / (time.perf_counter() - started), cache, tokens
 
