@@ -361,10 +361,11 @@ def info_command(argv: list[str]) -> int:
         print(line)
     if loaded.weight_note:
         print(loaded.weight_note)
+    refused = compiled.refusal(loaded.model) if compiled.wanted(settings.compile, loaded.device) else None
     if not compiled.wanted(settings.compile, loaded.device):
         print(f"decode step: eager (compile = {settings.compile}; 'auto' compiles it on CUDA only)")
-    elif compiled.refusal(loaded.model) is not None:
-        print(f"decode step: eager (a compiled step needs a cache it can hold static: {compiled.refusal(loaded.model)})")
+    elif refused is not None:
+        print(f"decode step: eager (a compiled step needs a cache it can hold static: {refused})")
     else:
         graphs = ", captured as a CUDA graph" if loaded.device.type == "cuda" else ""
         print(f"decode step: compiled with torch.compile{graphs} (in the background when a chat starts)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+import types
 import weakref
 from typing import Any
 
@@ -74,7 +76,11 @@ class CompiledStep:
         self._warming: threading.Thread | None = None
         self._lock = threading.Lock()  # one compiled call at a time (the warm-up's and the engine's)
         # The model's weights never change once loaded, so its modules need no guards (they cost ~2 ms a step).
-        self._compiled = torch.compile(self._step, fullgraph=True,
+        # Dynamo keeps what it compiled on the function's code object; without those guards, a graph traced for
+        # one model would be offered to the next of the same class (another weight form, another config) in the
+        # same process, so each step gets a code object of its own.
+        step = types.MethodType(types.FunctionType(CompiledStep._step.__code__.replace(), globals()), self)
+        self._compiled = torch.compile(step, fullgraph=True,
                                        mode="reduce-overhead" if device.type == "cuda" else None,
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
@@ -120,7 +126,7 @@ class CompiledStep:
 
     def _warm(self) -> None:
         with torch.inference_mode():
-            scratch = _one_token_cache(self.model)
+            scratch, _ = kv.one_token(self.model, next(self.model.parameters()).device)
             self.refused = kv.static_refusal(scratch)
             if self.refused is not None:
                 return
@@ -132,19 +138,23 @@ class CompiledStep:
         if self._warming is not None:
             self._warming.join()
 
+    def compile_now(self) -> float:
+        """Compile the step before anything is timed (a benchmark's way; a chat compiles in the background);
+        returns the seconds it took."""
+        began = time.perf_counter()
+        self.warm_up(background=False)
+        return time.perf_counter() - began
 
-def _one_token_cache(model: Any) -> Any:
-    """A cache of `model` holding one token, laid out as a conversation's is."""
-    cache = kv.new_cache(model)
-    with torch.inference_mode():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device),
-              use_cache=True, logits_to_keep=1, **{kv.cache_kwarg(model): cache})
-    return cache
+    def label(self) -> str:
+        """What a benchmark row says of the step: ", compiled step", or why it ran eagerly."""
+        if self.ready:
+            return ", compiled step"
+        return f", compiled step failed ({self.failure or self.refused}; ran eagerly)"
 
 
 def refusal(model: Any) -> str | None:
     """Why `model`'s cache cannot take a compiled step (recurrent state, window-only or shared layers), or None."""
-    return kv.static_refusal(_one_token_cache(model))
+    return kv.static_refusal(kv.one_token(model, next(model.parameters()).device)[0])
 
 
 _STEPS: weakref.WeakKeyDictionary[Any, CompiledStep] = weakref.WeakKeyDictionary()

@@ -464,16 +464,24 @@ class Unsupported(Exception):
 
 
 @torch.inference_mode()
+def one_token(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> tuple[Cache, torch.Tensor]:
+    """A fresh cache of `model` after one token (id 0) went through it, laid out as a conversation's is, and that
+    token's next-token logits [vocab]."""
+    cache = new_cache(model, windows)
+    logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
+                   logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
+    return cache, logits
+
+
+@torch.inference_mode()
 def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Layout:
     """Run one token through a fresh cache and record what each layer keeps.
 
     Raises Unsupported for a model that will not take transformers' dynamic cache (it needs a cache class of
     its own), that keeps nothing in it, or that keeps its recurrent state somewhere else (on its modules).
     """
-    cache = new_cache(model, windows)
     try:
-        logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
-                       logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
+        cache, logits = one_token(model, device, windows)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
         raise Unsupported(f"its forward pass does not take kvchat's cache ({type(exc).__name__}: {exc})") from None
     held = [kind(layer) for layer in cache.layers if kind(layer) in (ATTENTION, BOTH, WINDOW)
@@ -531,6 +539,6 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
             layer.update_indexer(torch.cat([p[f"{i}.indexer_keys"] for p in pieces], dim=0).unsqueeze(0).to(target))
     if state:
         import_state(cache, state, tokens, devices)
-    for gpu in {devices[i] if i < len(devices) else device for i in range(len(cache.layers))} if pinned else ():
+    for gpu in {target for target in [*devices, device] if target.type == "cuda"} if pinned else ():
         torch.cuda.synchronize(gpu)  # the asynchronous copies have read their staging buffers
     return cache

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pydoc
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -92,11 +91,9 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
         loaded = load(weights, dtype)
         engine = Engine(loaded, compile=compile, warm_up=False)
         compile_s = None
-        if engine.step is not None:  # compiled before it is measured (a chat compiles it in the background)
+        if engine.step is not None:
             progress(f"levers: compiling {name}", 0, 1)
-            began = time.perf_counter()
-            engine.step.warm_up(background=False)
-            compile_s = time.perf_counter() - began
+            compile_s = engine.step.compile_now()
         engine.stop_ids = frozenset()  # equal work on every lever: end-of-turn does not stop a reply
         for context in plan.contexts:
             conversations = prompts(engine, context, plan.prompts)
@@ -109,9 +106,7 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
                 if name == LEVERS[0][0]:
                     reference[(context, number)] = end.token_ids
                 agree.append(agreement(reference[(context, number)], end.token_ids))
-            label = precision(loaded) + (", compiled step" if engine.step is not None else "")
-            if engine.step is not None and engine.step.failure:
-                label += f" (failed: {engine.step.failure}; ran eagerly)"
+            label = precision(loaded) + (engine.step.label() if engine.step is not None else "")
             rows.append({"lever": name, "precision": label, "context": context, "compile_s": compile_s,
                          "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
                          "agree": agree, "all_agree": sum(a == plan.new_tokens for a in agree)})

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bound import engine_with_store  # noqa: E402
 from families import FAMILIES, SLIDING, make_family, window_cache  # noqa: E402
 
 from kvchat import kv  # noqa: E402
@@ -40,10 +41,7 @@ def turn(engine, conv, text):
 def measure(name: str) -> dict:
     loaded = make_family(name, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as root:
-        store = Store(Path(root))
-        engine = Engine(loaded, window_cache=window_cache(loaded))
-        store.bind(engine, fingerprint(loaded))
-        engine.prefix_source = store.longest_prefix
+        engine, store = engine_with_store(loaded, Path(root), window_cache=window_cache(loaded))
         baseline = Engine(loaded, reuse=False, window_cache=window_cache(loaded))
         persister = Persister(store, session="report")
         conv, plain = Conversation.start(SYSTEM), Conversation.start(SYSTEM)

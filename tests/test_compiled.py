@@ -5,14 +5,14 @@ gives the eager step's tokens, and where it cannot run or fails, decoding goes o
 import pytest
 import torch
 
+from bound import engine_with_store
 from families import make_family
-from kvchat import kv
+from kvchat import compiled, kv
 from kvchat.config import Sampling, load_config
 from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd, turn_notices
 from kvchat.errors import ConfigError
-from kvchat.model import fingerprint
-from kvchat.store import Persister, Store
+from kvchat.store import Persister
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -84,10 +84,7 @@ def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_
 
 
 def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_path):
-    store = Store(tmp_path)
-    engine = Engine(compiled_tiny, compile="on")
-    store.bind(engine, fingerprint(compiled_tiny))
-    engine.prefix_source = store.longest_prefix
+    engine, store = engine_with_store(compiled_tiny, tmp_path, compile="on")
     conv = Conversation.start("Be brief.")
     persister = Persister(store, "talk")
     for text in MESSAGES[:2]:
@@ -96,10 +93,7 @@ def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_p
     uninterrupted = run_turn(engine, conv, MESSAGES[2])
     store.close()
 
-    engine2 = Engine(compiled_tiny, compile="on")
-    store2 = Store(tmp_path)
-    store2.bind(engine2, fingerprint(compiled_tiny))
-    engine2.prefix_source = store2.longest_prefix
+    engine2, store2 = engine_with_store(compiled_tiny, tmp_path, compile="on")
     opened = store2.open_session("talk")
     resumed = run_turn(engine2, opened.conversation, MESSAGES[2])
     assert resumed.stats.loaded == resumed.stats.reused > 0 and resumed.stats.compiled > 0
@@ -232,3 +226,24 @@ def test_the_command_line_compiles_on_request_with_the_same_replies(monkeypatch,
     assert "decode step: compiled with torch.compile" in capsys.readouterr().out
     assert main(["info", "--model", str(tiny_model_dir)]) == 0
     assert "decode step: eager (compile = auto; 'auto' compiles it on CUDA only)" in capsys.readouterr().out
+
+
+def test_each_model_gets_its_own_compiled_step_even_of_the_same_class():
+    """Regression: with the module guards skipped, a graph traced for one Llama was offered to the next one
+    built in the process (one with int8 weights crashed on it, in the levers benchmark)."""
+    from kvchat import quant
+
+    assert quant.KERNEL.build(), quant.KERNEL.failure
+    full = make_loaded(torch.float32, seed=2)
+    packed = make_loaded(torch.float32, seed=2)
+    quant.pack_model(packed.model, allow_approximate=True)
+    for loaded in (full, packed):
+        step = compiled.step_for(loaded.model, loaded.device)
+        assert step.compile_now() > 0 and step.ready, step.failure
+        with torch.inference_mode():
+            eager_cache, _ = kv.one_token(loaded.model, loaded.device)
+            compiled_cache, _ = kv.one_token(loaded.model, loaded.device)
+            expected = loaded.model(input_ids=torch.tensor([[5]]), use_cache=True, logits_to_keep=1,
+                                    **{kv.cache_kwarg(loaded.model): eager_cache}).logits[0, -1]
+            got = step(compiled_cache, 5)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

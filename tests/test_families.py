@@ -20,6 +20,7 @@ from kvchat.engine import Engine, TurnEnd, common_prefix
 from kvchat.errors import KvchatError
 from kvchat.model import fingerprint
 from kvchat.store import Persister, Store
+import bound
 from families import FAMILIES, REFUSED, SLIDING, make_family, window_cache
 from reference import greedy_without_cache
 
@@ -48,11 +49,7 @@ def new_engine(loaded, **kwargs):
 
 
 def engine_with_store(loaded, root, **engine_kwargs):
-    store = Store(root)
-    engine = new_engine(loaded, **engine_kwargs)
-    store.bind(engine, fingerprint(loaded))
-    engine.prefix_source = store.longest_prefix
-    return engine, store
+    return bound.engine_with_store(loaded, root, window_cache=window_cache(loaded), **engine_kwargs)
 
 
 def send(engine, conv, text):

@@ -14,7 +14,8 @@ from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd
 from kvchat.errors import ConfigError, KvchatError
 from kvchat.model import DEFAULT_MODEL_NAME, choose_weights, fingerprint, precision
-from kvchat.store import Persister, Store
+from kvchat.store import Persister
+from bound import engine_with_store
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -165,11 +166,7 @@ def test_packed_weights_reuse_the_cache_exactly_every_turn(kernel):
 
 
 def test_packed_weights_undo_continue_and_resume_exactly(kernel, tmp_path):
-    loaded = exact_packed()
-    store = Store(tmp_path)
-    engine = Engine(loaded)
-    store.bind(engine, fingerprint(loaded))
-    engine.prefix_source = store.longest_prefix
+    engine, store = engine_with_store(exact_packed(), tmp_path)
     conv = Conversation.start("Be brief.")
     persister = Persister(store, "talk")
     for text in MESSAGES[:2]:
@@ -184,10 +181,7 @@ def test_packed_weights_undo_continue_and_resume_exactly(kernel, tmp_path):
     uninterrupted = run_turn(engine, conv, MESSAGES[3])
     store.close()
 
-    engine2 = Engine(exact_packed())  # another process, the next day
-    store2 = Store(tmp_path)
-    store2.bind(engine2, fingerprint(engine2.loaded))
-    engine2.prefix_source = store2.longest_prefix
+    engine2, store2 = engine_with_store(exact_packed(), tmp_path)  # another process, the next day
     opened = store2.open_session("talk")
     assert opened.notice is None and opened.loaded_tokens > 0
     resumed = run_turn(engine2, opened.conversation, MESSAGES[3])

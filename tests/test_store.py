@@ -12,6 +12,7 @@ from kvchat.conversation import Conversation
 from kvchat.engine import Engine, TurnEnd
 from kvchat.model import fingerprint
 from kvchat.store import Persister, Store, StoreError, check_name
+from bound import engine_with_store
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -30,11 +31,7 @@ pytestmark = pytest.mark.usefixtures("small_chunks")
 
 
 def make_engine(loaded, root, **store_kwargs):
-    store = Store(root, **store_kwargs)
-    engine = Engine(loaded, prefix_source=None)
-    store.bind(engine, fingerprint(loaded))
-    engine.prefix_source = store.longest_prefix
-    return engine, store
+    return engine_with_store(loaded, root, store_kwargs)
 
 
 def turn(engine, conv, text, persister=None):
