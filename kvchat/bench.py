@@ -371,7 +371,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Sampling one token with the default settings (top-k {cost['settings']['top_k']}, top-p "
                       f"{cost['settings']['top_p']}) over a {cost['vocab']:,}-token vocabulary: "
                       f"{cost['ms_per_token']:.3f} ms"]
-    lines += ["", f"Turns, TTFT in ms (with / without reuse): " + ", ".join(
+    lines += ["", "Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
     if isinstance(results["peer"], dict):
         from kvchat import peer

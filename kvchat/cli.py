@@ -350,6 +350,7 @@ def info_command(argv: list[str]) -> int:
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
                                             "window_cache"))
     from kvchat import compiled, kv
+    from kvchat.model import weights_label
 
     loaded = load(settings)
     try:
@@ -357,7 +358,7 @@ def info_command(argv: list[str]) -> int:
     except kv.Unsupported as exc:
         raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
     shape = memory.model_shape(loaded, settings.max_context, layout)
-    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, loaded.weight_format):
+    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, weights_label(loaded)):
         print(line)
     if loaded.weight_note:
         print(loaded.weight_note)

@@ -35,6 +35,7 @@ class LoadedModel:
     dtype: torch.dtype
     weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
     weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
+    weight_label: str | None = None  # what packed weights are kept as, for people: "4-bit and int8"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
     compile: str = "off"  # engines on it compile the decode step: "on", "off", "auto" (CUDA); see kvchat.compiled
@@ -108,9 +109,9 @@ PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact in
 
 
 def pack_directory(directory: Path) -> bool:
-    """Replace the float32 weights that save_pretrained wrote in `directory` by their int8 blocks (see
-    `kvchat.quant`) when every matrix comes back bit for bit, as a GGUF's do: the default model takes 170 MB
-    on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
+    """Replace the float32 weights that save_pretrained wrote in `directory` by their integer blocks (see
+    `kvchat.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
+    the default model takes 105 MB on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
     keeps packings in (so int8 weights are read from it as they are), plus the tensors left unpacked."""
     from safetensors.torch import load_file
 
@@ -124,9 +125,10 @@ def pack_directory(directory: Path) -> bool:
     for name, tensor in load_file(str(files[0])).items():
         if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
                 and tensor.shape[1] % quant.BLOCK == 0:
-            packed[name[: -len(".weight")]] = entry = quant.pack(tensor, allow_approximate=False)
-            if entry[3]:
+            q, scale, offset, missing = quant.pack(tensor, allow_approximate=False)
+            if missing:
                 return False
+            packed[name[: -len(".weight")]] = (*(quant.narrow(q, scale, offset) or (q, scale, offset)), 0)
         else:
             others[name] = tensor
     if not quant.write_packing(directory / PACKED_WEIGHTS, packed, others):
@@ -160,9 +162,43 @@ def default_model_dir(progress: Progress) -> Path:
     if not (out_dir / "config.json").is_file():
         convert_gguf(default_gguf_path(), out_dir, progress)
     elif (out_dir / "model.safetensors").is_file() and not (out_dir / PACKED_WEIGHTS).exists():
-        progress(f"packing the converted {DEFAULT_MODEL_NAME} (once: 538 MB -> 170 MB on disk)", 0, 1)
+        progress(f"packing the converted {DEFAULT_MODEL_NAME} (once: 538 MB -> 105 MB on disk)", 0, 1)
         pack_directory(out_dir)  # converted before kvchat kept it packed
+    elif (out_dir / PACKED_WEIGHTS).is_file() and not _has_nibbles(out_dir / PACKED_WEIGHTS):
+        progress(f"repacking the converted {DEFAULT_MODEL_NAME} with 4-bit blocks (once: 170 MB -> 105 MB)", 0, 1)
+        narrow_directory(out_dir)  # packed before kvchat had the 4-bit form
     return out_dir
+
+
+def _has_nibbles(path: Path) -> bool:
+    """Whether a packed weights file holds any weight in the 4-bit form (read from its header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return any(key.endswith(".q") and handle.get_slice(key).get_dtype() == "U8" for key in handle.keys())
+    except (OSError, SafetensorError):
+        return True  # (a damaged file is reported where it is loaded)
+
+
+def narrow_directory(directory: Path) -> bool:
+    """Rewrite a directory's packed weights with the 4-bit form of every weight that has one (see
+    `quant.narrow`); False when nothing was rewritten."""
+    from safetensors import SafetensorError
+
+    from kvchat import quant
+
+    path = directory / PACKED_WEIGHTS
+    try:
+        packed, others = quant.read_packing(path)
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError):
+        return False  # (reported where it is loaded)
+    narrowed = False
+    for key, (q, scale, offset, missing) in packed.items():
+        nibbles = quant.narrow(q, scale, offset)
+        if nibbles is not None:
+            packed[key], narrowed = (*nibbles, missing), True
+    return narrowed and quant.write_packing(path, packed, others)
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what a chat needs
@@ -280,9 +316,16 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
 
 
 def precision(loaded: LoadedModel) -> str:
-    """How the model computes, in a few words: 'float32', 'float32, int8 weights'."""
+    """How the model computes, in a few words: 'float32', 'float32, 4-bit and int8 weights'."""
     dtype = str(loaded.dtype).replace("torch.", "")
-    return dtype if loaded.weight_format == "full" else f"{dtype}, {loaded.weight_format} weights"
+    return dtype if loaded.weight_format == "full" else f"{dtype}, {weights_label(loaded)} weights"
+
+
+def weights_label(loaded: LoadedModel) -> str:
+    """What the model's weights are kept as: 'full', 'int8', '4-bit and int8 (approximate)'."""
+    if loaded.weight_format == "full" or not loaded.weight_label:
+        return loaded.weight_format
+    return loaded.weight_format.replace("int8", loaded.weight_label)
 
 
 PACK_VERSION = "1"  # changes when quant.pack's output would
@@ -325,7 +368,9 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         loaded.weight_note = ("full float32 weights: they are not exact int8 blocks, as a GGUF's are "
                               "(--weights int8 quantizes them)")
         return
+    # (one format for the fingerprint: both forms of packed weights compute the same bits, see kvchat.quant)
     loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
+    loaded.weight_label = quant.forms(loaded.model)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

@@ -1,9 +1,12 @@
-"""Weights kept as int8 blocks for fast CPU decoding, computed in float32.
+"""Weights kept as integer blocks for fast CPU decoding, computed in float32.
 
 Decoding one token reads every weight once, so on a CPU its speed is the speed of reading the weights. Here
-each linear layer (and the embedding) keeps its weight as int8 values with a float32 scale and offset per
-block of 32 inputs (w = q * scale + offset): 1.25 bytes per weight instead of 4. Activations, attention and
-the KV cache stay float32.
+each linear layer (and the embedding) keeps its weight as integers with a scale and offset per block of 32
+inputs (w = q * scale + offset), in one of two forms: int8 values with float32 scales and offsets (1.25 bytes
+per weight instead of 4), or, where every value is 0..15 and every scale and offset a float16, as a GGUF's
+Q4_1 and Q4_0 blocks are, 4-bit values two to a byte with float16 scales and offsets (0.625 bytes per weight,
+what llama.cpp reads for Q4_1). Both stand for the same float32 weights, and the kernel computes both in the
+same order, to the same bits. Activations, attention and the KV cache stay float32.
 
 Models converted from a GGUF file (the default model among them) carry weights that were quantized in such
 blocks (Q4_0, Q4_1, Q8_0): `pack` finds each block's scale and offset and checks that every weight comes back
@@ -11,7 +14,7 @@ bit for bit, so the model computes with exactly the weights of its float32 form.
 exactly are quantized (symmetric int8, the scale in float32); `Packing.exact` says whether any were.
 
 A token's products run through a small C kernel (kernels/packed_matvec.c, built once with the machine's C
-compiler) that reads the int8 weights and computes in float32; a prompt's chunks dequantize the weight and
+compiler) that reads the packed weights and computes in float32; a prompt's chunks dequantize the weight and
 use the float32 matrix product.
 """
 
@@ -86,11 +89,35 @@ def pack(weight: torch.Tensor, allow_approximate: bool = True) -> tuple[torch.Te
     return q.reshape(rows, cols), scale.reshape(rows, -1), offset.reshape(rows, -1), len(left)
 
 
+def narrow(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The 4-bit form of a packing from `pack`: q uint8 [out, in / 2] (byte j of a block holds value j in its
+    low four bits and value j + 16 in its high four), scale and offset float16 [out, in / BLOCK]; None when some
+    value is outside 0..15 or some scale or offset is no float16."""
+    if q.dtype != torch.int8 or not len(q) or int(q.min()) < 0 or int(q.max()) > 15:
+        return None
+    scale16, offset16 = scale.half(), offset.half()
+    if not (torch.equal(scale16.float(), scale) and torch.equal(offset16.float(), offset)):
+        return None
+    rows, cols = q.shape
+    halves = q.reshape(rows, cols // BLOCK, 2, BLOCK // 2).to(torch.uint8)
+    nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(rows, cols // 2)
+    return nibbles, scale16, offset16
+
+
+def is_nibbles(q: torch.Tensor) -> bool:
+    """Whether a packed weight's values are in the 4-bit form (see `narrow`)."""
+    return q.dtype == torch.uint8
+
+
 def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [out, in] that `pack` split."""
+    """The float32 weight [out, in] that `pack` (or `narrow`) split."""
+    if is_nibbles(q):
+        rows = q.shape[0]
+        bytes_ = q.reshape(rows, -1, 1, BLOCK // 2)
+        q = torch.cat([bytes_ & 15, bytes_ >> 4], dim=2).to(torch.int8).reshape(rows, -1)
     rows, cols = q.shape
     blocks = q.reshape(rows, cols // BLOCK, BLOCK).to(torch.float32)
-    return (blocks * scale[..., None] + offset[..., None]).reshape(rows, cols)
+    return (blocks * scale.float()[..., None] + offset.float()[..., None]).reshape(rows, cols)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -111,34 +138,52 @@ class Kernel:
     def __init__(self) -> None:
         self.function: Any = None  # packed_matvec
         self.expand: Any = None  # packed_unpack
+        self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form
+        self.expand4: Any = None  # packed4_unpack
         self.failure: str | None = None
 
     def build(self) -> bool:
-        """Build (or find) and load the kernel, and check it on a small weight; False with `failure` set when
-        that cannot be done."""
+        """Build (or find) and load the kernel, and check both forms on a small weight; False with `failure` set
+        when that cannot be done."""
         if self.function is not None or self.failure is not None:
             return self.function is not None
+        product = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                     ctypes.c_void_p, ctypes.c_int]
         try:
             library = ctypes.CDLL(str(self._library()))
-            function = library.packed_matvec
-            function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            function.restype = None
-            expand = library.packed_unpack
-            expand.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                               ctypes.c_void_p, ctypes.c_int]
-            expand.restype = None
-            self.function, self.expand = function, expand
-            weight = torch.randn(40, 3 * BLOCK)
-            q, scale, offset, _ = pack(weight)
-            x = torch.randn(2, 3 * BLOCK)
-            if not torch.allclose(self(x, q, scale, offset), x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
-                raise KvchatError("the built kernel computes wrong products")
-            if not torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset)):
-                raise KvchatError("the built kernel unpacks wrong weights")
+            functions = []
+            for name, argtypes in (("packed_matvec", product), ("packed_unpack", expansion),
+                                   ("packed4_matvec", product), ("packed4_unpack", expansion)):
+                function = getattr(library, name)
+                function.argtypes, function.restype = argtypes, None
+                functions.append(function)
+            self.function, self.expand, self.function4, self.expand4 = functions
+            self._check()
         except (OSError, AttributeError, KvchatError, subprocess.SubprocessError) as exc:
-            self.function, self.expand, self.failure = None, None, one_line(exc, 200)
+            self.function = self.expand = self.function4 = self.expand4 = None
+            self.failure = one_line(exc, 200)
         return self.function is not None
+
+    def _check(self) -> None:
+        """Raise KvchatError unless the built functions compute what `unpack` says, in both forms and to the same
+        bits in both (a weight of Q4_1-like blocks: values 0..15, float16 scales and offsets)."""
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (40, 3 * BLOCK), dtype=torch.int8, generator=generator)
+        scale = (torch.rand(40, 3, generator=generator) * 0.01).half().float()
+        offset = (torch.randn(40, 3, generator=generator) * 0.05).half().float()
+        nibbles = narrow(q, scale, offset)
+        assert nibbles is not None, "the check's weight has no 4-bit form"
+        x = torch.randn(2, 3 * BLOCK, generator=generator)
+        product = self(x, q, scale, offset)
+        if not torch.allclose(product, x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
+            raise KvchatError("the built kernel computes wrong products")
+        if not torch.equal(self(x, *nibbles), product):
+            raise KvchatError("the built kernel computes 4-bit products unlike int8 ones")
+        if not (torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset))
+                and torch.equal(self.weight(*nibbles), unpack(q, scale, offset))):
+            raise KvchatError("the built kernel unpacks wrong weights")
 
     def _library(self) -> Path:
         source = self.SOURCE.read_bytes()
@@ -166,23 +211,25 @@ class Kernel:
         raise KvchatError(f"{Path(compiler).name} could not build kvchat's int8 kernel: {one_line(errors, 160)}")
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """x [vectors, in] float32 times the packed weight: [vectors, out]."""
+        """x [vectors, in] float32 times the packed weight (either form): [vectors, out]."""
         assert self.function is not None, "the kernel is used before it is built"
         x = x.contiguous()
-        rows, cols = q.shape
+        rows, cols = q.shape[0], scale.shape[1] * BLOCK
         y = x.new_empty((x.shape[0], rows))
         block_sums = x.new_empty((x.shape[0], cols // BLOCK))
-        self.function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols,
-                      block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        function = self.function4 if is_nibbles(q) else self.function
+        function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols,
+                 block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y
 
     def weight(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """The float32 weight [out, in] of a packed one, in one pass over it (what `unpack` computes)."""
+        """The float32 weight [out, in] of a packed one (either form), in one pass over it (what `unpack`
+        computes)."""
         assert self.expand is not None, "the kernel is used before it is built"
-        rows, cols = q.shape
+        rows, cols = q.shape[0], scale.shape[1] * BLOCK
         weight = torch.empty((rows, cols), dtype=torch.float32)
-        self.expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(),
-                    torch.get_num_threads())
+        expand = self.expand4 if is_nibbles(q) else self.expand
+        expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(), torch.get_num_threads())
         return weight
 
 
@@ -231,7 +278,7 @@ class PackedLinear(_Packed):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(q, scale, offset)
-        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.in_features, self.out_features = scale.shape[1] * BLOCK, q.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
@@ -251,7 +298,7 @@ class PackedEmbedding(_Packed):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, padding_idx: int | None):
         super().__init__(q, scale, offset)
-        self.num_embeddings, self.embedding_dim = q.shape
+        self.num_embeddings, self.embedding_dim = q.shape[0], scale.shape[1] * BLOCK
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
@@ -289,18 +336,21 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
                 packing.approximate = missing  # (of the probed rows of `key`)
                 return packing
     packed = _read_stored(stored, weights) if stored else None
+    write = packed is None
     if packed is None:
-        packed = {}
-        for key, weight in weights.items():
-            q, scale, offset, missing = pack(weight, allow_approximate)
-            packed[key] = (q, scale, offset, missing)
-        if stored and keep and (allow_approximate or not any(entry[3] for entry in packed.values())):
-            write_packing(stored, packed)
+        packed = {key: pack(weight, allow_approximate) for key, weight in weights.items()}
+    for key, (q, scale, offset, missing) in packed.items():
+        nibbles = narrow(q, scale, offset)
+        if nibbles is not None:
+            packed[key] = (*nibbles, missing)
+            write = True  # (a packing kept before kvchat had the 4-bit form is kept again in it)
+    if stored and keep and write and (allow_approximate or not any(entry[3] for entry in packed.values())):
+        write_packing(stored, packed)
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]
         packing.approximate += missing
         packing.bytes_before += weight.numel() * 4
-        packing.bytes_after += q.numel() + (scale.numel() + offset.numel()) * 4
+        packing.bytes_after += q.nbytes + scale.nbytes + offset.nbytes
     if not allow_approximate and not packing.exact:
         return packing
     for parent, name, child, key in plan:
@@ -362,8 +412,10 @@ def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]
         rows, cols = weight.shape
-        if (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) != \
-                (torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)):
+        forms = ((torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)),
+                 (torch.uint8, torch.float16, torch.float16, (rows, cols // 2), (rows, cols // BLOCK),
+                  (rows, cols // BLOCK)))
+        if (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) not in forms:
             return None
         if not _matches(weight, q, scale, offset, missing):
             return None
@@ -376,8 +428,14 @@ def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
     restored = dequantize(q, scale, offset)
     if missing == 0:
         return torch.equal(restored, weight.detach())
-    bound = scale.abs().repeat_interleave(BLOCK, dim=1) * 0.5 + 1e-6 * weight.detach().abs()
+    bound = scale.float().abs().repeat_interleave(BLOCK, dim=1) * 0.5 + 1e-6 * weight.detach().abs()
     return bool(((restored - weight.detach()).abs() <= bound).all())
+
+
+def forms(model: nn.Module) -> str:
+    """The forms the model's packed weights are kept in, for people: 'int8', '4-bit' or '4-bit and int8'."""
+    kept = {"4-bit" if is_nibbles(m.q) else "int8" for m in model.modules() if isinstance(m, _Packed)}
+    return " and ".join(form for form in ("4-bit", "int8") if form in kept)
 
 
 def is_packed(model: nn.Module) -> bool:

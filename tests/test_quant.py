@@ -105,7 +105,7 @@ def run_turn(engine, conv, text):
 
 def test_auto_packs_exact_gguf_weights_and_keeps_others_full(kernel):
     loaded = exact_packed()
-    assert precision(loaded) == "float32, int8 weights"
+    assert precision(loaded) == "float32, 4-bit and int8 weights"  # Q4_1 layers in 4 bits, the Q8_0 table in 8
     random = make_loaded(torch.float32)
     choose_weights(random, "auto", lambda *_: None)
     assert random.weight_format == "full" and not quant.is_packed(random.model)
@@ -289,3 +289,79 @@ def test_auto_gives_up_on_weights_of_no_block_format_from_their_first_rows(monke
     packing = quant.pack_model(model, allow_approximate=False)
     assert not packing.exact and not quant.is_packed(model)
     assert calls == [quant.PROBE_ROWS]  # one probe of the first weight's first rows, nothing packed whole
+
+
+def test_q4_blocks_are_kept_in_4_bits_and_come_back_bit_for_bit():
+    torch.manual_seed(0)
+    weight = through_gguf(torch.randn(48, 4 * quant.BLOCK) * 0.05, "Q4_1")
+    q, scale, offset, missing = quant.pack(weight)
+    nibbles, scale16, offset16 = quant.narrow(q, scale, offset)
+    assert (nibbles.dtype, scale16.dtype, offset16.dtype) == (torch.uint8, torch.float16, torch.float16)
+    assert nibbles.shape == (48, 2 * quant.BLOCK) and quant.is_nibbles(nibbles)
+    assert nibbles.nbytes + scale16.nbytes + offset16.nbytes == weight.numel() * 5 // 8  # 0.625 bytes a weight
+    assert torch.equal(quant.unpack(nibbles, scale16, offset16), weight)
+    eight = through_gguf(torch.randn(48, 4 * quant.BLOCK) * 0.05, "Q8_0")
+    assert quant.narrow(*quant.pack(eight)[:3]) is None  # values beyond 0..15 stay int8
+    off = q.clone(), scale.clone(), offset.clone()
+    off[2][0, 0] += 1e-6  # an offset that is no float16
+    assert quant.narrow(*off) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_4_bit_and_int8_forms_compute_the_same_bits(kernel, rows):
+    torch.manual_seed(1)
+    weight = through_gguf(torch.randn(200, 18 * quant.BLOCK) * 0.05, "Q4_1")
+    q, scale, offset, _ = quant.pack(weight)
+    nibbles = quant.narrow(q, scale, offset)
+    x = torch.randn(rows, 18 * quant.BLOCK)
+    eight, four = kernel(x, q, scale, offset), kernel(x, *nibbles)
+    assert torch.equal(four, eight)  # so a cache made with either form is the other's too
+    torch.testing.assert_close(four, x @ weight.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernel.weight(*nibbles), weight)
+
+
+def test_a_packed_model_keeps_its_q4_layers_in_4_bits_and_an_older_int8_packing_is_rewritten(kernel, tmp_path):
+    from safetensors import safe_open
+
+    loaded = gguf_like()
+    expected = {name: t.clone() for name, t in loaded.model.named_parameters()}
+    path = tmp_path / "packed.safetensors"
+    # a packing kept by an earlier kvchat: every weight int8
+    weights = {name[: -len(".weight")]: t for name, t in expected.items() if t.dim() == 2}
+    quant.write_packing(path, {key: quant.pack(weight) for key, weight in weights.items()})
+    packing = quant.pack_model(loaded.model, stored=path)
+    assert packing.exact and quant.forms(loaded.model) == "4-bit and int8"
+    with safe_open(str(path), "pt") as handle:
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys() if key.endswith(".q")}
+    assert dtypes["model.embed_tokens.q"] == "I8" and dtypes["model.layers.0.mlp.up_proj.q"] == "U8"
+    with torch.no_grad():
+        for name, module in loaded.model.named_modules():
+            if isinstance(module, quant.PackedLinear):
+                assert torch.equal(module.weight, expected[f"{name}.weight"]), name
+    assert packing.bytes_after < packing.bytes_before / 4
+
+
+def test_the_default_models_older_int8_file_is_repacked_once_with_the_same_numbers(tmp_path, monkeypatch):
+    from kvchat import model as model_module
+    from kvchat.model import PACKED_WEIGHTS, default_model_dir, load_model, pack_directory
+
+    loaded = gguf_like()
+    directory = tmp_path / "home" / "models" / DEFAULT_MODEL_NAME
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    monkeypatch.setattr(quant, "narrow", lambda *_: None)  # as kvchat packed it before the 4-bit form
+    assert pack_directory(directory)
+    monkeypatch.undo()
+    old_size = (directory / PACKED_WEIGHTS).stat().st_size
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
+    said = []
+    assert default_model_dir(lambda text, *_: said.append(text)) == directory
+    assert any("4-bit" in text for text in said)
+    assert (directory / PACKED_WEIGHTS).stat().st_size < old_size * 0.8  # (the tiny model's table stays int8)
+    said.clear()
+    default_model_dir(lambda text, *_: said.append(text))
+    assert not said  # once
+    again = load_model(str(directory), "cpu", "float32", weights="full")
+    expected = loaded.model.state_dict()
+    assert all(torch.equal(t, expected[name]) for name, t in again.model.state_dict().items())
+    assert model_module._has_nibbles(directory / PACKED_WEIGHTS)

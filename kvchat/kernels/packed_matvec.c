@@ -1,81 +1,202 @@
-/* kvchat's one-token product with block-packed int8 weights, in float32 (see kvchat/quant.py).
+/* kvchat's one-token product with block-packed weights, in float32 (see kvchat/quant.py).
  *
  * The weight [rows, cols] is w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32], so
  *   y[v, r] = sum_b scale[r, b] * (sum_j x[v, 32b + j] * q[r, 32b + j]) + offset[r, b] * (sum_j x[v, 32b + j]).
+ * Two forms: int8 q with float32 scales and offsets (packed_*), and 4-bit q (0..15, two to a byte: byte j of a
+ * block holds q[32b + j] in its low half and q[32b + 16 + j] in its high half) with float16 scales and offsets
+ * (packed4_*). Both compute in the same order of operations, so the same weights give the same float32 bits.
  * Built at run time by kvchat with the machine's compiler (-O3 -march=native, OpenMP when it has it). */
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define VECTORS 1
 /* Weights stream from memory once per token: asking for them 4 KiB ahead keeps more reads in flight than the
  * hardware prefetcher does alone (the product measured 8-15% faster on the default model's matrices). */
 #define AHEAD 4096
-#define PREFETCH(qb, sr, or_, b) do { \
-        if (!((b) & 1)) _mm_prefetch((const char *)((qb) + AHEAD), _MM_HINT_T0); \
-        if (!((b) & 15)) { _mm_prefetch((const char *)((sr) + (b) + AHEAD / 16), _MM_HINT_T0); \
-                           _mm_prefetch((const char *)((or_) + (b) + AHEAD / 16), _MM_HINT_T0); } \
-    } while (0)
+#define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+/* Scales and offsets are asked for twice as many blocks ahead; LINE is how many blocks of q share a cache line. */
+#define SCALES_AHEAD(LINE) (2 * AHEAD * (LINE) / 64)
 #endif
 
-void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
-                   int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+static float half_to_float(uint16_t h) {  /* exact: every float16 is a float32 */
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023, bits;
+    if (exponent == 31) bits = sign | 0x7f800000u | (mantissa << 13);
+    else if (exponent) bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    else if (!mantissa) bits = sign;
+    else {  /* subnormal: normalise */
+        exponent = 113;
+        while (!(mantissa & 1024)) { mantissa <<= 1; exponent--; }
+        bits = sign | (exponent << 23) | ((mantissa & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* The block sums of x [vectors, cols]: xsum [vectors, cols / 32], shared by every row. */
+static void block_sums(const float *x, int64_t vectors, int64_t cols, float *xsum) {
     const int64_t blocks = cols / 32;
-    for (int64_t v = 0; v < vectors; v++)  /* the block sums of x, shared by every row */
+    for (int64_t v = 0; v < vectors; v++)
         for (int64_t b = 0; b < blocks; b++) {
             float s = 0.0f;
             for (int j = 0; j < 32; j++) s += x[v * cols + b * 32 + j];
             xsum[v * blocks + b] = s;
         }
+}
+
+/* sum_b offset[b] * xsum[b], with offsets given as float32 (offset) or float16 (offset16), in vector lanes, the
+ * same sum for both. */
+#if defined(__AVX512F__)
+static float shift_of(const float *offset, const uint16_t *offset16, const float *xs, int64_t blocks) {
+    __m512 lanes = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 16 <= blocks; b += 16) {
+        __m512 o = offset ? _mm512_loadu_ps(offset + b) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offset16 + b)));
+        lanes = _mm512_fmadd_ps(o, _mm512_loadu_ps(xs + b), lanes);
+    }
+    float shift = _mm512_reduce_add_ps(lanes);
+    for (; b < blocks; b++) shift += (offset ? offset[b] : half_to_float(offset16[b])) * xs[b];
+    return shift;
+}
+#else
+static float shift_of(const float *offset, const uint16_t *offset16, const float *xs, int64_t blocks) {
+    float lanes[8] = {0};
+    int64_t b = 0;
+    for (; b + 8 <= blocks; b += 8)
+        for (int l = 0; l < 8; l++)
+            lanes[l] += (offset ? offset[b + l] : half_to_float(offset16[b + l])) * xs[b + l];
+    float shift = 0.0f;
+    for (int l = 0; l < 8; l++) shift += lanes[l];
+    for (; b < blocks; b++) shift += (offset ? offset[b] : half_to_float(offset16[b])) * xs[b];
+    return shift;
+}
+#endif
+
+/* One row's sum_b scale[b] * dot_b, with the block dot products in two accumulators (even and odd blocks) so
+ * that consecutive blocks do not wait for each other. WEIGHTS(i, lo, hi) yields block i's 32 weights as floats. */
+#if defined(__AVX512F__)
+#define BLOCK_INTO(acc, b, WEIGHTS, SCALE) do { \
+        __m512 w0, w1; \
+        WEIGHTS(b, w0, w1); \
+        __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xv + (b) * 32), w0, _mm512_mul_ps(_mm512_loadu_ps(xv + (b) * 32 + 16), w1)); \
+        acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(SCALE(b)), acc); \
+    } while (0)
+#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps(); \
+        int64_t b = 0; \
+        for (; b + 1 < blocks; b += 2) { \
+            if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
+            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
+            BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+            BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
+        } \
+        if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+        y[v * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + shift; \
+    } while (0)
+#define INT8_WEIGHTS(b, w0, w1) do { \
+        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 32)))); \
+        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 32 + 16)))); \
+    } while (0)
+#define NIBBLE_WEIGHTS(b, w0, w1) do { \
+        __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 16))); \
+        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(n, _mm512_set1_epi32(15))); \
+        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)); \
+    } while (0)
+#elif VECTORS
+#define BLOCK_INTO(acc, b, WEIGHTS, SCALE) do { \
+        __m256 w[4]; \
+        WEIGHTS(b, w); \
+        const float *xb = xv + (b) * 32; \
+        __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(xb), w[0]); \
+        for (int k = 1; k < 4; k++) dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * k), w[k], dot); \
+        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(SCALE(b)), acc); \
+    } while (0)
+#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps(); \
+        int64_t b = 0; \
+        for (; b + 1 < blocks; b += 2) { \
+            if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
+            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
+            BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+            BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
+        } \
+        if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+        __m256 both = _mm256_add_ps(even, odd); \
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1)); \
+        half = _mm_add_ps(half, _mm_movehl_ps(half, half)); \
+        half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1)); \
+        y[v * rows + r] = _mm_cvtss_f32(half) + shift; \
+    } while (0)
+#define INT8_WEIGHTS(b, w) do { \
+        for (int k = 0; k < 4; k++) \
+            w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 32 + 8 * k)))); \
+    } while (0)
+#define NIBBLE_WEIGHTS(b, w) do { \
+        __m256i n0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16))); \
+        __m256i n1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16 + 8))); \
+        w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(n0, _mm256_set1_epi32(15))); \
+        w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(n1, _mm256_set1_epi32(15))); \
+        w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(n0, 4)); \
+        w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(n1, 4)); \
+    } while (0)
+#else
+#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
+        float acc[2][8] = {{0}}; \
+        for (int64_t b = 0; b < blocks; b++) { \
+            float w[32], dot[8]; \
+            WEIGHTS(b, w); \
+            for (int l = 0; l < 8; l++) dot[l] = xv[b * 32 + l] * w[l]; \
+            for (int k = 1; k < 4; k++) for (int l = 0; l < 8; l++) dot[l] += xv[b * 32 + 8 * k + l] * w[8 * k + l]; \
+            for (int l = 0; l < 8; l++) acc[b & 1][l] += dot[l] * SCALE(b); \
+        } \
+        float total = 0.0f; \
+        for (int l = 0; l < 8; l++) total += acc[0][l] + acc[1][l]; \
+        y[v * rows + r] = total + shift; \
+    } while (0)
+#define INT8_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = (float)qr[(b) * 32 + j]; } while (0)
+#define NIBBLE_WEIGHTS(b, w) do { \
+        for (int j = 0; j < 16; j++) { w[j] = (float)(qr[(b) * 16 + j] & 15); w[j + 16] = (float)(qr[(b) * 16 + j] >> 4); } \
+    } while (0)
+#endif
+
+#define INT8_AT(b) (qr + (b) * 32)
+#define NIBBLE_AT(b) (qr + (b) * 16)
+#define FLOAT_SCALE(b) (sr[b])
+#define HALF_SCALE(b) half_to_float(sr[b])
+
+void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
+                   int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    const int64_t blocks = cols / 32;
+    block_sums(x, vectors, cols, xsum);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *qr = q + r * cols;
         const float *sr = scale + r * blocks, *or_ = offset + r * blocks;
         for (int64_t v = 0; v < vectors; v++) {
-            const float *xv = x + v * cols, *xs = xsum + v * blocks;
-            float shift = 0.0f;
-#if defined(__AVX512F__)
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t b = 0; b < blocks; b++) {
-                const int8_t *qb = qr + b * 32;
-                PREFETCH(qb, sr, or_, b);
-                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qb)));
-                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qb + 16))));
-                __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xv + b * 32), w0,
-                                             _mm512_mul_ps(_mm512_loadu_ps(xv + b * 32 + 16), w1));
-                acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(sr[b]), acc);
-                shift += or_[b] * xs[b];
-            }
-            y[v * rows + r] = _mm512_reduce_add_ps(acc) + shift;
-#elif defined(__AVX2__) && defined(__FMA__)
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t b = 0; b < blocks; b++) {
-                const int8_t *qb = qr + b * 32;
-                const float *xb = xv + b * 32;
-                PREFETCH(qb, sr, or_, b);
-                __m256 dot = _mm256_setzero_ps();
-                for (int j = 0; j < 32; j += 8) {
-                    __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + j))));
-                    dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + j), w, dot);
-                }
-                acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(sr[b]), acc);
-                shift += or_[b] * xs[b];
-            }
-            __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
-            y[v * rows + r] = _mm_cvtss_f32(half) + shift;
-#else
-            float acc = 0.0f;
-            for (int64_t b = 0; b < blocks; b++) {
-                float lanes[8] = {0};
-                for (int j = 0; j < 32; j += 8)
-                    for (int l = 0; l < 8; l++) lanes[l] += xv[b * 32 + j + l] * (float)qr[b * 32 + j + l];
-                float dot = 0.0f;
-                for (int l = 0; l < 8; l++) dot += lanes[l];
-                acc += sr[b] * dot;
-                shift += or_[b] * xs[b];
-            }
-            y[v * rows + r] = acc + shift;
-#endif
+            const float *xv = x + v * cols;
+            const float shift = shift_of(or_, 0, xsum + v * blocks, blocks);
+            ROW(INT8_AT, INT8_WEIGHTS, FLOAT_SCALE, 2);
+        }
+    }
+}
+
+void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uint16_t *scale, const uint16_t *offset,
+                    int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    const int64_t blocks = cols / 32;
+    block_sums(x, vectors, cols, xsum);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (cols / 2);
+        const uint16_t *sr = scale + r * blocks, *or_ = offset + r * blocks;
+        for (int64_t v = 0; v < vectors; v++) {
+            const float *xv = x + v * cols;
+            const float shift = shift_of(0, or_, xsum + v * blocks, blocks);
+            ROW(NIBBLE_AT, NIBBLE_WEIGHTS, HALF_SCALE, 4);
         }
     }
 }
@@ -93,6 +214,24 @@ void packed_unpack(const int8_t *q, const float *scale, const float *offset, int
             for (int j = 0; j < 32; j++) {
                 float product = (float)qb[j] * s;  /* two roundings, as quant.unpack computes it */
                 wb[j] = product + o;
+            }
+        }
+}
+
+void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *offset, int64_t rows, int64_t cols,
+                    float *w, int threads) {
+    const int64_t blocks = cols / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float s = half_to_float(scale[r * blocks + b]), o = half_to_float(offset[r * blocks + b]);
+            const uint8_t *qb = q + r * (cols / 2) + b * 16;
+            float *wb = w + r * cols + b * 32;
+            for (int j = 0; j < 16; j++) {
+                float product = (float)(qb[j] & 15) * s;
+                wb[j] = product + o;
+                product = (float)(qb[j] >> 4) * s;
+                wb[j + 16] = product + o;
             }
         }
 }
