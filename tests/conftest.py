@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,7 +15,9 @@ from tiny import make_loaded  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # One compile cache for the whole run (kvchat's own default is under $KVCHAT_HOME, which each test points elsewhere):
 # tests that compile the same tiny model share what inductor built.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kvchat-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvchat-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)  # (not left in /tmp)
 
 
 @pytest.fixture(scope="session")
