@@ -39,14 +39,18 @@ class GrowableLayer(DynamicLayer):
     Here keys/values are views [1, kv_heads, n, head_dim] into buffers that grow by half when full.
     It also stands in for sliding-window layers: it keeps every token and the mask applies the window.
 
-    Inside `one_step` the layer is static: the forward pass sees the whole buffers, writes the new token at a
-    position held in a tensor and the mask hides the slots past it, so a compiled step has no Python number
-    that changes from token to token. Spare slots are zeros (never uninitialized memory: a NaN there would
-    reach the output through the masked attention).
+    Inside `one_step` the layer is static: the forward pass sees views of the buffers whose length is a dynamic
+    dimension to torch.compile and writes the new token at a position held in a tensor, so a compiled step has
+    no Python number that changes from token to token. On the CPU the views end at the new token; on CUDA they
+    are the whole buffers (a CUDA graph replays fixed shapes) and the mask hides the slots past the token.
+    Spare slots are zeros (never uninitialized memory: a NaN there would reach the output through the masked
+    attention).
     """
 
     static = False
     _position: torch.Tensor | None = None  # [1] the slot the static step writes, on the layer's device
+    _static_keys: torch.Tensor | None = None  # [1, kv_heads, length, dim]: what a static step attends over
+    _static_values: torch.Tensor | None = None
 
     @property
     def is_compileable(self) -> bool:  # transformers builds a full mask for a one-token pass over a static cache
@@ -103,10 +107,10 @@ class GrowableLayer(DynamicLayer):
         self._expose()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.static:  # key_states [1, kv_heads, 1, dim] -> the whole buffers [1, kv_heads, capacity, dim]
-            self._key_buf.index_copy_(2, self._position, key_states)
-            self._value_buf.index_copy_(2, self._position, value_states)
-            return self._key_buf, self._value_buf
+        if self.static:  # key_states [1, kv_heads, 1, dim] -> the static views [1, kv_heads, length, dim]
+            self._static_keys.index_copy_(2, self._position, key_states)
+            self._static_values.index_copy_(2, self._position, value_states)
+            return self._static_keys, self._static_values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self._n + key_states.shape[-2]
@@ -119,7 +123,7 @@ class GrowableLayer(DynamicLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static:
-            return self._key_buf.shape[-2], 0
+            return self._static_keys.shape[-2], 0
         return super().get_mask_sizes(query_length)
 
     def get_seq_length(self) -> Any:
@@ -221,15 +225,23 @@ def one_step(cache: Cache) -> Iterator[torch.Tensor]:
         _mark(position, dynamic=False)
     position.fill_(n)
     for layer in cache.layers:
-        layer._reserve(layer._key_buf, layer._value_buf, n + 1)
-        _mark(layer._key_buf, dynamic=True)
-        _mark(layer._value_buf, dynamic=True)
+        # (a slot to spare on the CPU: a view that ends before its buffer, every time, so that the compiled step
+        # never sees a contiguous one and specializes on it)
+        layer._reserve(layer._key_buf, layer._value_buf, n + 1 if device.type == "cuda" else n + 2)
+        if device.type == "cuda":  # the whole buffers: fixed addresses and shapes for the CUDA graph
+            layer._static_keys, layer._static_values = layer._key_buf, layer._value_buf
+        else:  # up to the new token: attention over spare slots would cost as much as over tokens
+            layer._static_keys = layer._key_buf.narrow(2, 0, n + 1)
+            layer._static_values = layer._value_buf.narrow(2, 0, n + 1)
+        _mark(layer._static_keys, dynamic=True)
+        _mark(layer._static_values, dynamic=True)
         layer._position, layer.static = cache._kvchat_slot, True
     try:
         yield position
     finally:
         for layer in cache.layers:
             layer.static = False
+            layer._static_keys = layer._static_values = None
     for layer in cache.layers:
         layer._n = n + 1
         layer._expose()

@@ -72,12 +72,18 @@ def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
 
 
 def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_diverging(compiled_tiny):
+    from torch._dynamo.utils import counters
+
     engine = Engine(compiled_tiny, compile="on")
     engine.stop_ids = frozenset()  # a long reply: past the 256 slots the cache starts with
     conv = Conversation.start(None)
     long = Sampling(temperature=0, max_new_tokens=300)
+    run_turn(engine, conv, "Hi.", Sampling(temperature=0, max_new_tokens=3))  # compiled by now
+    conv = Conversation.start(None)
+    graphs = counters["stats"]["unique_graphs"]
     end = run_turn(engine, conv, "Tell me a story about a cat and a dog.", long)
     assert len(end.token_ids) == 300 and end.stats.compiled == 299
+    assert counters["stats"]["unique_graphs"] == graphs, "a step of another length or capacity was compiled again"
     assert conv.cache.layers[0]._key_buf.shape[-2] > 256 > len(engine.render(conv.messages[:-1]))
     assert end.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), 300, frozenset())
     assert engine.step.failure is None
