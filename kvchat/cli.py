@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
     parser.add_argument("--dtype", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--weights", help="auto (int8 on the CPU where exact), full or int8")
+    parser.add_argument("--weights", help="auto (packed 4-bit and int8 blocks on the CPU where exact), full or int8 (packed, quantizing where not exact)")
     parser.add_argument("--compile", help="auto (on CUDA), on or off: decode through a compiled one-token step")
     _add_store_flags(parser)
     parser.add_argument("--stats", action="store_const", const=True, help="one JSON line of statistics per turn on stderr")
@@ -409,7 +409,7 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, help="scenario 1 tokens generated (default 128)")
     parser.add_argument("--turns", type=int, help="scenario 2 turns (default 20)")
     parser.add_argument("--levers", action="store_true",
-                        help="only the decode levers: float32, int8 blocks and bfloat16 on the CPU, speed and "
+                        help="only the decode levers: float32, packed blocks and bfloat16 on the CPU, speed and "
                              "greedy agreement (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")

@@ -1,7 +1,7 @@
 """kvchat bench --levers: decode and prefill speed of each way to hold the weights, and whether greedy replies
 stay the same as float32's.
 
-Each lever is the same model loaded another way (float32, int8 blocks, bfloat16). Every lever answers the
+Each lever is the same model loaded another way (float32, packed 4-bit and int8 blocks, bfloat16). Every lever answers the
 same prompts (a context of documentation text cut to 512 or 2,048 tokens, then a question) with a fixed
 number of greedy tokens; agreement counts how many of them match float32's before the first difference.
 Nothing here prints.
@@ -23,8 +23,8 @@ Progress = Callable[[str, int, int], None]
 Loader = Callable[[str, str], LoadedModel]  # (weights, dtype) -> the model loaded that way
 
 # (name, weights, dtype, compile)
-LEVERS = (("float32", "full", "float32", "off"), ("int8 blocks", "int8", "float32", "off"),
-          ("int8 blocks, compiled step", "int8", "float32", "on"), ("bfloat16", "full", "bfloat16", "off"))
+LEVERS = (("float32", "full", "float32", "off"), ("packed blocks", "int8", "float32", "off"),
+          ("packed blocks, compiled step", "int8", "float32", "on"), ("bfloat16", "full", "bfloat16", "off"))
 QUESTIONS = (
     "What is the main idea of the text above?", "Summarize the text above in two sentences.",
     "Write a haiku about the sea.", "List three uses of a hash map.", "Explain recursion to a child.",
