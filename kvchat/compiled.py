@@ -53,9 +53,9 @@ def _take_over_sdpa() -> None:
 
 def wanted(setting: str, device: torch.device) -> bool:
     """Whether `compile = setting` compiles the decode step on `device`: "auto" does on CUDA (where the step's
-    cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 1.1x faster
-    with int8 weights, no faster with float32 ones, after a compile of about a minute on two cores that
-    competes with the first replies: docs/benchmarks.md)."""
+    cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 1.1-1.3x
+    faster with packed weights, no faster with float32 ones, after a compile of about 50 s on two cores the
+    first time and 10 s later, which a reply sent meanwhile waits for: docs/benchmarks.md)."""
     assert setting in COMPILE, f"unknown compile setting {setting!r}"
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 

@@ -41,7 +41,7 @@ class Settings:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
-    weights: str = "auto"  # int8 blocks on the CPU where exact ("auto"), always ("int8"), never ("full")
+    weights: str = "auto"  # packed blocks on the CPU where exact ("auto"), always ("int8"), never ("full")
     compile: str = "auto"  # the one-token decode step through torch.compile: on CUDA ("auto"), always, never
     system: str | None = None
     prefill_chunk: int = 512

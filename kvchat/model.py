@@ -105,14 +105,14 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
     return out_dir
 
 
-PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact int8 blocks (see pack_directory)
+PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact blocks (see pack_directory)
 
 
 def pack_directory(directory: Path) -> bool:
     """Replace the float32 weights that save_pretrained wrote in `directory` by their integer blocks (see
     `kvchat.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
     the default model takes 105 MB on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
-    keeps packings in (so int8 weights are read from it as they are), plus the tensors left unpacked."""
+    keeps packings in (so packed weights are read from it as they are), plus the tensors left unpacked."""
     from safetensors.torch import load_file
 
     from kvchat import quant
@@ -332,7 +332,7 @@ PACK_VERSION = "1"  # changes when quant.pack's output would
 
 
 def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
-    """Pack the model's weights as int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto', when it runs
+    """Pack the model's weights as 4-bit and int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto', when it runs
     on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF file does);
     'full' keeps them as loaded. Sets `weight_format` and, when 'auto' keeps full weights, `weight_note`."""
     from kvchat import quant
@@ -354,7 +354,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
             loaded.weight_warning = ("decoding on float32 weights, about 2.5x slower than on int8 ones: "
                                      f"{quant.KERNEL.failure}")
         return
-    progress(f"packing {loaded.name}'s weights as int8", 0, 1)
+    progress(f"packing {loaded.name}'s weights in blocks", 0, 1)
     stored, keep = None, True
     if loaded.weights and [path.name for path in loaded.weights] == [PACKED_WEIGHTS]:
         stored, keep = loaded.weights[0], False  # the model's own file holds the packing: read it, never write it

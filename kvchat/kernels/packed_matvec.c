@@ -201,37 +201,49 @@ void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uin
     }
 }
 
-/* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product. */
-void packed_unpack(const int8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols, float *w,
+/* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product.
+ * Two roundings (a product, then a sum: no fused multiply-add), as quant.unpack computes it. UNPACK_BLOCK(wb, WEIGHTS,
+ * b, s, o) writes block b's 32 weights at wb. */
+#if defined(__AVX512F__)
+#define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
+        __m512 w0, w1, scale_ = _mm512_set1_ps(s), offset_ = _mm512_set1_ps(o); \
+        WEIGHTS(b, w0, w1); \
+        _mm512_storeu_ps((wb), _mm512_add_ps(_mm512_mul_ps(w0, scale_), offset_)); \
+        _mm512_storeu_ps((wb) + 16, _mm512_add_ps(_mm512_mul_ps(w1, scale_), offset_)); \
+    } while (0)
+#elif VECTORS
+#define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
+        __m256 w[4], scale_ = _mm256_set1_ps(s), offset_ = _mm256_set1_ps(o); \
+        WEIGHTS(b, w); \
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps((wb) + 8 * k, _mm256_add_ps(_mm256_mul_ps(w[k], scale_), offset_)); \
+    } while (0)
+#else
+#define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
+        float w[32]; \
+        WEIGHTS(b, w); \
+        for (int j = 0; j < 32; j++) { float product = w[j] * (s); (wb)[j] = product + (o); } \
+    } while (0)
+#endif
+
+void packed_unpack(const int8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols, float *out,
                    int threads) {
     const int64_t blocks = cols / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < blocks; b++) {
-            const float s = scale[r * blocks + b], o = offset[r * blocks + b];
-            const int8_t *qb = q + r * cols + b * 32;
-            float *wb = w + r * cols + b * 32;
-            for (int j = 0; j < 32; j++) {
-                float product = (float)qb[j] * s;  /* two roundings, as quant.unpack computes it */
-                wb[j] = product + o;
-            }
-        }
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *qr = q + r * cols;
+        for (int64_t b = 0; b < blocks; b++)
+            UNPACK_BLOCK(out + r * cols + b * 32, INT8_WEIGHTS, b, scale[r * blocks + b], offset[r * blocks + b]);
+    }
 }
 
 void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *offset, int64_t rows, int64_t cols,
-                    float *w, int threads) {
+                    float *out, int threads) {
     const int64_t blocks = cols / 32;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t b = 0; b < blocks; b++) {
-            const float s = half_to_float(scale[r * blocks + b]), o = half_to_float(offset[r * blocks + b]);
-            const uint8_t *qb = q + r * (cols / 2) + b * 16;
-            float *wb = w + r * cols + b * 32;
-            for (int j = 0; j < 16; j++) {
-                float product = (float)(qb[j] & 15) * s;
-                wb[j] = product + o;
-                product = (float)(qb[j] >> 4) * s;
-                wb[j + 16] = product + o;
-            }
-        }
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (cols / 2);
+        for (int64_t b = 0; b < blocks; b++)
+            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, half_to_float(scale[r * blocks + b]),
+                         half_to_float(offset[r * blocks + b]));
+    }
 }
