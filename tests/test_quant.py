@@ -365,3 +365,20 @@ def test_the_default_models_older_int8_file_is_repacked_once_with_the_same_numbe
     expected = loaded.model.state_dict()
     assert all(torch.equal(t, expected[name]) for name, t in again.model.state_dict().items())
     assert model_module._has_nibbles(directory / PACKED_WEIGHTS)
+
+
+def test_a_4_bit_embedding_table_looks_up_and_projects_the_float_rows(kernel):
+    torch.manual_seed(2)
+    embedding = torch.nn.Embedding(40, 2 * quant.BLOCK)
+    head = torch.nn.Linear(2 * quant.BLOCK, 40, bias=False)
+    with torch.no_grad():
+        embedding.weight.copy_(through_gguf(embedding.weight, "Q4_1"))
+    head.weight = embedding.weight  # tied, as the default model's are
+    expected = embedding.weight.detach().clone()
+    model = torch.nn.Sequential(embedding, head)
+    assert quant.pack_model(model).exact and quant.forms(model) == "4-bit"
+    assert model[0].q is model[1].q  # packed once
+    ids = torch.tensor([[0, 7, 39, 7]])
+    with torch.no_grad():
+        assert torch.equal(model[0](ids), expected[ids])
+        torch.testing.assert_close(model(ids[:, :1]), expected[ids[:, :1]] @ expected.T, rtol=1e-5, atol=1e-5)
