@@ -78,25 +78,18 @@ static float shift_of(const float *offset, const uint16_t *offset16, const float
 #endif
 
 /* One row's sum_b scale[b] * dot_b, with the block dot products in two accumulators (even and odd blocks) so
- * that consecutive blocks do not wait for each other. WEIGHTS(i, lo, hi) yields block i's 32 weights as floats. */
+ * that consecutive blocks do not wait for each other. WEIGHTS(b, ...) yields block b's 32 weights as floats,
+ * BLOCK_INTO adds scale[b] * dot_b into a vector of lanes, and sum_lanes adds a vector's lanes up. */
 #if defined(__AVX512F__)
+typedef __m512 lanes_t;
+#define ZERO_LANES _mm512_setzero_ps
+#define ADD_LANES _mm512_add_ps
+static inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
 #define BLOCK_INTO(acc, b, WEIGHTS, SCALE) do { \
         __m512 w0, w1; \
         WEIGHTS(b, w0, w1); \
         __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xv + (b) * 32), w0, _mm512_mul_ps(_mm512_loadu_ps(xv + (b) * 32 + 16), w1)); \
         acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(SCALE(b)), acc); \
-    } while (0)
-#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
-        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps(); \
-        int64_t b = 0; \
-        for (; b + 1 < blocks; b += 2) { \
-            if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
-            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
-            BLOCK_INTO(even, b, WEIGHTS, SCALE); \
-            BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
-        } \
-        if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
-        y[v * rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) + shift; \
     } while (0)
 #define INT8_WEIGHTS(b, w0, w1) do { \
         w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 32)))); \
@@ -108,6 +101,15 @@ static float shift_of(const float *offset, const uint16_t *offset16, const float
         w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)); \
     } while (0)
 #elif VECTORS
+typedef __m256 lanes_t;
+#define ZERO_LANES _mm256_setzero_ps
+#define ADD_LANES _mm256_add_ps
+static inline float sum_lanes(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
+    return _mm_cvtss_f32(half);
+}
 #define BLOCK_INTO(acc, b, WEIGHTS, SCALE) do { \
         __m256 w[4]; \
         WEIGHTS(b, w); \
@@ -115,22 +117,6 @@ static float shift_of(const float *offset, const uint16_t *offset16, const float
         __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(xb), w[0]); \
         for (int k = 1; k < 4; k++) dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * k), w[k], dot); \
         acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(SCALE(b)), acc); \
-    } while (0)
-#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
-        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps(); \
-        int64_t b = 0; \
-        for (; b + 1 < blocks; b += 2) { \
-            if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
-            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
-            BLOCK_INTO(even, b, WEIGHTS, SCALE); \
-            BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
-        } \
-        if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
-        __m256 both = _mm256_add_ps(even, odd); \
-        __m128 half = _mm_add_ps(_mm256_castps256_ps128(both), _mm256_extractf128_ps(both, 1)); \
-        half = _mm_add_ps(half, _mm_movehl_ps(half, half)); \
-        half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1)); \
-        y[v * rows + r] = _mm_cvtss_f32(half) + shift; \
     } while (0)
 #define INT8_WEIGHTS(b, w) do { \
         for (int k = 0; k < 4; k++) \
@@ -143,6 +129,21 @@ static float shift_of(const float *offset, const uint16_t *offset16, const float
         w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(n1, _mm256_set1_epi32(15))); \
         w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(n0, 4)); \
         w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(n1, 4)); \
+    } while (0)
+#endif
+
+#if VECTORS
+#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
+        lanes_t even = ZERO_LANES(), odd = ZERO_LANES(); \
+        int64_t b = 0; \
+        for (; b + 1 < blocks; b += 2) { \
+            if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
+            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
+            BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+            BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
+        } \
+        if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
+        y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
     } while (0)
 #else
 #define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
