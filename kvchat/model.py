@@ -125,12 +125,12 @@ def pack_directory(directory: Path) -> bool:
     for name, tensor in load_file(str(files[0])).items():
         if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
                 and tensor.shape[1] % quant.BLOCK == 0:
-            q, scale, offset, missing = quant.pack(tensor, allow_approximate=False)
-            if missing:
+            packed[name[: -len(".weight")]] = entry = quant.pack(tensor, allow_approximate=False)
+            if entry[3]:
                 return False
-            packed[name[: -len(".weight")]] = (*(quant.narrow(q, scale, offset) or (q, scale, offset)), 0)
         else:
             others[name] = tensor
+    quant.narrow_all(packed)
     if not quant.write_packing(directory / PACKED_WEIGHTS, packed, others):
         return False
     files[0].unlink()  # (a crash before this leaves both files: the float32 one is loaded, as before)
@@ -193,12 +193,7 @@ def narrow_directory(directory: Path) -> bool:
         packed, others = quant.read_packing(path)
     except (OSError, KeyError, ValueError, TypeError, SafetensorError):
         return False  # (reported where it is loaded)
-    narrowed = False
-    for key, (q, scale, offset, missing) in packed.items():
-        nibbles = quant.narrow(q, scale, offset)
-        if nibbles is not None:
-            packed[key], narrowed = (*nibbles, missing), True
-    return narrowed and quant.write_packing(path, packed, others)
+    return quant.narrow_all(packed) and quant.write_packing(path, packed, others)
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]  # what a chat needs

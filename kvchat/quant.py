@@ -104,6 +104,16 @@ def narrow(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[
     return nibbles, scale16, offset16
 
 
+def narrow_all(packed: "Packed") -> bool:
+    """Put every entry of `packed` that has a 4-bit form (see `narrow`) in it, in place; whether any was."""
+    narrowed = False
+    for key, (q, scale, offset, missing) in packed.items():
+        nibbles = narrow(q, scale, offset)
+        if nibbles is not None:
+            packed[key], narrowed = (*nibbles, missing), True
+    return narrowed
+
+
 def is_nibbles(q: torch.Tensor) -> bool:
     """Whether a packed weight's values are in the 4-bit form (see `narrow`)."""
     return q.dtype == torch.uint8
@@ -339,11 +349,8 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
     write = packed is None
     if packed is None:
         packed = {key: pack(weight, allow_approximate) for key, weight in weights.items()}
-    for key, (q, scale, offset, missing) in packed.items():
-        nibbles = narrow(q, scale, offset)
-        if nibbles is not None:
-            packed[key] = (*nibbles, missing)
-            write = True  # (a packing kept before kvchat had the 4-bit form is kept again in it)
+    if narrow_all(packed):
+        write = True  # (a packing kept before kvchat had the 4-bit form is kept again in it)
     if stored and keep and write and (allow_approximate or not any(entry[3] for entry in packed.values())):
         write_packing(stored, packed)
     for key, weight in weights.items():
