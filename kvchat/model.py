@@ -111,8 +111,9 @@ PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact bl
 def pack_directory(directory: Path) -> bool:
     """Replace the float32 weights that save_pretrained wrote in `directory` by their integer blocks (see
     `kvchat.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
-    the default model takes 105 MB on disk instead of 538, and loads as the same float32 numbers. The file is in the form `quant.pack_model`
-    keeps packings in (so packed weights are read from it as they are), plus the tensors left unpacked."""
+    the default model takes 102 MB on disk instead of 538, and loads as the same float32 numbers. The file is in
+    the form `quant.pack_model` keeps packings in (so packed weights are read from it as they are), plus the
+    tensors left unpacked."""
     from safetensors.torch import load_file
 
     from kvchat import quant
@@ -162,10 +163,10 @@ def default_model_dir(progress: Progress) -> Path:
     if not (out_dir / "config.json").is_file():
         convert_gguf(default_gguf_path(), out_dir, progress)
     elif (out_dir / "model.safetensors").is_file() and not (out_dir / PACKED_WEIGHTS).exists():
-        progress(f"packing the converted {DEFAULT_MODEL_NAME} (once: 538 MB -> 105 MB on disk)", 0, 1)
+        progress(f"packing the converted {DEFAULT_MODEL_NAME} (once: 538 MB -> 102 MB on disk)", 0, 1)
         pack_directory(out_dir)  # converted before kvchat kept it packed
     elif (out_dir / PACKED_WEIGHTS).is_file() and not _has_nibbles(out_dir / PACKED_WEIGHTS):
-        progress(f"repacking the converted {DEFAULT_MODEL_NAME} with 4-bit blocks (once: 170 MB -> 105 MB)", 0, 1)
+        progress(f"repacking the converted {DEFAULT_MODEL_NAME} with 4-bit blocks (once: 168 MB -> 102 MB)", 0, 1)
         narrow_directory(out_dir)  # packed before kvchat had the 4-bit form
     return out_dir
 
@@ -327,8 +328,8 @@ PACK_VERSION = "1"  # changes when quant.pack's output would
 
 
 def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
-    """Pack the model's weights as 4-bit and int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto', when it runs
-    on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF file does);
+    """Pack the model's weights as 4-bit and int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto',
+    when it runs on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF does);
     'full' keeps them as loaded. Sets `weight_format` and, when 'auto' keeps full weights, `weight_note`."""
     from kvchat import quant
 
