@@ -56,6 +56,9 @@ class Conversation:
     rng_seed: int | None = None
     # Sampling settings kept with the conversation (a saved session resumes with them), as plain values.
     settings: dict[str, Any] = field(default_factory=dict)
+    # Why the cache was last forgotten instead of cut (a restored checkpoint that did not hold what it should),
+    # until the next turn reports it.
+    refusal: str | None = None
 
     @classmethod
     def start(cls, system: str | None = None) -> "Conversation":
@@ -97,13 +100,13 @@ class Conversation:
         return len(self.token_ids)
 
     def check(self) -> None:
-        """Assert that the cache holds exactly `token_ids`."""
+        """Assert that the cache holds exactly `token_ids`: every token count its layers keep agrees."""
         from kvchat import kv
 
         assert not self.dirty, "a forward pass was cut short and its cache not restored"
-        if self.cache is not None and kv.tracks_length(self.cache):
-            held = kv.length(self.cache)
-            assert held == len(self.token_ids), f"cache holds {held} tokens but {len(self.token_ids)} ids are recorded"
+        if self.cache is not None:
+            wrong = kv.miscount(self.cache, len(self.token_ids))
+            assert wrong is None, wrong
 
     def drop_cache(self) -> None:
         """Forget the cache (the next turn prefills everything)."""
@@ -121,7 +124,8 @@ class Conversation:
         """
         from kvchat import kv
 
-        if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache):
+        if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache) or \
+                kv.unsupported(self.cache) is not None:  # (such a cache is never cut back: no use for a snapshot)
             return
         n = len(self.token_ids)
         same = next((c for c in self.checkpoints if c.tokens == n), None)
@@ -140,7 +144,8 @@ class Conversation:
 
         Attention layers are cut at `n`. A cache with recurrent state goes back to its latest checkpoint
         at or before `n` (its state cannot be cut). With no such point, or layers kvchat does not know,
-        the cache is forgotten and 0 is returned.
+        the cache is forgotten and 0 is returned; so it is when the cut cache's token counts do not all come
+        to the kept length (`refusal` then says why).
         """
         from kvchat import kv
 
@@ -155,13 +160,18 @@ class Conversation:
                 self.drop_cache()
                 return 0
             point = usable[-1]
-            kv.import_state(self.cache, point.state, point.tokens)
+            kv.import_state(self.cache, point.state)
             n = point.tokens
             self.checkpoints = [c for c in self.checkpoints if c.tokens <= n]
             if point.logits is not None:
                 self.prompt_logits = (n, point.logits)
         self.dirty = False
         self.truncate(n)
+        wrong = kv.miscount(self.cache, n)
+        if wrong is not None:  # never continue from a cache that is not what the tokens say
+            self.drop_cache()
+            self.refusal = wrong
+            return 0
         return n
 
     def truncate(self, n: int) -> None:

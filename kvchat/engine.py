@@ -123,6 +123,7 @@ class Engine:
         self.prefix_source = prefix_source
         self.stop_ids = stop_token_ids(loaded)
         self._cache_kwarg = kv.cache_kwarg(self.model)
+        self._takes_positions = kv.takes_positions(self.model)
         self.stepwise = kv.stepwise_continuation(self.model)
         self.window_cache = window_cache  # how sliding-window layers are kept (kv.WINDOWS_FULL or WINDOWS_ONLY)
         self.renderer = Renderer(self.tokenizer)
@@ -153,8 +154,14 @@ class Engine:
     # -- model calls -------------------------------------------------------------------------
 
     def _forward(self, conv: Conversation, ids: torch.Tensor) -> torch.Tensor:
-        """Run `ids` [1, n] through the model on top of the cache; return the last position's logits [vocab]."""
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: conv.cache})
+        """Run `ids` [1, n] through the model on top of the cache; return the last position's logits [vocab].
+
+        Their positions are given (the tokens held, on): some models count from 0 on every pass otherwise (Bamba).
+        """
+        start = len(conv.token_ids)
+        positions = {"position_ids": torch.arange(start, start + ids.shape[1], device=self.device)[None]} \
+            if self._takes_positions else {}
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **positions, **{self._cache_kwarg: conv.cache})
         return out.logits[0, -1]
 
     def _feed(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
@@ -210,6 +217,8 @@ class Engine:
         Returns how many tokens are kept, why reuse was refused when it was, and how many came from disk.
         """
         fallback, loaded = None, 0
+        if conv.refusal is not None:  # an earlier cut (an /undo) found the cache wrong and forgot it
+            fallback, conv.refusal = f"{conv.refusal}; prefilling all", None
         shared = common_prefix(conv.token_ids, target) if self.reuse else 0
         if shared == len(target) and conv.prompt_logits is not None and conv.prompt_logits[0] == len(target):
             keep = shared  # the whole prompt is cached and so are its next-token logits (a retry)
@@ -219,8 +228,8 @@ class Engine:
             reason = kv.unsupported(conv.cache)
             kept = conv.cut_to(keep)
             if kept == 0 and keep > 0:
-                fallback = (f"{reason}; prefilling all" if reason else
-                            f"no recurrent-state checkpoint at or before token {keep}; prefilling all")
+                reason = reason or conv.refusal or f"no recurrent-state checkpoint at or before token {keep}"
+                fallback, conv.refusal = f"{reason}; prefilling all", None
             keep = kept
         if keep == 0 and self.reuse and self.prefix_source is not None:
             found = self.prefix_source(target)
@@ -264,7 +273,7 @@ class Engine:
 
     def _restore_invariant(self, conv: Conversation) -> None:
         """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
-        if conv.cache is not None and (conv.dirty or set(kv.layer_lengths(conv.cache)) - {len(conv.token_ids)}):
+        if conv.cache is not None and (conv.dirty or kv.miscount(conv.cache, len(conv.token_ids))):
             conv.cut_to(len(conv.token_ids))
         conv.dirty = False
         conv.check()

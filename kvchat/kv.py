@@ -8,7 +8,9 @@ and a layer type it does not know answers no to everything (the turn then prefil
   Sliding-window and chunked layers are kept whole by default (WINDOWS_FULL): the attention mask applies
   the window, so they can be cut and saved like full attention (at the memory cost of full attention).
 - state: a fixed-size conv/recurrent state (Mamba, linear attention, short convolutions) that cannot be
-  cut back; it is snapshotted, and a snapshot restored, at the positions a chat returns to.
+  cut back; it is snapshotted, and a snapshot restored, at the positions a chat returns to. A snapshot holds
+  everything the layer keeps (found by asking the layer: its tensors, counters and flags, see `state_items`);
+  a layer keeping anything kvchat cannot copy exactly is refused.
 - window: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
   layer) and is handled like a state: snapshotted and restored, never cut.
 - attention+state: both in one layer (Falcon-H1).
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
@@ -265,6 +267,11 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def takes_positions(model: Any) -> bool:
+    """Whether the model's forward takes `position_ids`."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def stepwise_continuation(model: Any) -> bool:
     """Whether tokens fed on top of a recurrent state must go one at a time to stay exact."""
     config = model.config.get_text_config(decoder=True)
@@ -272,29 +279,87 @@ def stepwise_continuation(model: Any) -> bool:
 
 
 def unsupported(cache: Cache) -> str | None:
-    """Why this cache cannot be cut, snapshotted or saved exactly, or None when every layer is known."""
+    """Why this cache cannot be cut, snapshotted or saved exactly, or None when every layer is known and holds
+    nothing kvchat cannot copy."""
     for i, layer in enumerate(cache.layers):
         if kind(layer) is None:
             return f"layer {i} keeps its cache in a {type(layer).__name__}, which kvchat cannot cut or save exactly"
         if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
             return f"layer {i} keeps indexer positions, which kvchat cannot cut or save exactly"
+        if _has_state(layer) and (unknown := _uncopyable(layer)) is not None:
+            return f"layer {i} keeps {unknown}, which kvchat cannot snapshot or save exactly"
     return None
 
 
-def _counts_tokens(layer: Any) -> bool:
-    return kind(layer) in (ATTENTION, BOTH, WINDOW)
+# A state layer's snapshot is everything the layer object holds (its attributes, asked of the layer itself, so that a
+# counter added by a transformers upgrade is copied too), except these:
+_PLACEMENT = frozenset({"device", "dtype"})  # where it lives: a restore sets them from where it puts the state
+_MADE_WITH = frozenset({"number_of_states", "sliding_window"})  # from the model's config: the restored layer's own
+_ATTENTION_PART = frozenset({"keys", "values", "is_initialized"})  # an attention+state layer's KV: cut and saved
+                                                                 # per token, like an attention layer's
 
 
-def _layer_length(layer: Any) -> int:
-    """Tokens a layer has taken in (a window layer's count goes on past its window)."""
-    if not _counts_tokens(layer) or not getattr(layer, "is_initialized", False):
-        return 0
-    return layer.get_seq_length()
+def _state_attributes(layer: Any) -> list[tuple[str, Any]]:
+    skip = _PLACEMENT | _MADE_WITH | (_ATTENTION_PART if kind(layer) == BOTH else frozenset())
+    return [(name, value) for name, value in vars(layer).items() if name not in skip]
 
 
-def tracks_length(cache: Cache) -> bool:
-    """Whether some layer counts the tokens it took in, so that the cache itself knows how many it holds."""
-    return any(_counts_tokens(layer) for layer in cache.layers)
+def _entries(name: str, value: Any) -> list[tuple[str, Any, Any]]:
+    """(entry name, dict key or None, value) of one attribute: a dict by state index gives one entry per index."""
+    if isinstance(value, dict):
+        return [(f"{name}.{key}", key, item) for key, item in value.items()]
+    return [(name, None, value)]
+
+
+def _copyable(key: Any, value: Any) -> bool:
+    """Tensors, counts and flags (or nothing), in dicts keyed by state index: what a snapshot copies exactly."""
+    return (key is None or type(key) is int) and (value is None or isinstance(value, (torch.Tensor, bool, int)))
+
+
+def _uncopyable(layer: Any) -> str | None:
+    for name, value in _state_attributes(layer):
+        for entry, key, item in _entries(name, value):
+            if not _copyable(key, item):
+                return f"'{entry}' (a {type(item).__name__})"
+    return None
+
+
+def state_items(layer: Any) -> list[tuple[str, torch.Tensor | int | bool]]:
+    """Everything a state or window layer holds, as (name, value): each attribute ('cumulative_length_linear'),
+    or entry of a dict by state index ('conv_states.0'). Empty (None) entries are left out."""
+    return [(entry, item) for name, value in _state_attributes(layer) for entry, key, item in _entries(name, value)
+            if item is not None and _copyable(key, item)]
+
+
+def _layer_counts(layer: Any) -> list[int]:
+    """The token counts one layer keeps (none for a layer that holds nothing)."""
+    found = []
+    if kind(layer) in (ATTENTION, BOTH):  # its keys (an attention+state layer reads its length from them)
+        found.append(DynamicLayer.get_seq_length(layer))
+        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
+            found.append(layer.indexer_keys.shape[1])
+    if kind(layer) in (STATE, BOTH):  # the tokens its conv/recurrent state has taken in
+        found.append(LinearAttentionLayer.get_seq_length(layer))
+    if kind(layer) == WINDOW:  # the tokens it has taken in (its window holds the last of them)
+        found.append(layer.get_seq_length())
+    return [int(count) for count in found]
+
+
+def counts(cache: Cache) -> list[tuple[int, int]]:
+    """Every token count the cache's layers keep, as (layer index, count)."""
+    return [(i, count) for i, layer in enumerate(cache.layers) for count in _layer_counts(layer)]
+
+
+def miscount(cache: Cache, n: int) -> str | None:
+    """Why the cache cannot be taken to hold exactly `n` tokens: some layer, or the cache as transformers reads it
+    (the positions and masks of the next forward pass come from `get_seq_length()`), counts another number.
+    None when every count is `n`."""
+    for i, count in counts(cache):
+        if count != n:
+            return f"layer {i} of the cache counts {count} tokens where {n} are held"
+    if cache.layers and kind(cache.layers[0]) != NONE and int(cache.get_seq_length()) != n:
+        return f"the cache reports {int(cache.get_seq_length())} tokens where {n} are held"
+    return None
 
 
 def has_state(cache: Cache) -> bool:
@@ -303,13 +368,8 @@ def has_state(cache: Cache) -> bool:
 
 
 def length(cache: Cache) -> int:
-    """Tokens the attention layers hold (0 for a cache of recurrent state only; the conversation counts those)."""
-    return max((_layer_length(layer) for layer in cache.layers), default=0)
-
-
-def layer_lengths(cache: Cache) -> list[int]:
-    """Tokens taken in by each attention layer; they differ only while a forward pass is cut short."""
-    return [_layer_length(layer) for layer in cache.layers if _counts_tokens(layer)]
+    """Tokens the cache's layers have taken in (the most any layer counts; see `miscount` for whether they agree)."""
+    return max((count for _, count in counts(cache)), default=0)
 
 
 def truncate(cache: Cache, n: int) -> None:
@@ -317,19 +377,19 @@ def truncate(cache: Cache, n: int) -> None:
     business: restored from a checkpoint)."""
     assert unsupported(cache) is None, "truncate() called on a cache with layers kvchat does not know"
     for layer in cache.layers:
-        extra = (_layer_length(layer) if _has_kv(layer) else 0) - n
+        extra = (DynamicLayer.get_seq_length(layer) if _has_kv(layer) else 0) - n
         if extra > 0:
             DynamicLayer.crop(layer, -extra) if type(layer) is LinearAttentionAndFullAttentionLayer \
                 else layer.crop(-extra)
 
 
 def nbytes(cache: Cache) -> int:
-    """Bytes held by all key/value tensors and recurrent states of the cache."""
+    """Bytes held by all tensors of the cache: key/value (and indexer) tensors, states, windows and counters."""
     total = 0
     for layer in cache.layers:
-        tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")]
-        if kind(layer) in (STATE, BOTH):
-            tensors += list(layer.conv_states.values()) + list(layer.recurrent_states.values())
+        tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")] if _has_kv(layer) else []
+        if _has_state(layer):
+            tensors += [value for _, value in state_items(layer)]
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     return total
 
@@ -364,69 +424,60 @@ def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]
     return tensors
 
 
-def export_state(cache: Cache, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor]:
-    """Copies of every conv/recurrent state, named 'L.conv.S' / 'L.recurrent.S' (shapes as the layer keeps them),
-    and of window-only layers' tokens ('L.window_keys' / 'L.window_values').
+def export_state(cache: Cache, device: torch.device | str | None = "cpu") -> dict[str, torch.Tensor | int | bool]:
+    """A snapshot of every state and window layer: 'L.NAME' -> each of `state_items` (tensors copied, counts and
+    flags as they are), e.g. '3.conv_states.0', '3.cumulative_length_linear', or a window-only layer's '2.keys'.
 
     `device=None` keeps each copy where it is (an in-memory snapshot); "cpu" is for saving.
     """
-    tensors = {}
+    snapshot: dict[str, torch.Tensor | int | bool] = {}
     for i, layer in enumerate(cache.layers):
-        if not _has_state(layer):
-            continue
-        if kind(layer) == WINDOW:  # its last window-1 tokens, [1, kv_heads, m, head_dim]
-            if layer.is_initialized and layer.keys.numel():
-                for part, tensor in (("window_keys", layer.keys), ("window_values", layer.values)):
-                    copy = tensor.detach().clone() if device is None else tensor.detach().to(device, copy=True)
-                    tensors[f"{i}.{part}"] = copy.contiguous()
-            continue
-        for s in range(layer.number_of_states):
-            if not layer.has_previous_state[s]:
-                continue
-            for part, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
-                if states[s] is not None:
-                    copy = states[s].detach().clone() if device is None else states[s].detach().to(device, copy=True)
-                    tensors[f"{i}.{part}.{s}"] = copy.contiguous()
-    return tensors
+        if _has_state(layer):
+            for name, value in state_items(layer):
+                snapshot[f"{i}.{name}"] = _copy(value, device)
+    return snapshot
 
 
-def import_state(cache: Cache, tensors: dict[str, torch.Tensor], tokens: int,
+def _copy(value: Any, device: torch.device | str | None) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return (value.detach().clone() if device is None else value.detach().to(device, copy=True)).contiguous()
+
+
+def import_state(cache: Cache, snapshot: dict[str, torch.Tensor | int | bool],
                  devices: list[torch.device] | None = None) -> None:
-    """Put states from `export_state`, taken after `tokens` tokens, back into the cache's state and window layers
-    (copied; `tensors` stay usable).
+    """Make every state and window layer hold exactly what `snapshot` (from `export_state`) says, each layer on
+    `devices[i]` when given (else where it is); the snapshot is copied and stays usable.
 
-    Any state the snapshot does not hold is cleared, so the layer is exactly as it was when snapshotted.
+    What the layer holds and the snapshot does not is cleared, so the layer is as it was when snapshotted: its
+    states, flags and token counts alike.
     """
     for i, layer in enumerate(cache.layers):
         if not _has_state(layer):
             continue
-        device = devices[i] if devices and i < len(devices) else None
-        if kind(layer) == WINDOW:
-            keys, values = tensors.get(f"{i}.window_keys"), tensors.get(f"{i}.window_values")
-            if keys is None or values is None:
-                layer.reset()
-                continue
-            target = device or (layer.keys.device if layer.is_initialized else keys.device)
-            layer.lazy_initialization(keys.to(target), values.to(target))
-            layer.keys, layer.values = keys.to(target, copy=True), values.to(target, copy=True)
-            layer.cumulative_length = tokens
-            continue
-        for s in range(layer.number_of_states):
-            held = False
-            for part, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
-                saved = tensors.get(f"{i}.{part}.{s}")
-                if saved is None:
-                    continue
-                held = True
-                target = device or (states[s].device if states[s] is not None else saved.device)
-                states[s] = saved.to(target, copy=True)
-                if part == "conv":
-                    layer.conv_kernel_size[s] = saved.shape[-1]
-                    layer.is_conv_states_initialized[s] = True
-                else:
-                    layer.is_recurrent_states_initialized[s] = True
-                layer.device, layer.dtype = target, saved.dtype
-            layer.has_previous_state[s] = held
+        mine = {name.split(".", 1)[1]: value for name, value in snapshot.items() if name.split(".", 1)[0] == str(i)}
+        tensors = [value for value in mine.values() if isinstance(value, torch.Tensor)]
+        target = (devices[i] if devices and i < len(devices) else None) or getattr(layer, "device", None) or \
+            (tensors[0].device if tensors else None)
+        for name, value in _state_attributes(layer):  # clear
+            if isinstance(value, dict):
+                value.update(dict.fromkeys(value))
+            else:
+                setattr(layer, name, None)
+        for entry, value in mine.items():
+            name, _, key = entry.partition(".")
+            value = value.to(target, copy=True) if isinstance(value, torch.Tensor) else value
+            if key:
+                if not isinstance(getattr(layer, name, None), dict):
+                    setattr(layer, name, {})
+                getattr(layer, name)[int(key)] = value
+            else:
+                setattr(layer, name, value)
+        if tensors:  # (a window layer gets its device when it takes its first tokens: it has taken them)
+            layer.device = target
+        floats = [t for t in tensors if t.is_floating_point()]
+        if hasattr(layer, "dtype") and floats:
+            layer.dtype = floats[0].dtype
 
 
 @dataclass
@@ -438,11 +489,12 @@ class Layout:
     """
 
     per_token: dict[str, tuple[int, ...]]  # 'L.keys' -> (kv_heads, dim): a stored piece is (kv_heads, n, dim)
-    state: dict[str, tuple[int, ...]]  # 'L.conv.S' -> the state's full shape
-    state_dtypes: dict[str, torch.dtype]
-    windows: dict[str, tuple[int, int, int]]  # 'L.window_keys' -> (kv_heads, dim, window) of a window-only layer
+    state: dict[str, tuple[int, ...]]  # 'L.conv_states.0' -> the state's full shape (() for a count or flag)
+    state_dtypes: dict[str, torch.dtype]  # (a count is stored as int64, a flag as bool)
+    windows: dict[str, tuple[int, int, int]]  # a window-only layer's 'L.keys' -> (kv_heads, dim, window)
     logits_shape: tuple[int, ...] = ()  # next-token logits [vocab], kept with a prompt's checkpoint
     logits_dtype: torch.dtype = torch.float32
+    scalars: dict[str, type] = field(default_factory=dict)  # state entries a layer keeps as Python int or bool
 
     def piece_shape(self, name: str, n: int) -> tuple[int, ...]:
         """The shape of `n` tokens of the per-token tensor `name` as exported."""
@@ -465,10 +517,20 @@ class Layout:
         return shapes
 
     def state_bytes(self, tokens: int | None = None) -> int:
-        """Bytes of a snapshot after `tokens` tokens (None: once every window is full)."""
+        """Bytes of the tensors of a snapshot after `tokens` tokens (None: once every window is full)."""
         shapes = self.state_shapes(tokens if tokens is not None else 1 << 62)
         return sum(int(torch.tensor(shape).prod()) * torch.empty((), dtype=self.state_dtypes[name]).element_size()
-                   for name, shape in shapes.items())
+                   for name, shape in shapes.items() if name not in self.scalars)
+
+    def encode_state(self, snapshot: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A snapshot (`export_state`) as CPU tensors to save: counts and flags become 0-d tensors."""
+        return {name: torch.tensor(value, dtype=self.state_dtypes[name]) if name in self.scalars else
+                value.detach().to("cpu").contiguous() for name, value in snapshot.items()}
+
+    def decode_state(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The snapshot `encode_state` saved (tensors copied to `device`, counts and flags as Python values)."""
+        return {name: self.scalars[name](tensor.item()) if name in self.scalars else tensor.to(device, copy=True)
+                for name, tensor in tensors.items()}
 
 
 class Unsupported(Exception):
@@ -510,13 +572,18 @@ def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Lay
         per_token[name] = tuple(tensor.shape[1:]) if name.endswith(".indexer_keys") else \
             (tensor.shape[0], tensor.shape[2])
     states = export_state(cache, device=None)
-    window_dims = {name: (tensor.shape[1], tensor.shape[3], cache.layers[int(name.split(".")[0])].sliding_window)
-                   for name, tensor in states.items() if ".window_" in name}
+    window_dims = {}
+    for name, value in states.items():
+        layer = cache.layers[int(name.split(".")[0])]
+        if kind(layer) == WINDOW and name.split(".", 1)[1] in ("keys", "values"):  # [1, kv_heads, m, dim]
+            window_dims[name] = (value.shape[1], value.shape[3], layer.sliding_window)
+    scalars = {name: type(value) for name, value in states.items() if not isinstance(value, torch.Tensor)}
     return Layout(per_token=per_token, windows=window_dims,
-                  state={k: tuple(v.shape) for k, v in states.items() if k not in window_dims},
-                  state_dtypes={k: v.dtype for k, v in states.items()},
+                  state={k: tuple(getattr(v, "shape", ())) for k, v in states.items() if k not in window_dims},
+                  state_dtypes={k: torch.bool if v is bool else torch.int64 for k, v in scalars.items()} |
+                  {k: v.dtype for k, v in states.items() if k not in scalars},
                   logits_shape=tuple(logits.shape),
-                  logits_dtype=logits.dtype)
+                  logits_dtype=logits.dtype, scalars=scalars)
 
 
 def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
@@ -528,10 +595,10 @@ def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
 
 
 def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device,
-            state: dict[str, torch.Tensor] | None = None, tokens: int = 0, windows: str = WINDOWS_FULL) -> Cache:
-    """A cache for `model` holding the concatenation of exported `pieces` (in order) and the exported `state`
-    (taken after `tokens` tokens), each layer on its device. Each layer's pieces are copied once, straight into
-    a buffer with room to grow.
+            state: dict[str, Any] | None = None, windows: str = WINDOWS_FULL) -> Cache:
+    """A cache for `model` holding the concatenation of exported `pieces` (in order) and the snapshot `state`
+    (`export_state`), each layer on its device. Each layer's pieces are copied once, straight into a buffer with
+    room to grow. Whether the result holds what it should is the caller's to check (`miscount`).
     """
     cache = new_cache(model, windows)
     devices = _layer_devices(model, device)
@@ -550,7 +617,7 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
         if isinstance(layer, DynamicIndexedLayer) and f"{i}.indexer_keys" in pieces[0]:
             layer.update_indexer(torch.cat([p[f"{i}.indexer_keys"] for p in pieces], dim=0).unsqueeze(0).to(target))
     if state:
-        import_state(cache, state, tokens, devices)
+        import_state(cache, state, devices)
     for gpu in {target for target in [*devices, device] if target.type == "cuda"} if pinned else ():
         torch.cuda.synchronize(gpu)  # the asynchronous copies have read their staging buffers
     return cache

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = 1
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # names in torch
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",  # names in torch
+           "I64": "int64", "BOOL": "bool"}  # (a recurrent state's token counts and flags)
 
 
 class DamagedKV(Exception):

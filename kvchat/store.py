@@ -159,9 +159,12 @@ class Store:
         """Attach the engine (model) whose KV this store reads and writes.
 
         Window-only sliding layers store other tensors than whole ones: a model run that way is another model.
+        A model with state layers stores whole snapshots (counts and flags too), which older saves lack.
         """
         if engine.layout.windows:
             fingerprint = f"{fingerprint}+windows"
+        if engine.layout.has_state:
+            fingerprint = f"{fingerprint}+whole-state"
         self.engine, self.fingerprint = engine, fingerprint
         return self
 
@@ -221,7 +224,7 @@ class Store:
         key = chunk_key(self.fingerprint, ids)
         path = self._state_path(key, owner)
         if not path.exists() and not (owner and _link_twin(path, key)):
-            tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+            tensors = self.engine.layout.encode_state(state)
             if logits is not None:
                 tensors["logits"] = logits.detach().to("cpu").contiguous()
             data = kvfile.encode(tensors, {**self._kv_meta(key, 0, len(ids)), "kind": "state"})
@@ -229,8 +232,9 @@ class Store:
         return {"tokens": len(ids), "key": key}
 
     def _read_state(self, ids: list[int], entry: dict[str, Any],
-                    owner: str | None = None) -> tuple[dict[str, torch.Tensor], Any]:
-        """The state (and logits, or None) an entry of `_write_state` names, checked against `ids`; raises DamagedKV."""
+                    owner: str | None = None) -> tuple[dict[str, Any], Any]:
+        """The state snapshot (and logits, or None) an entry of `_write_state` names, checked against `ids` and
+        copied to the engine's device; raises DamagedKV."""
         key = chunk_key(self.fingerprint, ids)
         if entry.get("key") != key or entry.get("tokens") != len(ids):
             raise DamagedKV("a state entry does not match the token ids")
@@ -240,7 +244,8 @@ class Store:
         tensors = kvfile.read(self._state_path(key, owner), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
                               shapes, dtypes, optional=frozenset({"logits"}))
         logits = tensors.pop("logits", None)
-        return tensors, logits
+        device = self.engine.device
+        return layout.decode_state(tensors, device), None if logits is None else logits.to(device, copy=True)
 
     def _chunk_path(self, key: str) -> Path:
         return self.chunks / f"{key}.safetensors"
@@ -340,10 +345,12 @@ class Store:
                     state, _ = self._read_state(ids[:length], stored)
             except DamagedKV:
                 continue  # never used; a shorter candidate may still be intact
+            cache = kv.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
+            if kv.miscount(cache, length) is not None:
+                continue  # not what its tokens say: never used
             if entry is not None:
                 self._touch(*entry)
-            return length, kv.restore(self.engine.model, pieces, self.engine.device, state, length,
-                                      self.engine.window_cache)
+            return length, cache
         return None
 
     @staticmethod
@@ -490,8 +497,12 @@ class Store:
         except DamagedKV as exc:
             return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
                           existed=True)
-        conv.cache = kv.restore(self.engine.model, pieces, self.engine.device, state, len(ids),
-                                self.engine.window_cache)
+        cache = kv.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
+        wrong = kv.miscount(cache, len(ids))
+        if wrong is not None:
+            return Opened(conv, f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text",
+                          existed=True)
+        conv.cache = cache
         conv.token_ids = list(ids)
         conv.restored = len(ids)
         for entry in entries:  # earlier checkpoints: /undo and /retry come back to them
@@ -502,9 +513,7 @@ class Store:
                 saved, logits = self._read_state(ids[:n], entry, name)
             except DamagedKV:
                 continue  # a lost checkpoint costs a longer prefill later, never a wrong one
-            conv.checkpoints.append(Checkpoint(n, {k: t.to(self.engine.device, copy=True) for k, t in saved.items()},
-                                               None if logits is None else logits.to(self.engine.device, copy=True),
-                                               pinned=entry.get("pinned") is True))
+            conv.checkpoints.append(Checkpoint(n, saved, logits, pinned=entry.get("pinned") is True))
         conv.checkpoints.sort(key=lambda c: c.tokens)
         with_logits = [c for c in conv.checkpoints if c.logits is not None]
         if with_logits:  # the last prompt's next-token logits: a /retry right after resuming prefills nothing

@@ -44,6 +44,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mamba": ("mamba", dict(state_size=16, expand=2)),
     "jamba": ("jamba", dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                             num_experts=2, mamba_d_state=16, mamba_expand=2)),
+    "bailing-hybrid": ("bailing_hybrid", dict(layer_types=["linear_attention"] * 3 + ["full_attention"], num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                                              n_group=1, topk_group=1, short_conv_kernel_size=4, num_mtp_layers=0,
+                                              **{**_LATENT, "head_dim": 16})),  # (the linear layers' head size)
+    "bamba": ("bamba", dict(attn_layer_indices=[2], mamba_d_conv=4, mamba_chunk_size=16, **_MAMBA2_HEADS)),
     "deepseek-v3": ("deepseek_v3", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         first_k_dense_replace=1, n_group=1, topk_group=1, **_LATENT)),
     # index_topk covers the whole context: a top-k chosen from float32 scores flips on rounding noise (a prefix

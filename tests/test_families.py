@@ -8,11 +8,13 @@ sparse-attention indexers. Every reply is checked against a cache-free greedy ru
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from kvchat import kv, memory
+from kvchat import kv, kvfile, memory
 from kvchat.cli import main
 from kvchat.config import Sampling
 from kvchat.conversation import MAX_CHECKPOINTS, Conversation
@@ -21,6 +23,7 @@ from kvchat.errors import KvchatError
 from kvchat.model import fingerprint
 from kvchat.store import Persister, Store
 import bound
+from exact import differences, fresh_cache, next_logits, relative
 from families import FAMILIES, REFUSED, SLIDING, make_family, window_cache
 from reference import greedy_without_cache
 
@@ -112,6 +115,160 @@ def test_multi_turn_reuse_resume_undo_retry_are_exact(family, tmp_path):
     resumed.messages[3]["content"] = "Edited."
     stats = send(engine2, resumed, MESSAGES[0])
     assert 0 < stats.reused <= len(engine2.render(resumed.messages[:3]))
+
+
+# A template that writes a space before the reply and trims it from past replies (as Qwen3-Next's drops a
+# reply's leading space): the rendering of every past reply parts from the cached tokens at its start, so every
+# turn cuts the cache back to a checkpoint.
+SPACE_TRIMMING_CHATML = (
+    "{% for message in messages %}"
+    "{% set content = message['content'] %}"
+    "{% if message['role'] == 'assistant' %}{% set content = content | trim %}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n ' }}{% endif %}"
+)
+
+# Families whose recurrence transformers computes in float32 even in a float64 model (the Mamba2 scan, the gated
+# delta rule, KDA): their recurrent states agree with a fresh prefill to float32's floor, not float64's.
+FLOAT32_RECURRENCE = {"qwen3.5", "qwen3-next", "granite-hybrid", "falcon-h1", "nemotron-h", "mamba2", "bamba",
+                      "bailing-hybrid"}
+
+
+def assert_holds_its_tokens(engine, conv, when):
+    """Every tensor and every count of every cache layer equals a fresh prefill of the token ids the conversation
+    says it holds (relative difference below 1e-6 in float64, 1e-5 for a float32 recurrence), and the next forward
+    pass gives the same logits."""
+    assert conv.cache is not None, f"{when}: the cache was dropped"
+    conv.check()
+    ids, family = conv.token_ids, engine.loaded.name.removeprefix("tiny-").split(":")[0]
+    assert int(conv.cache.get_seq_length()) == len(ids), f"{when}: get_seq_length() is not the tokens held"
+    fresh = fresh_cache(engine, ids)
+    for i, (mine, want) in enumerate(zip(conv.cache.layers, fresh.layers, strict=True)):
+        assert type(mine) is type(want), f"{when}: layer {i} is a {type(mine).__name__}"
+        for name, size in differences(mine, want):
+            floor = 1e-5 if family in FLOAT32_RECURRENCE and name.startswith("recurrent_states") else 1e-6
+            assert size < floor, f"{when}: layer {i} {name} differs from a fresh prefill by {size:.2g}"
+    logits = relative(next_logits(engine, conv.cache, len(ids), 5), next_logits(engine, fresh, len(ids), 5))
+    assert logits < 1e-6, f"{when}: the next logits differ from a fresh prefill's by {logits:.2g}"
+
+
+def test_the_cache_is_a_fresh_prefill_after_every_cut_undo_retry_drop_and_resume(family, tmp_path, monkeypatch):
+    """Regression (issue 19): a restored checkpoint left a linear-attention layer's token count where the cut
+    began, so Qwen3-Next's positions ran ahead by the cut's length, and a resumed Qwen3.5 counted from 0."""
+    monkeypatch.setattr(family.tokenizer, "chat_template", SPACE_TRIMMING_CHATML)
+    engine, store = engine_with_store(family, tmp_path)
+    persister = Persister(store, session="chat")
+    conv = Conversation.start(SYSTEM)
+    for turn, text in enumerate(MESSAGES[:3]):
+        before = list(conv.token_ids)
+        stats = send(engine, conv, text)
+        assert not turn or stats.reused < len(before), "the template did not make the turn cut the cache"
+        assert_holds_its_tokens(engine, conv, f"turn {turn + 1}")
+        persister.after_turn(conv)
+    engine.trim(conv)  # the cut the next turn makes, on its own
+    assert len(conv.token_ids) < len(before) + stats.prefilled + stats.generated
+    assert_holds_its_tokens(engine, conv, "a cut back to a checkpoint")
+    retry = [e for e in engine.retry(conv, GREEDY) if isinstance(e, TurnEnd)][0]
+    assert retry.stats.fallback is None
+    assert_holds_its_tokens(engine, conv, "/retry")
+    engine.undo(conv)
+    assert_holds_its_tokens(engine, conv, "/undo")
+    send(engine, conv, MESSAGES[3])
+    assert_holds_its_tokens(engine, conv, "a turn after /undo")
+    persister.after_turn(conv)
+
+    store.close()  # resumed by a new engine and store, as a new process would
+    engine2, _ = engine_with_store(family, tmp_path)
+    resumed = Store(tmp_path).bind(engine2, fingerprint(family)).open_session("chat").conversation
+    assert resumed.token_ids == conv.token_ids
+    assert_holds_its_tokens(engine2, resumed, "a resume")
+    stats = send(engine2, resumed, MESSAGES[4])
+    assert stats.loaded > 0
+    assert_holds_its_tokens(engine2, resumed, "a turn after a resume")
+
+    engine3 = new_engine(family, max_context=150)  # a context drop comes back to the system prompt's checkpoint
+    conv3, drops = Conversation.start(SYSTEM), 0
+    for text in MESSAGES:
+        stats = send(engine3, conv3, text)
+        drops += stats.dropped
+        assert_holds_its_tokens(engine3, conv3, f"a turn that dropped {stats.dropped}")
+    assert drops > 0
+
+
+def first_turn_with_cuts(name, tmp_path=None):
+    """A qwen3.5-like hybrid whose template cuts every turn, after one turn (saved as session 'chat' when a store
+    directory is given)."""
+    loaded = make_family(name)
+    loaded.tokenizer.chat_template = SPACE_TRIMMING_CHATML
+    engine, store = engine_with_store(loaded, tmp_path) if tmp_path else (new_engine(loaded), None)
+    conv = Conversation.start(SYSTEM)
+    send(engine, conv, MESSAGES[0])
+    if store is not None:
+        Persister(store, session="chat").after_turn(conv)
+    return engine, store, conv
+
+
+def reply(engine, conv, text):
+    """One turn that may refuse reuse; its reply must still be a fresh prefill's. Returns the fallback."""
+    end = [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+    want = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), GREEDY.max_new_tokens, engine.stop_ids)
+    assert end.token_ids == want
+    return end.stats.fallback
+
+
+def test_a_snapshot_holds_whatever_a_state_layer_keeps():
+    """The snapshot is asked of the layer: a count it keeps that kvchat has never heard of is copied and put back."""
+    engine, _, conv = first_turn_with_cuts("qwen3.5")
+    layer = conv.cache.layers[0]
+    layer.tokens_seen_by_a_newer_transformers = 41
+    snapshot = kv.export_state(conv.cache, device=None)
+    assert snapshot["0.tokens_seen_by_a_newer_transformers"] == 41
+    assert snapshot["0.cumulative_length_linear"] == len(conv.token_ids)
+    layer.tokens_seen_by_a_newer_transformers = 99
+    layer.cumulative_length_linear = layer.cumulative_length_linear + 5
+    kv.import_state(conv.cache, snapshot)
+    assert layer.tokens_seen_by_a_newer_transformers == 41 and kv.miscount(conv.cache, len(conv.token_ids)) is None
+
+
+def test_a_state_layer_keeping_what_kvchat_cannot_copy_is_never_cut_and_the_turn_prefills_all():
+    engine, _, conv = first_turn_with_cuts("qwen3.5")
+    conv.cache.layers[1].mystery = object()
+    assert "layer 1 keeps 'mystery' (a object)" in kv.unsupported(conv.cache)
+    fallback = reply(engine, conv, MESSAGES[1])
+    assert fallback == "layer 1 keeps 'mystery' (a object), which kvchat cannot snapshot or save exactly; prefilling all"
+    assert_holds_its_tokens(engine, conv, "after the refusal")
+
+
+@pytest.mark.parametrize("name", ["qwen3-next", "falcon-h1"])
+def test_a_checkpoint_whose_token_count_disagrees_is_refused_with_the_reason(name):
+    """The invariant after every restore: a checkpoint that would leave a layer counting other tokens than the
+    conversation holds is not continued from; the turn prefills all and says why."""
+    engine, _, conv = first_turn_with_cuts(name)
+    for point in conv.checkpoints:
+        point.state["0.cumulative_length_linear"] = point.state["0.cumulative_length_linear"] + 3
+    fallback = reply(engine, conv, MESSAGES[1])
+    counted = re.fullmatch(r"layer 0 of the cache counts (\d+) tokens where (\d+) are held; prefilling all", fallback)
+    assert counted and int(counted[1]) == int(counted[2]) + 3, fallback
+    assert_holds_its_tokens(engine, conv, "after the refusal")
+
+
+def test_a_stored_state_whose_token_count_disagrees_is_rebuilt_from_the_text(tmp_path):
+    engine, store, conv = first_turn_with_cuts("qwen3.5", tmp_path)
+    store.close()
+    for path in (tmp_path / ".kv" / "states").glob("chat-*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            meta = {k: v for k, v in handle.metadata().items() if k not in ("crc32", "format")}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        tensors["0.cumulative_length_linear"] += 1
+        path.write_bytes(kvfile.encode(tensors, meta))
+    engine2, store2 = engine_with_store(engine.loaded, tmp_path)
+    opened = store2.open_session("chat")
+    assert opened.notice == (f"session 'chat': KV not usable (layer 0 of the cache counts {len(conv.token_ids) + 1} "
+                             f"tokens where {len(conv.token_ids)} are held); rebuilding its cache from the text")
+    assert opened.conversation.messages == conv.messages
+    assert reply(engine2, opened.conversation, MESSAGES[1]) is None
+    assert_holds_its_tokens(engine2, opened.conversation, "after the rebuild")
 
 
 def test_retry_right_after_a_resume_is_exact(family, tmp_path):
