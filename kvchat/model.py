@@ -389,17 +389,25 @@ def weight_files(source: str | Path, gguf_file: str | None = None) -> list[Path]
     return files or None
 
 
+# A file changed less than this before it was hashed may change again within the same timestamp tick unseen: its
+# digest is not remembered (as git treats a "racily clean" file).
+SETTLED_NS = 2_000_000_000
+
+
 def file_digest(path: Path) -> str:
-    """SHA-256 of a weight file. A Hugging Face cache blob is named by it already; others are hashed once and
-    remembered by path, size and modification time (in $KVCHAT_HOME/digests.json)."""
+    """SHA-256 of a weight file. A Hugging Face cache blob is named by it already; others are hashed and remembered
+    (in $KVCHAT_HOME/digests.json) under the file's path, device, inode, size, modification and change times, so
+    that any write to the file, or another file in its place, is hashed anew (the change time cannot be set back,
+    as the modification time can). A file changed in the last SETTLED_NS before hashing is not remembered."""
     import hashlib
     import json
+    import time
 
     real = path.resolve()
     if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
         return real.name
     info = real.stat()
-    key = f"{real}:{info.st_size}:{info.st_mtime_ns}"
+    key = f"{real}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
     memo = kvchat_home() / "digests.json"
     try:
         known = json.loads(memo.read_text(encoding="utf-8"))
@@ -408,10 +416,16 @@ def file_digest(path: Path) -> str:
         known = {}
     if isinstance(known.get(key), str):
         return known[key]
+    started = time.time_ns()
     digest = hashlib.sha256()
     with open(real, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+    after = real.stat()
+    if max(info.st_mtime_ns, info.st_ctime_ns) > started - SETTLED_NS or \
+            (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) != \
+            (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns):
+        return digest.hexdigest()  # changed lately, or while it was read: hashed again next time
     known[key] = digest.hexdigest()
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -648,6 +648,53 @@ def test_weights_the_fingerprint_sample_misses_still_make_another_model(tmp_path
     assert fingerprint(a) == fingerprint(load_model(str(dirs[0]), "cpu", "float32"))  # stable, from the memo
 
 
+def test_a_weight_file_rewritten_with_the_same_size_and_mtime_changes_the_fingerprint(tmp_path, monkeypatch):
+    """Regression (issue 19): a remembered digest was keyed by path, size and mtime, so weights updated in place
+    (mtime set back) kept the old fingerprint, and a resumed session used KV made by the old weights."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from kvchat import model as model_module
+    from kvchat.model import load_model
+
+    monkeypatch.setattr(model_module, "SETTLED_NS", 0)  # remember digests of files written a moment ago
+    path = tmp_path / "m"
+    loaded = make_loaded(torch.float32)
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    before = fingerprint(load_model(str(path), "cpu", "float32"))
+    memo = json.loads((tmp_path / "home" / "digests.json").read_text())
+    assert len(memo) == 1  # remembered: the next run does not read the weights again
+
+    weights = path / "model.safetensors"
+    info = weights.stat()
+    with safe_open(weights, "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(weights)
+    tensors["model.embed_tokens.weight"][5, 1] += 1.0
+    save_file(tensors, weights, metadata=meta)
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (info.st_size, info.st_mtime_ns)
+
+    after = fingerprint(load_model(str(path), "cpu", "float32"))
+    assert after != before
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "fresh-home"))
+    assert after == fingerprint(load_model(str(path), "cpu", "float32"))
+
+
+def test_a_weight_file_changed_a_moment_ago_is_hashed_again(tmp_path):
+    """A digest is remembered only for a file that has not changed in the last seconds (a write within the same
+    timestamp tick would go unseen), so a file just written is read again rather than trusted."""
+    from kvchat.model import file_digest
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 64)
+    first = file_digest(weights)
+    weights.write_bytes(b"b" * 64)  # quite possibly within the same tick
+    assert file_digest(weights) != first
+    assert not (tmp_path / "home" / "digests.json").exists()
+
+
 @pytest.mark.parametrize("failure", ["read-only", "disk-full"])
 def test_a_read_only_or_full_store_at_lock_time_is_one_clear_error_or_no_error(tiny, tmp_path, monkeypatch, failure):
     """Regression (issue 10): a read-only store or a full disk when taking a session's lock gave a traceback."""
