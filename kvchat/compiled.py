@@ -1,8 +1,8 @@
 """The compiled one-token decode step: torch.compile over a static view of kvchat's cache (`kv.one_step`).
 
 Only decoding is compiled; prefill stays eager. The step is compiled once per loaded model (its capacity
-dimension is dynamic, so a growing cache does not recompile), in a background thread while the first tokens
-decode eagerly, and inductor keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a
+dimension is dynamic, so a growing cache does not recompile), in a background thread (a forward pass sent
+meanwhile waits for it, see `CompiledStep.exclusive`; tokens decode eagerly until it is ready), and inductor keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a
 fraction of the time. On CUDA the step is captured as a CUDA graph ("reduce-overhead"). A step that cannot be
 compiled, or fails, is reported once and decoding goes on eagerly with nothing lost.
 """
@@ -74,7 +74,9 @@ class CompiledStep:
         self.refused: str | None = None  # why the model's cache cannot take a static step (found by the warm-up)
         self.ready = False  # a step has run compiled
         self._warming: threading.Thread | None = None
-        self._lock = threading.Lock()  # one compiled call at a time (the warm-up's and the engine's)
+        # One use of the model at a time while a step exists: a compiled call (the warm-up's compile included) and
+        # the engine's eager passes (see `exclusive`).
+        self._lock = threading.Lock()
         # The model's weights never change once loaded, so its modules need no guards (they cost ~2 ms a step).
         # Dynamo keeps what it compiled on the function's code object; without those guards, a graph traced for
         # one model would be offered to the next of the same class (another weight form, another config) in the
@@ -107,7 +109,7 @@ class CompiledStep:
                     self._ids = torch.zeros((1, 1), dtype=torch.long, device=position.device)
                 self._ids.fill_(token_id)
                 logits = self._compiled(self._ids, position, cache)
-        except (torch._dynamo.exc.TorchDynamoException, NotImplementedError, RuntimeError) as exc:
+        except (torch._dynamo.exc.TorchDynamoException, NotImplementedError, RuntimeError, AssertionError) as exc:
             self.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             return None
         self.ready = True
@@ -125,13 +127,18 @@ class CompiledStep:
             self._warm()
 
     def _warm(self) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._lock:
             scratch, _ = kv.one_token(self.model, next(self.model.parameters()).device)
             self.refused = kv.static_refusal(scratch)
-            if self.refused is not None:
-                return
-            with self._lock:
+            if self.refused is None:
                 self._run(scratch, 0)
+
+    def exclusive(self) -> threading.Lock:
+        """Held around every eager pass through the model: a compile in the background never overlaps one. While
+        anything compiles, transformers' hub-kernels layer keeps its active functions in a process-wide variable
+        that eager passes write too, and dynamo then failed its own guards (the step was lost for the session).
+        An eager pass sent during the warm-up waits for it (it mostly did anyway: both want the same cores)."""
+        return self._lock
 
     def wait(self) -> None:
         """Block until a background warm-up has finished."""

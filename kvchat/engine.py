@@ -6,6 +6,7 @@ It never prints; `send` yields events that the REPL and CLI render.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator
 
@@ -173,7 +174,8 @@ class Engine:
         conv.dirty = True
         logits = self.step(conv.cache, ids[0]) if self.step is not None and len(ids) == 1 else None
         if logits is None:
-            logits = self._forward(conv, torch.tensor([ids], device=self.device))
+            with self.step.exclusive() if self.step is not None else nullcontext():
+                logits = self._forward(conv, torch.tensor([ids], device=self.device))
         else:
             self.compiled_tokens += 1
         conv.token_ids.extend(ids)
