@@ -1,20 +1,24 @@
 """The KV adapter: the only module that touches transformers' cache internals.
 
-A transformers `Cache` holds one layer object per decoder layer. kvchat asks each layer what it can do,
-and a layer type it does not know answers no to everything (the turn then prefills from scratch):
+A transformers `Cache` holds one layer object per decoder layer. kvchat asks each layer what it can do: its
+`LayerKind` declares it (can cut, has state, holds nothing), and a layer type it does not know answers no to
+everything (the turn then prefills from scratch):
 
-- attention: keys/values [batch, kv_heads, seq, head_dim] per token (keys and values may differ in width,
+- AttentionKind: keys/values [batch, kv_heads, seq, head_dim] per token (keys and values may differ in width,
   as in multi-head latent attention); cut back to any length, export/import the KV of tokens [a, b).
   Sliding-window and chunked layers are kept whole by default (WINDOWS_FULL): the attention mask applies
   the window, so they can be cut and saved like full attention (at the memory cost of full attention).
-- state: a fixed-size conv/recurrent state (Mamba, linear attention, short convolutions) that cannot be
+- StateKind: a fixed-size conv/recurrent state (Mamba, linear attention, short convolutions) that cannot be
   cut back; it is snapshotted, and a snapshot restored, at the positions a chat returns to. A snapshot holds
   everything the layer keeps (found by asking the layer: its tensors, counters and flags, see `state_items`);
   a layer keeping anything kvchat cannot copy exactly is refused.
-- window: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
+- WindowKind: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
   layer) and is handled like a state: snapshotted and restored, never cut.
-- attention+state: both in one layer (Falcon-H1).
-- none: layers that hold nothing (KV-sharing consumers, MLP-only layers).
+- AttentionAndStateKind: both in one layer (Falcon-H1).
+- EmptyKind: layers that hold nothing (KV-sharing consumers, MLP-only layers).
+
+Every token count a layer keeps must equal the tokens the conversation holds (`miscount`), after every cut,
+restore and resume.
 
 Everything else in kvchat sees a cache only through these functions, so a transformers upgrade
 touches this file alone.
@@ -145,16 +149,89 @@ class GrowableLayer(DynamicLayer):
         self._n = 0
 
 
+class LayerKind:
+    """What kvchat can do with one type of transformers cache layer, declared. This base is the kind of a type
+    kvchat does not know, and answers no to everything: a cache holding one is never cut, snapshotted or saved."""
+
+    known = False
+    can_cut = False  # keeps every token's keys/values: cut back to any length, saved per token
+    has_state = False  # keeps a fixed-size state: snapshotted at checkpoints and restored, never cut
+    holds_nothing = False  # keeps nothing at all (a KV-sharing consumer, an MLP-only layer)
+    not_state: frozenset[str] = frozenset()  # attributes its snapshot leaves to `can_cut`'s per-token handling
+
+    def counts(self, layer: Any) -> list[int]:
+        """The token counts the layer keeps (they must all equal the tokens the cache holds)."""
+        return []
+
+    def cut(self, layer: Any, n: int) -> None:
+        """Keep the first `n` tokens of what the layer keeps per token (a kind that cannot cut keeps all)."""
+
+
+class AttentionKind(LayerKind):
+    """Keys/values per token (full attention, whole sliding windows, latent attention, indexer keys)."""
+
+    known = can_cut = True
+
+    def counts(self, layer: Any) -> list[int]:
+        found = [int(DynamicLayer.get_seq_length(layer))]
+        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
+            found.append(layer.indexer_keys.shape[1])
+        return found
+
+    def cut(self, layer: Any, n: int) -> None:
+        extra = DynamicLayer.get_seq_length(layer) - n
+        if extra > 0:
+            layer.crop(-extra)
+
+
+class StateKind(LayerKind):
+    """A conv/recurrent state (Mamba, linear attention, short convolutions) and the count of tokens it took in."""
+
+    known = has_state = True
+
+    def counts(self, layer: Any) -> list[int]:
+        return [int(LinearAttentionLayer.get_seq_length(layer))]
+
+
+class AttentionAndStateKind(AttentionKind):
+    """Both in one layer (Falcon-H1): keys/values cut per token, the state snapshotted."""
+
+    has_state = True
+    not_state = frozenset({"keys", "values", "is_initialized"})
+
+    def counts(self, layer: Any) -> list[int]:
+        return super().counts(layer) + StateKind().counts(layer)
+
+    def cut(self, layer: Any, n: int) -> None:
+        extra = DynamicLayer.get_seq_length(layer) - n
+        if extra > 0:
+            DynamicLayer.crop(layer, -extra)  # (its own crop would cut the state too, which it cannot)
+
+
+class WindowKind(LayerKind):
+    """transformers' window-only sliding layer (WINDOWS_ONLY): its last window-1 tokens and the count of all it
+    took in, snapshotted like a state."""
+
+    known = has_state = True
+
+    def counts(self, layer: Any) -> list[int]:
+        return [int(layer.get_seq_length())]
+
+
+class EmptyKind(LayerKind):
+    known = holds_nothing = True
+
+
+UNKNOWN = LayerKind()
 # What each layer type kvchat knows can do. Exact types only: a subclass may keep more state than its base.
-ATTENTION, STATE, BOTH, WINDOW, NONE = "attention", "state", "attention+state", "window", "none"
-_KINDS: dict[type, str] = {
-    GrowableLayer: ATTENTION,
-    DynamicLayer: ATTENTION,
-    DynamicIndexedLayer: ATTENTION,  # sparse-attention indexer keys are cut and saved with the KV
-    DynamicSlidingWindowLayer: WINDOW,
-    LinearAttentionLayer: STATE,
-    LinearAttentionAndFullAttentionLayer: BOTH,
-    DummyLayer: NONE,
+_KINDS: dict[type, LayerKind] = {
+    GrowableLayer: AttentionKind(),
+    DynamicLayer: AttentionKind(),
+    DynamicIndexedLayer: AttentionKind(),  # sparse-attention indexer keys are cut and saved with the KV
+    DynamicSlidingWindowLayer: WindowKind(),
+    LinearAttentionLayer: StateKind(),
+    LinearAttentionAndFullAttentionLayer: AttentionAndStateKind(),
+    DummyLayer: EmptyKind(),
 }
 
 # Model types whose forward pass starts a multi-token chunk from a zero recurrent state (or pads its
@@ -167,17 +244,17 @@ _STEPWISE_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba"})
 WINDOWS_FULL, WINDOWS_ONLY = "full", "window"
 
 
-def kind(layer: Any) -> str | None:
-    """What `layer` holds (ATTENTION, STATE, BOTH, WINDOW, NONE), or None for a type kvchat does not know."""
-    return _KINDS.get(type(layer))
+def kind(layer: Any) -> LayerKind:
+    """What kvchat can do with `layer` (UNKNOWN, which can do nothing, for a type it does not know)."""
+    return _KINDS.get(type(layer), UNKNOWN)
 
 
 def _has_kv(layer: Any) -> bool:
-    return kind(layer) in (ATTENTION, BOTH)
+    return kind(layer).can_cut
 
 
 def _has_state(layer: Any) -> bool:
-    return kind(layer) in (STATE, BOTH, WINDOW)
+    return kind(layer).has_state
 
 
 def new_cache(model: Any, windows: str = WINDOWS_FULL) -> Cache:
@@ -282,7 +359,7 @@ def unsupported(cache: Cache) -> str | None:
     """Why this cache cannot be cut, snapshotted or saved exactly, or None when every layer is known and holds
     nothing kvchat cannot copy."""
     for i, layer in enumerate(cache.layers):
-        if kind(layer) is None:
+        if not kind(layer).known:
             return f"layer {i} keeps its cache in a {type(layer).__name__}, which kvchat cannot cut or save exactly"
         if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
             return f"layer {i} keeps indexer positions, which kvchat cannot cut or save exactly"
@@ -295,12 +372,10 @@ def unsupported(cache: Cache) -> str | None:
 # counter added by a transformers upgrade is copied too), except these:
 _PLACEMENT = frozenset({"device", "dtype"})  # where it lives: a restore sets them from where it puts the state
 _MADE_WITH = frozenset({"number_of_states", "sliding_window"})  # from the model's config: the restored layer's own
-_ATTENTION_PART = frozenset({"keys", "values", "is_initialized"})  # an attention+state layer's KV: cut and saved
-                                                                 # per token, like an attention layer's
 
 
 def _state_attributes(layer: Any) -> list[tuple[str, Any]]:
-    skip = _PLACEMENT | _MADE_WITH | (_ATTENTION_PART if kind(layer) == BOTH else frozenset())
+    skip = _PLACEMENT | _MADE_WITH | kind(layer).not_state  # (and the per-token part of what it keeps)
     return [(name, value) for name, value in vars(layer).items() if name not in skip]
 
 
@@ -331,23 +406,9 @@ def state_items(layer: Any) -> list[tuple[str, torch.Tensor | int | bool]]:
             if item is not None and _copyable(key, item)]
 
 
-def _layer_counts(layer: Any) -> list[int]:
-    """The token counts one layer keeps (none for a layer that holds nothing)."""
-    found = []
-    if kind(layer) in (ATTENTION, BOTH):  # its keys (an attention+state layer reads its length from them)
-        found.append(DynamicLayer.get_seq_length(layer))
-        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
-            found.append(layer.indexer_keys.shape[1])
-    if kind(layer) in (STATE, BOTH):  # the tokens its conv/recurrent state has taken in
-        found.append(LinearAttentionLayer.get_seq_length(layer))
-    if kind(layer) == WINDOW:  # the tokens it has taken in (its window holds the last of them)
-        found.append(layer.get_seq_length())
-    return [int(count) for count in found]
-
-
 def counts(cache: Cache) -> list[tuple[int, int]]:
     """Every token count the cache's layers keep, as (layer index, count)."""
-    return [(i, count) for i, layer in enumerate(cache.layers) for count in _layer_counts(layer)]
+    return [(i, count) for i, layer in enumerate(cache.layers) for count in kind(layer).counts(layer)]
 
 
 def miscount(cache: Cache, n: int) -> str | None:
@@ -357,7 +418,7 @@ def miscount(cache: Cache, n: int) -> str | None:
     for i, count in counts(cache):
         if count != n:
             return f"layer {i} of the cache counts {count} tokens where {n} are held"
-    if cache.layers and kind(cache.layers[0]) != NONE and int(cache.get_seq_length()) != n:
+    if cache.layers and not kind(cache.layers[0]).holds_nothing and int(cache.get_seq_length()) != n:
         return f"the cache reports {int(cache.get_seq_length())} tokens where {n} are held"
     return None
 
@@ -377,10 +438,7 @@ def truncate(cache: Cache, n: int) -> None:
     business: restored from a checkpoint)."""
     assert unsupported(cache) is None, "truncate() called on a cache with layers kvchat does not know"
     for layer in cache.layers:
-        extra = (DynamicLayer.get_seq_length(layer) if _has_kv(layer) else 0) - n
-        if extra > 0:
-            DynamicLayer.crop(layer, -extra) if type(layer) is LinearAttentionAndFullAttentionLayer \
-                else layer.crop(-extra)
+        kind(layer).cut(layer, n)
 
 
 def nbytes(cache: Cache) -> int:
@@ -558,10 +616,11 @@ def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Lay
         cache, logits = one_token(model, device, windows)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as exc:
         raise Unsupported(f"its forward pass does not take kvchat's cache ({type(exc).__name__}: {exc})") from None
-    held = [kind(layer) for layer in cache.layers if kind(layer) in (ATTENTION, BOTH, WINDOW)
+    held = [layer for layer in cache.layers if (kind(layer).can_cut or type(kind(layer)) is WindowKind)
             and layer.is_initialized and layer.keys is not None and layer.keys.numel()]
     stateless = [i for i, layer in enumerate(cache.layers)
-                 if kind(layer) in (STATE, BOTH) and not any(layer.has_previous_state.values())]
+                 if isinstance(kind(layer), (StateKind, AttentionAndStateKind))
+                 and not any(layer.has_previous_state.values())]
     if stateless:
         raise Unsupported(f"it keeps the recurrent state of layer {stateless[0]} outside its cache, where kvchat "
                           "cannot snapshot it")
@@ -575,7 +634,7 @@ def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Lay
     window_dims = {}
     for name, value in states.items():
         layer = cache.layers[int(name.split(".")[0])]
-        if kind(layer) == WINDOW and name.split(".", 1)[1] in ("keys", "values"):  # [1, kv_heads, m, dim]
+        if type(kind(layer)) is WindowKind and name.split(".", 1)[1] in ("keys", "values"):  # [1, kv_heads, m, dim]
             window_dims[name] = (value.shape[1], value.shape[3], layer.sliding_window)
     scalars = {name: type(value) for name, value in states.items() if not isinstance(value, torch.Tensor)}
     return Layout(per_token=per_token, windows=window_dims,

@@ -1,7 +1,8 @@
 """The KV adapter: growable layers behave like transformers' own, and layer types it does not know are never reused."""
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
+                                      LinearAttentionAndFullAttentionLayer, LinearAttentionLayer)
 
 from kvchat import kv
 from kvchat.config import Sampling
@@ -59,6 +60,19 @@ def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reus
     assert end.token_ids == greedy_without_cache(tiny.model, engine.render(history), 6, engine.stop_ids)
     assert not kv.can_export(conv.cache)
     assert conv.cut_to(3) == 0 and conv.cache is None  # never cut: forgotten
+
+
+def test_each_layer_type_declares_what_kvchat_may_do_and_an_unknown_one_may_do_nothing():
+    unknown = kv.kind(UnknownLayer())
+    assert not (unknown.known or unknown.can_cut or unknown.has_state or unknown.holds_nothing)
+    declared = {name: kv.kind(layer) for name, layer in {
+        "attention": kv.GrowableLayer(), "state": LinearAttentionLayer(),
+        "both": LinearAttentionAndFullAttentionLayer(), "window": DynamicSlidingWindowLayer(sliding_window=4),
+        "nothing": DummyLayer()}.items()}
+    assert [name for name, k in declared.items() if k.can_cut] == ["attention", "both"]
+    assert [name for name, k in declared.items() if k.has_state] == ["state", "both", "window"]
+    assert [name for name, k in declared.items() if k.holds_nothing] == ["nothing"]
+    assert all(k.known for k in declared.values())
 
 
 def test_export_copies_so_later_cuts_and_updates_cannot_rewrite_it():
