@@ -67,7 +67,7 @@ class CompiledStep:
     def __init__(self, model: Any, device: torch.device):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvchat_home() / "compiled"))
         _take_over_sdpa()
-        self.model = model
+        self._model = weakref.ref(model)  # (the registry below must not keep the model alive)
         self._kwarg = kv.cache_kwarg(model)
         self._ids: torch.Tensor | None = None  # [1, 1], refilled every step (no allocation per token)
         self.failure: str | None = None  # why compiling (or a compiled step) failed, once it has
@@ -87,8 +87,8 @@ class CompiledStep:
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
     def _step(self, ids: torch.Tensor, position: torch.Tensor, cache: Any) -> torch.Tensor:
-        out = self.model(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
-                         **{self._kwarg: cache})
+        out = self._model()(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
+                            **{self._kwarg: cache})
         return out.logits[0, -1]  # [vocab]
 
     def __call__(self, cache: Any, token_id: int) -> torch.Tensor | None:
@@ -128,7 +128,8 @@ class CompiledStep:
 
     def _warm(self) -> None:
         with torch.inference_mode(), self._lock:
-            scratch, _ = kv.one_token(self.model, next(self.model.parameters()).device)
+            model = self._model()
+            scratch, _ = kv.one_token(model, next(model.parameters()).device)
             self.refused = kv.static_refusal(scratch)
             if self.refused is None:
                 self._run(scratch, 0)

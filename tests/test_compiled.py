@@ -2,6 +2,9 @@
 holds through it (reuse, undo, continue, resume, a cache that grows past its first buffer, sliding windows), it
 gives the eager step's tokens, and where it cannot run or fails, decoding goes on eagerly with nothing lost."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -167,6 +170,19 @@ def test_a_background_warm_up_leaves_replies_eager_until_it_is_done(compiled_tin
     assert engine.step.ready
     second = run_turn(engine, conv, MESSAGES[1])
     assert second.stats.compiled == len(second.token_ids) - 1 and second.token_ids == fresh(engine, conv)
+
+
+def test_a_model_and_its_compiled_step_are_freed_together():
+    """Regression (issue 20): the registry of steps held each step, and each step its model, so a model once
+    compiled stayed in memory for the life of the process."""
+    loaded = make_loaded(torch.float64, seed=2)
+    step = compiled.step_for(loaded.model, loaded.device)
+    step.warm_up(background=False)
+    assert step.ready, step.failure
+    model = weakref.ref(loaded.model)
+    del step, loaded
+    gc.collect()
+    assert model() is None
 
 
 def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
