@@ -2,9 +2,10 @@
 
 Only decoding is compiled; prefill stays eager. The step is compiled once per loaded model (its capacity
 dimension is dynamic, so a growing cache does not recompile), in a background thread (a forward pass sent
-meanwhile waits for it, see `CompiledStep.exclusive`; tokens decode eagerly until it is ready), and inductor keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a
-fraction of the time. On CUDA the step is captured as a CUDA graph ("reduce-overhead"). A step that cannot be
-compiled, or fails, is reported once and decoding goes on eagerly with nothing lost.
+meanwhile waits for it, see `CompiledStep.exclusive`; tokens decode eagerly until it is ready), and inductor
+keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a fraction of the time. On CUDA the
+step is captured as a CUDA graph ("reduce-overhead"). A step that cannot be compiled, or fails, is reported once
+and decoding goes on eagerly with nothing lost.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ class Engine:
         start = len(conv.token_ids)
         positions = {"position_ids": torch.arange(start, start + ids.shape[1], device=self.device)[None]} \
             if self._takes_positions else {}
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **positions, **{self._cache_kwarg: conv.cache})
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **positions,
+                         **{self._cache_kwarg: conv.cache})
         return out.logits[0, -1]
 
     def _feed(self, conv: Conversation, ids: list[int]) -> torch.Tensor:

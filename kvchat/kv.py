@@ -200,7 +200,7 @@ class AttentionAndStateKind(AttentionKind):
     not_state = frozenset({"keys", "values", "is_initialized"})
 
     def counts(self, layer: Any) -> list[int]:
-        return super().counts(layer) + StateKind().counts(layer)
+        return super().counts(layer) + [int(LinearAttentionLayer.get_seq_length(layer))]
 
     def cut(self, layer: Any, n: int) -> None:
         extra = DynamicLayer.get_seq_length(layer) - n

@@ -236,7 +236,8 @@ def test_a_state_layer_keeping_what_kvchat_cannot_copy_is_never_cut_and_the_turn
     conv.cache.layers[1].mystery = object()
     assert "layer 1 keeps 'mystery' (a object)" in kv.unsupported(conv.cache)
     fallback = reply(engine, conv, MESSAGES[1])
-    assert fallback == "layer 1 keeps 'mystery' (a object), which kvchat cannot snapshot or save exactly; prefilling all"
+    assert fallback == ("layer 1 keeps 'mystery' (a object), which kvchat cannot snapshot or save exactly; "
+                        "prefilling all")
     assert_holds_its_tokens(engine, conv, "after the refusal")
 
 
