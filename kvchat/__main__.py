@@ -1,3 +1,3 @@
-from kvchat.cli import main
+from kvchat.ui.cli import main
 
 raise SystemExit(main())

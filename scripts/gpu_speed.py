@@ -2,7 +2,7 @@
 
 For each shape: prefill tokens/s (512-token chunks into kvchat's cache), decode tokens/s eager through kvchat's
 cache (one host sync per token, as a streamed reply has), decode tokens/s of kvchat's compiled one-token step
-(kvchat/compiled.py: torch.compile on a static view of the same cache, a CUDA graph on CUDA) with its compile
+(kvchat/cache/compiled.py: torch.compile on a static view of the same cache, a CUDA graph on CUDA) with its compile
 time and how many of its greedy tokens agree with the eager ones, the time to save the cache of the context to
 safetensors and restore it onto the GPU (through pinned memory, as the store does), and the bandwidth limit on
 decode (weight bytes over the measured device copy bandwidth). `--device cpu --shapes tiny` tries it anywhere.
@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvchat import kv
+from kvchat.cache import layers
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (256, 4, 8, 2, 688, 32000),
@@ -44,13 +44,13 @@ def sync(device: torch.device) -> None:
 def prefill(model, cache, ids: torch.Tensor):
     for start in range(0, ids.shape[1], 512):
         out = model(input_ids=ids[:, start:start + 512], use_cache=True, logits_to_keep=1,
-                    **{kv.cache_kwarg(model): cache})
+                    **{layers.cache_kwarg(model): cache})
     return out.logits[0, -1]
 
 
 @torch.inference_mode()
 def eager(model, device: torch.device, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, object, list[int]]:
-    cache = kv.new_cache(model)
+    cache = layers.new_cache(model)
     sync(device)
     started = time.perf_counter()
     logits = prefill(model, cache, ids)
@@ -60,7 +60,7 @@ def eager(model, device: torch.device, ids: torch.Tensor, new_tokens: int) -> tu
     started = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=torch.tensor([[tokens[-1]]], device=device), use_cache=True, logits_to_keep=1,
-                    **{kv.cache_kwarg(model): cache})
+                    **{layers.cache_kwarg(model): cache})
         tokens.append(int(out.logits[0, -1].argmax()))  # the host sync a streamed token needs
     return prefill_tok_s, new_tokens / (time.perf_counter() - started), cache, tokens
 
@@ -69,7 +69,7 @@ def eager(model, device: torch.device, ids: torch.Tensor, new_tokens: int) -> tu
 def compiled(model, device: torch.device, ids: torch.Tensor, new_tokens: int,
              reference: list[int]) -> tuple[float | str, float, int]:
     """kvchat's compiled step: decode tokens/s (or why it failed), compile seconds, tokens agreeing with eager."""
-    from kvchat.compiled import CompiledStep
+    from kvchat.cache.compiled import CompiledStep
 
     step = CompiledStep(model, device)
     started = time.perf_counter()
@@ -78,11 +78,11 @@ def compiled(model, device: torch.device, ids: torch.Tensor, new_tokens: int,
     compile_s = time.perf_counter() - started
     if step.failure or step.refused:
         return f"not compiled: {step.failure or step.refused}"[:160], compile_s, 0
-    cache = kv.new_cache(model)
+    cache = layers.new_cache(model)
     tokens = [int(prefill(model, cache, ids).argmax())]
     for warm in range(2):  # the capacity's first CUDA graph is recorded on the first calls
         step(cache, tokens[-1])
-    cache = kv.new_cache(model)
+    cache = layers.new_cache(model)
     tokens = [int(prefill(model, cache, ids).argmax())]
     sync(device)
     started = time.perf_counter()
@@ -99,14 +99,14 @@ def compiled(model, device: torch.device, ids: torch.Tensor, new_tokens: int,
 def resume(model, cache, device: torch.device) -> tuple[float, float]:
     from safetensors.torch import load, save
 
-    tokens = kv.length(cache)
+    tokens = layers.length(cache)
     started = time.perf_counter()
-    data = save(kv.export(cache, 0, tokens))
+    data = save(layers.export(cache, 0, tokens))
     saved = time.perf_counter() - started
     started = time.perf_counter()
-    restored = kv.restore(model, [load(data)], device)
+    restored = layers.restore(model, [load(data)], device)
     sync(device)
-    assert kv.length(restored) == tokens, "the restored cache lost tokens"
+    assert layers.length(restored) == tokens, "the restored cache lost tokens"
     return saved * 1000, (time.perf_counter() - started) * 1000
 
 

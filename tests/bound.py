@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvchat.engine import Engine
-from kvchat.model import LoadedModel, fingerprint
-from kvchat.store import Store
+from kvchat.chat.engine import Engine
+from kvchat.weights.model import LoadedModel, fingerprint
+from kvchat.store.sessions import Store
 
 
 def engine_with_store(loaded: LoadedModel, root: Path, store_kwargs: dict[str, Any] | None = None,

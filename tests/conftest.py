@@ -39,9 +39,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """16-token store chunks, so a short test conversation spans several chunks plus a tail."""
-    from kvchat import store
+    from kvchat.store import sessions
 
-    monkeypatch.setattr(store, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(sessions, "CHUNK_TOKENS", 16)
 
 
 @pytest.fixture(autouse=True)

@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference import greedy_without_cache  # noqa: E402
 from tiny import make_loaded  # noqa: E402
 
-from kvchat import store as store_module  # noqa: E402
+from kvchat.store import sessions as store_module  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
-from kvchat.conversation import Conversation  # noqa: E402
-from kvchat.engine import Engine, TurnEnd  # noqa: E402
-from kvchat.model import fingerprint  # noqa: E402
-from kvchat.store import Persister, Store, StoreError  # noqa: E402
+from kvchat.chat.conversation import Conversation  # noqa: E402
+from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402
+from kvchat.weights.model import fingerprint  # noqa: E402
+from kvchat.store.sessions import Persister, Store, StoreError  # noqa: E402
 
 GREEDY = Sampling(temperature=0, max_new_tokens=6)
 DAMAGES = ("truncate", "flip", "zero", "delete", "swap", "directory", "fifo", "symlink-out", "unreadable")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kvchat import kv
+from kvchat.cache import layers
 
 # Buffers with spare capacity past the tokens held (kvchat's growable layer): their views `keys`/`values` are
 # what the layer holds, and are compared.
@@ -24,11 +24,11 @@ def relative(mine: torch.Tensor, want: torch.Tensor) -> float:
 
 def fresh_cache(engine: Any, ids: list[int]) -> Any:
     """A new cache laid out as the engine's, after one forward pass over `ids` from nothing."""
-    cache = kv.new_cache(engine.model, engine.window_cache)
+    cache = layers.new_cache(engine.model, engine.window_cache)
     with torch.inference_mode():
         engine.model(input_ids=torch.tensor([ids], device=engine.device), use_cache=True,
                      position_ids=torch.arange(len(ids), device=engine.device)[None],
-                     **{kv.cache_kwarg(engine.model): cache})
+                     **{layers.cache_kwarg(engine.model): cache})
     return cache
 
 
@@ -62,4 +62,4 @@ def next_logits(engine: Any, cache: Any, start: int, token: int) -> torch.Tensor
     with torch.inference_mode():
         return engine.model(input_ids=torch.tensor([[token]], device=engine.device), use_cache=True,
                             position_ids=torch.tensor([[start]], device=engine.device),
-                            **{kv.cache_kwarg(engine.model): copied}).logits[0, -1]
+                            **{layers.cache_kwarg(engine.model): copied}).logits[0, -1]

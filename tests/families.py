@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvchat.model import LoadedModel
+from kvchat.weights.model import LoadedModel
 from tiny import make_tokenizer
 
 WINDOW = 12

@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bound import engine_with_store  # noqa: E402
 from families import FAMILIES, SLIDING, make_family, window_cache  # noqa: E402
 
-from kvchat import kv  # noqa: E402
+from kvchat.cache import layers  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
-from kvchat.conversation import Conversation  # noqa: E402
-from kvchat.engine import Engine, TurnEnd  # noqa: E402
-from kvchat.memory import human  # noqa: E402
-from kvchat.model import fingerprint  # noqa: E402
-from kvchat.store import Persister, Store  # noqa: E402
+from kvchat.chat.conversation import Conversation  # noqa: E402
+from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402
+from kvchat.weights.memory import human  # noqa: E402
+from kvchat.weights.model import fingerprint  # noqa: E402
+from kvchat.store.sessions import Persister, Store  # noqa: E402
 
 GREEDY = Sampling(temperature=0, max_new_tokens=16)
 SYSTEM = "You are a helpful assistant. Answer in one short sentence, and be kind to cats and dogs."

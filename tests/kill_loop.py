@@ -22,9 +22,9 @@ MESSAGES = ["Tell me about the sea.", "And about cats?", "What is the capital of
 
 def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dict:
     """Kill `kills` runs at random moments; returns figures. Raises AssertionError on any loss or damage."""
-    from kvchat.engine import Engine
-    from kvchat.model import fingerprint, load_model
-    from kvchat.store import Store
+    from kvchat.chat.engine import Engine
+    from kvchat.weights.model import fingerprint, load_model
+    from kvchat.store.sessions import Store
 
     rng = random.Random(seed)
     loaded = load_model(str(model_dir), "cpu", "float32")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvchat.cli import main
+from kvchat.ui.cli import main
 
 
 def run_bench(monkeypatch, capsys, tmp_path, *model):
@@ -109,9 +109,9 @@ def test_bench_peer_column_runs_the_same_work_on_the_peer(monkeypatch, tmp_path,
     import sys
     import types
 
-    from kvchat import bench, peer
-    from kvchat.engine import Engine
-    from kvchat.model import load_model
+    from kvchat.bench import peer
+    from kvchat.chat.engine import Engine
+    from kvchat.weights.model import load_model
 
     monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
     monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: object())

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvchat.cli import main
+from kvchat.ui.cli import main
 from kvchat.config import Sampling, Settings, load_config
 
 
@@ -130,7 +130,7 @@ def test_missing_model_is_one_line(monkeypatch, capsys, tmp_path):
 
 def test_a_long_error_in_a_terminal_wraps_between_words():
     """Regression (issue 11): long error lines wrapped mid-word in the terminal."""
-    from kvchat.terminal import wrap
+    from kvchat.ui.terminal import wrap
 
     text = "kvchat: error: " + " ".join(["extraordinarily"] * 12)
     wrapped = wrap(text, 40)
@@ -150,7 +150,7 @@ def test_a_damaged_gguf_file_is_one_line_and_exit_1(monkeypatch, capsys, tmp_pat
 
 
 def test_a_failed_turn_in_lines_mode_is_reported_and_the_script_goes_on(monkeypatch, capsys, tiny_model_dir):
-    import kvchat.engine as engine_module
+    import kvchat.chat.engine as engine_module
 
     real, calls = engine_module.next_token, {"n": 0}
 
@@ -173,7 +173,7 @@ def test_commands_that_load_no_model_never_import_torch(tmp_path, argv):
     import subprocess
     import sys
 
-    probe = ("import sys; from kvchat.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    probe = ("import sys; from kvchat.ui.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print('IMPORTED', sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe, *argv, *(["--sessions-dir", str(tmp_path)]
                                                                     if argv[0] in ("sessions", "cache") else [])],
@@ -207,7 +207,7 @@ def test_a_hub_model_not_cached_is_downloaded_with_its_progress_counted(monkeypa
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from kvchat.model import load_model
+    from kvchat.weights.model import load_model
 
     calls, seen = [], []
 
@@ -237,7 +237,7 @@ def test_models_lists_the_hugging_face_cache_and_converted_models_with_size_and_
     """Issue 11: `kvchat models` lists what is local, with size and KV bytes per token."""
     import shutil
 
-    from kvchat import memory
+    from kvchat.weights import memory
 
     hub = tmp_path / "hub" / "models--someone--tiny-chat"
     commit = "0" * 40

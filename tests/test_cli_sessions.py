@@ -3,8 +3,8 @@
 import io
 import json
 
-from kvchat.cli import main
-from kvchat.store import transcript_crc
+from kvchat.ui.cli import main
+from kvchat.store.sessions import transcript_crc
 
 
 def run(monkeypatch, capsys, argv, stdin=b""):
@@ -76,7 +76,7 @@ def test_sessions_dir_defaults_beside_the_config_file(monkeypatch, capsys, tiny_
 
 
 def test_second_process_on_a_session_gets_a_clear_error(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    from kvchat.store import Store
+    from kvchat.store.sessions import Store
 
     sessions = tmp_path / "s"
     holder = Store(sessions)

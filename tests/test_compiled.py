@@ -1,4 +1,4 @@
-"""The compiled one-token decode step (kvchat/compiled.py, kv.one_step): every exactness property of the cache
+"""The compiled one-token decode step (kvchat/cache/compiled.py, layers.one_step): every exactness property of the cache
 holds through it (reuse, undo, continue, resume, a cache that grows past its first buffer, sliding windows), it
 gives the eager step's tokens, and where it cannot run or fails, decoding goes on eagerly with nothing lost."""
 
@@ -10,12 +10,13 @@ import torch
 
 from bound import engine_with_store
 from families import make_family
-from kvchat import compiled, kv
+from kvchat.cache import compiled
+from kvchat.cache import layers
 from kvchat.config import Sampling, load_config
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd, turn_notices
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd, turn_notices
 from kvchat.errors import ConfigError
-from kvchat.store import Persister
+from kvchat.store.sessions import Persister
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -61,7 +62,7 @@ def test_compiled_turns_reuse_undo_and_continue_exactly(compiled_tiny):
     more = [e for e in engine.extend(conv, Sampling(temperature=0, max_new_tokens=8)) if isinstance(e, TurnEnd)][-1]
     whole = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), 12, engine.stop_ids)
     assert more.token_ids == whole[:len(more.token_ids)] and more.stats.compiled > 0
-    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
 
 
 def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
@@ -120,7 +121,7 @@ def test_an_interrupted_compiled_reply_leaves_the_cache_matching_its_tokens(comp
         if tokens == 3:
             break
     events.close()
-    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
     end = run_turn(engine, conv, MESSAGES[1])
     assert end.stats.reused > 0 and end.token_ids == fresh(engine, conv)
 
@@ -142,7 +143,7 @@ def test_a_failing_compile_is_told_once_and_the_turn_decodes_eagerly_with_the_sa
     assert any(note.startswith("the compiled decode step failed (BackendCompilerFailed") for note in notes)
     second = run_turn(engine, conv, MESSAGES[1])
     assert second.stats.compile_failure is None and second.token_ids == fresh(engine, conv)
-    assert conv.cached_tokens == len(conv.token_ids) == kv.length(conv.cache)
+    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3.5"])
@@ -186,7 +187,7 @@ def test_a_model_and_its_compiled_step_are_freed_together():
 
 
 def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
-    from kvchat.compiled import wanted
+    from kvchat.cache.compiled import wanted
 
     config = tmp_path / "config.toml"
     config.write_text('compile = "maybe"\n')
@@ -200,7 +201,7 @@ def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
 def test_compiled_attention_reads_grouped_heads_without_repeating_them(monkeypatch):
     from transformers.integrations import sdpa_attention
 
-    from kvchat.compiled import _SDPA, _static_sdpa, _take_over_sdpa
+    from kvchat.cache.compiled import _SDPA, _static_sdpa, _take_over_sdpa
 
     _take_over_sdpa()
     transformers_sdpa = _SDPA[0]
@@ -227,8 +228,8 @@ def test_the_command_line_compiles_on_request_with_the_same_replies(monkeypatch,
     import io
     import json
 
-    from kvchat import compiled
-    from kvchat.cli import main
+    from kvchat.cache import compiled
+    from kvchat.ui.cli import main
 
     def run(*flags):
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Hello, how are you?\nTell me a story.\n")))
@@ -253,7 +254,7 @@ def test_the_command_line_compiles_on_request_with_the_same_replies(monkeypatch,
 def test_each_model_gets_its_own_compiled_step_even_of_the_same_class():
     """Regression: with the module guards skipped, a graph traced for one Llama was offered to the next one
     built in the process (one with int8 weights crashed on it, in the levers benchmark)."""
-    from kvchat import quant
+    from kvchat.weights import quant
 
     assert quant.KERNEL.build(), quant.KERNEL.failure
     full = make_loaded(torch.float32, seed=2)
@@ -263,9 +264,9 @@ def test_each_model_gets_its_own_compiled_step_even_of_the_same_class():
         step = compiled.step_for(loaded.model, loaded.device)
         assert step.compile_now() > 0 and step.ready, step.failure
         with torch.inference_mode():
-            eager_cache, _ = kv.one_token(loaded.model, loaded.device)
-            compiled_cache, _ = kv.one_token(loaded.model, loaded.device)
+            eager_cache, _ = layers.one_token(loaded.model, loaded.device)
+            compiled_cache, _ = layers.one_token(loaded.model, loaded.device)
             expected = loaded.model(input_ids=torch.tensor([[5]]), use_cache=True, logits_to_keep=1,
-                                    **{kv.cache_kwarg(loaded.model): eager_cache}).logits[0, -1]
+                                    **{layers.cache_kwarg(loaded.model): eager_cache}).logits[0, -1]
             got = step(compiled_cache, 5)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

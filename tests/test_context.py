@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from kvchat import kv, memory
-from kvchat.cli import main
+from kvchat.cache import layers
+from kvchat.weights import memory
+from kvchat.ui.cli import main
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd, common_prefix
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd, common_prefix
 from kvchat.errors import InputError
-from kvchat.model import fingerprint
-from kvchat.store import Persister, Store
+from kvchat.weights.model import fingerprint
+from kvchat.store.sessions import Persister, Store
 from reference import greedy_without_cache
 
 SAMPLING = Sampling(temperature=0, max_new_tokens=8)
@@ -62,10 +63,10 @@ def test_too_long_message_is_refused_and_changes_nothing(tiny):
     engine = Engine(tiny, max_context=120)
     conv = Conversation.start(SYSTEM)
     turn(engine, conv, "Hello!")
-    before = ([dict(m) for m in conv.messages], list(conv.token_ids), conv.first_kept, kv.nbytes(conv.cache))
+    before = ([dict(m) for m in conv.messages], list(conv.token_ids), conv.first_kept, layers.nbytes(conv.cache))
     with pytest.raises(InputError, match="the message is too long"):
         engine.send(conv, "cats and dogs " * 60, SAMPLING)
-    assert (conv.messages, conv.token_ids, conv.first_kept, kv.nbytes(conv.cache)) == before
+    assert (conv.messages, conv.token_ids, conv.first_kept, layers.nbytes(conv.cache)) == before
     end = turn(engine, conv, "What about dogs?")  # the next turn works and reuses the cache
     assert end.stats.reused > 0
 
@@ -84,11 +85,11 @@ def test_max_context_above_the_model_is_refused(tiny):
 
 
 def test_info_bytes_per_token_equal_a_real_forward_pass(tiny):
-    shape = memory.model_shape(tiny, None, kv.layout(tiny.model, tiny.device))
-    cache = kv.new_cache(tiny.model)
+    shape = memory.model_shape(tiny, None, layers.layout(tiny.model, tiny.device))
+    cache = layers.new_cache(tiny.model)
     with torch.inference_mode():
         tiny.model(input_ids=torch.arange(5, 42)[None], cache=cache, use_cache=True)
-    assert shape.bytes_per_token == kv.nbytes(cache) // 37
+    assert shape.bytes_per_token == layers.nbytes(cache) // 37
     assert shape.bytes_per_token == 2 * 2 * 2 * 16 * 8  # layers, KV heads, head dim, float64
     lines = "\n".join(memory.info_lines(shape, torch.device("cpu"), torch.float64))
     assert f"= {shape.bytes_per_token:,} B" in lines

@@ -4,9 +4,9 @@ import torch
 
 from kill_loop import run_kills
 from kvchat.config import Sampling
-from kvchat.engine import Engine, TurnEnd
-from kvchat.model import fingerprint, load_model
-from kvchat.store import Store
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.weights.model import fingerprint, load_model
+from kvchat.store.sessions import Store
 from reference import greedy_without_cache
 
 

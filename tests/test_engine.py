@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kvchat import kv
+from kvchat.cache import layers
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Token, TurnEnd, common_prefix
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, Token, TurnEnd, common_prefix
 from kvchat.errors import InputError
 from reference import greedy_without_cache
 from tiny import make_loaded
@@ -167,7 +167,7 @@ def test_ctrl_c_inside_a_forward_pass_leaves_the_cache_exact(when):
     with InterruptLayer(loaded.model.model.layers[1], when), pytest.raises(KeyboardInterrupt):
         run_turn(engine, conv, MESSAGES[1])
     conv.check()  # layer 0 had already stored the token's KV; it must be gone
-    assert len({count for _, count in kv.counts(conv.cache)}) == 1
+    assert len({count for _, count in layers.counts(conv.cache)}) == 1
     if when == 1:
         assert conv.messages[-1]["role"] == "assistant" and len(conv.messages) == 3  # turn dropped
     history = conv.messages + [{"role": "user", "content": MESSAGES[2]}]
@@ -178,7 +178,7 @@ def test_ctrl_c_inside_a_forward_pass_leaves_the_cache_exact(when):
 def test_sliding_window_cache_is_cut_behind_its_window_exactly():
     from transformers import MistralConfig, MistralForCausalLM
 
-    from kvchat.model import LoadedModel
+    from kvchat.weights.model import LoadedModel
     from tiny import make_tokenizer
 
     tok = make_tokenizer()

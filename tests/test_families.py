@@ -14,14 +14,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kvchat import kv, kvfile, memory
-from kvchat.cli import main
+from kvchat.cache import layers
+from kvchat.store import kvfile
+from kvchat.weights import memory
+from kvchat.ui.cli import main
 from kvchat.config import Sampling
-from kvchat.conversation import MAX_CHECKPOINTS, Conversation
-from kvchat.engine import Engine, TurnEnd, common_prefix
+from kvchat.chat.conversation import MAX_CHECKPOINTS, Conversation
+from kvchat.chat.engine import Engine, TurnEnd, common_prefix
 from kvchat.errors import KvchatError
-from kvchat.model import fingerprint
-from kvchat.store import Persister, Store
+from kvchat.weights.model import fingerprint
+from kvchat.store.sessions import Persister, Store
 import bound
 from exact import differences, fresh_cache, next_logits, relative
 from families import FAMILIES, REFUSED, SLIDING, make_family, window_cache
@@ -72,7 +74,7 @@ def assert_only_new_message(engine, conv, cached_before, stats):
     target = engine.render(conv.view()[:-1])
     shared = common_prefix(cached_before, target)
     assert stats.reused + stats.prefilled == len(target)
-    if shared == len(cached_before) or not kv.has_state(conv.cache):
+    if shared == len(cached_before) or not layers.has_state(conv.cache):
         assert stats.reused == min(shared, len(target) - 1), "prefilled more than the new message"
     else:
         previous_prompt = engine.render(conv.view()[:-3])
@@ -222,19 +224,19 @@ def test_a_snapshot_holds_whatever_a_state_layer_keeps():
     engine, _, conv = first_turn_with_cuts("qwen3.5")
     layer = conv.cache.layers[0]
     layer.tokens_seen_by_a_newer_transformers = 41
-    snapshot = kv.export_state(conv.cache, device=None)
+    snapshot = layers.export_state(conv.cache, device=None)
     assert snapshot["0.tokens_seen_by_a_newer_transformers"] == 41
     assert snapshot["0.cumulative_length_linear"] == len(conv.token_ids)
     layer.tokens_seen_by_a_newer_transformers = 99
     layer.cumulative_length_linear = layer.cumulative_length_linear + 5
-    kv.import_state(conv.cache, snapshot)
-    assert layer.tokens_seen_by_a_newer_transformers == 41 and kv.miscount(conv.cache, len(conv.token_ids)) is None
+    layers.import_state(conv.cache, snapshot)
+    assert layer.tokens_seen_by_a_newer_transformers == 41 and layers.miscount(conv.cache, len(conv.token_ids)) is None
 
 
 def test_a_state_layer_keeping_what_kvchat_cannot_copy_is_never_cut_and_the_turn_prefills_all():
     engine, _, conv = first_turn_with_cuts("qwen3.5")
     conv.cache.layers[1].mystery = object()
-    assert "layer 1 keeps 'mystery' (a object)" in kv.unsupported(conv.cache)
+    assert "layer 1 keeps 'mystery' (a object)" in layers.unsupported(conv.cache)
     fallback = reply(engine, conv, MESSAGES[1])
     assert fallback == ("layer 1 keeps 'mystery' (a object), which kvchat cannot snapshot or save exactly; "
                         "prefilling all")
@@ -287,7 +289,7 @@ def test_retry_right_after_a_resume_is_exact(family, tmp_path):
     want = greedy_without_cache(engine2.model, prompt, GREEDY.max_new_tokens, engine2.stop_ids)
     retry = [e for e in engine2.retry(resumed, GREEDY) if isinstance(e, TurnEnd)][0]
     assert retry.token_ids == want and retry.stats.fallback is None
-    assert retry.stats.prefilled == (0 if kv.has_state(resumed.cache) else 1)
+    assert retry.stats.prefilled == (0 if layers.has_state(resumed.cache) else 1)
 
 
 def test_a_context_drop_reuses_the_system_prompt(family):
@@ -314,14 +316,14 @@ def test_a_new_conversation_starts_from_the_stored_system_prompt(family, tmp_pat
 
 def test_info_arithmetic_matches_what_a_forward_pass_keeps(family):
     """KV bytes per token and the fixed state size in `kvchat info` equal what the cache really holds."""
-    shape = memory.model_shape(family, None, kv.layout(family.model, family.device, window_cache(family)))
+    shape = memory.model_shape(family, None, layers.layout(family.model, family.device, window_cache(family)))
     sizes = []
     for n in (20, 30):
-        cache = kv.new_cache(family.model, window_cache(family))
+        cache = layers.new_cache(family.model, window_cache(family))
         with torch.inference_mode():
             family.model(input_ids=torch.arange(5, 5 + n)[None], use_cache=True,
-                         **{kv.cache_kwarg(family.model): cache})
-        sizes.append(kv.nbytes(cache))
+                         **{layers.cache_kwarg(family.model): cache})
+        sizes.append(layers.nbytes(cache))
     assert shape.bytes_per_token == (sizes[1] - sizes[0]) // 10
     assert shape.state_bytes == sizes[0] - 20 * shape.bytes_per_token
     lines = "\n".join(memory.info_lines(shape, family.device, family.dtype, MAX_CHECKPOINTS))
@@ -368,7 +370,7 @@ def test_jamba_continues_its_recurrent_state_one_token_at_a_time():
     widths = []
 
     def record(module, args, kwargs):
-        if kwargs.get(kv.cache_kwarg(loaded.model)) is not None:  # the engine's passes, not the reference's
+        if kwargs.get(layers.cache_kwarg(loaded.model)) is not None:  # the engine's passes, not the reference's
             widths.append(kwargs["input_ids"].shape[1])
 
     hook = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
@@ -388,10 +390,10 @@ def test_sparse_attention_indexer_keys_are_cut_and_restored_exactly(tmp_path):
     prefill of the same tokens holds."""
     loaded = make_family("deepseek-v3.2")
     model, ids = loaded.model, list(range(5, 45))
-    key = kv.cache_kwarg(model)
+    key = layers.cache_kwarg(model)
 
     def prefill(tokens):
-        cache = kv.new_cache(model)
+        cache = layers.new_cache(model)
         with torch.inference_mode():
             model(input_ids=torch.tensor([tokens]), use_cache=True, **{key: cache})
         return cache
@@ -399,7 +401,7 @@ def test_sparse_attention_indexer_keys_are_cut_and_restored_exactly(tmp_path):
     fresh, cut = prefill(ids[:25]), prefill(ids)
     conv = Conversation(token_ids=list(ids), cache=cut)
     assert conv.cut_to(25) == 25
-    restored = kv.restore(model, [kv.export(fresh, 0, 10), kv.export(fresh, 10, 25)], loaded.device)
+    restored = layers.restore(model, [layers.export(fresh, 0, 10), layers.export(fresh, 10, 25)], loaded.device)
     for mine, want in zip(restored.layers, fresh.layers):  # bit-exact through export and restore
         assert torch.equal(mine.indexer_keys, want.indexer_keys)
         assert torch.equal(mine.keys, want.keys) and torch.equal(mine.values, want.values)
@@ -439,7 +441,7 @@ def test_a_hybrid_session_resumed_by_a_new_run_matches_a_straight_run(monkeypatc
     assert record["loaded"] == record["reused"] > 0 and record["fallback"] is None
     assert record["prefilled"] <= len(MESSAGES[1]) + 12  # the new message and template tokens, not the session
     code, out, _ = run_cli(monkeypatch, capsys, ["info", "--model", str(hybrid_model_dir)])
-    state = kv.layout(make_family("qwen3.5", dtype=torch.float32).model, torch.device("cpu")).state_bytes()
+    state = layers.layout(make_family("qwen3.5", dtype=torch.float32).model, torch.device("cpu")).state_bytes()
     assert code == 0 and f"recurrent/conv state: {memory.human(state)} in 3 layers" in out
 
 

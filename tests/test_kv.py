@@ -4,16 +4,16 @@ import torch
 from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
                                       LinearAttentionAndFullAttentionLayer, LinearAttentionLayer)
 
-from kvchat import kv
+from kvchat.cache import layers
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
 from reference import greedy_without_cache
 
 
 def test_growable_layer_matches_dynamic_layer_through_growth_and_crops():
     torch.manual_seed(0)
-    grow, plain = kv.GrowableLayer(), DynamicLayer()
+    grow, plain = layers.GrowableLayer(), DynamicLayer()
     for step, n in enumerate([100, 1, 1, 200, 7, 300, 1]):  # crosses the 256 start capacity and regrows
         k, v = torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
         got_k, got_v = grow.update(k, v)
@@ -28,7 +28,7 @@ def test_growable_layer_matches_dynamic_layer_through_growth_and_crops():
 
 def test_growable_layer_keeps_keys_and_values_of_different_widths():
     """Multi-head latent attention caches keys and values of different head sizes."""
-    layer = kv.GrowableLayer()
+    layer = layers.GrowableLayer()
     for n in (3, 300, 1):  # the second update regrows the buffers
         keys, values = layer.update(torch.randn(1, 2, n, 24), torch.randn(1, 2, n, 16))
     assert keys.shape == (1, 2, 304, 24) and values.shape == (1, 2, 304, 16)
@@ -41,32 +41,32 @@ class UnknownLayer(DynamicLayer):
 
 
 def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reuse(tiny, monkeypatch):
-    def cache_with_an_unknown_layer(model, windows=kv.WINDOWS_FULL):
+    def cache_with_an_unknown_layer(model, windows=layers.WINDOWS_FULL):
         cache = DynamicCache(config=model.config)
-        cache.layers = [kv.GrowableLayer(), UnknownLayer()]
+        cache.layers = [layers.GrowableLayer(), UnknownLayer()]
         return cache
 
-    monkeypatch.setattr(kv, "new_cache", cache_with_an_unknown_layer)
+    monkeypatch.setattr(layers, "new_cache", cache_with_an_unknown_layer)
     engine = Engine(tiny)
     conv = Conversation.start("You are a helpful assistant.")
     greedy = Sampling(temperature=0, max_new_tokens=6)
     list(engine.send(conv, "Hello, how are you today?", greedy))
-    assert "UnknownLayer" in kv.unsupported(conv.cache)
+    assert "UnknownLayer" in layers.unsupported(conv.cache)
     conv.messages[1]["content"] = "Edited."  # the next turn must cut the cache back
     history = conv.messages + [{"role": "user", "content": "What is the capital of France?"}]
     end = list(engine.send(conv, "What is the capital of France?", greedy))[-1]
     assert isinstance(end, TurnEnd)
     assert end.stats.reused == 0 and "UnknownLayer" in end.stats.fallback
     assert end.token_ids == greedy_without_cache(tiny.model, engine.render(history), 6, engine.stop_ids)
-    assert not kv.can_export(conv.cache)
+    assert not layers.can_export(conv.cache)
     assert conv.cut_to(3) == 0 and conv.cache is None  # never cut: forgotten
 
 
 def test_each_layer_type_declares_what_kvchat_may_do_and_an_unknown_one_may_do_nothing():
-    unknown = kv.kind(UnknownLayer())
+    unknown = layers.kind(UnknownLayer())
     assert not (unknown.known or unknown.can_cut or unknown.has_state or unknown.holds_nothing)
-    declared = {name: kv.kind(layer) for name, layer in {
-        "attention": kv.GrowableLayer(), "state": LinearAttentionLayer(),
+    declared = {name: layers.kind(layer) for name, layer in {
+        "attention": layers.GrowableLayer(), "state": LinearAttentionLayer(),
         "both": LinearAttentionAndFullAttentionLayer(), "window": DynamicSlidingWindowLayer(sliding_window=4),
         "nothing": DummyLayer()}.items()}
     assert [name for name, k in declared.items() if k.can_cut] == ["attention", "both"]
@@ -78,9 +78,9 @@ def test_each_layer_type_declares_what_kvchat_may_do_and_an_unknown_one_may_do_n
 def test_export_copies_so_later_cuts_and_updates_cannot_rewrite_it():
     """Regression (issue 10): with one KV head a slice of the live buffer is contiguous, and was exported as a view."""
     cache = DynamicCache()
-    cache.layers = [kv.GrowableLayer()]
+    cache.layers = [layers.GrowableLayer()]
     cache.layers[0].update(torch.randn(1, 1, 8, 4), torch.randn(1, 1, 8, 4))
-    exported = kv.export(cache, 0, 8)
+    exported = layers.export(cache, 0, 8)
     kept = {name: tensor.clone() for name, tensor in exported.items()}
     cache.layers[0].crop(-4)
     cache.layers[0].update(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))  # rewrites positions 4..7

@@ -6,9 +6,9 @@ import random
 import pytest
 
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine
-from kvchat.prompt import VERIFY_MESSAGES, Renderer
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine
+from kvchat.chat.prompt import VERIFY_MESSAGES, Renderer
 from tiny import CHATML, CORPUS, make_tokenizer
 
 TURN = "{{ '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>' + '\n' }}"

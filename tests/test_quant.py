@@ -1,4 +1,4 @@
-"""int8 block weights (kvchat/quant.py): recovered bit for bit from GGUF blocks, computed in float32, and every
+"""int8 block weights (kvchat/weights/quant.py): recovered bit for bit from GGUF blocks, computed in float32, and every
 exactness property of the cache kept with them (reuse, resume, undo, continue)."""
 
 import json
@@ -8,13 +8,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from kvchat import quant
+from kvchat.weights import quant
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.errors import ConfigError, KvchatError
-from kvchat.model import DEFAULT_MODEL_NAME, choose_weights, fingerprint, precision
-from kvchat.store import Persister
+from kvchat.weights.model import DEFAULT_MODEL_NAME, choose_weights, fingerprint, precision
+from kvchat.store.sessions import Persister
 from bound import engine_with_store
 from reference import greedy_without_cache
 from tiny import make_loaded
@@ -240,7 +240,7 @@ def test_a_chat_of_the_default_model_says_when_it_decodes_without_the_kernel(mon
     import io
     import shutil
 
-    from kvchat.cli import main
+    from kvchat.ui.cli import main
 
     model = tmp_path / DEFAULT_MODEL_NAME  # a model named as the default one, which is meant to be packed
     shutil.copytree(tiny_model_dir, model)
@@ -254,7 +254,7 @@ def test_a_chat_of_the_default_model_says_when_it_decodes_without_the_kernel(mon
 
 
 def test_a_converted_model_is_kept_packed_on_disk_and_loads_as_the_same_float32_numbers(tmp_path):
-    from kvchat.model import PACKED_WEIGHTS, load_model, pack_directory
+    from kvchat.weights.model import PACKED_WEIGHTS, load_model, pack_directory
 
     loaded = gguf_like()
     exact_dir, other_dir = tmp_path / "exact", tmp_path / "other"
@@ -342,8 +342,8 @@ def test_a_packed_model_keeps_its_q4_layers_in_4_bits_and_an_older_int8_packing_
 
 
 def test_the_default_models_older_int8_file_is_repacked_once_with_the_same_numbers(tmp_path, monkeypatch):
-    from kvchat import model as model_module
-    from kvchat.model import PACKED_WEIGHTS, default_model_dir, load_model, pack_directory
+    from kvchat.weights import model as model_module
+    from kvchat.weights.model import PACKED_WEIGHTS, default_model_dir, load_model, pack_directory
 
     loaded = gguf_like()
     directory = tmp_path / "home" / "models" / DEFAULT_MODEL_NAME

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
-from kvchat.model import load_model
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.weights.model import load_model
 
 pytestmark = pytest.mark.real_model
 
@@ -59,8 +59,8 @@ def test_echo_question_answers_paris():
 
 
 def test_session_saved_after_turn_3_resumes_exactly(default_model, tmp_path):
-    from kvchat.model import fingerprint
-    from kvchat.store import Persister, Store
+    from kvchat.weights.model import fingerprint
+    from kvchat.store.sessions import Persister, Store
 
     fp = fingerprint(default_model)
     engine = Engine(default_model)

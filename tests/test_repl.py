@@ -9,12 +9,12 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from kvchat.config import Sampling, Settings
-from kvchat.conversation import Conversation
-from kvchat.display import WrappingWriter
-from kvchat.engine import Engine, Token
-from kvchat.model import fingerprint
-from kvchat.repl import Repl
-from kvchat.store import Persister, Store
+from kvchat.chat.conversation import Conversation
+from kvchat.ui.display import WrappingWriter
+from kvchat.chat.engine import Engine, Token
+from kvchat.weights.model import fingerprint
+from kvchat.ui.repl import Repl
+from kvchat.store.sessions import Persister, Store
 
 SETTINGS = Settings(sampling=Sampling(temperature=0, max_new_tokens=6))
 
@@ -261,7 +261,7 @@ def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
 
 def test_escape_sequences_in_a_reply_are_shown_not_obeyed(tiny, pipe, monkeypatch):
     """Regression (issue 10): a reply's escape sequences (clear screen, retitle, bell) went to the terminal raw."""
-    from kvchat.engine import Token, TurnEnd
+    from kvchat.chat.engine import Token, TurnEnd
 
     repl = make_repl(tiny, pipe)
     real_send = repl.engine.send
@@ -316,7 +316,7 @@ def test_system_and_reset_keep_the_view_right_after_turns_were_dropped(tiny):
 
 def test_a_failure_inside_a_turn_is_one_line_and_the_chat_goes_on(tiny, pipe, monkeypatch):
     """Regression (issue 10): an exception inside a turn (out of memory, sampling) ended the chat with a traceback."""
-    import kvchat.engine as engine_module
+    import kvchat.chat.engine as engine_module
 
     repl = make_repl(tiny, pipe)
     calls = {"n": 0}
@@ -378,7 +378,7 @@ def test_a_long_paste_stays_on_screen_collapsed_and_the_model_gets_all_of_it(tin
     """Regression (issue 11): a paste taller than the terminal blanked the screen and was never shown; the
     input history kept 300 KB pastes. Now it is shown as its first lines and what is left out; the model
     and the input history get the whole text (history only below MAX_HISTORY_CHARS)."""
-    monkeypatch.setattr("kvchat.repl.MAX_HISTORY_CHARS", 5000)  # a message over it that still fits the context
+    monkeypatch.setattr("kvchat.ui.repl.MAX_HISTORY_CHARS", 5000)  # a message over it that still fits the context
     paste = "\n".join(f"row {i} of the paste" for i in range(1, 201))
     huge = "The quick brown fox jumps over the lazy dog. " * 120
     repl = screen_repl(tiny, pipe, history_path=str(tmp_path / "history"))
@@ -394,7 +394,7 @@ def test_a_long_paste_stays_on_screen_collapsed_and_the_model_gets_all_of_it(tin
 
 def test_resuming_shows_the_last_exchanges_and_history_shows_them_all(tiny, pipe, tmp_path):
     """Regression (issue 11): resuming said only "resumed: 5 turns" (and "1 turns" for one)."""
-    from kvchat.repl import RESUME_EXCHANGES
+    from kvchat.ui.repl import RESUME_EXCHANGES
 
     first = make_repl(tiny, pipe, tmp_path)
     drive(first, "/save talk\rHello\rTell me a story.\rNumbers?\r/quit\r")
@@ -468,8 +468,8 @@ def test_system_mid_chat_says_how_much_the_next_turn_reads_again(tiny, pipe):
 def test_time_saved_is_estimated_from_the_measured_cost_of_a_prompt_token():
     """Regression (issue 11): /stats divided all prefill time by all prefilled tokens, so the fixed cost of the
     many small prefills (5-11 tok/s) inflated the time saved; it now uses the slope over the larger prefills."""
-    from kvchat.engine import TurnStats
-    from kvchat.repl import Totals
+    from kvchat.chat.engine import TurnStats
+    from kvchat.ui.repl import Totals
 
     totals = Totals()
     for prefilled, ms, reused in ((12, 120.0, 0), (500, 1100.0, 40), (1000, 2100.0, 600), (20, 150.0, 1500)):
@@ -517,7 +517,7 @@ def test_typed_ahead_keys_are_not_echoed_into_a_streaming_reply_and_wait_for_the
     import select
     import termios
 
-    from kvchat.display import quiet_input
+    from kvchat.ui.display import quiet_input
 
     leader, follower = pty.openpty()
     try:
@@ -542,7 +542,7 @@ MARKDOWN_REPLY = "# Plan\n\nSome **bold** words and `code`.\n\n```python\nprint(
 
 def markdown_repl(tiny, pipe, monkeypatch, **settings):
     """A REPL on a (fake) terminal whose model answers MARKDOWN_REPLY, a few characters at a time."""
-    from kvchat.engine import TurnEnd, TurnStats
+    from kvchat.chat.engine import TurnEnd, TurnStats
 
     monkeypatch.delenv("NO_COLOR", raising=False)
     repl = Repl(Engine(tiny), Conversation.start(), Settings(sampling=SETTINGS.sampling, **settings), input=pipe,
@@ -579,7 +579,7 @@ def test_the_prompt_is_up_while_the_model_loads_and_the_first_message_waits_for_
     import threading
 
     from kvchat.errors import KvchatError
-    from kvchat.repl import Pending
+    from kvchat.ui.repl import Pending
 
     release = threading.Event()
 

@@ -1,7 +1,7 @@
 import torch
 
 from kvchat.config import Sampling
-from kvchat.sampling import make_generator, next_token
+from kvchat.chat.sampling import make_generator, next_token
 
 LOGITS = torch.tensor([0.1, 2.0, 1.9, -3.0, 0.5])
 
@@ -64,7 +64,7 @@ def reference_distribution(logits, sampling):
 def test_candidates_are_the_same_distribution_as_filtering_the_whole_vocabulary():
     """Issue 12: sampling sorted the whole 49k vocabulary per token; top-k first, then top-p on the k
     survivors, gives the same probabilities over a fraction of the work."""
-    from kvchat.sampling import candidates
+    from kvchat.chat.sampling import candidates
 
     torch.manual_seed(0)
     for top_k, top_p, temperature in ((50, 0.95, 0.7), (0, 0.9, 1.0), (10, 1.0, 1.3), (0, 1.0, 0.5), (3, 0.5, 2.0)):

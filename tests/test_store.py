@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from kvchat import store as store_module
+from kvchat.store import sessions as store_module
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
-from kvchat.model import fingerprint
-from kvchat.store import Persister, Store, StoreError, check_name
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.weights.model import fingerprint
+from kvchat.store.sessions import Persister, Store, StoreError, check_name
 from bound import engine_with_store
 from reference import greedy_without_cache
 from tiny import make_loaded
@@ -519,7 +519,7 @@ def _kv_bytes(header, body=b"\0" * 16):
 ], ids=["list", "metadata-string", "no-offsets", "shape-int", "offsets-wrong-type"])
 def test_a_kv_header_of_valid_json_and_crc_but_wrong_structure_is_damage_not_a_traceback(tmp_path, header):
     """Regression (issue 10): four such headers raised KeyError/TypeError out of the reader."""
-    from kvchat import kvfile
+    from kvchat.store import kvfile
 
     path = tmp_path / "chunk.safetensors"
     path.write_bytes(_kv_bytes(header))
@@ -630,7 +630,7 @@ def test_the_size_cap_never_evicts_the_prefix_it_just_saved(tiny, tmp_path):
 def test_weights_the_fingerprint_sample_misses_still_make_another_model(tmp_path):
     """Regression (issue 10): changing weights that the sampled fingerprint never reads gave the same
     fingerprint, and model B loaded model A's KV. Weights from files count by their SHA-256."""
-    from kvchat.model import load_model
+    from kvchat.weights.model import load_model
 
     dirs = []
     for changed in (False, True):
@@ -654,8 +654,8 @@ def test_a_weight_file_rewritten_with_the_same_size_and_mtime_changes_the_finger
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from kvchat import model as model_module
-    from kvchat.model import load_model
+    from kvchat.weights import model as model_module
+    from kvchat.weights.model import load_model
 
     monkeypatch.setattr(model_module, "SETTLED_NS", 0)  # remember digests of files written a moment ago
     path = tmp_path / "m"
@@ -685,7 +685,7 @@ def test_a_weight_file_rewritten_with_the_same_size_and_mtime_changes_the_finger
 def test_a_weight_file_changed_a_moment_ago_is_hashed_again(tmp_path):
     """A digest is remembered only for a file that has not changed in the last seconds (a write within the same
     timestamp tick would go unseen), so a file just written is read again rather than trusted."""
-    from kvchat.model import file_digest
+    from kvchat.weights.model import file_digest
 
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"a" * 64)
@@ -700,7 +700,7 @@ def test_a_read_only_or_full_store_at_lock_time_is_one_clear_error_or_no_error(t
     """Regression (issue 10): a read-only store or a full disk when taking a session's lock gave a traceback."""
     import errno
 
-    from kvchat import kvfile
+    from kvchat.store import kvfile
 
     _, store = make_engine(tiny, tmp_path)
     if failure == "read-only":

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kvchat.model import LoadedModel
+from kvchat.weights.model import LoadedModel
 
 CHATML = (
     "{% for message in messages %}"

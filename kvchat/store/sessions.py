@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from kvchat import kvfile
+from kvchat.store import kvfile
 from kvchat.errors import KvchatError, one_line
-from kvchat.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
+from kvchat.store.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chunk_key
 
 if TYPE_CHECKING:
     import torch
 
-    from kvchat.conversation import Conversation
+    from kvchat.chat.conversation import Conversation
 
 # Listing, showing, removing and pruning sessions never import torch (kvchat sessions/cache answer at once):
 # the KV side imports the cache adapter when it first needs it.
@@ -196,9 +196,9 @@ class Store:
     # -- KV files ----------------------------------------------------------------------------
 
     def _write_kv(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
-        from kvchat import kv
+        from kvchat.cache import layers
 
-        data = kvfile.encode(kv.export(cache, start, end), self._kv_meta(key, start, end - start))
+        data = kvfile.encode(layers.export(cache, start, end), self._kv_meta(key, start, end - start))
         self.counters.add(atomic_write(path, data))
 
     def _kv_meta(self, key: str, start: int, n_tokens: int) -> dict[str, str]:
@@ -276,12 +276,12 @@ class Store:
         return saved
 
     def _save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None) -> bool:
-        from kvchat import kv
+        from kvchat.cache import layers
 
         self._ensure_dirs()
         key = chunk_key(self.fingerprint, ids)
         entry_path = self.prefixes / f"{key}.json"
-        if entry_path.exists() or not ids or not kv.can_export(cache) or (kv.has_state(cache) and state is None):
+        if entry_path.exists() or not ids or not layers.can_export(cache) or (layers.has_state(cache) and state is None):
             return False
         full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
         chunks = self._save_chunks(ids, cache, full)
@@ -292,7 +292,7 @@ class Store:
             chunks.append(key)
         entry = {"format": FORMAT, "fingerprint": self.fingerprint, "chunk_tokens": CHUNK_TOKENS,
                  "token_ids": ids, "chunks": chunks,
-                 "state": self._write_state(ids, state) if kv.has_state(cache) else None,
+                 "state": self._write_state(ids, state) if layers.has_state(cache) else None,
                  "last_used": time.time()}
         self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
         return True
@@ -305,7 +305,7 @@ class Store:
         the whole of `target` (a state cannot be cut back to leave a token to feed).
         Damaged files are skipped, never used.
         """
-        from kvchat import kv
+        from kvchat.cache import layers
 
         if self.fingerprint is None or not self.chunks.is_dir():
             return None
@@ -345,8 +345,8 @@ class Store:
                     state, _ = self._read_state(ids[:length], stored)
             except DamagedKV:
                 continue  # never used; a shorter candidate may still be intact
-            cache = kv.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
-            if kv.miscount(cache, length) is not None:
+            cache = layers.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
+            if layers.miscount(cache, length) is not None:
                 continue  # not what its tokens say: never used
             if entry is not None:
                 self._touch(*entry)
@@ -466,8 +466,8 @@ class Store:
 
     def open_session(self, name: str, system: str | None = None) -> Opened:
         """Lock and load a session (KV included when it is intact), or start it when it does not exist."""
-        from kvchat import kv
-        from kvchat.conversation import Checkpoint, Conversation
+        from kvchat.cache import layers
+        from kvchat.chat.conversation import Checkpoint, Conversation
 
         self.lock(name)
         manifest = self.read_manifest(name)
@@ -497,8 +497,8 @@ class Store:
         except DamagedKV as exc:
             return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
                           existed=True)
-        cache = kv.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
-        wrong = kv.miscount(cache, len(ids))
+        cache = layers.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
+        wrong = layers.miscount(cache, len(ids))
         if wrong is not None:
             return Opened(conv, f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text",
                           existed=True)
@@ -543,11 +543,11 @@ class Store:
             self._save_session(name, conv)
 
     def _save_session(self, name: str, conv: Conversation) -> None:
-        from kvchat import kv
+        from kvchat.cache import layers
 
         previous = self.read_manifest(name)
         ids = list(conv.token_ids)
-        exportable = conv.cache is not None and kv.can_export(conv.cache)
+        exportable = conv.cache is not None and layers.can_export(conv.cache)
         if not exportable:
             ids = []  # the text alone is saved; a resume prefills it
         full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
@@ -560,7 +560,7 @@ class Store:
             if not path.exists():
                 self._write_tail(path, conv.cache, key, full, len(ids))
         states = []
-        if ids and kv.has_state(conv.cache):
+        if ids and layers.has_state(conv.cache):
             # What a resume needs: the pinned checkpoints (the system prompt's), the last turn's three (before
             # its message, before the reply header, the prompt's end with its logits), and the state at the end.
             earlier = [c for c in conv.checkpoints if c.tokens < len(ids)]
@@ -569,7 +569,7 @@ class Store:
                 states.append({**self._write_state(ids[:point.tokens], point.state, point.logits, name),
                                "pinned": point.pinned})
             at_end = next((c for c in conv.checkpoints if c.tokens == len(ids)), None)  # an empty reply
-            states.append(self._write_state(ids, kv.export_state(conv.cache), at_end and at_end.logits, name))
+            states.append(self._write_state(ids, layers.export_state(conv.cache), at_end and at_end.logits, name))
         now = time.time()
         manifest = {
             "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
@@ -774,14 +774,14 @@ class Persister:
                                  f"{exc.strerror or exc}; the previous save is intact") from None
 
     def _save_system_prefix(self, conv: Conversation) -> None:
-        from kvchat import kv
+        from kvchat.cache import layers
 
         prefix = self.store.engine.system_prefix_ids(conv.system)
         key = hash(tuple(prefix))
         if key in self.prefixes_saved or len(prefix) > len(conv.token_ids) or conv.token_ids[:len(prefix)] != prefix:
             return
         state = None
-        if kv.has_state(conv.cache):  # the state after exactly the prefix: its checkpoint, when one was kept
+        if layers.has_state(conv.cache):  # the state after exactly the prefix: its checkpoint, when one was kept
             point = next((c for c in conv.checkpoints if c.tokens == len(prefix)), None)
             if point is None:
                 return

@@ -38,7 +38,7 @@ class LoadedModel:
     weight_label: str | None = None  # what packed weights are kept as, for people: "4-bit and int8"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
-    compile: str = "off"  # engines on it compile the decode step: "on", "off", "auto" (CUDA); see kvchat.compiled
+    compile: str = "off"  # engines on it compile the decode step: "on", "off", "auto" (CUDA); see kvchat.cache.compiled
 
 
 def resolve_device(name: str) -> torch.device:
@@ -110,13 +110,13 @@ PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact bl
 
 def pack_directory(directory: Path) -> bool:
     """Replace the float32 weights that save_pretrained wrote in `directory` by their integer blocks (see
-    `kvchat.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
+    `kvchat.weights.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
     the default model takes 102 MB on disk instead of 538, and loads as the same float32 numbers. The file is in
     the form `quant.pack_model` keeps packings in (so packed weights are read from it as they are), plus the
     tensors left unpacked."""
     from safetensors.torch import load_file
 
-    from kvchat import quant
+    from kvchat.weights import quant
 
     files = list(directory.glob("*.safetensors"))
     if [f.name for f in files] != ["model.safetensors"]:
@@ -142,7 +142,7 @@ def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
     """The float32 state dict of a directory that `pack_directory` packed; None for any other directory."""
     from safetensors import SafetensorError
 
-    from kvchat import quant
+    from kvchat.weights import quant
 
     path = directory / PACKED_WEIGHTS
     if not path.is_file() or any(p.name != PACKED_WEIGHTS for p in directory.glob("*.safetensors")):
@@ -187,7 +187,7 @@ def narrow_directory(directory: Path) -> bool:
     `quant.narrow`); False when nothing was rewritten."""
     from safetensors import SafetensorError
 
-    from kvchat import quant
+    from kvchat.weights import quant
 
     path = directory / PACKED_WEIGHTS
     try:
@@ -328,10 +328,10 @@ PACK_VERSION = "1"  # changes when quant.pack's output would
 
 
 def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
-    """Pack the model's weights as 4-bit and int8 blocks (see `kvchat.quant`) when asked to, or, with 'auto',
+    """Pack the model's weights as 4-bit and int8 blocks (see `kvchat.weights.quant`) when asked to, or, with 'auto',
     when it runs on the CPU in float32 and its weights come back bit for bit (a model converted from a GGUF does);
     'full' keeps them as loaded. Sets `weight_format` and, when 'auto' keeps full weights, `weight_note`."""
-    from kvchat import quant
+    from kvchat.weights import quant
 
     assert weights in ("auto", "full", "int8"), f"unknown weights setting {weights!r}"
     if weights == "full":
@@ -364,7 +364,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         loaded.weight_note = ("full float32 weights: they are not exact int8 blocks, as a GGUF's are "
                               "(--weights int8 quantizes them)")
         return
-    # (one format for the fingerprint: both forms of packed weights compute the same bits, see kvchat.quant)
+    # (one format for the fingerprint: both forms of packed weights compute the same bits, see kvchat.weights.quant)
     loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
     loaded.weight_label = quant.forms(loaded.model)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kvchat.config import kvchat_home
-from kvchat.memory import KVShape
+from kvchat.weights.memory import KVShape
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -101,11 +101,11 @@ class Conversation:
 
     def check(self) -> None:
         """Assert that the cache holds exactly `token_ids`: every token count its layers keep agrees."""
-        from kvchat import kv
+        from kvchat.cache import layers
 
         assert not self.dirty, "a forward pass was cut short and its cache not restored"
         if self.cache is not None:
-            wrong = kv.miscount(self.cache, len(self.token_ids))
+            wrong = layers.miscount(self.cache, len(self.token_ids))
             assert wrong is None, wrong
 
     def drop_cache(self) -> None:
@@ -122,10 +122,10 @@ class Conversation:
 
         Beyond MAX_CHECKPOINTS the oldest unpinned snapshot goes.
         """
-        from kvchat import kv
+        from kvchat.cache import layers
 
-        if self.cache is None or self.dirty or not self.token_ids or not kv.has_state(self.cache) or \
-                kv.unsupported(self.cache) is not None:  # (such a cache is never cut back: no use for a snapshot)
+        if self.cache is None or self.dirty or not self.token_ids or not layers.has_state(self.cache) or \
+                layers.unsupported(self.cache) is not None:  # (such a cache is never cut back: no use for a snapshot)
             return
         n = len(self.token_ids)
         same = next((c for c in self.checkpoints if c.tokens == n), None)
@@ -133,7 +133,7 @@ class Conversation:
             same.logits = same.logits if logits is None else logits
             same.pinned = same.pinned or pin
             return
-        self.checkpoints.append(Checkpoint(n, kv.export_state(self.cache, device=None), logits, pin))
+        self.checkpoints.append(Checkpoint(n, layers.export_state(self.cache, device=None), logits, pin))
         self.checkpoints.sort(key=lambda c: c.tokens)
         unpinned = [i for i, c in enumerate(self.checkpoints) if not c.pinned]
         if len(self.checkpoints) > MAX_CHECKPOINTS and unpinned:
@@ -147,12 +147,12 @@ class Conversation:
         the cache is forgotten and 0 is returned; so it is when the cut cache's token counts do not all come
         to the kept length (`refusal` then says why).
         """
-        from kvchat import kv
+        from kvchat.cache import layers
 
-        if self.cache is None or n <= 0 or kv.unsupported(self.cache) is not None:
+        if self.cache is None or n <= 0 or layers.unsupported(self.cache) is not None:
             self.drop_cache()
             return 0
-        if kv.has_state(self.cache):
+        if layers.has_state(self.cache):
             if n >= len(self.token_ids) and not self.dirty:
                 return len(self.token_ids)
             usable = [c for c in self.checkpoints if c.tokens <= min(n, len(self.token_ids))]
@@ -160,14 +160,14 @@ class Conversation:
                 self.drop_cache()
                 return 0
             point = usable[-1]
-            kv.import_state(self.cache, point.state)
+            layers.import_state(self.cache, point.state)
             n = point.tokens
             self.checkpoints = [c for c in self.checkpoints if c.tokens <= n]
             if point.logits is not None:
                 self.prompt_logits = (n, point.logits)
         self.dirty = False
         self.truncate(n)
-        wrong = kv.miscount(self.cache, n)
+        wrong = layers.miscount(self.cache, n)
         if wrong is not None:  # never continue from a cache that is not what the tokens say
             self.drop_cache()
             self.refusal = wrong
@@ -176,9 +176,9 @@ class Conversation:
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` tokens of the attention layers and ids (state layers are `cut_to`'s business)."""
-        from kvchat import kv
+        from kvchat.cache import layers
 
-        kv.truncate(self.cache, n)
+        layers.truncate(self.cache, n)
         del self.token_ids[n:]
         if self.prompt_logits is not None and self.prompt_logits[0] > n:
             self.prompt_logits = None

@@ -12,15 +12,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
-from kvchat import __version__, memory
+from kvchat import __version__
+from kvchat.weights import memory
 from kvchat.config import Settings, adopt_sampling, kvchat_home, load_config
-from kvchat.conversation import MAX_CHECKPOINTS, Conversation, check_message
+from kvchat.chat.conversation import MAX_CHECKPOINTS, Conversation, check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
-from kvchat.store import Persister, Store, check_name
-from kvchat.terminal import visible, wrap
+from kvchat.store.sessions import Persister, Store, check_name
+from kvchat.ui.terminal import visible, wrap
 
 if TYPE_CHECKING:
-    from kvchat.engine import Engine, TurnEnd
+    from kvchat.chat.engine import Engine, TurnEnd
 
 # torch and transformers are imported only by the commands that load a model: --help, --version, sessions and
 # cache answer at once.
@@ -119,8 +120,8 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
 def load(settings: Settings, progress: Any = None) -> Any:
     """Load the configured model; its progress goes to `progress(what, step, steps)`, by default on stderr (a
     transient line in a terminal)."""
-    from kvchat.display import LoadProgress
-    from kvchat.model import load_model
+    from kvchat.ui.display import LoadProgress
+    from kvchat.weights.model import load_model
 
     line = LoadProgress(sys.stderr) if progress is None else None
     try:
@@ -135,7 +136,7 @@ def load(settings: Settings, progress: Any = None) -> Any:
 
 def load_engine(settings: Settings, progress: Any = None) -> Engine:
     """Load the configured model and wrap it in an engine."""
-    from kvchat.engine import Engine
+    from kvchat.chat.engine import Engine
 
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
@@ -162,7 +163,7 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
     line number and the script goes on; returns how many failed. Without, the first failure raises
     (a KvchatError: one line).
     """
-    from kvchat.engine import Token, TurnEnd, turn_notices
+    from kvchat.chat.engine import Token, TurnEnd, turn_notices
 
     failed = 0
     for index, text in enumerate(messages):
@@ -230,7 +231,7 @@ def chat(argv: list[str]) -> int:
         print(f"kvchat {__version__} · starting {visible(settings.model)} · Ctrl-C to cancel", flush=True)
     try:
         if interactive:
-            from kvchat.repl import Pending, Repl
+            from kvchat.ui.repl import Pending, Repl
 
             kvchat_home().mkdir(parents=True, exist_ok=True)
             history = str(kvchat_home() / "history")
@@ -255,7 +256,7 @@ def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
               progress: Any = None) -> tuple[Any, Conversation, Persister, Settings, list[str]]:
     """Load the model, bind the store, open the session or start a conversation. Returns the engine, the
     conversation, its persister, the settings as the session adjusts them, and notices for the user."""
-    from kvchat.model import fingerprint
+    from kvchat.weights.model import fingerprint
 
     engine = load_engine(settings, progress)
     notices = []
@@ -349,13 +350,14 @@ def info_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
                                             "window_cache"))
-    from kvchat import compiled, kv
-    from kvchat.model import weights_label
+    from kvchat.cache import compiled
+    from kvchat.cache import layers
+    from kvchat.weights.model import weights_label
 
     loaded = load(settings)
     try:
-        layout = kv.layout(loaded.model, loaded.device, settings.window_cache)
-    except kv.Unsupported as exc:
+        layout = layers.layout(loaded.model, loaded.device, settings.window_cache)
+    except layers.Unsupported as exc:
         raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
     shape = memory.model_shape(loaded, settings.max_context, layout)
     for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, weights_label(loaded)):
@@ -417,9 +419,9 @@ def bench_command(argv: list[str]) -> int:
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile"))
     from dataclasses import replace
 
-    from kvchat import bench
+    from kvchat.bench import suite
 
-    plan = bench.BenchPlan.quick() if args.quick else bench.BenchPlan()
+    plan = suite.BenchPlan.quick() if args.quick else suite.BenchPlan()
     sizes = {"repeat": args.repeat, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
              "turns": args.turns}
     for key, value in sizes.items():
@@ -436,14 +438,14 @@ def bench_command(argv: list[str]) -> int:
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
-        results = bench.run(loaded, plan, bar, gguf=_gguf_of(settings.model))
+        results = suite.run(loaded, plan, bar, gguf=_gguf_of(settings.model))
     finally:
         bar.close()
-    print(bench.markdown(results))
+    print(suite.markdown(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plot is not None:
-        bench.plot(results, args.plot)
+        suite.plot(results, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
@@ -451,7 +453,7 @@ def bench_command(argv: list[str]) -> int:
 def _gguf_of(spec: str) -> Path | None:
     """The GGUF file a model spec comes from, when it comes from one (for bench's llama.cpp column)."""
     if spec == "default":
-        from kvchat.model import default_gguf_path
+        from kvchat.weights.model import default_gguf_path
 
         return default_gguf_path()
     return Path(spec) if spec.endswith(".gguf") and Path(spec).is_file() else None
@@ -459,7 +461,7 @@ def _gguf_of(spec: str) -> Path | None:
 
 def _levers(settings: Settings, args: argparse.Namespace) -> int:
     """kvchat bench --levers: the same model loaded each way on the CPU, side by side."""
-    from kvchat import levers
+    from kvchat.bench import levers
 
     bar = ProgressBar(sys.stderr)
     try:
@@ -483,7 +485,7 @@ def torch_threads() -> int:
 
 def models_command(argv: list[str]) -> int:
     _Parser(prog="kvchat models", description="The models on this machine: size and KV bytes per token.").parse_args(argv)
-    from kvchat.models import local_models
+    from kvchat.weights.local import local_models
 
     rows = local_models()
     if not rows:

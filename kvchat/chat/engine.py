@@ -12,14 +12,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat import compiled, kv
+from kvchat.cache import compiled
+from kvchat.cache import layers
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation, check_message
-from kvchat.detokenize import IncrementalDecoder, decode
+from kvchat.chat.conversation import Conversation, check_message
+from kvchat.chat.detokenize import IncrementalDecoder, decode
 from kvchat.errors import InputError, KvchatError
-from kvchat.model import LoadedModel
-from kvchat.prompt import Renderer, common_prefix
-from kvchat.sampling import make_generator, next_token
+from kvchat.weights.model import LoadedModel
+from kvchat.chat.prompt import Renderer, common_prefix
+from kvchat.chat.sampling import make_generator, next_token
 
 # Special tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -109,7 +110,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
                  prefix_source: PrefixSource | None = None, max_context: int | None = None,
-                 window_cache: str = kv.WINDOWS_FULL, compile: str | None = None, warm_up: bool = True):
+                 window_cache: str = layers.WINDOWS_FULL, compile: str | None = None, warm_up: bool = True):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -123,16 +124,16 @@ class Engine:
         self.reuse = reuse
         self.prefix_source = prefix_source
         self.stop_ids = stop_token_ids(loaded)
-        self._cache_kwarg = kv.cache_kwarg(self.model)
-        self._takes_positions = kv.takes_positions(self.model)
-        self.stepwise = kv.stepwise_continuation(self.model)
-        self.window_cache = window_cache  # how sliding-window layers are kept (kv.WINDOWS_FULL or WINDOWS_ONLY)
+        self._cache_kwarg = layers.cache_kwarg(self.model)
+        self._takes_positions = layers.takes_positions(self.model)
+        self.stepwise = layers.stepwise_continuation(self.model)
+        self.window_cache = window_cache  # how sliding-window layers are kept (layers.WINDOWS_FULL or WINDOWS_ONLY)
         self.renderer = Renderer(self.tokenizer)
         try:  # what the cache keeps per token and as state: one probe forward pass
-            self.layout = kv.layout(self.model, self.device, self.window_cache)
-        except kv.Unsupported as exc:
+            self.layout = layers.layout(self.model, self.device, self.window_cache)
+        except layers.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
-        # The compiled one-token step (see kvchat.compiled; `compile` defaults to the loaded model's setting),
+        # The compiled one-token step (see kvchat.cache.compiled; `compile` defaults to the loaded model's setting),
         # compiled in the background unless `warm_up` is False (then on the first token that can use it).
         wanted = compiled.wanted(compile or loaded.compile, self.device)
         self.step = compiled.step_for(self.model, self.device) if wanted else None
@@ -193,7 +194,7 @@ class Engine:
         time once there is a state to continue.
         """
         assert ids, "nothing to prefill"
-        stateful = kv.has_state(conv.cache)
+        stateful = layers.has_state(conv.cache)
         start, end = len(conv.token_ids), len(conv.token_ids) + len(ids)
         marks = marks or {}
         stops = sorted({m for m in marks if start < m < end} | {end}) if stateful else [end]
@@ -228,7 +229,7 @@ class Engine:
         else:
             keep = min(shared, len(target) - 1)
         if conv.cache is not None and keep < len(conv.token_ids):
-            reason = kv.unsupported(conv.cache)
+            reason = layers.unsupported(conv.cache)
             kept = conv.cut_to(keep)
             if kept == 0 and keep > 0:
                 reason = reason or conv.refusal or f"no recurrent-state checkpoint at or before token {keep}"
@@ -244,7 +245,7 @@ class Engine:
                 if keep < loaded:
                     conv.truncate(keep)
         if conv.cache is None:
-            conv.cache = kv.new_cache(self.model, self.window_cache)
+            conv.cache = layers.new_cache(self.model, self.window_cache)
         conv.check()
         loaded, conv.restored = max(loaded, conv.restored), 0
         return keep, fallback, min(loaded, keep)
@@ -261,7 +262,7 @@ class Engine:
         """Where a prompt's prefill snapshots recurrent state, besides its end: after the system prompt (a context
         drop comes back there), before the new user message (an /undo comes back there), and before the reply's
         header (templates that rewrite the header of a past reply, such as an empty think block, come back there)."""
-        if not kv.has_state(conv.cache):
+        if not layers.has_state(conv.cache):
             return {}
         view, marks = conv.view(), {}
         for part in (None, view[:-1], view):
@@ -276,7 +277,7 @@ class Engine:
 
     def _restore_invariant(self, conv: Conversation) -> None:
         """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
-        if conv.cache is not None and (conv.dirty or kv.miscount(conv.cache, len(conv.token_ids))):
+        if conv.cache is not None and (conv.dirty or layers.miscount(conv.cache, len(conv.token_ids))):
             conv.cut_to(len(conv.token_ids))
         conv.dirty = False
         conv.check()
@@ -454,7 +455,7 @@ class Engine:
             generated=generated,
             ttft_ms=(first - started) * 1000,
             decode_tok_s=(generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0,
-            kv_bytes=kv.nbytes(conv.cache),
+            kv_bytes=layers.nbytes(conv.cache),
             prefill_ms=(prefill_done - started) * 1000,
             loaded=loaded,
             stop=stop,

@@ -1,4 +1,4 @@
-"""The compiled one-token decode step: torch.compile over a static view of kvchat's cache (`kv.one_step`).
+"""The compiled one-token decode step: torch.compile over a static view of kvchat's cache (`layers.one_step`).
 
 Only decoding is compiled; prefill stays eager. The step is compiled once per loaded model (its capacity
 dimension is dynamic, so a growing cache does not recompile), in a background thread (a forward pass sent
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvchat import kv
+from kvchat.cache import layers
 from kvchat.config import COMPILE, kvchat_home
 
 
@@ -69,7 +69,7 @@ class CompiledStep:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvchat_home() / "compiled"))
         _take_over_sdpa()
         self._model = weakref.ref(model)  # (the registry below must not keep the model alive)
-        self._kwarg = kv.cache_kwarg(model)
+        self._kwarg = layers.cache_kwarg(model)
         self._ids: torch.Tensor | None = None  # [1, 1], refilled every step (no allocation per token)
         self.failure: str | None = None  # why compiling (or a compiled step) failed, once it has
         self.refused: str | None = None  # why the model's cache cannot take a static step (found by the warm-up)
@@ -98,14 +98,14 @@ class CompiledStep:
         state, window-only layers), or once compiling failed."""
         if self.failure is not None or self.refused is not None or (self._warming is not None and not self.ready):
             return None
-        if kv.static_refusal(cache) is not None:
+        if layers.static_refusal(cache) is not None:
             return None
         with self._lock:
             return self._run(cache, token_id)
 
     def _run(self, cache: Any, token_id: int) -> torch.Tensor | None:
         try:
-            with kv.one_step(cache) as position:
+            with layers.one_step(cache) as position:
                 if self._ids is None or self._ids.device != position.device:
                     self._ids = torch.zeros((1, 1), dtype=torch.long, device=position.device)
                 self._ids.fill_(token_id)
@@ -130,8 +130,8 @@ class CompiledStep:
     def _warm(self) -> None:
         with torch.inference_mode(), self._lock:
             model = self._model()
-            scratch, _ = kv.one_token(model, next(model.parameters()).device)
-            self.refused = kv.static_refusal(scratch)
+            scratch, _ = layers.one_token(model, next(model.parameters()).device)
+            self.refused = layers.static_refusal(scratch)
             if self.refused is None:
                 self._run(scratch, 0)
 
@@ -163,7 +163,7 @@ class CompiledStep:
 
 def refusal(model: Any) -> str | None:
     """Why `model`'s cache cannot take a compiled step (recurrent state, window-only or shared layers), or None."""
-    return kv.static_refusal(kv.one_token(model, next(model.parameters()).device)[0])
+    return layers.static_refusal(layers.one_token(model, next(model.parameters()).device)[0])
 
 
 _STEPS: weakref.WeakKeyDictionary[Any, CompiledStep] = weakref.WeakKeyDictionary()

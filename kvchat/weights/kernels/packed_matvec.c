@@ -1,4 +1,4 @@
-/* kvchat's one-token product with block-packed weights, in float32 (see kvchat/quant.py).
+/* kvchat's one-token product with block-packed weights, in float32 (see kvchat/weights/quant.py).
  *
  * The weight [rows, cols] is w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32], so
  *   y[v, r] = sum_b scale[r, b] * (sum_j x[v, 32b + j] * q[r, 32b + j]) + offset[r, b] * (sum_j x[v, 32b + j]).

@@ -15,19 +15,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kvchat import levers
-from kvchat.bench import BenchPlan, _build_session, _median, message
+from kvchat.bench import levers
+from kvchat.bench.common import BenchPlan, Progress, build_session, median, message
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
-from kvchat.model import LoadedModel, fingerprint
-from kvchat.store import Store
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.weights.model import LoadedModel, fingerprint
+from kvchat.store.sessions import Store
 
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
             tokens, _, rate = _peer_reply(llm, [], plan.new_tokens, reset=False)
             figures["peer_decode"].append(rate)
             same = same and tokens[:8] == end.token_ids[:8]
-        rows.append({"prompt_tokens": len(ids), **{k: _median(v) for k, v in figures.items()},
+        rows.append({"prompt_tokens": len(ids), **{k: median(v) for k, v in figures.items()},
                      "first_8_tokens_agree": same})
 
     ttft: dict[str, list[float]] = {"kvchat": [], "peer": []}
@@ -125,7 +124,7 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
 
     resume = _resume(loaded, llm, engine, plan, progress)
     return {"gguf": gguf.name, "threads": threads, "rows": rows, "turns": plan.turns,
-            "last_turn_ttft_ms": {side: _median(v) for side, v in ttft.items()}, "resume": resume}
+            "last_turn_ttft_ms": {side: median(v) for side, v in ttft.items()}, "resume": resume}
 
 
 def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progress: Progress) -> dict[str, Any]:
@@ -137,7 +136,7 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
     fp = fingerprint(loaded)
     with tempfile.TemporaryDirectory(prefix="kvchat-peer-") as workdir:
         root, state_file = Path(workdir) / "sessions", Path(workdir) / "llama-state.bin"
-        saved, _ = _build_session(loaded, root, fp, BenchPlan(resume_tokens=plan.resume_tokens,
+        saved, _ = build_session(loaded, root, fp, BenchPlan(resume_tokens=plan.resume_tokens,
                                                                reply_tokens=plan.reply_tokens), progress)
         llm.reset()
         llm.eval(saved.token_ids)  # the same history, cached on llama.cpp's side, saved as a state file
@@ -158,7 +157,7 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
             llm.load_state(pickle.loads(state_file.read_bytes()))
             _peer_reply(llm, follow, 1)
             times["peer"].append((time.perf_counter() - started) * 1000)
-    return {"tokens": len(saved.token_ids), **{f"{side}_ms": _median(values) for side, values in times.items()}}
+    return {"tokens": len(saved.token_ids), **{f"{side}_ms": median(values) for side, values in times.items()}}
 
 
 def markdown(results: dict[str, Any]) -> str:

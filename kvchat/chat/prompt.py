@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from kvchat.detokenize import decode
+from kvchat.chat.detokenize import decode
 from kvchat.errors import KvchatError
 
 Messages = list[dict[str, Any]]

@@ -6,64 +6,23 @@ Nothing here prints; `run` reports progress through a callback and returns plain
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from kvchat import kv, memory
+from kvchat.cache import layers
+from kvchat.weights import memory
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, Prefill, TurnEnd
-from kvchat.prompt import common_prefix
-from kvchat.model import LoadedModel, fingerprint, precision
-from kvchat.store import Persister, Store
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
-
-
-@dataclass(frozen=True)
-class BenchPlan:
-    """Sizes of every scenario."""
-
-    prompt_tokens: int = 512
-    new_tokens: int = 128
-    turns: int = 20
-    message_tokens: int = 50
-    reply_tokens: int = 32
-    resume_tokens: int = 2000
-    repeat: int = 3
-    history_tokens: tuple[int, ...] = (1000, 8000, 32000)  # turn cost: conversations this long
-
-    @classmethod
-    def quick(cls) -> "BenchPlan":
-        return cls(prompt_tokens=64, new_tokens=16, turns=4, message_tokens=24, reply_tokens=8,
-                   resume_tokens=200, repeat=2, history_tokens=(300, 1200))
-
-
-WORDS = ("river mountain quiet garden copper lantern orbit velvet harbor signal meadow thunder "
-         "paper engine silver compass canyon ember island marble voyage winter echo falcon").split()
-
-
-def message(turn: int, approx_tokens: int) -> str:
-    """A varied user message of about `approx_tokens` tokens."""
-    words = [WORDS[(turn * 7 + i * 3) % len(WORDS)] for i in range(max(1, approx_tokens - 12))]
-    return f"Question {turn + 1}: tell me something about " + " ".join(words) + "."
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
-def _fixed_length(engine: Engine) -> Engine:
-    """Replies of exactly max_new_tokens: the benchmark compares equal work, so end-of-turn is ignored."""
-    engine.stop_ids = frozenset()
-    return engine
-
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, Prefill, TurnEnd
+from kvchat.chat.prompt import common_prefix
+from kvchat.bench.common import BenchPlan, Progress, build_session, fixed_length, median, message
+from kvchat.weights.model import LoadedModel, fingerprint, precision
+from kvchat.store.sessions import Store
 
 @torch.inference_mode()
 def cache_vs_recompute(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str, Any]:
@@ -71,7 +30,7 @@ def cache_vs_recompute(loaded: LoadedModel, plan: BenchPlan, progress: Progress)
     model, device = loaded.model, loaded.device
     torch.manual_seed(0)
     prompt = torch.randint(100, loaded.tokenizer.vocab_size - 1, (1, plan.prompt_tokens), device=device)
-    cache_kwarg = kv.cache_kwarg(model)
+    cache_kwarg = layers.cache_kwarg(model)
     times: dict[str, list[float]] = {"cached": [], "recompute": []}
     outputs: dict[str, list[int]] = {}
     for rep in range(plan.repeat):
@@ -80,7 +39,7 @@ def cache_vs_recompute(loaded: LoadedModel, plan: BenchPlan, progress: Progress)
             ids, new = prompt, []
             started = time.perf_counter()
             if side == "cached":
-                cache = kv.new_cache(model)
+                cache = layers.new_cache(model)
                 logits = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache}).logits
                 for _ in range(plan.new_tokens):
                     token = logits[0, -1].argmax(-1, keepdim=True)
@@ -95,7 +54,7 @@ def cache_vs_recompute(loaded: LoadedModel, plan: BenchPlan, progress: Progress)
                     ids = torch.cat([ids, token.view(1, 1)], dim=1)
             times[side].append(time.perf_counter() - started)
             outputs[side] = new
-    cached, recompute = _median(times["cached"]), _median(times["recompute"])
+    cached, recompute = median(times["cached"]), median(times["recompute"])
     return {"prompt_tokens": plan.prompt_tokens, "new_tokens": plan.new_tokens,
             "cached_s": cached, "recompute_s": recompute, "speedup": recompute / cached if cached else 0.0,
             "same_tokens": outputs["cached"] == outputs["recompute"], "runs": times}
@@ -109,7 +68,7 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
     prefilled: dict[str, list[int]] = {"reuse": [], "no_reuse": []}
     same = True
     for rep in range(plan.repeat):
-        engines = {"reuse": _fixed_length(Engine(loaded)), "no_reuse": _fixed_length(Engine(loaded, reuse=False))}
+        engines = {"reuse": fixed_length(Engine(loaded)), "no_reuse": fixed_length(Engine(loaded, reuse=False))}
         convs = {side: Conversation.start() for side in engines}
         for turn in range(plan.turns):
             progress("turns", rep * plan.turns + turn, plan.repeat * plan.turns)
@@ -122,7 +81,7 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
                 if rep == 0:
                     prefilled[side].append(end.stats.prefilled)
             same = same and replies["reuse"] == replies["no_reuse"]
-    medians = {side: [_median(values) for values in per_turn] for side, per_turn in ttft.items()}
+    medians = {side: [median(values) for values in per_turn] for side, per_turn in ttft.items()}
     last = plan.turns - 1
     return {"turns": plan.turns, "ttft_ms": medians, "prefilled": prefilled, "same_replies": same,
             "last_turn": {"reuse_ms": medians["reuse"][last], "no_reuse_ms": medians["no_reuse"][last],
@@ -131,35 +90,10 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
             "context_tokens": sum(prefilled["no_reuse"][-1:])}
 
 
-def _build_session(loaded: LoadedModel, root: Path, fp: str, plan: BenchPlan,
-                   progress: Progress) -> tuple[Conversation, list[dict[str, float]]]:
-    """Chat until the conversation holds `resume_tokens`, autosaving the session 'bench' after every turn.
-
-    Returns the conversation and, per turn, the autosave's time and bytes written.
-    """
-    engine = _fixed_length(Engine(loaded))
-    store = Store(root).bind(engine, fp)
-    persister = Persister(store, "bench")
-    conv = Conversation.start()
-    sampling = Sampling(temperature=0, max_new_tokens=plan.reply_tokens)
-    autosaves = []
-    while conv.cached_tokens < plan.resume_tokens:
-        progress("resume: building the session", min(conv.cached_tokens, plan.resume_tokens), plan.resume_tokens)
-        for _ in engine.send(conv, message(len(autosaves), max(plan.message_tokens, 60)), sampling):
-            pass
-        written, started = store.counters.bytes_written, time.perf_counter()
-        persister.after_turn(conv)
-        autosaves.append({"turn": len(autosaves) + 1, "tokens": conv.cached_tokens,
-                          "ms": (time.perf_counter() - started) * 1000,
-                          "bytes": store.counters.bytes_written - written})
-    store.close()
-    return conv, autosaves
-
-
 def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Path) -> dict[str, Any]:
     """Scenario 3: resume a saved session from the store against prefilling it from its text."""
     fp = fingerprint(loaded)
-    saved, autosaves = _build_session(loaded, workdir / "sessions", fp, plan, progress)
+    saved, autosaves = build_session(loaded, workdir / "sessions", fp, plan, progress)
     question = "Summarize our conversation in one sentence."
     sampling = Sampling(temperature=0, max_new_tokens=8)
     times: dict[str, list[float]] = {"resume": [], "prefill": []}
@@ -177,7 +111,7 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
         conv = Conversation(messages=[dict(m) for m in saved.messages])
         b = _first_token(engine.send(conv, question, sampling), started, times["prefill"])
         same = same and a == b
-    resumed, prefilled = _median(times["resume"]), _median(times["prefill"])
+    resumed, prefilled = median(times["resume"]), median(times["prefill"])
     disk = sum(p.stat().st_size for p in (workdir / "sessions" / ".kv").rglob("*.safetensors"))
     return {"tokens": saved.cached_tokens, "resume_ms": resumed, "prefill_ms": prefilled,
             "speedup": prefilled / resumed if resumed else 0.0, "same_tokens": same,
@@ -249,7 +183,7 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
                     times[side].append((time.perf_counter() - started) * 1000)
                     targets[side] = target
             rows.append({"history_tokens": tokens, "context": label, "prompt_tokens": len(targets["pieces"]),
-                         "whole_ms": _median(times["whole"]), "pieces_ms": _median(times["pieces"]),
+                         "whole_ms": median(times["whole"]), "pieces_ms": median(times["pieces"]),
                          "same_tokens": targets["whole"] == targets["pieces"]})
     return {"rows": rows, "model_context": context, "whole_reason": engines["pieces"].renderer.whole_reason}
 
@@ -257,7 +191,7 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
 def sampling_cost(loaded: LoadedModel) -> dict[str, Any]:
     """Scenario 6: what choosing one token costs with the default sampling settings (top-k 50, top-p 0.95,
     temperature 0.7) on logits of the model's vocabulary size; median over 200 draws."""
-    from kvchat.sampling import next_token
+    from kvchat.chat.sampling import next_token
 
     sampling = Sampling()
     torch.manual_seed(0)
@@ -268,18 +202,18 @@ def sampling_cost(loaded: LoadedModel) -> dict[str, Any]:
         started = time.perf_counter()
         int(next_token(logits, sampling, generator))  # the host sync a streamed token needs anyway
         times.append((time.perf_counter() - started) * 1000)
-    return {"vocab": int(logits.shape[0]), "ms_per_token": _median(times), "settings": asdict(sampling)}
+    return {"vocab": int(logits.shape[0]), "ms_per_token": median(times), "settings": asdict(sampling)}
 
 
 def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) -> dict[str, Any]:
     """Scenario 4: measured KV bytes per token against the formula, and on disk."""
-    cache = kv.new_cache(loaded.model)
+    cache = layers.new_cache(loaded.model)
     n = 64
     with torch.inference_mode():
         loaded.model(input_ids=torch.arange(100, 100 + n, device=loaded.device)[None], use_cache=True,
-                     **{kv.cache_kwarg(loaded.model): cache})
-    shape = memory.model_shape(loaded, None, kv.layout(loaded.model, loaded.device))
-    figures = {"formula_bytes_per_token": shape.bytes_per_token, "measured_bytes_per_token": kv.nbytes(cache) / n,
+                     **{layers.cache_kwarg(loaded.model): cache})
+    shape = memory.model_shape(loaded, None, layers.layout(loaded.model, loaded.device))
+    figures = {"formula_bytes_per_token": shape.bytes_per_token, "measured_bytes_per_token": layers.nbytes(cache) / n,
                "formula": f"2 x {shape.layers} x {shape.kv_heads} x {shape.head_dim} x {shape.dtype_bytes}"}
     if resume_result:
         figures["disk_bytes_per_token"] = resume_result["disk_bytes"] / resume_result["tokens"]
@@ -288,7 +222,7 @@ def memory_figures(loaded: LoadedModel, resume_result: dict[str, Any] | None) ->
 
 def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | None = None) -> dict[str, Any]:
     """All scenarios; returns the raw figures. With the model's `gguf` file and llama-cpp-python importable, a
-    peer column: the same work on llama.cpp (see `kvchat.peer`)."""
+    peer column: the same work on llama.cpp (see `kvchat.bench.peer`)."""
     results: dict[str, Any] = {
         "model": loaded.name, "device": str(loaded.device), "dtype": precision(loaded),
         "threads": torch.get_num_threads(), "plan": asdict(plan),
@@ -305,7 +239,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | N
     results["memory"] = memory_figures(loaded, results["resume"])
     results["turn_cost"] = turn_cost(loaded, plan, progress)
     results["sampling"] = sampling_cost(loaded)
-    from kvchat import peer
+    from kvchat.bench import peer
 
     reason = peer.unavailable() or (None if gguf else "no GGUF file for this model: no peer column")
     if reason:
@@ -374,7 +308,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Turns, TTFT in ms (with / without reuse): " + ", ".join(
         f"{i + 1}: {a:.0f}/{b:.0f}" for i, (a, b) in enumerate(zip(t["ttft_ms"]["reuse"], t["ttft_ms"]["no_reuse"])))]
     if isinstance(results["peer"], dict):
-        from kvchat import peer
+        from kvchat.bench import peer
 
         lines += ["", peer.markdown(results["peer"])]
     else:

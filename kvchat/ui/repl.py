@@ -18,14 +18,14 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
 from kvchat.config import Settings, adopt_sampling, set_sampling
-from kvchat.conversation import Conversation
-from kvchat.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
+from kvchat.chat.conversation import Conversation
+from kvchat.ui.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.errors import KvchatError, one_line
-from kvchat.store import Persister, check_name
-from kvchat.terminal import visible, wrap
+from kvchat.store.sessions import Persister, check_name
+from kvchat.ui.terminal import visible, wrap
 
 if TYPE_CHECKING:  # the engine (torch) is imported once there is a model: the prompt comes up first
-    from kvchat.engine import Engine, TurnStats
+    from kvchat.chat.engine import Engine, TurnStats
 
 # name -> (its arguments, what it does); a command without arguments refuses any
 COMMANDS = {
@@ -271,9 +271,9 @@ class Repl:
         if self.pending is not None:
             parts = ["model ready (Enter)" if self.pending.done else f"{self.pending.status}…"]
         else:
-            from kvchat import kv
+            from kvchat.cache import layers
 
-            kv_mb = kv.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
+            kv_mb = layers.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
             parts = [f"cache {self.conv.cached_tokens}/{self.engine.max_context or '?'}", f"KV {kv_mb:.1f} MB"]
             if self.last is not None:
                 parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
@@ -298,7 +298,7 @@ class Repl:
         self._banner()
 
     def _banner(self) -> None:
-        from kvchat.model import precision
+        from kvchat.weights.model import precision
 
         loaded = self.engine.loaded
         step = ", compiled decode step" if self.engine.step is not None else ""
@@ -398,7 +398,7 @@ class Repl:
         return MarkdownStream(self.out, self.width, self.color) if self.markdown else WrappingWriter(self.out, self.width)
 
     def _show(self, events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
-        from kvchat.engine import Prefill, Token, TurnEnd, turn_notices
+        from kvchat.chat.engine import Prefill, Token, TurnEnd, turn_notices
 
         started, generated, began = False, 0, time.perf_counter()
         for event in events:
@@ -591,9 +591,9 @@ class Repl:
         t = self.totals
         per_token = t.marginal_ms_per_token()
         saved_s = t.reused * per_token / 1000
-        from kvchat import kv
+        from kvchat.cache import layers
 
-        kv_bytes = kv.nbytes(self.conv.cache) if self.conv.cache is not None else 0
+        kv_bytes = layers.nbytes(self.conv.cache) if self.conv.cache is not None else 0
         lines = [
             f"turns {t.turns} · cache {self.conv.cached_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
             f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kvchat.config import Sampling
-from kvchat.conversation import Conversation
-from kvchat.engine import Engine, TurnEnd
-from kvchat.model import LoadedModel, precision
+from kvchat.chat.conversation import Conversation
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.weights.model import LoadedModel, precision
 
 Progress = Callable[[str, int, int], None]
 Loader = Callable[[str, str], LoadedModel]  # (weights, dtype) -> the model loaded that way
