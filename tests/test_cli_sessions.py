@@ -125,3 +125,53 @@ def test_a_session_keeps_its_settings_and_flags_given_again_win(monkeypatch, cap
     (sessions / "s.json").write_text(json.dumps(manifest))
     assert run(monkeypatch, capsys, base + ["-p", "Still there?"])[0] == 0
     assert kept() == {"temperature": 0.7, "top_p": 0.95, "top_k": 9, "seed": None, "max_new_tokens": 512}
+
+
+BLOCK_TORCH = """
+import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "safetensors"):
+            raise ImportError(f"{name} is blocked in this process")
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+from kvchat.ui.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_the_store_catalog_commands_work_where_torch_cannot_be_imported(monkeypatch, capsys, tiny_model_dir,
+                                                                         tmp_path):
+    """Issue 20: listing, showing, removing and pruning sessions, and the cache summary, never need torch: they
+    run in a process where importing torch (or transformers, or safetensors) fails, on a store with real KV."""
+    import subprocess
+    import sys
+
+    sessions = tmp_path / "sessions"
+    for name, text in (("trip", "Hello!"), ("other", "Tell me a story.")):
+        code, _, _ = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", name, "-p", text))
+        assert code == 0
+
+    def blocked(*argv):
+        done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *argv, "--sessions-dir", str(sessions)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        return done.stdout
+
+    assert "torch is blocked" in subprocess.run([sys.executable, "-c", BLOCK_TORCH, "--model", str(tiny_model_dir),
+                                                 "-p", "hi"], capture_output=True, text=True, timeout=60).stderr
+    listed = blocked("sessions", "list")
+    assert "trip" in listed and "other" in listed and "1 turns" in listed
+    assert "[user]\nHello!" in blocked("sessions", "show", "trip")
+    assert "sessions: 2" in blocked("cache")
+    chunks = sorted((sessions / ".kv").rglob("*.safetensors"))
+    assert chunks
+    blocked("sessions", "rm", "trip")
+    assert not (sessions / "trip.json").exists() and (sessions / "other.json").exists()
+    assert "removed" in blocked("cache", "prune")
+    assert "sessions: 1" in blocked("cache")
+    assert [p for p in chunks if p.exists()]  # what the other session uses stays
