@@ -186,6 +186,27 @@ def test_a_model_and_its_compiled_step_are_freed_together():
     assert model() is None
 
 
+def test_making_a_compiled_step_edits_no_environment_and_the_cli_points_inductor_home(monkeypatch, tmp_path,
+                                                                                      tiny_model_dir):
+    """Issue 20: the step's constructor set TORCHINDUCTOR_CACHE_DIR for the whole process; now the command line
+    does, once, and a directory the user chose wins."""
+    import os
+
+    from kvchat.ui import cli
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
+    compiled.CompiledStep(make_loaded(torch.float64, seed=3).model, torch.device("cpu"))
+    ours = str(tmp_path / "home" / "compiled")
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != ours  # (torch may set its own default; kvchat does not)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert compiled.cache_directory() == {"TORCHINDUCTOR_CACHE_DIR": ours}
+    cli.load(load_config(None, {"model": str(tiny_model_dir)}), progress=lambda *_: None)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compiled.cache_directory() == {}  # the user's own choice stays
+
+
 def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
     from kvchat.cache.compiled import wanted
 

@@ -3,7 +3,8 @@
 Only decoding is compiled; prefill stays eager. The step is compiled once per loaded model (its capacity
 dimension is dynamic, so a growing cache does not recompile), in a background thread (a forward pass sent
 meanwhile waits for it, see `CompiledStep.exclusive`; tokens decode eagerly until it is ready), and inductor
-keeps what it built in $KVCHAT_HOME/compiled, so a later start compiles in a fraction of the time. On CUDA the
+keeps what it built in its cache directory (the command line points it at $KVCHAT_HOME/compiled, see
+`cache_directory`), so a later start compiles in a fraction of the time. On CUDA the
 step is captured as a CUDA graph ("reduce-overhead"). A step that cannot be compiled, or fails, is reported once
 and decoding goes on eagerly with nothing lost.
 """
@@ -52,6 +53,12 @@ def _take_over_sdpa() -> None:
         AttentionInterface.register("sdpa", _static_sdpa)
 
 
+def cache_directory() -> dict[str, str]:
+    """The environment that points inductor at kvchat's own cache of compiled code ($KVCHAT_HOME/compiled), unless
+    the user chose another: for the command line to set once, before anything compiles."""
+    return {} if "TORCHINDUCTOR_CACHE_DIR" in os.environ else {"TORCHINDUCTOR_CACHE_DIR": str(kvchat_home() / "compiled")}
+
+
 def wanted(setting: str, device: torch.device) -> bool:
     """Whether `compile = setting` compiles the decode step on `device`: "auto" does on CUDA (where the step's
     cost is launching kernels, which a CUDA graph removes) and not on the CPU (where it measured 1.1-1.3x
@@ -66,7 +73,6 @@ class CompiledStep:
     (or not yet) compiled, and the caller runs the token eagerly; the cache is then as it was."""
 
     def __init__(self, model: Any, device: torch.device):
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvchat_home() / "compiled"))
         _take_over_sdpa()
         self._model = weakref.ref(model)  # (the registry below must not keep the model alive)
         self._kwarg = layers.cache_kwarg(model)

@@ -120,9 +120,11 @@ def open_store(settings: Settings, config_file: Path | None) -> Store:
 def load(settings: Settings, progress: Any = None) -> Any:
     """Load the configured model; its progress goes to `progress(what, step, steps)`, by default on stderr (a
     transient line in a terminal)."""
+    from kvchat.cache import compiled
     from kvchat.ui.display import LoadProgress
     from kvchat.weights.model import load_model
 
+    os.environ.update(compiled.cache_directory())  # (before anything compiles; the process's own setting)
     line = LoadProgress(sys.stderr) if progress is None else None
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype, progress=progress or line,
