@@ -32,10 +32,11 @@ from tiny import make_loaded  # noqa: E402
 
 from kvchat.store import sessions as store_module  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
-from kvchat.chat.conversation import Conversation  # noqa: E402
+from kvchat.chat.chat import Chat  # noqa: E402
 from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402
+from kvchat.chat.saving import Persister, open_chat  # noqa: E402
 from kvchat.weights.model import fingerprint  # noqa: E402
-from kvchat.store.sessions import Persister, Store, StoreError  # noqa: E402
+from kvchat.store.sessions import Store, StoreError  # noqa: E402
 
 GREEDY = Sampling(temperature=0, max_new_tokens=6)
 DAMAGES = ("truncate", "flip", "zero", "delete", "swap", "directory", "fifo", "symlink-out", "unreadable")
@@ -44,15 +45,14 @@ NOBODY = 65534  # the user a root run reads the store as
 
 def _build(root: Path, loaded) -> dict[str, list]:
     engine = Engine(loaded)
-    store = Store(root).bind(engine, fingerprint(loaded))
-    engine.prefix_source = store.longest_prefix
+    store = Store(root).bind(engine.layout, fingerprint(loaded), loaded.name)
     transcripts = {}
     for name, topic in (("s", "cats"), ("t", "dogs")):
-        conv = Conversation.start("You are a helpful assistant.")
+        chat = Chat.start(engine, "You are a helpful assistant.", sampling=GREEDY, prefixes=store.longest_prefix)
         for i in range(3):
-            list(engine.send(conv, f"Tell me about {topic}, part {i}.", GREEDY))
-            Persister(store, name).after_turn(conv)
-        transcripts[name] = [dict(m) for m in conv.messages]
+            list(chat.send(f"Tell me about {topic}, part {i}."))
+            Persister(store, name).after_turn(chat)
+        transcripts[name] = [dict(m) for m in chat.messages]
     store.close()
     return transcripts
 
@@ -144,8 +144,7 @@ def _rounds(rounds: int, seed: int, damages: tuple[str, ...]) -> dict[str, int]:
             signal.alarm(60)  # a FIFO must never make kvchat wait
             try:
                 with _as_user(user):
-                    store = Store(root).bind(engine, fp)
-                    engine.prefix_source = store.longest_prefix
+                    store = Store(root).bind(engine.layout, fp, loaded.name)
                     try:
                         for name in ("s", "t"):
                             _continue_session(store, engine, name, transcripts[name], (target, how, root), figures)
@@ -163,27 +162,28 @@ def _continue_session(store: Store, engine: Engine, name: str, transcript: list,
     """Open session `name` of a damaged store and send it one more message; count how it came back."""
     target, how, root = damage
     try:
-        opened = store.open_session(name)
+        opened = open_chat(engine, store, name)  # (the chat's empty cache is seeded from the store's prefixes)
     except StoreError as exc:
         assert "\n" not in str(exc)
         locked_out = target.name in (f"{name}.lock", "store.lock") and "lock" in str(exc)
         assert target.name == f"{name}.json" or how == "swap" or locked_out, f"{name} refused for {how} {target}"
         figures["refused"] += 1
         return
-    conv = opened.conversation
-    if conv.messages == transcript:
+    chat = opened.chat
+    if chat.messages == transcript:
         figures["intact"] += 1
-    elif how == "swap" and conv.messages == transcript[:len(conv.messages)]:
+    elif how == "swap" and chat.messages == transcript[:len(chat.messages)]:
         figures["older"] += 1  # swapped with its own previous save: older, never foreign
     else:
         assert opened.notice and "recovered" in opened.notice, f"{name} changed by {how} {target}"
         figures["recovered"] += 1
     figures["rebuilt"] += opened.notice is not None
-    end = [e for e in engine.send(conv, "And then?", GREEDY) if isinstance(e, TurnEnd)][0]
-    want = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), 6, engine.stop_ids)
+    chat.sampling = GREEDY
+    end = [e for e in chat.send("And then?") if isinstance(e, TurnEnd)][0]
+    want = greedy_without_cache(engine.model, engine.render(chat.conversation.view()[:-1]), 6, engine.stop_ids)
     assert end.token_ids == want, f"wrong reply after {how} of {target.relative_to(root)}"
     try:
-        Persister(store, name).after_turn(conv)
+        Persister(store, name).after_turn(chat)
     except StoreError as exc:
         assert "\n" not in str(exc)
 

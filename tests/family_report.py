@@ -18,24 +18,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bound import engine_with_store  # noqa: E402
+from bound import engine_with_store, new_chat  # noqa: E402
 from families import FAMILIES, SLIDING, make_family, window_cache  # noqa: E402
 
 from kvchat.cache import layers  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
-from kvchat.chat.conversation import Conversation  # noqa: E402
+from kvchat.chat.chat import Chat  # noqa: E402
 from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402
+from kvchat.chat.saving import Persister, open_chat  # noqa: E402
 from kvchat.weights.memory import human  # noqa: E402
 from kvchat.weights.model import fingerprint  # noqa: E402
-from kvchat.store.sessions import Persister, Store  # noqa: E402
+from kvchat.store.sessions import Store  # noqa: E402
 
 GREEDY = Sampling(temperature=0, max_new_tokens=16)
 SYSTEM = "You are a helpful assistant. Answer in one short sentence, and be kind to cats and dogs."
 TOPICS = ["the sea", "a cat", "Paris", "numbers", "a dog", "the fox", "a story", "the capital", "friends", "today"]
 
 
-def turn(engine, conv, text):
-    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0].stats
+def turn(chat, text):
+    chat.sampling = GREEDY
+    return [e for e in chat.send(text) if isinstance(e, TurnEnd)][0].stats
 
 
 def measure(name: str) -> dict:
@@ -44,13 +46,13 @@ def measure(name: str) -> dict:
         engine, store = engine_with_store(loaded, Path(root), window_cache=window_cache(loaded))
         baseline = Engine(loaded, reuse=False, window_cache=window_cache(loaded))
         persister = Persister(store, session="report")
-        conv, plain = Conversation.start(SYSTEM), Conversation.start(SYSTEM)
+        chat, plain = new_chat(engine, store, SYSTEM, GREEDY), Chat.start(baseline, SYSTEM, sampling=GREEDY)
         for topic in TOPICS:
             text = f"Tell me something about {topic}, please, in a few words."
-            with_reuse = turn(engine, conv, text)
-            without = turn(baseline, plain, text)
-            persister.after_turn(conv)
-        tokens = len(conv.token_ids)
+            with_reuse = turn(chat, text)
+            without = turn(plain, text)
+            persister.after_turn(chat)
+        tokens = chat.cache.tokens
         state = engine.layout.state_bytes(tokens)
         row = {
             "family": name, "tokens": tokens,
@@ -58,15 +60,16 @@ def measure(name: str) -> dict:
             "ttft_ms": with_reuse.ttft_ms, "ttft_ms_no_reuse": without.ttft_ms,
             "fallback": with_reuse.fallback,
             "memory_per_token": engine.layout.bytes_per_token(loaded.dtype), "state": state,
-            "checkpoints": len(conv.checkpoints),
+            "checkpoints": len(chat.cache.checkpoints),
             "disk_per_token": store.kv_bytes() / tokens,
         }
         store.close()
         store2 = Store(Path(root))
         engine2 = Engine(loaded, window_cache=window_cache(loaded))
-        store2.bind(engine2, fingerprint(loaded))
-        opened = store2.open_session("report")
-        resumed = turn(engine2, opened.conversation, "And one more thing about the moon?")
+        store2.bind(engine2.layout, fingerprint(loaded), loaded.name)
+        # (the old report's engine2 had no prefix source: the resumed chat is given none either)
+        opened = open_chat(engine2, store2, "report", sampling=GREEDY, prefixes=False)
+        resumed = turn(opened.chat, "And one more thing about the moon?")
         row.update(loaded=opened.loaded_tokens, resume_prefilled=resumed.prefilled, resume_ttft_ms=resumed.ttft_ms)
         store2.close()
     return row

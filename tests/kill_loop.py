@@ -23,6 +23,7 @@ MESSAGES = ["Tell me about the sea.", "And about cats?", "What is the capital of
 def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dict:
     """Kill `kills` runs at random moments; returns figures. Raises AssertionError on any loss or damage."""
     from kvchat.chat.engine import Engine
+    from kvchat.chat.saving import open_chat
     from kvchat.weights.model import fingerprint, load_model
     from kvchat.store.sessions import Store
 
@@ -42,9 +43,10 @@ def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dic
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         figures["kills"] += 1
-        store = Store(sessions).bind(Engine(loaded), fingerprint(loaded))
-        opened = store.open_session("crash")  # raises on a stale lock or an unreadable session
-        messages = opened.conversation.messages
+        engine = Engine(loaded)
+        store = Store(sessions).bind(engine.layout, fingerprint(loaded), loaded.name)
+        opened = open_chat(engine, store, "crash")  # raises on a stale lock or an unreadable session
+        messages = opened.chat.messages
         roles = [m["role"] for m in messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2), f"a half exchange was saved: {roles}"
         turns = len(roles) // 2

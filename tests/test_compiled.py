@@ -8,15 +8,15 @@ import weakref
 import pytest
 import torch
 
-from bound import engine_with_store
+from bound import engine_with_store, new_chat
 from families import make_family
 from kvchat.cache import compiled
 from kvchat.cache import layers
 from kvchat.config import Sampling, load_config
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd, turn_notices
 from kvchat.errors import ConfigError
-from kvchat.store.sessions import Persister
+from kvchat.chat.saving import Persister, open_chat
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -25,13 +25,14 @@ MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell
             "Numbers: 1 2 3 4 5."]
 
 
-def run_turn(engine, conv, text, sampling=GREEDY):
-    return [e for e in engine.send(conv, text, sampling) if isinstance(e, TurnEnd)][-1]
+def run_turn(chat, text, sampling=GREEDY):
+    chat.sampling = sampling
+    return [e for e in chat.send(text) if isinstance(e, TurnEnd)][-1]
 
 
-def fresh(engine, conv, sampling=GREEDY):
+def fresh(engine, chat, sampling=GREEDY):
     """The greedy reply to the conversation's last user message, computed with no cache at all."""
-    return greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), sampling.max_new_tokens,
+    return greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), sampling.max_new_tokens,
                                 engine.stop_ids)
 
 
@@ -47,30 +48,31 @@ def compiled_tiny():
 
 def test_compiled_turns_reuse_undo_and_continue_exactly(compiled_tiny):
     engine = Engine(compiled_tiny, prefill_chunk=5, compile="on")
-    conv = Conversation.start("Be brief.")
+    chat = Chat.start(engine, "Be brief.")
     for number, text in enumerate(MESSAGES[:3]):
-        end = run_turn(engine, conv, text)
-        assert end.token_ids == fresh(engine, conv), f"turn {number + 1} diverged from a fresh prefill"
+        end = run_turn(chat, text)
+        assert end.token_ids == fresh(engine, chat), f"turn {number + 1} diverged from a fresh prefill"
         # every token fed one at a time (the reply after its first token, a 1-token last prefill chunk) went compiled
         assert len(end.token_ids) > 3 and end.stats.compiled >= len(end.token_ids) - 1
         assert number == 0 or end.stats.reused > 0
-    engine.undo(conv)
-    redo = run_turn(engine, conv, MESSAGES[3])
-    assert redo.stats.reused > 0 and redo.token_ids == fresh(engine, conv)
-    cut = run_turn(engine, conv, "Count to twenty.", Sampling(temperature=0, max_new_tokens=4))
+    chat.undo()
+    redo = run_turn(chat, MESSAGES[3])
+    assert redo.stats.reused > 0 and redo.token_ids == fresh(engine, chat)
+    cut = run_turn(chat, "Count to twenty.", Sampling(temperature=0, max_new_tokens=4))
     assert cut.stats.stop == "length"
-    more = [e for e in engine.extend(conv, Sampling(temperature=0, max_new_tokens=8)) if isinstance(e, TurnEnd)][-1]
-    whole = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), 12, engine.stop_ids)
+    chat.sampling = Sampling(temperature=0, max_new_tokens=8)
+    more = [e for e in chat.extend() if isinstance(e, TurnEnd)][-1]
+    whole = greedy_without_cache(engine.model, engine.render(chat.conversation.view()[:-1]), 12, engine.stop_ids)
     assert more.token_ids == whole[:len(more.token_ids)] and more.stats.compiled > 0
-    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
+    assert chat.cache.tokens == len(chat.cache.ids) == layers.length(chat.cache.model_cache)
 
 
 def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
     replies = {}
     for mode in ("on", "off"):
         engine = Engine(compiled_tiny, compile=mode)
-        conv = Conversation.start(None)
-        replies[mode] = [run_turn(engine, conv, text).token_ids for text in MESSAGES]
+        chat = Chat.start(engine)
+        replies[mode] = [run_turn(chat, text).token_ids for text in MESSAGES]
         assert (engine.compiled_tokens > 0) == (mode == "on")
     assert replies["on"] == replies["off"]
 
@@ -80,32 +82,31 @@ def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_
 
     engine = Engine(compiled_tiny, compile="on")
     engine.stop_ids = frozenset()  # a long reply: past the 256 slots the cache starts with
-    conv = Conversation.start(None)
+    chat = Chat.start(engine)
     long = Sampling(temperature=0, max_new_tokens=300)
-    run_turn(engine, conv, "Hi.", Sampling(temperature=0, max_new_tokens=3))  # compiled by now
-    conv = Conversation.start(None)
+    run_turn(chat, "Hi.", Sampling(temperature=0, max_new_tokens=3))  # compiled by now
+    chat = Chat.start(engine)
     graphs = counters["stats"]["unique_graphs"]
-    end = run_turn(engine, conv, "Tell me a story about a cat and a dog.", long)
+    end = run_turn(chat, "Tell me a story about a cat and a dog.", long)
     assert len(end.token_ids) == 300 and end.stats.compiled == 299
     assert counters["stats"]["unique_graphs"] == graphs, "a step of another length or capacity was compiled again"
-    assert conv.cache.layers[0]._key_buf.shape[-2] > 256 > len(engine.render(conv.messages[:-1]))
-    assert end.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), 300, frozenset())
+    assert chat.cache.model_cache.layers[0]._key_buf.shape[-2] > 256 > len(engine.render(chat.messages[:-1]))
+    assert end.token_ids == greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), 300, frozenset())
     assert engine.step.failure is None
 
 
 def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_path):
     engine, store = engine_with_store(compiled_tiny, tmp_path, compile="on")
-    conv = Conversation.start("Be brief.")
+    chat = new_chat(engine, store, "Be brief.")
     persister = Persister(store, "talk")
     for text in MESSAGES[:2]:
-        run_turn(engine, conv, text)
-        persister.after_turn(conv)
-    uninterrupted = run_turn(engine, conv, MESSAGES[2])
+        run_turn(chat, text)
+        persister.after_turn(chat)
+    uninterrupted = run_turn(chat, MESSAGES[2])
     store.close()
 
     engine2, store2 = engine_with_store(compiled_tiny, tmp_path, compile="on")
-    opened = store2.open_session("talk")
-    resumed = run_turn(engine2, opened.conversation, MESSAGES[2])
+    resumed = run_turn(open_chat(engine2, store2, "talk").chat, MESSAGES[2])
     assert resumed.stats.loaded == resumed.stats.reused > 0 and resumed.stats.compiled > 0
     assert resumed.token_ids == uninterrupted.token_ids
     store2.close()
@@ -113,37 +114,37 @@ def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_p
 
 def test_an_interrupted_compiled_reply_leaves_the_cache_matching_its_tokens(compiled_tiny):
     engine = Engine(compiled_tiny, compile="on")
-    conv = Conversation.start(None)
-    events = engine.send(conv, MESSAGES[0], GREEDY)
+    chat = Chat.start(engine)
+    events = chat.send(MESSAGES[0])
     tokens = 0
     for event in events:
         tokens += hasattr(event, "token_id")
         if tokens == 3:
             break
     events.close()
-    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
-    end = run_turn(engine, conv, MESSAGES[1])
-    assert end.stats.reused > 0 and end.token_ids == fresh(engine, conv)
+    assert chat.cache.tokens == len(chat.cache.ids) == layers.length(chat.cache.model_cache)
+    end = run_turn(chat, MESSAGES[1])
+    assert end.stats.reused > 0 and end.token_ids == fresh(engine, chat)
 
 
 def test_a_failing_compile_is_told_once_and_the_turn_decodes_eagerly_with_the_same_tokens(monkeypatch):
     loaded = make_loaded(torch.float64)
-    expected = [run_turn(Engine(loaded), Conversation.start(None), text).token_ids for text in MESSAGES[:1]]
+    expected = [run_turn(Chat.start(Engine(loaded)), text).token_ids for text in MESSAGES[:1]]
     engine = Engine(loaded, compile="on", warm_up=False)
 
     def broken(*args):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no C++ compiler"), None)
 
     monkeypatch.setattr(engine.step, "_compiled", broken)
-    conv = Conversation.start(None)
-    first = run_turn(engine, conv, MESSAGES[0])
+    chat = Chat.start(engine)
+    first = run_turn(chat, MESSAGES[0])
     assert first.token_ids == expected[0] and first.stats.compiled == 0
     assert "BackendCompilerFailed" in first.stats.compile_failure
     notes = turn_notices(first.stats, None)
     assert any(note.startswith("the compiled decode step failed (BackendCompilerFailed") for note in notes)
-    second = run_turn(engine, conv, MESSAGES[1])
-    assert second.stats.compile_failure is None and second.token_ids == fresh(engine, conv)
-    assert conv.cached_tokens == len(conv.token_ids) == layers.length(conv.cache)
+    second = run_turn(chat, MESSAGES[1])
+    assert second.stats.compile_failure is None and second.token_ids == fresh(engine, chat)
+    assert chat.cache.tokens == len(chat.cache.ids) == layers.length(chat.cache.model_cache)
 
 
 @pytest.mark.parametrize("family", ["gemma3", "qwen3.5"])
@@ -151,10 +152,10 @@ def test_sliding_windows_compile_and_recurrent_state_is_refused_and_decodes_eage
     loaded = make_family(family)
     engine = Engine(loaded, compile="on", warm_up=False)
     engine.step.warm_up(background=False)
-    conv = Conversation.start("Be brief.")
+    chat = Chat.start(engine, "Be brief.")
     for number, text in enumerate(MESSAGES[:2]):
-        end = run_turn(engine, conv, text)
-        assert end.token_ids == fresh(engine, conv), f"{family}: turn {number + 1} diverged"
+        end = run_turn(chat, text)
+        assert end.token_ids == fresh(engine, chat), f"{family}: turn {number + 1} diverged"
     if family == "gemma3":  # its 12-token windows are applied by the mask over the static buffers
         assert engine.step.refused is None and engine.step.failure is None and end.stats.compiled > 0
     else:
@@ -164,13 +165,13 @@ def test_sliding_windows_compile_and_recurrent_state_is_refused_and_decodes_eage
 def test_a_background_warm_up_leaves_replies_eager_until_it_is_done(compiled_tiny):
     loaded = make_loaded(torch.float64, seed=1)
     engine = Engine(loaded, compile="on")  # warms up in a thread
-    conv = Conversation.start(None)
-    first = run_turn(engine, conv, MESSAGES[0])  # eager or compiled, depending on the race: the same tokens
-    assert first.token_ids == fresh(engine, conv)
+    chat = Chat.start(engine)
+    first = run_turn(chat, MESSAGES[0])  # eager or compiled, depending on the race: the same tokens
+    assert first.token_ids == fresh(engine, chat)
     engine.step.wait()
     assert engine.step.ready
-    second = run_turn(engine, conv, MESSAGES[1])
-    assert second.stats.compiled == len(second.token_ids) - 1 and second.token_ids == fresh(engine, conv)
+    second = run_turn(chat, MESSAGES[1])
+    assert second.stats.compiled == len(second.token_ids) - 1 and second.token_ids == fresh(engine, chat)
 
 
 def test_a_model_and_its_compiled_step_are_freed_together():

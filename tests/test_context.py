@@ -10,11 +10,13 @@ from kvchat.cache import layers
 from kvchat.weights import memory
 from kvchat.ui.cli import main
 from kvchat.config import Sampling
+from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
 from kvchat.chat.engine import Engine, TurnEnd, common_prefix
 from kvchat.errors import InputError
 from kvchat.weights.model import fingerprint
-from kvchat.store.sessions import Persister, Store
+from kvchat.chat.saving import Persister
+from kvchat.store.sessions import Store
 from reference import greedy_without_cache
 
 SAMPLING = Sampling(temperature=0, max_new_tokens=8)
@@ -22,22 +24,23 @@ SYSTEM = "You are a helpful assistant."
 TOPICS = ["cats", "dogs", "the sea", "numbers", "Paris", "a fox", "the sky", "bread", "music", "trees"]
 
 
-def turn(engine, conv, text):
-    return [e for e in engine.send(conv, text, SAMPLING) if isinstance(e, TurnEnd)][0]
+def turn(chat, text):
+    chat.sampling = SAMPLING
+    return [e for e in chat.send(text) if isinstance(e, TurnEnd)][0]
 
 
 def test_thirty_turns_in_a_small_context_drop_whole_turns_and_stay_exact(tiny, tmp_path):
     engine = Engine(tiny, max_context=160)
-    store = Store(tmp_path).bind(engine, fingerprint(tiny))
+    store = Store(tmp_path).bind(engine.layout, fingerprint(tiny), tiny.name)
     persister = Persister(store, "long")
-    conv = Conversation.start(SYSTEM)
+    chat = Chat.start(engine, SYSTEM)
     drops = 0
     for i in range(30):
         text = f"Tell me about {TOPICS[i % len(TOPICS)]}, please."
-        cached_before = list(conv.token_ids)
-        end = turn(engine, conv, text)
-        persister.after_turn(conv)
-        view = conv.view()
+        cached_before = list(chat.cache.ids)
+        end = turn(chat, text)
+        persister.after_turn(chat)
+        view = chat.conversation.view()
         prompt = engine.render(view[:-1])
         assert len(prompt) + SAMPLING.max_new_tokens <= 160
         # The reply is what a fresh prefill of exactly the turns kept gives.
@@ -50,31 +53,31 @@ def test_thirty_turns_in_a_small_context_drop_whole_turns_and_stay_exact(tiny, t
             assert view[0] == {"role": "system", "content": SYSTEM}  # the system prompt is always kept
             assert view[1]["role"] == "user"  # whole exchanges are dropped
             assert end.stats.reused >= len(engine.system_prefix_ids(SYSTEM)) - 1
-        conv.check()
-    assert drops >= 3 and conv.dropped_turns > 10
+        chat.cache.check()
+    assert drops >= 3 and chat.conversation.dropped_turns > 10
     # The transcript on disk keeps every turn.
     manifest = store.read_manifest("long")
     assert sum(1 for m in manifest["messages"] if m["role"] == "user") == 30
-    assert manifest["first_kept"] == conv.first_kept
+    assert manifest["first_kept"] == chat.conversation.first_kept
     store.close()
 
 
 def test_too_long_message_is_refused_and_changes_nothing(tiny):
     engine = Engine(tiny, max_context=120)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, "Hello!")
-    before = ([dict(m) for m in conv.messages], list(conv.token_ids), conv.first_kept, layers.nbytes(conv.cache))
+    chat = Chat.start(engine, SYSTEM)
+    turn(chat, "Hello!")
+    before = ([dict(m) for m in chat.messages], list(chat.cache.ids), chat.conversation.first_kept, chat.cache.nbytes)
     with pytest.raises(InputError, match="the message is too long"):
-        engine.send(conv, "cats and dogs " * 60, SAMPLING)
-    assert (conv.messages, conv.token_ids, conv.first_kept, layers.nbytes(conv.cache)) == before
-    end = turn(engine, conv, "What about dogs?")  # the next turn works and reuses the cache
+        chat.send("cats and dogs " * 60)
+    assert (chat.messages, list(chat.cache.ids), chat.conversation.first_kept, chat.cache.nbytes) == before
+    end = turn(chat, "What about dogs?")  # the next turn works and reuses the cache
     assert end.stats.reused > 0
 
 
 def test_reply_room_that_leaves_no_prompt_room_is_an_error(tiny):
     engine = Engine(tiny, max_context=64)
     with pytest.raises(InputError, match="max_new_tokens=64 leaves no room"):
-        engine.send(Conversation.start(), "Hi", Sampling(temperature=0, max_new_tokens=64))
+        Chat.start(engine, sampling=Sampling(temperature=0, max_new_tokens=64)).send("Hi")
 
 
 def test_max_context_above_the_model_is_refused(tiny):

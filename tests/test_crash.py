@@ -5,6 +5,7 @@ import torch
 from kill_loop import run_kills
 from kvchat.config import Sampling
 from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.chat.saving import open_chat
 from kvchat.weights.model import fingerprint, load_model
 from kvchat.store.sessions import Store
 from reference import greedy_without_cache
@@ -16,12 +17,12 @@ def test_kill_9_at_random_moments_never_loses_a_saved_turn_and_the_chat_goes_on_
     assert figures["kills"] == 5 and figures["turns"] > 0
     loaded = load_model(str(tiny_model_dir), "cpu", "float32")
     engine = Engine(loaded)
-    store = Store(sessions).bind(engine, fingerprint(loaded))
-    conv = store.open_session("crash").conversation
-    sampling = Sampling(temperature=0, max_new_tokens=8)
-    end = [e for e in engine.send(conv, "One more question?", sampling) if isinstance(e, TurnEnd)][0]
+    store = Store(sessions).bind(engine.layout, fingerprint(loaded), loaded.name)
+    chat = open_chat(engine, store, "crash").chat
+    chat.sampling = Sampling(temperature=0, max_new_tokens=8)
+    end = [e for e in chat.send("One more question?") if isinstance(e, TurnEnd)][0]
     with torch.inference_mode():
-        want = greedy_without_cache(loaded.model, engine.render(conv.view()[:-1]), 8, engine.stop_ids)
+        want = greedy_without_cache(loaded.model, engine.render(chat.conversation.view()[:-1]), 8, engine.stop_ids)
     assert end.token_ids == want
     store.close()
 

@@ -5,7 +5,7 @@ import torch
 
 from kvchat.cache import layers
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, Token, TurnEnd, common_prefix
 from kvchat.errors import InputError
 from reference import greedy_without_cache
@@ -20,8 +20,9 @@ MESSAGES = [
 ]
 
 
-def run_turn(engine, conv, text, sampling=GREEDY):
-    events = list(engine.send(conv, text, sampling))
+def run_turn(chat, text, sampling=GREEDY):
+    chat.sampling = sampling
+    events = list(chat.send(text))
     end = events[-1]
     assert isinstance(end, TurnEnd)
     assert "".join(e.text for e in events if isinstance(e, Token)) == end.reply
@@ -36,28 +37,28 @@ def fresh_reply_ids(engine, messages, sampling=GREEDY):
 
 def test_multi_turn_reuse_matches_fresh_prefill_every_turn(tiny):
     engine = Engine(tiny, prefill_chunk=7)  # small chunks: prefill spans several forward passes
-    conv = Conversation.start("You are a helpful assistant.")
+    chat = Chat.start(engine, "You are a helpful assistant.")
     for turn, text in enumerate(MESSAGES):
-        before = conv.cached_tokens
-        history = conv.messages + [{"role": "user", "content": text}]
-        end = run_turn(engine, conv, text)
+        before = chat.cache.tokens
+        history = chat.messages + [{"role": "user", "content": text}]
+        end = run_turn(chat, text)
         assert end.token_ids == fresh_reply_ids(engine, history), f"turn {turn + 1} diverged"
         assert end.stats.generated == len(end.token_ids)
         if turn > 0:
             assert end.stats.reused > 0
             assert end.stats.reused <= before
             assert end.stats.reused + end.stats.prefilled == len(engine.render(history))
-        conv.check()
+        chat.cache.check()
 
 
 def test_reuse_prefills_only_the_new_message(tiny):
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
-    first = run_turn(engine, conv, MESSAGES[0])
-    first_prompt = engine.render(conv.messages[:2])
-    cached = list(conv.token_ids)
-    end = run_turn(engine, conv, MESSAGES[1])
-    new_prompt = engine.render(conv.messages[:-1])
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    first = run_turn(chat, MESSAGES[0])
+    first_prompt = engine.render(chat.messages[:2])
+    cached = list(chat.cache.ids)
+    end = run_turn(chat, MESSAGES[1])
+    new_prompt = engine.render(chat.messages[:-1])
     shared = common_prefix(cached, new_prompt)
     assert end.stats.reused == shared
     assert end.stats.prefilled == len(new_prompt) - shared
@@ -70,9 +71,9 @@ def test_reuse_prefills_only_the_new_message(tiny):
 
 def test_no_reuse_gives_the_same_replies_and_prefills_everything(tiny):
     reuse, baseline = Engine(tiny), Engine(tiny, reuse=False)
-    a, b = Conversation.start("Be brief."), Conversation.start("Be brief.")
+    a, b = Chat.start(reuse, "Be brief."), Chat.start(baseline, "Be brief.")
     for text in MESSAGES:
-        end_a, end_b = run_turn(reuse, a, text), run_turn(baseline, b, text)
+        end_a, end_b = run_turn(a, text), run_turn(b, text)
         assert end_a.token_ids == end_b.token_ids
         assert end_b.stats.reused == 0
         assert end_b.stats.prefilled == len(baseline.render(b.messages[:-1]))
@@ -81,15 +82,15 @@ def test_no_reuse_gives_the_same_replies_and_prefills_everything(tiny):
 def test_last_position_logits_match_a_full_forward_pass():
     loaded = make_loaded(torch.float32)
     engine = Engine(loaded, prefill_chunk=5)
-    conv = Conversation.start("You are a helpful assistant.")
+    chat = Chat.start(engine, "You are a helpful assistant.")
     for text in MESSAGES[:3]:
-        run_turn(engine, conv, text)
-    conv.messages.append({"role": "user", "content": "One more question?"})
-    target = engine.render(conv.messages)
+        run_turn(chat, text)
+    chat.messages.append({"role": "user", "content": "One more question?"})
+    target = engine.render(chat.messages)
     with torch.inference_mode():
-        reused, _, _ = engine._sync_cache(conv, target)
+        reused, _, _ = engine._sync_cache(chat.cache, target, None)
         assert reused > 0
-        progress = engine._prefill(conv, target[reused:])  # yields its progress, returns the last logits
+        progress = engine._prefill(chat.cache, target[reused:])  # yields its progress, returns the last logits
         done = []
         while True:
             try:
@@ -104,36 +105,37 @@ def test_last_position_logits_match_a_full_forward_pass():
 
 def test_edited_history_reuses_only_the_common_prefix(tiny):
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
+    chat = Chat.start(engine, "You are a helpful assistant.")
     for text in MESSAGES[:3]:
-        run_turn(engine, conv, text)
+        run_turn(chat, text)
     # Edit the first user message, then ask something new.
-    conv.messages[1] = {"role": "user", "content": "Hello, how are you tonight?"}
-    history = conv.messages + [{"role": "user", "content": MESSAGES[3]}]
+    chat.messages[1] = {"role": "user", "content": "Hello, how are you tonight?"}
+    history = chat.messages + [{"role": "user", "content": MESSAGES[3]}]
     edited_prompt = engine.render(history)
-    shared = common_prefix(conv.token_ids, edited_prompt)
-    end = run_turn(engine, conv, MESSAGES[3])
+    shared = common_prefix(chat.cache.ids, edited_prompt)
+    end = run_turn(chat, MESSAGES[3])
     assert end.stats.reused == shared
-    assert shared < len(engine.render(conv.messages[:2]))  # the cut is inside the edited message
+    assert shared < len(engine.render(chat.messages[:2]))  # the cut is inside the edited message
     assert end.token_ids == fresh_reply_ids(engine, history)
-    conv.check()
+    chat.cache.check()
 
 
 def test_close_mid_reply_keeps_the_conversation_consistent(tiny):
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
-    stream = engine.send(conv, MESSAGES[0], GREEDY)
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    chat.sampling = GREEDY
+    stream = chat.send(MESSAGES[0])
     tokens = []
     while len(tokens) < 3:
         event = next(stream)
         if isinstance(event, Token):
             tokens.append(event)
     stream.close()  # what the REPL does on Ctrl-C while printing
-    conv.check()
-    assert conv.messages[-1]["role"] == "assistant"
-    assert conv.messages[-1]["content"].startswith("".join(t.text for t in tokens))
-    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
-    end = run_turn(engine, conv, MESSAGES[1])
+    chat.cache.check()
+    assert chat.messages[-1]["role"] == "assistant"
+    assert chat.messages[-1]["content"].startswith("".join(t.text for t in tokens))
+    history = chat.messages + [{"role": "user", "content": MESSAGES[1]}]
+    end = run_turn(chat, MESSAGES[1])
     assert end.token_ids == fresh_reply_ids(engine, history)
 
 
@@ -162,16 +164,16 @@ class InterruptLayer:
 def test_ctrl_c_inside_a_forward_pass_leaves_the_cache_exact(when):
     loaded = make_loaded(torch.float64)
     engine = Engine(loaded)
-    conv = Conversation.start("You are a helpful assistant.")
-    run_turn(engine, conv, MESSAGES[0])
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    run_turn(chat, MESSAGES[0])
     with InterruptLayer(loaded.model.model.layers[1], when), pytest.raises(KeyboardInterrupt):
-        run_turn(engine, conv, MESSAGES[1])
-    conv.check()  # layer 0 had already stored the token's KV; it must be gone
-    assert len({count for _, count in layers.counts(conv.cache)}) == 1
+        run_turn(chat, MESSAGES[1])
+    chat.cache.check()  # layer 0 had already stored the token's KV; it must be gone
+    assert len({count for _, count in layers.counts(chat.cache.model_cache)}) == 1
     if when == 1:
-        assert conv.messages[-1]["role"] == "assistant" and len(conv.messages) == 3  # turn dropped
-    history = conv.messages + [{"role": "user", "content": MESSAGES[2]}]
-    end = run_turn(engine, conv, MESSAGES[2])
+        assert chat.messages[-1]["role"] == "assistant" and len(chat.messages) == 3  # turn dropped
+    history = chat.messages + [{"role": "user", "content": MESSAGES[2]}]
+    end = run_turn(chat, MESSAGES[2])
     assert end.token_ids == fresh_reply_ids(engine, history)
 
 
@@ -189,51 +191,51 @@ def test_sliding_window_cache_is_cut_behind_its_window_exactly():
     loaded = LoadedModel(model=model, tokenizer=tok, name="tiny-mistral", device=torch.device("cpu"),
                          dtype=torch.float64)
     engine = Engine(loaded)
-    conv = Conversation.start("You are a helpful assistant.")
-    run_turn(engine, conv, MESSAGES[0])
-    conv.messages[1]["content"] = "Edited."  # forces a cut far behind the 16-token window
-    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
-    end = run_turn(engine, conv, MESSAGES[1])
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    run_turn(chat, MESSAGES[0])
+    chat.messages[1]["content"] = "Edited."  # forces a cut far behind the 16-token window
+    history = chat.messages + [{"role": "user", "content": MESSAGES[1]}]
+    end = run_turn(chat, MESSAGES[1])
     # The window layers keep every token (the mask applies the window), so the system prompt is still reused.
-    assert end.stats.fallback is None and end.stats.reused >= len(engine.system_prefix_ids(conv.system))
+    assert end.stats.fallback is None and end.stats.reused >= len(engine.system_prefix_ids(chat.system))
     assert end.token_ids == fresh_reply_ids(engine, history)
 
 
 def test_max_new_tokens_and_stop_reason(tiny):
     engine = Engine(tiny)
-    conv = Conversation.start()
-    end = run_turn(engine, conv, MESSAGES[0], Sampling(temperature=0, max_new_tokens=3))
+    chat = Chat.start(engine)
+    end = run_turn(chat, MESSAGES[0], Sampling(temperature=0, max_new_tokens=3))
     assert end.stats.generated == 3 and end.stats.stop == "length"
-    conv.check()
+    chat.cache.check()
     # The last sampled token was never fed; the next turn still matches a fresh prefill.
-    history = conv.messages + [{"role": "user", "content": MESSAGES[1]}]
-    assert run_turn(engine, conv, MESSAGES[1]).token_ids == fresh_reply_ids(engine, history)
+    history = chat.messages + [{"role": "user", "content": MESSAGES[1]}]
+    assert run_turn(chat, MESSAGES[1]).token_ids == fresh_reply_ids(engine, history)
 
 
 def test_stop_token_ends_the_reply(tiny):
     engine = Engine(tiny)
     assert tiny.tokenizer.convert_tokens_to_ids("<|im_end|>") in engine.stop_ids
-    conv = Conversation.start()
+    chat = Chat.start(engine)
     eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
     lm_head = tiny.model.lm_head
     saved = lm_head.bias
     lm_head.bias = torch.nn.Parameter(torch.zeros(lm_head.out_features, dtype=torch.float64))
     lm_head.bias.data[eos] = 1e6  # the model now always wants to end its turn
     try:
-        end = run_turn(engine, conv, MESSAGES[0])
+        end = run_turn(chat, MESSAGES[0])
     finally:
         lm_head.bias = saved
     assert end.stats.stop == "eos" and end.stats.generated == 0 and end.reply == ""
-    conv.check()
+    chat.cache.check()
 
 
 def test_stats_report_cache_size(tiny):
     engine = Engine(tiny)
-    conv = Conversation.start()
-    end = run_turn(engine, conv, MESSAGES[0])
+    chat = Chat.start(engine)
+    end = run_turn(chat, MESSAGES[0])
     cfg = tiny.model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 8
-    assert end.stats.kv_bytes == per_token * conv.cached_tokens
+    assert end.stats.kv_bytes == per_token * chat.cache.tokens
     assert end.stats.ttft_ms > 0 and end.stats.decode_tok_s > 0
 
 
@@ -242,34 +244,34 @@ def test_stats_report_cache_size(tiny):
 ])
 def test_bad_messages_are_refused_and_change_nothing(tiny, text, message):
     engine = Engine(tiny)
-    conv = Conversation.start("sys")
-    run_turn(engine, conv, MESSAGES[0])
-    before = (list(conv.messages), list(conv.token_ids))
+    chat = Chat.start(engine, "sys")
+    run_turn(chat, MESSAGES[0])
+    before = (list(chat.messages), list(chat.cache.ids))
     with pytest.raises(InputError, match=message):
-        engine.send(conv, text, GREEDY)
-    assert (conv.messages, conv.token_ids) == before
+        chat.send(text)
+    assert (chat.messages, list(chat.cache.ids)) == before
 
 
 def test_interrupted_retry_and_send_leave_a_consistent_conversation():
     loaded = make_loaded(torch.float64)
     engine = Engine(loaded)
-    conv = Conversation.start("You are a helpful assistant.")
-    first = run_turn(engine, conv, MESSAGES[0])
-    before = [dict(m) for m in conv.messages]
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    first = run_turn(chat, MESSAGES[0])
+    before = [dict(m) for m in chat.messages]
     # A retry feeds nothing before its first token; Ctrl-C in the next forward keeps that token as the reply.
     with InterruptLayer(loaded.model.model.layers[1], 1), pytest.raises(KeyboardInterrupt):
-        list(engine.retry(conv, GREEDY))
-    assert conv.messages[:-1] == before[:-1] and conv.messages[-1]["role"] == "assistant"
-    assert first.reply.startswith(conv.messages[-1]["content"])
-    conv.check()
-    conv.messages[-1] = before[-1]
-    engine.trim(conv)
+        list(chat.retry())
+    assert chat.messages[:-1] == before[:-1] and chat.messages[-1]["role"] == "assistant"
+    assert first.reply.startswith(chat.messages[-1]["content"])
+    chat.cache.check()
+    chat.messages[-1] = before[-1]
+    engine.trim(chat.conversation, chat.cache)
     # A new message cut off inside its prefill never happened.
     with InterruptLayer(loaded.model.model.layers[1], 1), pytest.raises(KeyboardInterrupt):
-        list(engine.send(conv, MESSAGES[1], GREEDY))
-    assert conv.messages == before
-    conv.check()
-    assert run_turn(engine, conv, MESSAGES[1]).token_ids == fresh_reply_ids(engine, before + [
+        list(chat.send(MESSAGES[1]))
+    assert chat.messages == before
+    chat.cache.check()
+    assert run_turn(chat, MESSAGES[1]).token_ids == fresh_reply_ids(engine, before + [
         {"role": "user", "content": MESSAGES[1]}])
 
 
@@ -279,9 +281,9 @@ def test_a_seed_is_drawn_from_once_per_conversation_so_retry_gives_a_new_reply(t
     sampling = Sampling(temperature=1.5, top_k=0, top_p=1.0, seed=7, max_new_tokens=8)
 
     def replies():
-        conv = Conversation.start("Be brief.")
-        first = [e for e in engine.send(conv, MESSAGES[0], sampling) if isinstance(e, TurnEnd)][0]
-        again = [[e for e in engine.retry(conv, sampling) if isinstance(e, TurnEnd)][0].token_ids for _ in range(3)]
+        chat = Chat.start(engine, "Be brief.", sampling=sampling)
+        first = [e for e in chat.send(MESSAGES[0]) if isinstance(e, TurnEnd)][0]
+        again = [[e for e in chat.retry() if isinstance(e, TurnEnd)][0].token_ids for _ in range(3)]
         return [first.token_ids] + again
 
     run = replies()
@@ -295,15 +297,15 @@ def test_a_turn_that_never_starts_leaves_no_trace(tiny, monkeypatch):
     from kvchat.errors import KvchatError
 
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
-    run_turn(engine, conv, MESSAGES[0])
-    before = [dict(m) for m in conv.messages]
+    chat = Chat.start(engine, "You are a helpful assistant.")
+    run_turn(chat, MESSAGES[0])
+    before = [dict(m) for m in chat.messages]
 
-    stream = engine.send(conv, MESSAGES[1], GREEDY)  # returned, never iterated (Ctrl-C right here)
+    stream = chat.send(MESSAGES[1])  # returned, never iterated (Ctrl-C right here)
     stream.close()
     del stream
-    assert conv.messages == before
-    assert engine.retry(conv, GREEDY) is not None and conv.messages == before  # the old reply stays until a new one
+    assert chat.messages == before
+    assert chat.retry() is not None and chat.messages == before  # the old reply stays until a new one
 
     def interrupted_render(*args, **kwargs):
         raise KeyboardInterrupt
@@ -311,16 +313,16 @@ def test_a_turn_that_never_starts_leaves_no_trace(tiny, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(engine, "render", interrupted_render)
         with pytest.raises(KeyboardInterrupt):
-            engine.send(conv, MESSAGES[1], GREEDY)
-    assert conv.messages == before
+            chat.send(MESSAGES[1])
+    assert chat.messages == before
 
     strict = "{% for m in messages %}{% if m['content'] == 'BAD' %}{{ raise_exception('no BAD') }}{% endif %}{% endfor %}"
     with monkeypatch.context() as patch:
         patch.setattr(engine.tokenizer, "chat_template", strict + engine.tokenizer.chat_template)
         with pytest.raises(KvchatError, match="no BAD"):
-            engine.send(conv, "BAD", GREEDY)
-        assert conv.messages == before
-        end = run_turn(engine, conv, MESSAGES[1])  # the chat goes on, exactly
+            chat.send("BAD")
+        assert chat.messages == before
+        end = run_turn(chat, MESSAGES[1])  # the chat goes on, exactly
     assert end.token_ids == fresh_reply_ids(engine, before + [{"role": "user", "content": MESSAGES[1]}])
 
 
@@ -328,19 +330,19 @@ def test_the_models_own_reply_tokens_are_kept_so_every_turn_reuses_the_whole_cac
     """Regression (issue 10): re-tokenizing a reply's text (cut mid-character, or merged differently) gave other
     ids than the generated ones, so the next turn re-prefilled from inside the reply, and a resume too."""
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
+    chat = Chat.start(engine, "You are a helpful assistant.")
     drifted = 0
     for text in MESSAGES:
-        before = conv.cached_tokens
-        end = run_turn(engine, conv, text)
+        before = chat.cache.tokens
+        end = run_turn(chat, text)
         assert end.stats.reused == before  # all of the cache, every turn
-        reply = conv.messages[-1]
+        reply = chat.messages[-1]
         assert reply["token_ids"] == end.token_ids
         drifted += engine.tokenizer(reply["content"], add_special_tokens=False)["input_ids"] != end.token_ids
     assert drifted  # the tiny model's replies do re-tokenize differently: the test shows something
     # An edited reply is tokenized from its new text: the stored ids no longer decode to it.
-    conv.messages[2]["content"] = "Edited."
-    assert "Edited." in engine.tokenizer.decode(engine.render(conv.view()))
+    chat.messages[2]["content"] = "Edited."
+    assert "Edited." in engine.tokenizer.decode(engine.render(chat.conversation.view()))
 
 
 def test_continue_extends_a_cut_reply_exactly_and_prefills_only_its_last_token(tiny):
@@ -349,31 +351,57 @@ def test_continue_extends_a_cut_reply_exactly_and_prefills_only_its_last_token(t
     short, long = Sampling(temperature=0, max_new_tokens=5), Sampling(temperature=0, max_new_tokens=12)
     engine = Engine(tiny)
     engine.stop_ids = frozenset()  # replies of exactly the budget
-    conv, whole = Conversation.start("Be brief."), Conversation.start("Be brief.")
-    first = run_turn(engine, conv, MESSAGES[0], short)
+    chat, whole = Chat.start(engine, "Be brief."), Chat.start(engine, "Be brief.")
+    first = run_turn(chat, MESSAGES[0], short)
     assert first.stats.stop == "length" and len(first.token_ids) == 5
-    cached = conv.cached_tokens
-    events = list(engine.extend(conv, Sampling(temperature=0, max_new_tokens=7)))
+    cached = chat.cache.tokens
+    chat.sampling = Sampling(temperature=0, max_new_tokens=7)
+    events = list(chat.extend())
     end = events[-1]
     assert end.stats.prefilled == 1 and end.stats.reused == cached and end.stats.generated == 7
-    assert end.token_ids == run_turn(engine, whole, MESSAGES[0], long).token_ids
-    assert conv.messages[-1]["token_ids"] == end.token_ids
-    assert conv.messages[-1]["content"] == end.reply == whole.messages[-1]["content"]
+    assert end.token_ids == run_turn(whole, MESSAGES[0], long).token_ids
+    assert chat.messages[-1]["token_ids"] == end.token_ids
+    assert chat.messages[-1]["content"] == end.reply == whole.messages[-1]["content"]
     streamed = "".join(e.text for e in events if isinstance(e, Token))
     assert first.reply + streamed == end.reply
-    next_turn = run_turn(engine, conv, MESSAGES[1], short)  # the chat goes on from the whole reply, exactly
-    assert next_turn.stats.reused == len(engine.render(conv.messages[:2])) + 12 - 1  # all but the fed token
-    assert next_turn.token_ids == fresh_reply_ids(engine, conv.messages[:-1], short)
+    next_turn = run_turn(chat, MESSAGES[1], short)  # the chat goes on from the whole reply, exactly
+    assert next_turn.stats.reused == len(engine.render(chat.messages[:2])) + 12 - 1  # all but the fed token
+    assert next_turn.token_ids == fresh_reply_ids(engine, chat.messages[:-1], short)
 
 
 def test_continue_refuses_without_a_reply_or_room(tiny):
     engine = Engine(tiny, max_context=64)
-    conv = Conversation.start("Be brief.")
+    chat = Chat.start(engine, "Be brief.")
     with pytest.raises(InputError, match="no reply to continue"):
-        engine.extend(conv, GREEDY)
-    conv.messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x", "token_ids": [60] * 80}]
+        chat.extend()
+    chat.messages.extend([{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "x", "token_ids": [60] * 80}])
     with pytest.raises(InputError, match="is not the model's own tokens"):
-        engine.extend(conv, GREEDY)
-    conv.messages[-1]["content"] = engine.tokenizer.decode([60] * 80, skip_special_tokens=True)
+        chat.extend()
+    chat.messages[-1]["content"] = engine.tokenizer.decode([60] * 80, skip_special_tokens=True)
     with pytest.raises(InputError, match="the context of 64 tokens is full"):
-        engine.extend(conv, GREEDY)
+        chat.extend()
+
+
+def test_common_prefix_is_exact_past_its_first_block_for_lists_and_tuples_alike():
+    """Regression (issue 20): the cache's ids became a tuple, a tuple block never equals a list block, and every
+    token past the first 512 counted as shared."""
+    ids = list(range(1000))
+    edited = ids[:608] + [-1] + ids[609:]
+    for a, b in ((ids, edited), (tuple(ids), edited), (ids, tuple(edited)), (tuple(ids), tuple(edited))):
+        assert common_prefix(a, b) == 608
+    assert common_prefix(tuple(ids), ids[:700]) == 700 and common_prefix((), ids) == 0
+
+
+def test_an_edit_past_the_first_512_tokens_reuses_only_what_is_shared(tiny):
+    """The engine side of the regression above: an edit beyond token 512 reused stale KV."""
+    engine = Engine(tiny)
+    chat = Chat.start(engine, "Be kind to cats and dogs. " * 90)  # a system prompt of over 512 tokens
+    run_turn(chat, MESSAGES[0])
+    assert len(engine.system_prefix_ids(chat.system)) > 512
+    chat.messages[1] = {"role": "user", "content": "Hello, how are you tonight?"}
+    history = chat.messages + [{"role": "user", "content": MESSAGES[1]}]
+    shared = common_prefix(list(chat.cache.ids), engine.render(history))
+    end = run_turn(chat, MESSAGES[1])
+    assert 512 < end.stats.reused == shared < len(engine.render(chat.messages[:2]))
+    assert end.token_ids == fresh_reply_ids(engine, history)

@@ -19,11 +19,12 @@ from kvchat.store import kvfile
 from kvchat.weights import memory
 from kvchat.ui.cli import main
 from kvchat.config import Sampling
-from kvchat.chat.conversation import MAX_CHECKPOINTS, Conversation
+from kvchat.cache.chat_cache import MAX_CHECKPOINTS, CacheSpec, ChatCache
 from kvchat.chat.engine import Engine, TurnEnd, common_prefix
+from kvchat.chat.saving import Persister, open_chat
 from kvchat.errors import KvchatError
 from kvchat.weights.model import fingerprint
-from kvchat.store.sessions import Persister, Store
+from kvchat.store.sessions import Store
 import bound
 from exact import differences, fresh_cache, next_logits, relative
 from families import FAMILIES, REFUSED, SLIDING, make_family, window_cache
@@ -57,65 +58,83 @@ def engine_with_store(loaded, root, **engine_kwargs):
     return bound.engine_with_store(loaded, root, window_cache=window_cache(loaded), **engine_kwargs)
 
 
-def send(engine, conv, text):
+def new_chat(engine, store=None):
+    """A new chat with the system prompt, greedy; seeded from the store's prefixes when a store is given (as an
+    engine bound to a store started every conversation)."""
+    return bound.new_chat(engine, store, SYSTEM, GREEDY)
+
+
+def turn_end(events):
+    return [e for e in events if isinstance(e, TurnEnd)][0]
+
+
+def send(chat, text):
     """One turn; checks its reply against a cache-free greedy run of the prompt the model saw, returns its stats."""
-    end = [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
-    prompt = engine.render(conv.view()[:-1])  # the view after any drop, without the new reply
+    engine = chat.engine
+    chat.sampling = GREEDY
+    end = turn_end(chat.send(text))
+    prompt = engine.render(chat.conversation.view()[:-1])  # the view after any drop, without the new reply
     want = greedy_without_cache(engine.model, prompt, GREEDY.max_new_tokens, engine.stop_ids)
     assert end.token_ids == want, f"reply to {text!r} differs from a fresh prefill"
     assert end.stats.fallback is None, end.stats.fallback
-    conv.check()
+    chat.cache.check()
     return end.stats
 
 
-def assert_only_new_message(engine, conv, cached_before, stats):
+def retry(chat):
+    chat.sampling = GREEDY
+    return turn_end(chat.retry())
+
+
+def assert_only_new_message(chat, cached_before, stats):
     """Reuse stopped no earlier than it had to: at the cached prefix, or (recurrent state, after a template
     re-tokenized the last reply differently) at the last prompt's end at worst."""
-    target = engine.render(conv.view()[:-1])
+    engine, cached_before = chat.engine, list(cached_before)
+    target = engine.render(chat.conversation.view()[:-1])
     shared = common_prefix(cached_before, target)
     assert stats.reused + stats.prefilled == len(target)
-    if shared == len(cached_before) or not layers.has_state(conv.cache):
+    if shared == len(cached_before) or not layers.has_state(chat.cache.model_cache):
         assert stats.reused == min(shared, len(target) - 1), "prefilled more than the new message"
     else:
-        previous_prompt = engine.render(conv.view()[:-3])
+        previous_prompt = engine.render(chat.conversation.view()[:-3])
         assert stats.reused >= len(previous_prompt) - 8
 
 
 def test_multi_turn_reuse_resume_undo_retry_are_exact(family, tmp_path):
     engine, store = engine_with_store(family, tmp_path)
     persister = Persister(store, session="chat")
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store)
     for text in MESSAGES[:4]:
-        before = list(conv.token_ids)
-        stats = send(engine, conv, text)
-        persister.after_turn(conv)
+        before = list(chat.cache.ids)
+        stats = send(chat, text)
+        persister.after_turn(chat)
         if before:
-            assert_only_new_message(engine, conv, before, stats)
+            assert_only_new_message(chat, before, stats)
 
     # Resume in a new engine and store (as a new process would): everything cached comes from disk.
     store.close()
     engine2, store2 = engine_with_store(family, tmp_path)
-    opened = store2.open_session("chat")
-    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)
-    resumed = opened.conversation
-    stats = send(engine2, resumed, MESSAGES[4])
+    opened = open_chat(engine2, store2, "chat", sampling=GREEDY)
+    assert opened.notice is None and opened.loaded_tokens == chat.cache.tokens
+    resumed = opened.chat
+    stats = send(resumed, MESSAGES[4])
     assert stats.loaded == stats.reused > 0
-    assert_only_new_message(engine2, resumed, conv.token_ids, stats)
+    assert_only_new_message(resumed, chat.cache.ids, stats)
 
     # /retry prefills nothing; /undo then a new message prefills only that message.
-    retry = [e for e in engine2.retry(resumed, GREEDY) if isinstance(e, TurnEnd)][0]
-    assert retry.stats.prefilled == 0 and retry.stats.fallback is None
-    engine2.undo(resumed)
-    cached = list(resumed.token_ids)
-    stats = send(engine2, resumed, MESSAGES[5])
-    assert_only_new_message(engine2, resumed, cached, stats)
+    again = retry(resumed)
+    assert again.stats.prefilled == 0 and again.stats.fallback is None
+    resumed.undo()
+    cached = list(resumed.cache.ids)
+    stats = send(resumed, MESSAGES[5])
+    assert_only_new_message(resumed, cached, stats)
     new_tokens = len(family.tokenizer(MESSAGES[5], add_special_tokens=False)["input_ids"])
     assert stats.prefilled <= new_tokens + 12
 
     # An edited earlier message: exact; reuse stops at or before the edit (for recurrent state, at the latest
     # checkpoint kept before it, at worst the end of the system message).
     resumed.messages[3]["content"] = "Edited."
-    stats = send(engine2, resumed, MESSAGES[0])
+    stats = send(resumed, MESSAGES[0])
     assert 0 < stats.reused <= len(engine2.render(resumed.messages[:3]))
 
 
@@ -137,21 +156,24 @@ FLOAT32_RECURRENCE = {"qwen3.5", "qwen3-next", "granite-hybrid", "falcon-h1", "n
                       "bailing-hybrid"}
 
 
-def assert_holds_its_tokens(engine, conv, when):
+def assert_holds_its_tokens(chat, when):
     """Every tensor and every count of every cache layer equals a fresh prefill of the token ids the conversation
     says it holds (relative difference below 1e-6 in float64, 1e-5 for a float32 recurrence), and the next forward
     pass gives the same logits."""
-    assert conv.cache is not None, f"{when}: the cache was dropped"
-    conv.check()
-    ids, family = conv.token_ids, engine.loaded.name.removeprefix("tiny-").split(":")[0]
-    assert int(conv.cache.get_seq_length()) == len(ids), f"{when}: get_seq_length() is not the tokens held"
+    engine = chat.engine
+    # (a dropped cache holds no tokens; ChatCache.model_cache would make an empty one, so it is not asked first)
+    assert chat.cache.tokens, f"{when}: the cache was dropped"
+    chat.cache.check()
+    model_cache = chat.cache.model_cache
+    ids, family = list(chat.cache.ids), engine.loaded.name.removeprefix("tiny-").split(":")[0]
+    assert int(model_cache.get_seq_length()) == len(ids), f"{when}: get_seq_length() is not the tokens held"
     fresh = fresh_cache(engine, ids)
-    for i, (mine, want) in enumerate(zip(conv.cache.layers, fresh.layers, strict=True)):
+    for i, (mine, want) in enumerate(zip(model_cache.layers, fresh.layers, strict=True)):
         assert type(mine) is type(want), f"{when}: layer {i} is a {type(mine).__name__}"
         for name, size in differences(mine, want):
             floor = 1e-5 if family in FLOAT32_RECURRENCE and name.startswith("recurrent_states") else 1e-6
             assert size < floor, f"{when}: layer {i} {name} differs from a fresh prefill by {size:.2g}"
-    logits = relative(next_logits(engine, conv.cache, len(ids), 5), next_logits(engine, fresh, len(ids), 5))
+    logits = relative(next_logits(engine, model_cache, len(ids), 5), next_logits(engine, fresh, len(ids), 5))
     assert logits < 1e-6, f"{when}: the next logits differ from a fresh prefill's by {logits:.2g}"
 
 
@@ -161,40 +183,41 @@ def test_the_cache_is_a_fresh_prefill_after_every_cut_undo_retry_drop_and_resume
     monkeypatch.setattr(family.tokenizer, "chat_template", SPACE_TRIMMING_CHATML)
     engine, store = engine_with_store(family, tmp_path)
     persister = Persister(store, session="chat")
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store)
     for turn, text in enumerate(MESSAGES[:3]):
-        before = list(conv.token_ids)
-        stats = send(engine, conv, text)
+        before = list(chat.cache.ids)
+        stats = send(chat, text)
         assert not turn or stats.reused < len(before), "the template did not make the turn cut the cache"
-        assert_holds_its_tokens(engine, conv, f"turn {turn + 1}")
-        persister.after_turn(conv)
-    engine.trim(conv)  # the cut the next turn makes, on its own
-    assert len(conv.token_ids) < len(before) + stats.prefilled + stats.generated
-    assert_holds_its_tokens(engine, conv, "a cut back to a checkpoint")
-    retry = [e for e in engine.retry(conv, GREEDY) if isinstance(e, TurnEnd)][0]
-    assert retry.stats.fallback is None
-    assert_holds_its_tokens(engine, conv, "/retry")
-    engine.undo(conv)
-    assert_holds_its_tokens(engine, conv, "/undo")
-    send(engine, conv, MESSAGES[3])
-    assert_holds_its_tokens(engine, conv, "a turn after /undo")
-    persister.after_turn(conv)
+        assert_holds_its_tokens(chat, f"turn {turn + 1}")
+        persister.after_turn(chat)
+    engine.trim(chat.conversation, chat.cache)  # the cut the next turn makes, on its own
+    assert chat.cache.tokens < len(before) + stats.prefilled + stats.generated
+    assert_holds_its_tokens(chat, "a cut back to a checkpoint")
+    again = retry(chat)
+    assert again.stats.fallback is None
+    assert_holds_its_tokens(chat, "/retry")
+    chat.undo()
+    assert_holds_its_tokens(chat, "/undo")
+    send(chat, MESSAGES[3])
+    assert_holds_its_tokens(chat, "a turn after /undo")
+    persister.after_turn(chat)
 
     store.close()  # resumed by a new engine and store, as a new process would
     engine2, _ = engine_with_store(family, tmp_path)
-    resumed = Store(tmp_path).bind(engine2, fingerprint(family)).open_session("chat").conversation
-    assert resumed.token_ids == conv.token_ids
-    assert_holds_its_tokens(engine2, resumed, "a resume")
-    stats = send(engine2, resumed, MESSAGES[4])
+    resumed = open_chat(engine2, Store(tmp_path).bind(engine2.layout, fingerprint(family), family.name), "chat",
+                        sampling=GREEDY).chat
+    assert resumed.cache.ids == chat.cache.ids
+    assert_holds_its_tokens(resumed, "a resume")
+    stats = send(resumed, MESSAGES[4])
     assert stats.loaded > 0
-    assert_holds_its_tokens(engine2, resumed, "a turn after a resume")
+    assert_holds_its_tokens(resumed, "a turn after a resume")
 
     engine3 = new_engine(family, max_context=150)  # a context drop comes back to the system prompt's checkpoint
-    conv3, drops = Conversation.start(SYSTEM), 0
+    chat3, drops = new_chat(engine3), 0
     for text in MESSAGES:
-        stats = send(engine3, conv3, text)
+        stats = send(chat3, text)
         drops += stats.dropped
-        assert_holds_its_tokens(engine3, conv3, f"a turn that dropped {stats.dropped}")
+        assert_holds_its_tokens(chat3, f"a turn that dropped {stats.dropped}")
     assert drops > 0
 
 
@@ -204,60 +227,64 @@ def first_turn_with_cuts(name, tmp_path=None):
     loaded = make_family(name)
     loaded.tokenizer.chat_template = SPACE_TRIMMING_CHATML
     engine, store = engine_with_store(loaded, tmp_path) if tmp_path else (new_engine(loaded), None)
-    conv = Conversation.start(SYSTEM)
-    send(engine, conv, MESSAGES[0])
+    chat = new_chat(engine, store)
+    send(chat, MESSAGES[0])
     if store is not None:
-        Persister(store, session="chat").after_turn(conv)
-    return engine, store, conv
+        Persister(store, session="chat").after_turn(chat)
+    return engine, store, chat
 
 
-def reply(engine, conv, text):
+def reply(chat, text):
     """One turn that may refuse reuse; its reply must still be a fresh prefill's. Returns the fallback."""
-    end = [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
-    want = greedy_without_cache(engine.model, engine.render(conv.view()[:-1]), GREEDY.max_new_tokens, engine.stop_ids)
+    engine = chat.engine
+    chat.sampling = GREEDY
+    end = turn_end(chat.send(text))
+    want = greedy_without_cache(engine.model, engine.render(chat.conversation.view()[:-1]), GREEDY.max_new_tokens,
+                                engine.stop_ids)
     assert end.token_ids == want
     return end.stats.fallback
 
 
 def test_a_snapshot_holds_whatever_a_state_layer_keeps():
     """The snapshot is asked of the layer: a count it keeps that kvchat has never heard of is copied and put back."""
-    engine, _, conv = first_turn_with_cuts("qwen3.5")
-    layer = conv.cache.layers[0]
+    engine, _, chat = first_turn_with_cuts("qwen3.5")
+    model_cache = chat.cache.model_cache
+    layer = model_cache.layers[0]
     layer.tokens_seen_by_a_newer_transformers = 41
-    snapshot = layers.export_state(conv.cache, device=None)
+    snapshot = layers.export_state(model_cache, device=None)
     assert snapshot["0.tokens_seen_by_a_newer_transformers"] == 41
-    assert snapshot["0.cumulative_length_linear"] == len(conv.token_ids)
+    assert snapshot["0.cumulative_length_linear"] == chat.cache.tokens
     layer.tokens_seen_by_a_newer_transformers = 99
     layer.cumulative_length_linear = layer.cumulative_length_linear + 5
-    layers.import_state(conv.cache, snapshot)
-    assert layer.tokens_seen_by_a_newer_transformers == 41 and layers.miscount(conv.cache, len(conv.token_ids)) is None
+    layers.import_state(model_cache, snapshot)
+    assert layer.tokens_seen_by_a_newer_transformers == 41 and layers.miscount(model_cache, chat.cache.tokens) is None
 
 
 def test_a_state_layer_keeping_what_kvchat_cannot_copy_is_never_cut_and_the_turn_prefills_all():
-    engine, _, conv = first_turn_with_cuts("qwen3.5")
-    conv.cache.layers[1].mystery = object()
-    assert "layer 1 keeps 'mystery' (a object)" in layers.unsupported(conv.cache)
-    fallback = reply(engine, conv, MESSAGES[1])
+    engine, _, chat = first_turn_with_cuts("qwen3.5")
+    chat.cache.model_cache.layers[1].mystery = object()
+    assert "layer 1 keeps 'mystery' (a object)" in layers.unsupported(chat.cache.model_cache)
+    fallback = reply(chat, MESSAGES[1])
     assert fallback == ("layer 1 keeps 'mystery' (a object), which kvchat cannot snapshot or save exactly; "
                         "prefilling all")
-    assert_holds_its_tokens(engine, conv, "after the refusal")
+    assert_holds_its_tokens(chat, "after the refusal")
 
 
 @pytest.mark.parametrize("name", ["qwen3-next", "falcon-h1"])
 def test_a_checkpoint_whose_token_count_disagrees_is_refused_with_the_reason(name):
     """The invariant after every restore: a checkpoint that would leave a layer counting other tokens than the
     conversation holds is not continued from; the turn prefills all and says why."""
-    engine, _, conv = first_turn_with_cuts(name)
-    for point in conv.checkpoints:
+    engine, _, chat = first_turn_with_cuts(name)
+    for point in chat.cache.checkpoints:
         point.state["0.cumulative_length_linear"] = point.state["0.cumulative_length_linear"] + 3
-    fallback = reply(engine, conv, MESSAGES[1])
+    fallback = reply(chat, MESSAGES[1])
     counted = re.fullmatch(r"layer 0 of the cache counts (\d+) tokens where (\d+) are held; prefilling all", fallback)
     assert counted and int(counted[1]) == int(counted[2]) + 3, fallback
-    assert_holds_its_tokens(engine, conv, "after the refusal")
+    assert_holds_its_tokens(chat, "after the refusal")
 
 
 def test_a_stored_state_whose_token_count_disagrees_is_rebuilt_from_the_text(tmp_path):
-    engine, store, conv = first_turn_with_cuts("qwen3.5", tmp_path)
+    engine, store, chat = first_turn_with_cuts("qwen3.5", tmp_path)
     store.close()
     for path in (tmp_path / ".kv" / "states").glob("chat-*.safetensors"):
         with safe_open(path, "pt") as handle:
@@ -266,38 +293,39 @@ def test_a_stored_state_whose_token_count_disagrees_is_rebuilt_from_the_text(tmp
         tensors["0.cumulative_length_linear"] += 1
         path.write_bytes(kvfile.encode(tensors, meta))
     engine2, store2 = engine_with_store(engine.loaded, tmp_path)
-    opened = store2.open_session("chat")
-    assert opened.notice == (f"session 'chat': KV not usable (layer 0 of the cache counts {len(conv.token_ids) + 1} "
-                             f"tokens where {len(conv.token_ids)} are held); rebuilding its cache from the text")
-    assert opened.conversation.messages == conv.messages
-    assert reply(engine2, opened.conversation, MESSAGES[1]) is None
-    assert_holds_its_tokens(engine2, opened.conversation, "after the rebuild")
+    opened = open_chat(engine2, store2, "chat", sampling=GREEDY)
+    assert opened.notice == (f"session 'chat': KV not usable (layer 0 of the cache counts {chat.cache.tokens + 1} "
+                             f"tokens where {chat.cache.tokens} are held); rebuilding its cache from the text")
+    assert opened.chat.messages == chat.messages
+    assert reply(opened.chat, MESSAGES[1]) is None
+    assert_holds_its_tokens(opened.chat, "after the rebuild")
 
 
 def test_retry_right_after_a_resume_is_exact(family, tmp_path):
     """A recurrent state's checkpoint at the last prompt is stored with its logits: nothing is prefilled.
     Attention-only caches prefill the prompt's last token."""
     engine, store = engine_with_store(family, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store)
     for text in MESSAGES[:2]:
-        send(engine, conv, text)
-        Persister(store, session="r").after_turn(conv)
+        send(chat, text)
+        Persister(store, session="r").after_turn(chat)
     store.close()
     engine2, _ = engine_with_store(family, tmp_path)
-    resumed = Store(tmp_path).bind(engine2, fingerprint(family)).open_session("r").conversation
-    prompt = engine2.render(resumed.view()[:-1])
+    resumed = open_chat(engine2, Store(tmp_path).bind(engine2.layout, fingerprint(family), family.name), "r",
+                        sampling=GREEDY).chat
+    prompt = engine2.render(resumed.conversation.view()[:-1])
     want = greedy_without_cache(engine2.model, prompt, GREEDY.max_new_tokens, engine2.stop_ids)
-    retry = [e for e in engine2.retry(resumed, GREEDY) if isinstance(e, TurnEnd)][0]
-    assert retry.token_ids == want and retry.stats.fallback is None
-    assert retry.stats.prefilled == (0 if layers.has_state(resumed.cache) else 1)
+    again = retry(resumed)
+    assert again.token_ids == want and again.stats.fallback is None
+    assert again.stats.prefilled == (0 if layers.has_state(resumed.cache.model_cache) else 1)
 
 
 def test_a_context_drop_reuses_the_system_prompt(family):
     engine = new_engine(family, max_context=120)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine)
     drops = 0
     for text in MESSAGES:
-        stats = send(engine, conv, text)
+        stats = send(chat, text)
         drops += stats.dropped
         if stats.dropped:
             assert stats.reused >= len(engine.system_prefix_ids(SYSTEM))
@@ -306,11 +334,11 @@ def test_a_context_drop_reuses_the_system_prompt(family):
 
 def test_a_new_conversation_starts_from_the_stored_system_prompt(family, tmp_path):
     engine, store = engine_with_store(family, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    send(engine, conv, MESSAGES[0])
-    Persister(store).after_turn(conv)
-    fresh = Conversation.start(SYSTEM)
-    stats = send(engine, fresh, MESSAGES[1])
+    chat = new_chat(engine, store)
+    send(chat, MESSAGES[0])
+    Persister(store).after_turn(chat)
+    fresh = new_chat(engine, store)
+    stats = send(fresh, MESSAGES[1])
     assert stats.loaded == stats.reused == len(engine.system_prefix_ids(SYSTEM))
 
 
@@ -350,15 +378,15 @@ def test_a_template_that_strips_past_think_blocks_stays_exact_and_cheap_on_a_hyb
     loaded = make_family(name)
     loaded.tokenizer.chat_template = THINKING_CHATML
     engine = new_engine(loaded)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine)
     for turn, text in enumerate(MESSAGES):
-        before = list(conv.token_ids)
-        stats = send(engine, conv, text)
+        before = list(chat.cache.ids)
+        stats = send(chat, text)
         if turn:
             assert stats.reused < len(before)  # the template did rewrite the cached past
             # Reuse reaches the end of the previous user message: only the previous reply (with its header)
             # and the new message are prefilled.
-            assert stats.reused == len(engine.render(conv.view()[:-3], generation_prompt=False))
+            assert stats.reused == len(engine.render(chat.conversation.view()[:-3], generation_prompt=False))
 
 
 def test_jamba_continues_its_recurrent_state_one_token_at_a_time():
@@ -374,12 +402,12 @@ def test_jamba_continues_its_recurrent_state_one_token_at_a_time():
             widths.append(kwargs["input_ids"].shape[1])
 
     hook = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine)
     try:
-        send(engine, conv, MESSAGES[0])
+        send(chat, MESSAGES[0])
         assert widths[0] > 1  # the first prefill, from an empty state, is one pass
         widths.clear()
-        stats = send(engine, conv, MESSAGES[1])
+        stats = send(chat, MESSAGES[1])
     finally:
         hook.remove()
     assert stats.prefilled > 1 and set(widths) == {1}
@@ -398,9 +426,12 @@ def test_sparse_attention_indexer_keys_are_cut_and_restored_exactly(tmp_path):
             model(input_ids=torch.tensor([tokens]), use_cache=True, **{key: cache})
         return cache
 
-    fresh, cut = prefill(ids[:25]), prefill(ids)
-    conv = Conversation(token_ids=list(ids), cache=cut)
-    assert conv.cut_to(25) == 25
+    fresh = prefill(ids[:25])
+    held = ChatCache(CacheSpec(model, loaded.device))  # the same one pass over all 40 tokens, held by a ChatCache
+    with torch.inference_mode():
+        held.feed(ids, lambda cache, start: model(input_ids=torch.tensor([ids]), use_cache=True, **{key: cache}))
+    cut = held.model_cache
+    assert held.trim(25) == 25
     restored = layers.restore(model, [layers.export(fresh, 0, 10), layers.export(fresh, 10, 25)], loaded.device)
     for mine, want in zip(restored.layers, fresh.layers):  # bit-exact through export and restore
         assert torch.equal(mine.indexer_keys, want.indexer_keys)

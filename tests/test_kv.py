@@ -6,7 +6,7 @@ from transformers.cache_utils import (DummyLayer, DynamicCache, DynamicLayer, Dy
 
 from kvchat.cache import layers
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd
 from reference import greedy_without_cache
 
@@ -48,18 +48,18 @@ def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reus
 
     monkeypatch.setattr(layers, "new_cache", cache_with_an_unknown_layer)
     engine = Engine(tiny)
-    conv = Conversation.start("You are a helpful assistant.")
     greedy = Sampling(temperature=0, max_new_tokens=6)
-    list(engine.send(conv, "Hello, how are you today?", greedy))
-    assert "UnknownLayer" in layers.unsupported(conv.cache)
-    conv.messages[1]["content"] = "Edited."  # the next turn must cut the cache back
-    history = conv.messages + [{"role": "user", "content": "What is the capital of France?"}]
-    end = list(engine.send(conv, "What is the capital of France?", greedy))[-1]
+    chat = Chat.start(engine, "You are a helpful assistant.", sampling=greedy)
+    list(chat.send("Hello, how are you today?"))
+    assert "UnknownLayer" in layers.unsupported(chat.cache.model_cache)
+    chat.messages[1]["content"] = "Edited."  # the next turn must cut the cache back
+    history = chat.messages + [{"role": "user", "content": "What is the capital of France?"}]
+    end = list(chat.send("What is the capital of France?"))[-1]
     assert isinstance(end, TurnEnd)
     assert end.stats.reused == 0 and "UnknownLayer" in end.stats.fallback
     assert end.token_ids == greedy_without_cache(tiny.model, engine.render(history), 6, engine.stop_ids)
-    assert not layers.can_export(conv.cache)
-    assert conv.cut_to(3) == 0 and conv.cache is None  # never cut: forgotten
+    assert not layers.can_export(chat.cache.model_cache)
+    assert chat.cache.trim(3) == 0 and not chat.cache.ids and chat.cache.nbytes == 0  # never cut: forgotten
 
 
 def test_each_layer_type_declares_what_kvchat_may_do_and_an_unknown_one_may_do_nothing():

@@ -10,12 +10,12 @@ from gguf import GGMLQuantizationType, quants
 
 from kvchat.weights import quant
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.chat.saving import Persister, open_chat
 from kvchat.errors import ConfigError, KvchatError
 from kvchat.weights.model import DEFAULT_MODEL_NAME, choose_weights, fingerprint, precision
-from kvchat.store.sessions import Persister
-from bound import engine_with_store
+from bound import engine_with_store, new_chat
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -99,8 +99,9 @@ def exact_packed(seed: int = 0):
     return loaded
 
 
-def run_turn(engine, conv, text):
-    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+def run_turn(chat, text):
+    chat.sampling = GREEDY
+    return [e for e in chat.send(text) if isinstance(e, TurnEnd)][0]
 
 
 def test_auto_packs_exact_gguf_weights_and_keeps_others_full(kernel):
@@ -133,26 +134,26 @@ def test_packed_and_full_weights_are_other_models_to_the_store(kernel):
 def test_each_weight_form_reuses_undoes_and_continues_exactly(kernel, form):
     loaded = exact_packed() if form == "int8" else gguf_like()
     engine = Engine(loaded, prefill_chunk=5)
-    conv = Conversation.start("Be brief.")
+    chat = Chat.start(engine, "Be brief.")
     for text in MESSAGES[:3]:
-        end = run_turn(engine, conv, text)
-        fresh = greedy_without_cache(engine.model, engine.render(conv.messages[:-1]), GREEDY.max_new_tokens,
+        end = run_turn(chat, text)
+        fresh = greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), GREEDY.max_new_tokens,
                                      engine.stop_ids)
         assert end.token_ids == fresh, f"{form}: a reused turn diverged from a fresh prefill"
-    engine.undo(conv)
-    redo = run_turn(engine, conv, MESSAGES[3])
-    assert redo.stats.reused > 0 and conv.cached_tokens == len(conv.token_ids)
-    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]),
+    chat.undo()
+    redo = run_turn(chat, MESSAGES[3])
+    assert redo.stats.reused > 0 and chat.cache.tokens == len(chat.cache.ids)
+    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(chat.messages[:-1]),
                                                   GREEDY.max_new_tokens, engine.stop_ids)
 
 
 def test_packed_weights_reuse_the_cache_exactly_every_turn(kernel):
     loaded = exact_packed()
     engine = Engine(loaded, prefill_chunk=7)
-    conv = Conversation.start("You are a helpful assistant.")
+    chat = Chat.start(engine, "You are a helpful assistant.")
     for number, text in enumerate(MESSAGES):
-        history = conv.messages + [{"role": "user", "content": text}]
-        end = run_turn(engine, conv, text)
+        history = chat.messages + [{"role": "user", "content": text}]
+        end = run_turn(chat, text)
         fresh = greedy_without_cache(engine.model, engine.render(history), GREEDY.max_new_tokens, engine.stop_ids)
         assert end.token_ids == fresh, f"turn {number + 1} diverged"
         assert len(end.token_ids) > 3, "the check needs replies of several tokens"
@@ -160,31 +161,31 @@ def test_packed_weights_reuse_the_cache_exactly_every_turn(kernel):
             assert end.stats.reused > 0
     # The same replies as the model with its float32 weights: the weights are the same numbers.
     full = Engine(gguf_like(), prefill_chunk=7)
-    again = Conversation.start("You are a helpful assistant.")
-    for text, expected in zip(MESSAGES, [m for m in conv.messages if m["role"] == "assistant"]):
-        assert run_turn(full, again, text).token_ids == expected["token_ids"]
+    again = Chat.start(full, "You are a helpful assistant.")
+    for text, expected in zip(MESSAGES, [m for m in chat.messages if m["role"] == "assistant"]):
+        assert run_turn(again, text).token_ids == expected["token_ids"]
 
 
 def test_packed_weights_undo_continue_and_resume_exactly(kernel, tmp_path):
     engine, store = engine_with_store(exact_packed(), tmp_path)
-    conv = Conversation.start("Be brief.")
+    chat = new_chat(engine, store, "Be brief.", GREEDY)
     persister = Persister(store, "talk")
     for text in MESSAGES[:2]:
-        run_turn(engine, conv, text)
-        persister.after_turn(conv)
-    engine.undo(conv)  # the cache is cut back to the first exchange
-    redo = run_turn(engine, conv, MESSAGES[2])
+        run_turn(chat, text)
+        persister.after_turn(chat)
+    chat.undo()  # the cache is cut back to the first exchange
+    redo = run_turn(chat, MESSAGES[2])
     assert redo.stats.reused > 0
-    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(conv.messages[:-1]),
+    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(chat.messages[:-1]),
                                                   GREEDY.max_new_tokens, engine.stop_ids)
-    persister.after_turn(conv)
-    uninterrupted = run_turn(engine, conv, MESSAGES[3])
+    persister.after_turn(chat)
+    uninterrupted = run_turn(chat, MESSAGES[3])
     store.close()
 
     engine2, store2 = engine_with_store(exact_packed(), tmp_path)  # another process, the next day
-    opened = store2.open_session("talk")
+    opened = open_chat(engine2, store2, "talk")
     assert opened.notice is None and opened.loaded_tokens > 0
-    resumed = run_turn(engine2, opened.conversation, MESSAGES[3])
+    resumed = run_turn(opened.chat, MESSAGES[3])
     assert resumed.token_ids == uninterrupted.token_ids
     assert resumed.stats.loaded == resumed.stats.reused > 0
     store2.close()

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.weights.model import load_model
 
@@ -27,16 +27,17 @@ def default_model():
     return load_model("default", "cpu", "float32")
 
 
-def chat(engine, conv, text):
-    return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+def ask(chat, text):
+    chat.sampling = GREEDY
+    return [e for e in chat.send(text) if isinstance(e, TurnEnd)][0]
 
 
 def test_five_turns_with_reuse_equal_no_reuse_and_prefill_only_the_new_message(default_model):
     reuse, baseline = Engine(default_model), Engine(default_model, reuse=False)
-    a, b = Conversation.start(), Conversation.start()
+    a, b = Chat.start(reuse), Chat.start(baseline)
     for turn, question in enumerate(QUESTIONS):
-        cached_before = a.cached_tokens
-        end_a, end_b = chat(reuse, a, question), chat(baseline, b, question)
+        cached_before = a.cache.tokens
+        end_a, end_b = ask(a, question), ask(b, question)
         assert end_a.token_ids == end_b.token_ids, f"turn {turn + 1}: reuse changed the reply"
         assert end_b.stats.reused == 0
         if turn == 0:
@@ -59,26 +60,27 @@ def test_echo_question_answers_paris():
 
 
 def test_session_saved_after_turn_3_resumes_exactly(default_model, tmp_path):
+    from kvchat.chat.saving import Persister, open_chat
     from kvchat.weights.model import fingerprint
-    from kvchat.store.sessions import Persister, Store
+    from kvchat.store.sessions import Store
 
     fp = fingerprint(default_model)
     engine = Engine(default_model)
-    store = Store(tmp_path).bind(engine, fp)
-    conv = Conversation.start()
+    store = Store(tmp_path).bind(engine.layout, fp, default_model.name)
+    chat = Chat.start(engine)
     persister = Persister(store, "resume")
     for question in QUESTIONS[:3]:
-        chat(engine, conv, question)
-        persister.after_turn(conv)
+        ask(chat, question)
+        persister.after_turn(chat)
     store.close()
-    cached = conv.cached_tokens
-    uninterrupted = chat(engine, conv, QUESTIONS[3])
+    cached = chat.cache.tokens
+    uninterrupted = ask(chat, QUESTIONS[3])
 
     engine2 = Engine(default_model)
-    store2 = Store(tmp_path).bind(engine2, fp)
-    opened = store2.open_session("resume")
+    store2 = Store(tmp_path).bind(engine2.layout, fp, default_model.name)
+    opened = open_chat(engine2, store2, "resume", prefixes=False)  # (as before: no stored prefixes used)
     assert opened.notice is None and opened.loaded_tokens == cached
-    resumed = chat(engine2, opened.conversation, QUESTIONS[3])
+    resumed = ask(opened.chat, QUESTIONS[3])
     store2.close()
     assert resumed.token_ids == uninterrupted.token_ids
     assert resumed.stats.reused == cached == resumed.stats.loaded
@@ -91,7 +93,7 @@ def test_default_model_runs_on_exact_int8_weights_and_answers_as_float32_does(de
     full = load_model("default", "cpu", "float32", weights="full")
     assert full.weight_format == "full"
     packed_engine, full_engine = Engine(default_model), Engine(full)
-    a, b = Conversation.start(), Conversation.start()
+    a, b = Chat.start(packed_engine), Chat.start(full_engine)
     for turn, question in enumerate(QUESTIONS[:3]):
-        end_a, end_b = chat(packed_engine, a, question), chat(full_engine, b, question)
+        end_a, end_b = ask(a, question), ask(b, question)
         assert end_a.token_ids == end_b.token_ids, f"turn {turn + 1}: int8 weights changed the reply"

@@ -8,13 +8,16 @@ import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from bound import engine_with_store, new_chat
 from kvchat.config import Sampling, Settings
+from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
+from kvchat.chat.saving import Persister, open_chat, save_chat
 from kvchat.ui.display import WrappingWriter
 from kvchat.chat.engine import Engine, Token
 from kvchat.weights.model import fingerprint
 from kvchat.ui.repl import Repl
-from kvchat.store.sessions import Persister, Store
+from kvchat.store.sessions import Store
 
 SETTINGS = Settings(sampling=Sampling(temperature=0, max_new_tokens=6))
 
@@ -32,14 +35,13 @@ def drive(repl, keys: str) -> str:
     return repl.out.getvalue()
 
 
-def make_repl(tiny, pipe, tmp_path=None, conv=None, **kwargs):
+def make_repl(tiny, pipe, tmp_path=None, chat=None, **kwargs):
     engine = Engine(tiny)
-    persister = None
+    store = persister = None
     if tmp_path is not None:
-        store = Store(tmp_path / "sessions").bind(engine, fingerprint(tiny))
-        engine.prefix_source = store.longest_prefix
+        store = Store(tmp_path / "sessions").bind(engine.layout, fingerprint(tiny), tiny.name)
         persister = Persister(store)
-    repl = Repl(engine, conv or Conversation.start("Be brief."), SETTINGS, persister=persister,
+    repl = Repl(chat or new_chat(engine, store, "Be brief.", SETTINGS.sampling), SETTINGS, persister=persister,
                 input=pipe, output=DummyOutput(), out=io.StringIO(), **kwargs)
     repl.pipe = pipe
     return repl
@@ -47,8 +49,8 @@ def make_repl(tiny, pipe, tmp_path=None, conv=None, **kwargs):
 
 def reply_to(engine, messages):
     """The greedy reply text a fresh conversation gives (the reference for transcripts)."""
-    conv = Conversation(messages=[dict(m) for m in messages[:-1]])
-    events = list(engine.send(conv, messages[-1]["content"], SETTINGS.sampling))
+    chat = Chat(engine, Conversation(messages=[dict(m) for m in messages[:-1]]), sampling=SETTINGS.sampling)
+    events = list(chat.send(messages[-1]["content"]))
     return events[-1].reply
 
 
@@ -61,48 +63,48 @@ def test_exact_transcript_of_a_two_turn_chat(tiny, pipe):
     second = reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "Hello there"},
                                     {"role": "assistant", "content": first,
-                                     "token_ids": repl.conv.messages[2]["token_ids"]},
+                                     "token_ids": repl.chat.messages[2]["token_ids"]},
                                     {"role": "user", "content": "What is the capital of France?"}])
     lines = out.splitlines()
     assert lines[0].startswith("kvchat · tiny-llama on cpu (float64)")
     cut = "[cut at max_new_tokens=6: /continue goes on]"  # after a reply that stopped at the limit
-    expected = [line for text, message in ((first, repl.conv.messages[2]), (second, repl.conv.messages[4]))
+    expected = [line for text, message in ((first, repl.chat.messages[2]), (second, repl.chat.messages[4]))
                 for line in [text] + ([cut] if len(message["token_ids"]) == 6 else [])]
     assert lines[1:] == expected  # blank input is ignored, each reply on its own line
-    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in repl.chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert repl.totals.turns == 2 and repl.last.reused > 0
 
 
 def test_undo_and_retry_prefill_nothing_that_was_cached(tiny, pipe):
     repl = make_repl(tiny, pipe)
     drive(repl, "Hello there\rTell me a story.\r/quit\r")
-    conv = repl.conv
-    reply = conv.messages[-1]["content"]
-    cached = conv.cached_tokens
+    chat = repl.chat
+    reply = chat.messages[-1]["content"]
+    cached = chat.cache.tokens
     out_before = len(repl.out.getvalue())
 
     drive(repl, "/retry\r/quit\r")
-    assert repl.last.prefilled == 0 and repl.last.reused == len(repl.engine.render(conv.messages[:-1]))
-    assert conv.messages[-1]["content"] == reply  # greedy: the same reply again
+    assert repl.last.prefilled == 0 and repl.last.reused == len(repl.engine.render(chat.messages[:-1]))
+    assert chat.messages[-1]["content"] == reply  # greedy: the same reply again
     assert reply in repl.out.getvalue()[out_before:]
 
     drive(repl, "/undo\r/quit\r")
-    assert [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
-    assert conv.cached_tokens < cached
-    kept = conv.cached_tokens
-    assert conv.token_ids == repl.engine.render(conv.messages)[:kept]  # cut exactly at the shared prefix
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+    assert chat.cache.tokens < cached
+    kept = chat.cache.tokens
+    assert list(chat.cache.ids) == repl.engine.render(chat.messages)[:kept]  # cut exactly at the shared prefix
 
     drive(repl, "Tell me a story.\r/quit\r")
     assert repl.last.reused == kept  # everything still cached is reused...
-    history = repl.engine.render(conv.messages[:-1])
+    history = repl.engine.render(chat.messages[:-1])
     assert repl.last.prefilled == len(history) - kept  # ...and only what follows it is prefilled
-    assert conv.messages[-1]["content"] == reply
+    assert chat.messages[-1]["content"] == reply
 
 
 def test_set_changes_sampling_and_bad_values_only_hint(tiny, pipe):
     repl = make_repl(tiny, pipe)
     out = drive(repl, "/set max_new_tokens=2\r/set temperature=hot\r/set colour=red\r/set\r/bogus\rHi\r/quit\r")
-    assert repl.sampling.max_new_tokens == 2 and repl.last.generated <= 2
+    assert repl.chat.sampling.max_new_tokens == 2 and repl.last.generated <= 2
     assert "max_new_tokens = 2" in out
     assert "invalid temperature" in out and "unknown setting 'colour'" in out and "usage: /set" in out
     assert "unknown command /bogus; /help lists them" in out
@@ -113,20 +115,20 @@ def test_system_reset_help_and_stats(tiny, pipe):
     out = drive(repl, "/help\rHello\r/stats\r/system You are a pirate.\r/reset\r/quit\r")
     assert "/retry" in out and "Alt-Enter" in out
     assert "turns 1" in out and "time saved by reuse" in out
-    assert repl.conv.messages == [{"role": "system", "content": "You are a pirate."}]
-    assert repl.conv.token_ids == repl.engine.system_prefix_ids("You are a pirate.")[:repl.conv.cached_tokens]
+    assert repl.chat.messages == [{"role": "system", "content": "You are a pirate."}]
+    assert list(repl.chat.cache.ids) == repl.engine.system_prefix_ids("You are a pirate.")[:repl.chat.cache.tokens]
 
 
 def test_alt_enter_adds_a_newline_and_enter_sends(tiny, pipe):
     repl = make_repl(tiny, pipe)
     drive(repl, "first line\x1b\rsecond line\r/quit\r")
-    assert repl.conv.messages[1] == {"role": "user", "content": "first line\nsecond line"}
+    assert repl.chat.messages[1] == {"role": "user", "content": "first line\nsecond line"}
 
 
 def test_ctrl_c_at_the_prompt_clears_the_line_and_ctrl_d_exits(tiny, pipe):
     repl = make_repl(tiny, pipe)
     drive(repl, "never sent\x03Hello\r\x04")
-    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello"]
+    assert [m["content"] for m in repl.chat.messages if m["role"] == "user"] == ["Hello"]
 
 
 def test_save_fork_load_and_sessions(tiny, pipe, tmp_path):
@@ -141,7 +143,7 @@ def test_save_fork_load_and_sessions(tiny, pipe, tmp_path):
     main, side = store.read_manifest("main"), store.read_manifest("side")
     assert main["turns"] == 2 and side["turns"] == 3
     assert side["chunks"][: len(main["chunks"])] == main["chunks"]  # the fork shares the parent's chunks
-    assert [m["content"] for m in repl.conv.messages] == [m["content"] for m in main["messages"]]
+    assert [m["content"] for m in repl.chat.messages] == [m["content"] for m in main["messages"]]
     store.close()
 
 
@@ -149,8 +151,8 @@ def test_session_names_complete_after_load(tiny, pipe, tmp_path):
     from prompt_toolkit.document import Document
 
     repl = make_repl(tiny, pipe, tmp_path)
-    repl.persister.store.save_session("alpha", repl.conv)
-    repl.persister.store.save_session("beta", repl.conv)
+    save_chat(repl.persister.store, "alpha", repl.chat)
+    save_chat(repl.persister.store, "beta", repl.chat)
     complete = lambda text: [c.text for c in repl.session.completer.get_completions(Document(text), None)]
     assert complete("/lo") == ["/load"]
     assert complete("/load a") == ["alpha"]
@@ -189,7 +191,7 @@ def test_colour_only_on_a_terminal_without_no_color(tiny, pipe, monkeypatch, no_
         monkeypatch.setenv("NO_COLOR", "1")
     else:
         monkeypatch.delenv("NO_COLOR", raising=False)
-    repl = Repl(Engine(tiny), Conversation.start(), SETTINGS, input=pipe, output=DummyOutput(),
+    repl = Repl(Chat.start(Engine(tiny), sampling=SETTINGS.sampling), SETTINGS, input=pipe, output=DummyOutput(),
                 out=FakeTerminal(), width=80)
     repl.pipe = pipe
     repl.progress_delay = 0  # the progress line shows too, coloured or not
@@ -202,10 +204,10 @@ def test_colour_only_on_a_terminal_without_no_color(tiny, pipe, monkeypatch, no_
 
 def test_ctrl_c_during_a_reply_keeps_it_and_the_chat_goes_on(tiny, pipe):
     repl = make_repl(tiny, pipe)
-    real_send = repl.engine.send
+    real_send = repl.chat.send
 
-    def send_then_interrupt(conv, text, sampling):
-        stream = real_send(conv, text, sampling)
+    def send_then_interrupt(text):
+        stream = real_send(text)
         if text == "Hello":
             for event in stream:
                 yield event
@@ -215,12 +217,12 @@ def test_ctrl_c_during_a_reply_keeps_it_and_the_chat_goes_on(tiny, pipe):
             raise KeyboardInterrupt
         yield from stream
 
-    repl.engine.send = send_then_interrupt
+    repl.chat.send = send_then_interrupt
     out = drive(repl, "Hello\rTell me a story.\r/quit\r")
     assert "[interrupted]" in out
-    roles = [m["role"] for m in repl.conv.messages]
+    roles = [m["role"] for m in repl.chat.messages]
     assert roles == ["system", "user", "assistant", "user", "assistant"]
-    repl.conv.check()
+    repl.chat.cache.check()
     assert repl.last.reused > 0
 
 
@@ -229,8 +231,8 @@ def test_oversized_message_in_the_repl_is_a_hint_and_the_chat_goes_on(tiny, pipe
     repl.engine.max_context = 100
     out = drive(repl, "Hello\r" + "dogs " * 200 + "\rTell me a story.\r/quit\r")
     assert "the message is too long" in out
-    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Tell me a story."]
-    repl.conv.check()
+    assert [m["content"] for m in repl.chat.messages if m["role"] == "user"] == ["Hello", "Tell me a story."]
+    repl.chat.cache.check()
 
 
 def test_input_history_persists_across_runs(tiny, pipe, tmp_path):
@@ -240,7 +242,7 @@ def test_input_history_persists_across_runs(tiny, pipe, tmp_path):
     second = make_repl(tiny, pipe, history_path=history)
     assert "Hello there" in list(second.session.history.load_history_strings())
     drive(second, "\x1b[A\x1b[A\r/quit\r")  # Up, Up: past the last run's /quit to its message; Enter sends
-    assert [m["content"] for m in second.conv.messages if m["role"] == "user"] == ["Hello there"]
+    assert [m["content"] for m in second.chat.messages if m["role"] == "user"] == ["Hello there"]
 
 
 def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
@@ -248,7 +250,7 @@ def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
     repl.persister.session = "s"
     calls = []
 
-    def interrupted_save(conv):
+    def interrupted_save(chat):
         calls.append(1)
         if len(calls) == 1:
             raise KeyboardInterrupt
@@ -256,7 +258,7 @@ def test_ctrl_c_during_an_autosave_does_not_end_the_chat(tiny, pipe, tmp_path):
     repl.persister.after_turn = interrupted_save
     out = drive(repl, "Hello\rTell me a story.\r/quit\r")
     assert "[interrupted]" in out and len(calls) == 2
-    assert [m["role"] for m in repl.conv.messages].count("assistant") == 2
+    assert [m["role"] for m in repl.chat.messages].count("assistant") == 2
 
 
 def test_escape_sequences_in_a_reply_are_shown_not_obeyed(tiny, pipe, monkeypatch):
@@ -264,15 +266,15 @@ def test_escape_sequences_in_a_reply_are_shown_not_obeyed(tiny, pipe, monkeypatc
     from kvchat.chat.engine import Token, TurnEnd
 
     repl = make_repl(tiny, pipe)
-    real_send = repl.engine.send
+    real_send = repl.chat.send
 
-    def hostile_send(conv, text, sampling):
-        for event in real_send(conv, text, sampling):
+    def hostile_send(text):
+        for event in real_send(text):
             if isinstance(event, TurnEnd):
                 yield Token("\x1b[2J\x1b]0;pwned\x07", 1)
             yield event
 
-    monkeypatch.setattr(repl.engine, "send", hostile_send)
+    monkeypatch.setattr(repl.chat, "send", hostile_send)
     out = drive(repl, "Hello\r/quit\r")
     assert "\x1b[2J" not in out and "\x07" not in out and "^[[2J^[]0;pwned^G" in out
 
@@ -301,17 +303,18 @@ def test_reset_in_a_saved_session_and_save_onto_another_lose_nothing(tiny, pipe,
 
 def test_system_and_reset_keep_the_view_right_after_turns_were_dropped(tiny):
     """Regression (issue 10): after a context drop, /system shifted first_kept onto a reply, and /reset kept it."""
-    conv = Conversation.start("Be brief.")
+    chat = Chat.start(Engine(tiny), "Be brief.")
     for i in range(4):
-        conv.messages += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
-    conv.first_kept = 5  # q2 is the first message the model still sees
-    conv.set_system(None)
-    assert conv.view()[0] == {"role": "user", "content": "q2"}
-    conv.set_system("Be kind.")
-    assert conv.view()[:2] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q2"}]
-    conv.reset()
-    conv.messages.append({"role": "user", "content": "new"})
-    assert conv.view() == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "new"}]
+        chat.messages.extend([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}])
+    chat.conversation.first_kept = 5  # q2 is the first message the model still sees
+    chat.set_system(None)
+    assert chat.conversation.view()[0] == {"role": "user", "content": "q2"}
+    chat.set_system("Be kind.")
+    assert chat.conversation.view()[:2] == [{"role": "system", "content": "Be kind."},
+                                            {"role": "user", "content": "q2"}]
+    chat.reset()
+    chat.messages.append({"role": "user", "content": "new"})
+    assert chat.conversation.view() == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "new"}]
 
 
 def test_a_failure_inside_a_turn_is_one_line_and_the_chat_goes_on(tiny, pipe, monkeypatch):
@@ -331,9 +334,9 @@ def test_a_failure_inside_a_turn_is_one_line_and_the_chat_goes_on(tiny, pipe, mo
     monkeypatch.setattr(engine_module, "next_token", failing_once)
     out = drive(repl, "Hello\rHello again\r/quit\r")
     assert "error in this turn (RuntimeError: CUDA out of memory. Tried to allocate 2 GiB)" in out
-    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant"]  # the failed turn left nothing
-    assert repl.conv.messages[1]["content"] == "Hello again"
-    repl.conv.check()
+    assert [m["role"] for m in repl.chat.messages] == ["system", "user", "assistant"]  # the failed turn left nothing
+    assert repl.chat.messages[1]["content"] == "Hello again"
+    repl.chat.cache.check()
 
 
 def test_a_long_prefill_shows_its_progress_and_the_reply_follows(tiny, pipe):
@@ -345,11 +348,11 @@ def test_a_long_prefill_shows_its_progress_and_the_reply_follows(tiny, pipe):
     repl.progress_delay = 0
     message = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
     out = drive(repl, message + "\r/quit\r")
-    total = len(repl.engine.render(repl.conv.messages[:-1]))  # nothing was cached: the whole prompt
+    total = len(repl.engine.render(repl.chat.messages[:-1]))  # nothing was cached: the whole prompt
     lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
     assert "reading the prompt" in lines and "Ctrl-C stops" in lines and "tok/s" in lines
     assert f"16/{total} tokens" in lines
-    expected = reply_to(repl.engine, repl.conv.messages[:-1])
+    expected = reply_to(repl.engine, repl.chat.messages[:-1])
     assert expected.strip() and expected.strip() in lines
 
 
@@ -367,7 +370,7 @@ def screen_repl(tiny, pipe, **kwargs):
     from prompt_toolkit.output.vt100 import Vt100_Output
 
     screen = io.StringIO()
-    repl = Repl(Engine(tiny), Conversation.start("Be brief."), SETTINGS, input=pipe, width=80,
+    repl = Repl(Chat.start(Engine(tiny), "Be brief.", sampling=SETTINGS.sampling), SETTINGS, input=pipe, width=80,
                 output=Vt100_Output(screen, lambda: Size(rows=24, columns=80), term="xterm"), out=io.StringIO(),
                 **kwargs)
     repl.pipe, repl.screen = pipe, screen
@@ -383,7 +386,7 @@ def test_a_long_paste_stays_on_screen_collapsed_and_the_model_gets_all_of_it(tin
     huge = "The quick brown fox jumps over the lazy dog. " * 120
     repl = screen_repl(tiny, pipe, history_path=str(tmp_path / "history"))
     drive(repl, f"\x1b[200~{paste}\x1b[201~\r\x1b[200~{huge}\x1b[201~\rShort one.\r/quit\r")
-    sent = [m["content"] for m in repl.conv.messages if m["role"] == "user"]
+    sent = [m["content"] for m in repl.chat.messages if m["role"] == "user"]
     assert sent == [paste, huge, "Short one."]
     screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", repl.screen.getvalue())
     assert "row 6 of the paste" in screen and f"[… 194 more lines; {len(paste):,} characters sent]" in screen
@@ -399,11 +402,11 @@ def test_resuming_shows_the_last_exchanges_and_history_shows_them_all(tiny, pipe
     first = make_repl(tiny, pipe, tmp_path)
     drive(first, "/save talk\rHello\rTell me a story.\rNumbers?\r/quit\r")
     first.persister.store.close()
-    messages = [m for m in first.conv.messages if m["role"] != "system"]
-    store = Store(tmp_path / "sessions").bind(Engine(tiny), fingerprint(tiny))
-    conv = store.open_session("talk").conversation
+    messages = [m for m in first.chat.messages if m["role"] != "system"]
+    engine, store = engine_with_store(tiny, tmp_path / "sessions")
+    chat = open_chat(engine, store, "talk", sampling=SETTINGS.sampling).chat
     with create_pipe_input() as again:
-        resumed = Repl(store.engine, conv, SETTINGS, persister=Persister(store, "talk"), input=again,
+        resumed = Repl(chat, SETTINGS, persister=Persister(store, "talk"), input=again,
                        output=DummyOutput(), out=io.StringIO())
         resumed.pipe = again
         out = drive(resumed, "/history\r/history 1\r/history x\r/quit\r")
@@ -418,7 +421,7 @@ def test_resuming_shows_the_last_exchanges_and_history_shows_them_all(tiny, pipe
     store.close()
 
     single = make_repl(tiny, pipe)
-    single.conv.messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    single.chat.messages.extend([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
     assert "resumed: 1 turn," in drive(single, "/quit\r")
 
 
@@ -428,9 +431,9 @@ def test_a_cut_reply_is_marked_and_continue_goes_on_with_it(tiny, pipe):
     repl.engine.stop_ids = frozenset()  # every reply runs to max_new_tokens
     out = drive(repl, "Hello\r/continue\r/continue\r/quit\r")
     assert out.count("[cut at max_new_tokens=6: /continue goes on]") == 3
-    assert [m["role"] for m in repl.conv.messages] == ["system", "user", "assistant"]
-    assert len(repl.conv.messages[-1]["token_ids"]) == 18 and repl.last.prefilled == 1
-    repl.conv.check()
+    assert [m["role"] for m in repl.chat.messages] == ["system", "user", "assistant"]
+    assert len(repl.chat.messages[-1]["token_ids"]) == 18 and repl.last.prefilled == 1
+    repl.chat.cache.check()
 
 
 def test_commands_refuse_arguments_they_do_not_take_and_help_shows_arguments_with_the_name(tiny, pipe):
@@ -439,7 +442,7 @@ def test_commands_refuse_arguments_they_do_not_take_and_help_shows_arguments_wit
     repl = make_repl(tiny, pipe)
     out = drive(repl, "Hello\rAgain\r/undo 3\r/help\r/quit\r")
     assert "/undo takes no argument" in out
-    assert [m["content"] for m in repl.conv.messages if m["role"] == "user"] == ["Hello", "Again"]
+    assert [m["content"] for m in repl.chat.messages if m["role"] == "user"] == ["Hello", "Again"]
     assert "  /system TEXT  " in out and "  /load NAME  " in out and "  /save [NAME]  " in out
     assert "  /undo  " in out and "TEXT  set" not in out
 
@@ -447,7 +450,7 @@ def test_commands_refuse_arguments_they_do_not_take_and_help_shows_arguments_wit
 def test_set_values_are_kept_with_the_session_and_load_brings_them_back(tiny, pipe, tmp_path):
     repl = make_repl(tiny, pipe, tmp_path)
     out = drive(repl, "/save a\r/set max_new_tokens=3\r/save b\r/set max_new_tokens=4\r/load a\r/quit\r")
-    assert repl.sampling.max_new_tokens == 3  # a was saved (autosave after /set) with 3
+    assert repl.chat.sampling.max_new_tokens == 3  # a was saved (autosave after /set) with 3
     store = repl.persister.store
     assert store.read_manifest("b")["settings"]["max_new_tokens"] == 4
     assert "max_new_tokens = 4" in out
@@ -458,8 +461,8 @@ def test_system_mid_chat_says_how_much_the_next_turn_reads_again(tiny, pipe):
     """Regression (issue 11): /system mid-chat re-prefilled the whole conversation without a word."""
     repl = make_repl(tiny, pipe)
     out = drive(repl, "Hello\rTell me a story.\r/system You are a pirate.\r/quit\r")
-    conv = repl.conv
-    again = len(repl.engine.render(conv.view(), generation_prompt=False)) - conv.cached_tokens
+    chat = repl.chat
+    again = len(repl.engine.render(chat.conversation.view(), generation_prompt=False)) - chat.cache.tokens
     assert again > 20 and f"system prompt set; the next turn re-reads {again:,} tokens of the conversation" in out
     first = drive(make_repl(tiny, pipe), "/system Short.\r/quit\r")  # before any exchange: nothing read again
     assert "system prompt set" in first and "re-reads" not in first
@@ -493,20 +496,20 @@ def test_stats_count_this_conversation_only(tiny, pipe, tmp_path):
 def test_after_an_interrupted_reply_the_toolbar_shows_no_old_figures(tiny, pipe):
     """Regression (issue 11): the toolbar kept the previous turn's reused/TTFT figures after a Ctrl-C."""
     repl = make_repl(tiny, pipe)
-    real_send = repl.engine.send
+    real_send = repl.chat.send
 
-    def interrupted_second(conv, text, sampling):
-        for event in real_send(conv, text, sampling):
+    def interrupted_second(text):
+        for event in real_send(text):
             yield event
             if text == "Again" and isinstance(event, Token):
                 raise KeyboardInterrupt
 
-    repl.engine.send = interrupted_second
+    repl.chat.send = interrupted_second
     drive(repl, "Hello\r/quit\r")
     assert "TTFT" in repl.toolbar().value
     drive(repl, "Again\r/quit\r")
     bar = repl.toolbar().value
-    assert "TTFT" not in bar and "reused" not in bar and f"cache {repl.conv.cached_tokens}/" in bar
+    assert "TTFT" not in bar and "reused" not in bar and f"cache {repl.chat.cache.tokens}/" in bar
 
 
 def test_typed_ahead_keys_are_not_echoed_into_a_streaming_reply_and_wait_for_the_prompt():
@@ -545,17 +548,17 @@ def markdown_repl(tiny, pipe, monkeypatch, **settings):
     from kvchat.chat.engine import TurnEnd, TurnStats
 
     monkeypatch.delenv("NO_COLOR", raising=False)
-    repl = Repl(Engine(tiny), Conversation.start(), Settings(sampling=SETTINGS.sampling, **settings), input=pipe,
-                output=DummyOutput(), out=FakeTerminal(), width=60)
+    repl = Repl(Chat.start(Engine(tiny), sampling=SETTINGS.sampling), Settings(sampling=SETTINGS.sampling, **settings),
+                input=pipe, output=DummyOutput(), out=FakeTerminal(), width=60)
     repl.pipe = pipe
 
-    def send(conv, text, sampling):
+    def send(text):
         for start in range(0, len(MARKDOWN_REPLY), 3):
             time.sleep(0.01)  # a model's pace: the live view is redrawn 8 times a second
             yield Token(MARKDOWN_REPLY[start:start + 3], 1)
         yield TurnEnd(MARKDOWN_REPLY, TurnStats(0, 1, 1, 1.0, 1.0, 0), [1])
 
-    repl.engine.send = send
+    repl.chat.send = send
     return repl
 
 
@@ -586,25 +589,25 @@ def test_the_prompt_is_up_while_the_model_loads_and_the_first_message_waits_for_
     def make(report):
         report("loading tiny-llama", 0, 1)
         release.wait(10)
-        return Engine(tiny), Conversation.start("Be brief."), None, SETTINGS, ["a notice from loading"]
+        return Chat.start(Engine(tiny), "Be brief.", sampling=SETTINGS.sampling), None, ["a notice from loading"]
 
     pending = Pending(make)
-    repl = Repl(None, None, SETTINGS, input=pipe, output=DummyOutput(), out=io.StringIO(), pending=pending)
+    repl = Repl(None, SETTINGS, input=pipe, output=DummyOutput(), out=io.StringIO(), pending=pending)
     repl.pipe = pipe
-    assert "loading tiny-llama…" in repl.toolbar().value and repl.engine is None
+    assert "loading tiny-llama…" in repl.toolbar().value and repl.chat is None
     threading.Timer(0.3, release.set).start()
     out = drive(repl, "/help\rHello there\r/quit\r")
     assert "the model loads while you type" in out and "[waiting for the model to load]" in out
     assert out.index("/retry") < out.index("[waiting")  # /help answered before the model was there
     assert "a notice from loading" in out and "kvchat · tiny-llama on cpu" in out
-    assert repl.conv.messages[-1]["content"] == reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
+    assert repl.chat.messages[-1]["content"] == reply_to(repl.engine, [{"role": "system", "content": "Be brief."},
                                                                       {"role": "user", "content": "Hello there"}])
 
     def broken(report):
         raise KvchatError("model 'nope' is not there")
 
     with create_pipe_input() as other:
-        failing = Repl(None, None, SETTINGS, input=other, output=DummyOutput(), out=io.StringIO(),
+        failing = Repl(None, SETTINGS, input=other, output=DummyOutput(), out=io.StringIO(),
                        pending=Pending(broken))
         other.send_text("Hello\r")
         with pytest.raises(KvchatError, match="is not there"):

@@ -8,11 +8,13 @@ import torch
 
 from kvchat.store import sessions as store_module
 from kvchat.config import Sampling
+from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
+from kvchat.chat.saving import Persister, open_chat, save_chat
 from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.weights.model import fingerprint
-from kvchat.store.sessions import Persister, Store, StoreError, check_name
-from bound import engine_with_store
+from kvchat.store.sessions import Store, StoreError, check_name
+from bound import engine_with_store, new_chat
 from reference import greedy_without_cache
 from tiny import make_loaded
 
@@ -34,12 +36,13 @@ def make_engine(loaded, root, **store_kwargs):
     return engine_with_store(loaded, root, store_kwargs)
 
 
-def turn(engine, conv, text, persister=None):
+def turn(chat, text, persister=None):
+    chat.sampling = GREEDY
     try:
-        return [e for e in engine.send(conv, text, GREEDY) if isinstance(e, TurnEnd)][0]
+        return [e for e in chat.send(text) if isinstance(e, TurnEnd)][0]
     finally:
         if persister is not None:
-            persister.after_turn(conv)
+            persister.after_turn(chat)
 
 
 def fresh_reply(engine, messages):
@@ -52,21 +55,21 @@ def kv_files(root):
 
 def test_resumed_session_continues_exactly_and_prefills_only_the_new_message(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     persister = Persister(store, "talk")
     for text in MESSAGES[:3]:
-        turn(engine, conv, text, persister)
+        turn(chat, text, persister)
     store.close()
-    cached = conv.cached_tokens
+    cached = chat.cache.tokens
     assert cached > 3 * store_module.CHUNK_TOKENS  # several full chunks and a tail
 
-    uninterrupted = turn(engine, conv, MESSAGES[3])
+    uninterrupted = turn(chat, MESSAGES[3])
 
     engine2, store2 = make_engine(tiny, tmp_path)  # a new process, the next day
-    opened = store2.open_session("talk")
+    opened = open_chat(engine2, store2, "talk")
     assert opened.notice is None and opened.loaded_tokens == cached
-    assert opened.conversation.messages == conv.messages[:-2]
-    resumed = turn(engine2, opened.conversation, MESSAGES[3])
+    assert opened.chat.messages == chat.messages[:-2]
+    resumed = turn(opened.chat, MESSAGES[3])
     assert resumed.token_ids == uninterrupted.token_ids
     # Exactly what the uninterrupted run reused (all of the cache, less any re-tokenization drift of
     # the last reply), now loaded from disk; nothing of the history is prefilled again.
@@ -77,84 +80,85 @@ def test_resumed_session_continues_exactly_and_prefills_only_the_new_message(tin
 
 def test_kv_is_stored_in_the_cache_dtype_bit_exact(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
     store.close()
-    _, store2 = make_engine(tiny, tmp_path)
-    restored = store2.open_session("s").conversation
-    for before, after in zip(conv.cache.layers, restored.cache.layers):
+    engine2, store2 = make_engine(tiny, tmp_path)
+    restored = open_chat(engine2, store2, "s").chat
+    for before, after in zip(chat.cache.model_cache.layers, restored.cache.model_cache.layers):
         assert after.keys.dtype == torch.float64
         assert torch.equal(before.keys, after.keys) and torch.equal(before.values, after.values)
 
 
 def test_same_system_prompt_is_prefilled_once_ever(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    first = turn(engine, Conversation.start(SYSTEM), MESSAGES[0], Persister(store))
+    first = turn(new_chat(engine, store, SYSTEM), MESSAGES[0], Persister(store))
     assert first.stats.loaded == 0
     system_prefix = engine.system_prefix_ids(SYSTEM)
 
-    engine2, _ = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    second = turn(engine2, conv, MESSAGES[1])
+    engine2, store2 = make_engine(tiny, tmp_path)
+    chat = new_chat(engine2, store2, SYSTEM)
+    second = turn(chat, MESSAGES[1])
     assert second.stats.loaded == second.stats.reused == len(system_prefix)
     # Only what follows the shared prefix (the user message and its template tokens) is prefilled.
-    assert second.stats.prefilled == len(engine2.render(conv.messages[:-1])) - len(system_prefix)
+    assert second.stats.prefilled == len(engine2.render(chat.messages[:-1])) - len(system_prefix)
     system_tokens = len(tiny.tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])
     assert len(system_prefix) > system_tokens > second.stats.prefilled
-    assert second.token_ids == fresh_reply(engine2, conv.messages[:-1])
+    assert second.token_ids == fresh_reply(engine2, chat.messages[:-1])
 
 
 def test_any_stored_chunk_prefix_is_loaded_for_a_new_conversation(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     persister = Persister(store, "long")
     for text in MESSAGES[:3]:
-        turn(engine, conv, text, persister)
+        turn(chat, text, persister)
     # A new conversation replaying the same first two exchanges, then asking something else.
-    engine2, _ = make_engine(tiny, tmp_path)
-    replay = Conversation(messages=[dict(m) for m in conv.messages[:5]])
-    end = turn(engine2, replay, MESSAGES[4])
-    whole_chunks = engine2.render(conv.messages[:5])
+    engine2, store2 = make_engine(tiny, tmp_path)
+    replay = Chat(engine2, Conversation(messages=[dict(m) for m in chat.messages[:5]]),
+                  prefixes=store2.longest_prefix)
+    end = turn(replay, MESSAGES[4])
+    whole_chunks = engine2.render(chat.messages[:5])
     assert end.stats.loaded >= len(whole_chunks) // 16 * 16 - 16
     assert end.token_ids == fresh_reply(engine2, replay.messages[:-1])
 
 
 def test_fork_stores_no_duplicate_kv_bytes(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES[:2]:
-        turn(engine, conv, text, Persister(store, "parent"))
+        turn(chat, text, Persister(store, "parent"))
     files_before = {p: p.stat().st_ino for p in kv_files(tmp_path)}
     written_before = store.counters.bytes_written
-    store.save_session("child", conv)
+    save_chat(store, "child", chat)
     manifest_bytes = (tmp_path / "child.json").stat().st_size
     assert store.counters.bytes_written - written_before == manifest_bytes  # no KV bytes written
     inodes = {p.stat().st_ino for p in kv_files(tmp_path)}
     assert inodes == set(files_before.values())  # the child's tail is a hard link to the parent's
     store.close()
-    _, store2 = make_engine(tiny, tmp_path)
-    child = store2.open_session("child")
-    assert child.notice is None and child.loaded_tokens == conv.cached_tokens
+    engine2, store2 = make_engine(tiny, tmp_path)
+    child = open_chat(engine2, store2, "child")
+    assert child.notice is None and child.loaded_tokens == chat.cache.tokens
 
 
 def test_autosave_writes_only_what_is_new(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     persister = Persister(store, "grow")
     cfg = tiny.model.config
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 8
     kv_written = []
     for i in range(20):
-        before_bytes, before_tokens = store.counters.bytes_written, conv.cached_tokens
-        turn(engine, conv, MESSAGES[i % len(MESSAGES)], persister)
+        before_bytes, before_tokens = store.counters.bytes_written, chat.cache.tokens
+        turn(chat, MESSAGES[i % len(MESSAGES)], persister)
         manifest = (tmp_path / "grow.json").stat().st_size
         prefix_bytes = sum(p.stat().st_size for p in (tmp_path / ".kv" / "prefixes").glob("*.json")) if i == 0 else 0
         kv_bytes = store.counters.bytes_written - before_bytes - manifest - prefix_bytes
-        new_tokens = conv.cached_tokens - before_tokens
+        new_tokens = chat.cache.tokens - before_tokens
         # New full chunks plus one tail: never more than the new tokens and one chunk (+ file headers).
         assert kv_bytes <= (new_tokens + 2 * 16) * per_token * 1.1 + 8192 * 3, f"turn {i + 1}"
         kv_written.append(kv_bytes)
-    assert conv.cached_tokens > 20 * 16
+    assert chat.cache.tokens > 20 * 16
     assert max(kv_written[10:]) <= 2 * max(kv_written[:10])  # flat, not growing with the session
 
 
@@ -180,10 +184,10 @@ def damage_missing(path):
 @pytest.mark.parametrize("which", ["chunk", "tail"])
 def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, which):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES[:4]:  # at least two turns, ending in a partial chunk (a tail)
-        turn(engine, conv, text, Persister(store, "s"))
-        if len(conv.messages) >= 5 and len(conv.token_ids) % store_module.CHUNK_TOKENS:
+        turn(chat, text, Persister(store, "s"))
+        if len(chat.messages) >= 5 and len(chat.cache.ids) % store_module.CHUNK_TOKENS:
             break
     store.close()
     manifest = json.loads((tmp_path / "s.json").read_text())
@@ -191,43 +195,43 @@ def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, wh
               else tmp_path / ".kv" / "tails" / manifest["tail"]["file"])
     damage(target)
 
-    engine2 = Engine(tiny)  # no prefix source: the rebuild must come from the text
-    store2 = Store(tmp_path).bind(engine2, fingerprint(tiny))
-    opened = store2.open_session("s")
+    engine2 = Engine(tiny)
+    store2 = Store(tmp_path).bind(engine2.layout, fingerprint(tiny), tiny.name)
+    opened = open_chat(engine2, store2, "s", prefixes=False)  # the rebuild must come from the text
     assert opened.notice and "not usable" in opened.notice and "rebuilding" in opened.notice
     assert "\n" not in opened.notice
-    assert opened.conversation.messages == conv.messages  # nothing lost
-    assert opened.conversation.cached_tokens == 0
-    end = turn(engine2, opened.conversation, MESSAGES[4])
-    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+    assert opened.chat.messages == chat.messages  # nothing lost
+    assert opened.chat.cache.tokens == 0
+    end = turn(opened.chat, MESSAGES[4])
+    assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
 
 
 def test_snapshot_of_another_model_is_never_used(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
     store.close()
     other = make_loaded(torch.float64, seed=1)
     engine2, store2 = make_engine(other, tmp_path)
-    opened = store2.open_session("s")
+    opened = open_chat(engine2, store2, "s")
     assert opened.notice and "another model" in opened.notice
-    assert opened.conversation.messages == conv.messages and opened.conversation.cached_tokens == 0
-    end = turn(engine2, opened.conversation, MESSAGES[1])
+    assert opened.chat.messages == chat.messages and opened.chat.cache.tokens == 0
+    end = turn(opened.chat, MESSAGES[1])
     assert end.stats.loaded == 0  # not even the shared system prefix of the other model
-    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+    assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
 
 
 def test_session_saved_with_another_chunk_size_is_another_format(tiny, tmp_path, monkeypatch):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
     store.close()
     monkeypatch.setattr(store_module, "CHUNK_TOKENS", 32)
     engine2, store2 = make_engine(tiny, tmp_path)
-    opened = store2.open_session("s")
-    assert "another model or format" in opened.notice and opened.conversation.messages == conv.messages
-    end = turn(engine2, opened.conversation, MESSAGES[1])
-    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+    opened = open_chat(engine2, store2, "s")
+    assert "another model or format" in opened.notice and opened.chat.messages == chat.messages
+    end = turn(opened.chat, MESSAGES[1])
+    assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
 
 
 def test_other_dtype_is_another_model(tmp_path):
@@ -238,9 +242,9 @@ def test_other_dtype_is_another_model(tmp_path):
 @pytest.mark.parametrize("name", ["", "../evil", "a/b", "..", ".hidden", "x" * 65, "a b", "nul\x00"])
 def test_bad_session_names_are_refused_and_nothing_is_written(tiny, tmp_path, name):
     root = tmp_path / "sessions"
-    _, store = make_engine(tiny, root)
+    engine, store = make_engine(tiny, root)
     with pytest.raises(StoreError, match="invalid session name"):
-        store.open_session(name)
+        open_chat(engine, store, name)
     with pytest.raises(StoreError, match="invalid session name"):
         check_name(name)
     assert not any(tmp_path.rglob("*evil*")) and not root.exists()
@@ -248,24 +252,24 @@ def test_bad_session_names_are_refused_and_nothing_is_written(tiny, tmp_path, na
 
 def test_second_process_gets_a_clear_lock_error_and_nothing_is_lost(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
-    _, other = make_engine(tiny, tmp_path)  # flock conflicts between open file descriptions, as between processes
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
+    engine2, other = make_engine(tiny, tmp_path)  # flock conflicts between open file descriptions, as between processes
     with pytest.raises(StoreError, match="open in another kvchat process"):
-        other.open_session("s")
-    turn(engine, conv, MESSAGES[1], Persister(store, "s"))
+        open_chat(engine2, other, "s")
+    turn(chat, MESSAGES[1], Persister(store, "s"))
     store.close()
-    reopened = other.open_session("s")
-    assert reopened.conversation.messages == conv.messages
+    reopened = open_chat(engine2, other, "s")
+    assert reopened.chat.messages == chat.messages
 
 
 def test_a_crash_mid_save_leaves_the_previous_state_loadable(tiny, tmp_path, monkeypatch):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     persister = Persister(store, "s")
     for text in MESSAGES[:2]:
-        turn(engine, conv, text, persister)
-    saved_messages = [dict(m) for m in conv.messages]
+        turn(chat, text, persister)
+    saved_messages = [dict(m) for m in chat.messages]
     real_replace = os.replace
 
     def crash_on_manifest(src, dst):
@@ -275,45 +279,45 @@ def test_a_crash_mid_save_leaves_the_previous_state_loadable(tiny, tmp_path, mon
 
     monkeypatch.setattr(os, "replace", crash_on_manifest)
     with pytest.raises(KeyboardInterrupt):
-        turn(engine, conv, MESSAGES[2], persister)
+        turn(chat, MESSAGES[2], persister)
     monkeypatch.setattr(os, "replace", real_replace)
     store.close()
-    _, store2 = make_engine(tiny, tmp_path)
-    opened = store2.open_session("s")
+    engine2, store2 = make_engine(tiny, tmp_path)
+    opened = open_chat(engine2, store2, "s")
     assert opened.notice is None
-    assert opened.conversation.messages == saved_messages
+    assert opened.chat.messages == saved_messages
 
 
 def test_prune_removes_only_unused_chunks_and_cap_evicts_prefixes(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES[:2]:
-        turn(engine, conv, text, Persister(store, "keep"))
-    other = Conversation.start("A different system prompt for a throwaway chat.")
-    turn(engine, other, MESSAGES[0], Persister(store, "gone"))
+        turn(chat, text, Persister(store, "keep"))
+    other = new_chat(engine, store, "A different system prompt for a throwaway chat.")
+    turn(other, MESSAGES[0], Persister(store, "gone"))
     store.close()
     store.remove_session("gone")
     removed, freed = store.prune()
     assert removed > 0 and freed > 0
-    _, store2 = make_engine(tiny, tmp_path)
-    assert store2.open_session("keep").loaded_tokens == conv.cached_tokens  # still intact
+    engine2, store2 = make_engine(tiny, tmp_path)
+    assert open_chat(engine2, store2, "keep").loaded_tokens == chat.cache.tokens  # still intact
     assert store.prune() == (0, 0)
     # A cap of 1 byte evicts every shared prefix; the session's chunks stay.
-    store3 = Store(tmp_path, max_bytes=1).bind(engine, fingerprint(tiny))
+    store3 = Store(tmp_path, max_bytes=1).bind(engine.layout, fingerprint(tiny), tiny.name)
     store3._enforce_cap()
     assert store3.summary()["prefixes"] == []
     store2.close()
-    assert store3.open_session("keep").loaded_tokens == conv.cached_tokens
+    assert open_chat(engine, store3, "keep").loaded_tokens == chat.cache.tokens
 
 
 def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_path, monkeypatch):
     import errno
 
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     persister = Persister(store, "s")
-    turn(engine, conv, MESSAGES[0], persister)
-    saved = [dict(m) for m in conv.messages]
+    turn(chat, MESSAGES[0], persister)
+    saved = [dict(m) for m in chat.messages]
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -321,27 +325,27 @@ def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_p
     real_write = store_module.atomic_write
     monkeypatch.setattr(store_module, "atomic_write", full)
     with pytest.raises(StoreError, match="cannot save session 's'.*No space left on device; the previous save is intact"):
-        turn(engine, conv, MESSAGES[1], persister)
+        turn(chat, MESSAGES[1], persister)
     monkeypatch.setattr(store_module, "atomic_write", real_write)
     store.close()
-    _, store2 = make_engine(tiny, tmp_path)
-    opened = store2.open_session("s")
-    assert opened.notice is None and opened.conversation.messages == saved
+    engine2, store2 = make_engine(tiny, tmp_path)
+    opened = open_chat(engine2, store2, "s")
+    assert opened.notice is None and opened.chat.messages == saved
 
 
 @pytest.mark.parametrize("damage", [damage_truncate, damage_bitflip, damage_missing])
 def test_damaged_shared_prefix_is_never_used(tiny, tmp_path, damage):
     engine, store = make_engine(tiny, tmp_path)
-    turn(engine, Conversation.start(SYSTEM), MESSAGES[0], Persister(store))
+    turn(new_chat(engine, store, SYSTEM), MESSAGES[0], Persister(store))
     entry = json.loads(next((tmp_path / ".kv" / "prefixes").glob("*.json")).read_text())
     damage(tmp_path / ".kv" / "chunks" / f"{entry['chunks'][-1]}.safetensors")
-    engine2, _ = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    end = turn(engine2, conv, MESSAGES[1])
+    engine2, store2 = make_engine(tiny, tmp_path)
+    chat = new_chat(engine2, store2, SYSTEM)
+    end = turn(chat, MESSAGES[1])
     # Full chunks before the damaged last piece may still serve; the damaged piece never does.
     assert end.stats.loaded < len(engine2.system_prefix_ids(SYSTEM))
     assert end.stats.loaded % store_module.CHUNK_TOKENS == 0
-    assert end.token_ids == fresh_reply(engine2, conv.messages[:-1])
+    assert end.token_ids == fresh_reply(engine2, chat.messages[:-1])
 
 
 # -- recurrent state on disk (a hybrid model: linear attention + attention) ----------------------------
@@ -361,9 +365,9 @@ def state_files(root):
 @pytest.mark.parametrize("which", ["end", "earlier"])
 def test_a_damaged_state_file_is_never_used(hybrid, tmp_path, which):
     engine, store = make_engine(hybrid, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES[:3]:
-        turn(engine, conv, text, Persister(store, "h"))
+        turn(chat, text, Persister(store, "h"))
     store.close()
     manifest = json.loads((tmp_path / "h.json").read_text())
     entry = manifest["states"][-1 if which == "end" else -2]
@@ -373,29 +377,30 @@ def test_a_damaged_state_file_is_never_used(hybrid, tmp_path, which):
     target.write_bytes(bytes(data))
 
     engine2 = Engine(hybrid)
-    opened = Store(tmp_path).bind(engine2, fingerprint(hybrid)).open_session("h")
-    resumed = opened.conversation
-    assert resumed.messages == conv.messages  # nothing lost
+    opened = open_chat(engine2, Store(tmp_path).bind(engine2.layout, fingerprint(hybrid), hybrid.name), "h",
+                       prefixes=False)
+    resumed = opened.chat
+    assert resumed.messages == chat.messages  # nothing lost
     if which == "end":  # the state the cache needs: the session is rebuilt from its text
-        assert "not usable" in opened.notice and "checksum" in opened.notice and resumed.cached_tokens == 0
+        assert "not usable" in opened.notice and "checksum" in opened.notice and resumed.cache.tokens == 0
     else:  # an earlier checkpoint: skipped, never restored
-        assert opened.notice is None and entry["tokens"] not in [c.tokens for c in resumed.checkpoints]
-    end = turn(engine2, resumed, MESSAGES[3])
+        assert opened.notice is None and entry["tokens"] not in [c.tokens for c in resumed.cache.checkpoints]
+    end = turn(resumed, MESSAGES[3])
     assert end.token_ids == fresh_reply(engine2, resumed.messages[:-1])
 
 
 def test_a_sessions_state_files_stay_few_are_linked_by_a_fork_and_go_with_it(hybrid, tmp_path):
     engine, store = make_engine(hybrid, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES:
-        turn(engine, conv, text, Persister(store, "a"))
+        turn(chat, text, Persister(store, "a"))
         own = [p for p in state_files(tmp_path) if p.name.startswith("a-")]
         assert len(own) <= 5  # the system prompt's, the last turn's three, the end: older ones are deleted
     shared = [p for p in state_files(tmp_path) if "-" not in p.stem]
     assert len(shared) == 1  # the system prompt's state, for any new conversation
 
     written = store.counters.bytes_written
-    store.save_session("b", conv)  # a fork
+    save_chat(store, "b", chat)  # a fork
     assert store.counters.bytes_written - written == (tmp_path / "b.json").stat().st_size
     forked = [p for p in state_files(tmp_path) if p.name.startswith("b-")]
     assert forked and all(p.stat().st_nlink == 2 for p in forked)
@@ -405,11 +410,11 @@ def test_a_sessions_state_files_stay_few_are_linked_by_a_fork_and_go_with_it(hyb
     assert store.prune()[0] >= 0 and set(forked + shared) <= set(state_files(tmp_path))
     store.close()
     engine2, store2 = make_engine(hybrid, tmp_path)
-    opened = store2.open_session("b")
-    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)
-    end = turn(engine2, opened.conversation, "One more, please.")
+    opened = open_chat(engine2, store2, "b")
+    assert opened.notice is None and opened.loaded_tokens == len(chat.cache.ids)
+    end = turn(opened.chat, "One more, please.")
     assert end.stats.loaded == end.stats.reused > 0
-    assert end.token_ids == fresh_reply(engine2, opened.conversation.messages[:-1])
+    assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
 
 
 def test_a_tail_file_named_in_a_manifest_never_reaches_outside_the_store(tiny, tmp_path):
@@ -418,10 +423,10 @@ def test_a_tail_file_named_in_a_manifest_never_reaches_outside_the_store(tiny, t
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     engine, store = make_engine(tiny, root)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES:  # until the session ends in a partial chunk, so that it has a tail
-        turn(engine, conv, text, Persister(store, "s"))
-        if len(conv.token_ids) % store_module.CHUNK_TOKENS:
+        turn(chat, text, Persister(store, "s"))
+        if len(chat.cache.ids) % store_module.CHUNK_TOKENS:
             break
     store.close()
     manifest = json.loads((root / "s.json").read_text())
@@ -430,9 +435,9 @@ def test_a_tail_file_named_in_a_manifest_never_reaches_outside_the_store(tiny, t
     (root / "s.json").write_text(json.dumps(manifest))
 
     engine2, store2 = make_engine(tiny, root)
-    opened = store2.open_session("s")  # the tail is found by its key, not by the name written in the manifest
-    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)
-    turn(engine2, opened.conversation, "And another one?", Persister(store2, "s"))
+    opened = open_chat(engine2, store2, "s")  # the tail is found by its key, not by the name written in the manifest
+    assert opened.notice is None and opened.loaded_tokens == len(chat.cache.ids)
+    turn(opened.chat, "And another one?", Persister(store2, "s"))
     store2.remove_session("s")
     assert victim.read_text() == "keep me"
 
@@ -456,10 +461,10 @@ def test_a_tail_that_is_not_a_regular_file_is_reported_never_read(tiny, tmp_path
     import signal
 
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in MESSAGES:
-        turn(engine, conv, text, Persister(store, "s"))
-        if len(conv.token_ids) % store_module.CHUNK_TOKENS:
+        turn(chat, text, Persister(store, "s"))
+        if len(chat.cache.ids) % store_module.CHUNK_TOKENS:
             break
     store.close()
     manifest = json.loads((tmp_path / "s.json").read_text())
@@ -473,11 +478,11 @@ def test_a_tail_that_is_not_a_regular_file_is_reported_never_read(tiny, tmp_path
     signal.alarm(20)
     try:
         engine2, store2 = make_engine(tiny, tmp_path)
-        opened = store2.open_session("s")
+        opened = open_chat(engine2, store2, "s")
     finally:
         signal.alarm(0)
-    assert opened.notice and "not a regular file" in opened.notice and opened.conversation.cached_tokens == 0
-    assert opened.conversation.messages == conv.messages
+    assert opened.notice and "not a regular file" in opened.notice and opened.chat.cache.tokens == 0
+    assert opened.chat.messages == chat.messages
     assert outside.read_bytes() == b"not yours"
 
 
@@ -485,11 +490,11 @@ def test_a_damaged_prefix_entry_under_a_size_cap_does_not_stop_the_save(tiny, tm
     """Regression (issue 10): with cache_max_mb, one damaged prefix manifest crashed after the reply
     (JSONDecodeError in the cap), and the session was never saved."""
     engine, store = make_engine(tiny, tmp_path, max_bytes=1)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
     (tmp_path / ".kv" / "prefixes" / "damaged.json").write_text("{not json")
-    other = Conversation.start("Another system prompt, another prefix.")
-    turn(engine, other, MESSAGES[1], Persister(store, "t"))
+    other = new_chat(engine, store, "Another system prompt, another prefix.")
+    turn(other, MESSAGES[1], Persister(store, "t"))
     assert store.read_manifest("t")["turns"] == 1
 
 
@@ -529,18 +534,18 @@ def test_a_kv_header_of_valid_json_and_crc_but_wrong_structure_is_damage_not_a_t
 
 def _two_saves(tiny, root, name="s", texts=MESSAGES[:2]):
     engine, store = make_engine(tiny, root)
-    conv = Conversation.start(SYSTEM)
+    chat = new_chat(engine, store, SYSTEM)
     for text in texts:
-        turn(engine, conv, text, Persister(store, name))
+        turn(chat, text, Persister(store, name))
     store.close()
-    return conv
+    return chat
 
 
 @pytest.mark.parametrize("damage", ["swapped", "changed-byte", "wrong-types", "deleted"])
 def test_a_damaged_manifest_is_never_adopted_and_the_previous_save_is_recovered(tiny, tmp_path, damage):
     """Regression (issue 10): a manifest swapped with another session's was adopted, a changed byte that kept
     the JSON valid was accepted, valid JSON of the wrong types raised tracebacks, and there was no second copy."""
-    conv = _two_saves(tiny, tmp_path, "s")
+    chat = _two_saves(tiny, tmp_path, "s")
     other = _two_saves(tiny, tmp_path / "elsewhere", "t", MESSAGES[2:4])
     path = tmp_path / "s.json"
     manifest = json.loads(path.read_text())
@@ -554,12 +559,12 @@ def test_a_damaged_manifest_is_never_adopted_and_the_previous_save_is_recovered(
     else:
         path.unlink()
     engine, store = make_engine(tiny, tmp_path)
-    opened = store.open_session("s")
+    opened = open_chat(engine, store, "s")
     assert opened.notice and "recovered the save before it (1 turns)" in opened.notice
-    assert opened.conversation.messages == conv.messages[:3]  # the first turn, as saved before the second
-    assert opened.conversation.messages != other.messages[:3]
-    end = turn(engine, opened.conversation, MESSAGES[2], Persister(store, "s"))
-    assert end.token_ids == fresh_reply(engine, opened.conversation.messages[:-1])
+    assert opened.chat.messages == chat.messages[:3]  # the first turn, as saved before the second
+    assert opened.chat.messages != other.messages[:3]
+    end = turn(opened.chat, MESSAGES[2], Persister(store, "s"))
+    assert end.token_ids == fresh_reply(engine, opened.chat.messages[:-1])
     assert store.read_manifest("s")["turns"] == 2 and "recovered" not in store.read_manifest("s")
 
 
@@ -569,14 +574,14 @@ def test_a_damaged_manifest_is_never_adopted_and_the_previous_save_is_recovered(
                          ids=["messages-dict", "message-types", "chunks", "tail", "states", "turns", "first-kept"])
 def test_valid_json_of_the_wrong_types_is_one_clear_error(tiny, tmp_path, fields):
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))  # one save: no previous to recover
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))  # one save: no previous to recover
     store.close()
     manifest = json.loads((tmp_path / "s.json").read_text())
     (tmp_path / "s.json").write_text(json.dumps({**manifest, **fields}))
-    _, store2 = make_engine(tiny, tmp_path)
+    engine2, store2 = make_engine(tiny, tmp_path)
     with pytest.raises(StoreError, match="cannot be read .* it was left as it is"):
-        store2.open_session("s")
+        open_chat(engine2, store2, "s")
     assert json.loads((tmp_path / "s.json").read_text()) == {**manifest, **fields}  # nothing touched
     rows = store2.list_sessions()
     assert rows[0]["damaged"]
@@ -588,8 +593,8 @@ def test_prune_waits_for_a_save_in_progress_and_counts_leftovers(tiny, tmp_path)
     import threading
 
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0])
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0])
     (tmp_path / ".kv" / "chunks").mkdir(parents=True, exist_ok=True)
     (tmp_path / ".kv" / "chunks" / ".orphan.safetensors.1.tmp").write_bytes(b"x")
     assert store.summary()["leftovers"] == 1
@@ -603,7 +608,7 @@ def test_prune_waits_for_a_save_in_progress_and_counts_leftovers(tiny, tmp_path)
         go_on.wait(10)
 
     store._write_kv = slow_write_kv
-    saver = threading.Thread(target=store.save_session, args=("s", conv))
+    saver = threading.Thread(target=save_chat, args=(store, "s", chat))
     saver.start()
     assert in_save.wait(10)
     pruner = threading.Thread(target=Store(tmp_path).prune)
@@ -615,15 +620,15 @@ def test_prune_waits_for_a_save_in_progress_and_counts_leftovers(tiny, tmp_path)
     pruner.join(10)
     store.close()
     engine2, store2 = make_engine(tiny, tmp_path)
-    opened = store2.open_session("s")
-    assert opened.notice is None and opened.loaded_tokens == len(conv.token_ids)  # nothing the save wrote was lost
+    opened = open_chat(engine2, store2, "s")
+    assert opened.notice is None and opened.loaded_tokens == len(chat.cache.ids)  # nothing the save wrote was lost
     assert store2.summary()["leftovers"] == 0
 
 
 def test_the_size_cap_never_evicts_the_prefix_it_just_saved(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path, max_bytes=1)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store))
     assert len(list((tmp_path / ".kv" / "prefixes").glob("*.json"))) == 1
 
 
@@ -736,8 +741,8 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
     try:
         root = top / "sessions"
         engine, store = make_engine(tiny, root)
-        conv = Conversation.start(SYSTEM)
-        turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+        chat = new_chat(engine, store, SYSTEM)
+        turn(chat, MESSAGES[0], Persister(store, "s"))
         store.close()
         saved = (root / "s.json").read_bytes()
         (root / lock).touch()  # a session's lock file is left only by a process that died (kill -9)
@@ -752,11 +757,11 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
                     with pytest.raises(StoreError, match=r"cannot lock session 's' with .*s\.lock: Permission denied"):
                         store.lock("s")
                 else:
-                    opened = store.open_session("s")
-                    turn(engine, opened.conversation, MESSAGES[1])
+                    opened = open_chat(engine, store, "s")
+                    turn(opened.chat, MESSAGES[1])
                     with pytest.raises(StoreError, match=r"Permission denied \(the store's lock file .*store\.lock\); "
                                                          "the previous save is intact"):
-                        Persister(store, "s").after_turn(opened.conversation)
+                        Persister(store, "s").after_turn(opened.chat)
             finally:
                 store.close()
         assert (root / "s.json").read_bytes() == saved
@@ -767,8 +772,8 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
 def test_a_clean_close_leaves_no_lock_file_and_the_lock_still_excludes(tiny, tmp_path):
     """Regression (issue 11): NAME.lock files stayed after a clean exit."""
     engine, store = make_engine(tiny, tmp_path)
-    conv = Conversation.start(SYSTEM)
-    turn(engine, conv, MESSAGES[0], Persister(store, "s"))
+    chat = new_chat(engine, store, SYSTEM)
+    turn(chat, MESSAGES[0], Persister(store, "s"))
     assert (tmp_path / "s.lock").exists()
     other = Store(tmp_path)
     with pytest.raises(StoreError, match="open in another kvchat process"):

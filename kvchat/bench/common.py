@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine
+from kvchat.chat.saving import Persister
 from kvchat.config import Sampling
-from kvchat.store.sessions import Persister, Store
+from kvchat.store.sessions import Store
 from kvchat.weights.model import LoadedModel
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -57,25 +58,24 @@ def fixed_length(engine: Engine) -> Engine:
 
 
 def build_session(loaded: LoadedModel, root: Path, fp: str, plan: BenchPlan,
-                   progress: Progress) -> tuple[Conversation, list[dict[str, float]]]:
+                   progress: Progress) -> tuple[Chat, list[dict[str, float]]]:
     """Chat until the conversation holds `resume_tokens`, autosaving the session 'bench' after every turn.
 
-    Returns the conversation and, per turn, the autosave's time and bytes written.
+    Returns the chat and, per turn, the autosave's time and bytes written.
     """
     engine = fixed_length(Engine(loaded))
-    store = Store(root).bind(engine, fp)
+    store = Store(root).bind(engine.layout, fp, loaded.name)
     persister = Persister(store, "bench")
-    conv = Conversation.start()
-    sampling = Sampling(temperature=0, max_new_tokens=plan.reply_tokens)
+    chat = Chat(engine, sampling=Sampling(temperature=0, max_new_tokens=plan.reply_tokens))
     autosaves = []
-    while conv.cached_tokens < plan.resume_tokens:
-        progress("resume: building the session", min(conv.cached_tokens, plan.resume_tokens), plan.resume_tokens)
-        for _ in engine.send(conv, message(len(autosaves), max(plan.message_tokens, 60)), sampling):
+    while chat.cache.tokens < plan.resume_tokens:
+        progress("resume: building the session", min(chat.cache.tokens, plan.resume_tokens), plan.resume_tokens)
+        for _ in chat.send(message(len(autosaves), max(plan.message_tokens, 60))):
             pass
         written, started = store.counters.bytes_written, time.perf_counter()
-        persister.after_turn(conv)
-        autosaves.append({"turn": len(autosaves) + 1, "tokens": conv.cached_tokens,
+        persister.after_turn(chat)
+        autosaves.append({"turn": len(autosaves) + 1, "tokens": chat.cache.tokens,
                           "ms": (time.perf_counter() - started) * 1000,
                           "bytes": store.counters.bytes_written - written})
     store.close()
-    return conv, autosaves
+    return chat, autosaves

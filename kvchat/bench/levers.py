@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.weights.model import LoadedModel, precision
 
@@ -73,9 +73,8 @@ def prompts(engine: Engine, context: int, count: int) -> list[list[dict[str, str
 
 def answer(engine: Engine, messages: list[dict[str, str]], new_tokens: int) -> TurnEnd:
     """Exactly `new_tokens` greedy tokens (end-of-turn tokens do not stop it) in reply to `messages`."""
-    conv = Conversation.start(None)
-    text = messages[-1]["content"]
-    return [e for e in engine.send(conv, text, Sampling(temperature=0, max_new_tokens=new_tokens))
+    chat = Chat(engine, sampling=Sampling(temperature=0, max_new_tokens=new_tokens))
+    return [e for e in chat.send(messages[-1]["content"])
             if isinstance(e, TurnEnd)][-1]
 
 

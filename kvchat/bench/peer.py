@@ -22,7 +22,8 @@ import torch
 from kvchat.bench import levers
 from kvchat.bench.common import BenchPlan, Progress, build_session, median, message
 from kvchat.config import Sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.chat.chat import Chat
+from kvchat.chat.saving import open_chat
 from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.weights.model import LoadedModel, fingerprint
 from kvchat.store.sessions import Store
@@ -73,8 +74,9 @@ def _peer_reply(llm: Any, ids: list[int], new_tokens: int, reset: bool = True) -
     return tokens, (first - started) * 1000, (len(tokens) - 1) / (ended - first) if ended > first else 0.0
 
 
-def _kvchat_reply(engine: Engine, conv: Conversation, text: str, new_tokens: int) -> TurnEnd:
-    return [e for e in engine.send(conv, text, Sampling(temperature=0, max_new_tokens=new_tokens))
+def _kvchat_reply(chat: Chat, text: str, new_tokens: int) -> TurnEnd:
+    chat.sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
+    return [e for e in chat.send(text)
             if isinstance(e, TurnEnd)][-1]
 
 
@@ -94,7 +96,7 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
         same = True
         for rep in range(plan.repeat):
             progress(f"peer: prompt of {len(ids)} tokens", rep, plan.repeat)
-            end = _kvchat_reply(engine, Conversation.start(None), text, plan.new_tokens)
+            end = _kvchat_reply(Chat(engine), text, plan.new_tokens)
             figures["kvchat_prefill"].append(len(ids) / (end.stats.prefill_ms / 1000))
             figures["kvchat_decode"].append(end.stats.decode_tok_s)
             llm.reset()
@@ -109,12 +111,12 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
 
     ttft: dict[str, list[float]] = {"kvchat": [], "peer": []}
     for rep in range(plan.repeat):
-        conv, history = Conversation.start(), []
+        chat, history = Chat(engine), []
         llm.reset()
         for turn in range(plan.turns):
             progress("peer: turns", rep * plan.turns + turn, plan.repeat * plan.turns)
             question = message(turn, 50)
-            end = _kvchat_reply(engine, conv, question, plan.reply_tokens)
+            end = _kvchat_reply(chat, question, plan.reply_tokens)
             history.append({"role": "user", "content": question})
             tokens, first_ms, _ = _peer_reply(llm, engine.render(history), plan.reply_tokens)
             history.append({"role": "assistant", "content": engine.tokenizer.decode(tokens)})
@@ -139,16 +141,17 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
         saved, _ = build_session(loaded, root, fp, BenchPlan(resume_tokens=plan.resume_tokens,
                                                                reply_tokens=plan.reply_tokens), progress)
         llm.reset()
-        llm.eval(saved.token_ids)  # the same history, cached on llama.cpp's side, saved as a state file
+        llm.eval(list(saved.cache.ids))  # the same history, cached on llama.cpp's side, saved as a state file
         state_file.write_bytes(pickle.dumps(llm.save_state()))
-        follow = engine.render(saved.messages + [{"role": "user", "content": question}])
+        follow = engine.render(saved.conversation.messages + [{"role": "user", "content": question}])
         for rep in range(plan.repeat):
             progress("peer: resume", rep, plan.repeat)
             ours = Engine(loaded)
-            store = Store(root).bind(ours, fp)
+            store = Store(root).bind(ours.layout, fp, loaded.name)
             started = time.perf_counter()
-            conv = store.open_session("bench").conversation
-            for event in ours.send(conv, question, sampling):
+            chat = open_chat(ours, store, "bench", prefixes=False).chat
+            chat.sampling = sampling
+            for event in chat.send(question):
                 if isinstance(event, TurnEnd):
                     times["kvchat"].append((time.perf_counter() - started) * 1000)
             store.close()
@@ -157,7 +160,7 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
             llm.load_state(pickle.loads(state_file.read_bytes()))
             _peer_reply(llm, follow, 1)
             times["peer"].append((time.perf_counter() - started) * 1000)
-    return {"tokens": len(saved.token_ids), **{f"{side}_ms": median(values) for side, values in times.items()}}
+    return {"tokens": saved.cache.tokens, **{f"{side}_ms": median(values) for side, values in times.items()}}
 
 
 def markdown(results: dict[str, Any]) -> str:

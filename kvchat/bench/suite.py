@@ -17,7 +17,9 @@ import torch
 from kvchat.cache import layers
 from kvchat.weights import memory
 from kvchat.config import Sampling
+from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
+from kvchat.chat.saving import open_chat
 from kvchat.chat.engine import Engine, Prefill, TurnEnd
 from kvchat.chat.prompt import common_prefix
 from kvchat.bench.common import BenchPlan, Progress, build_session, fixed_length, median, message
@@ -69,12 +71,12 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
     same = True
     for rep in range(plan.repeat):
         engines = {"reuse": fixed_length(Engine(loaded)), "no_reuse": fixed_length(Engine(loaded, reuse=False))}
-        convs = {side: Conversation.start() for side in engines}
+        chats = {side: Chat(engine, sampling=sampling) for side, engine in engines.items()}
         for turn in range(plan.turns):
             progress("turns", rep * plan.turns + turn, plan.repeat * plan.turns)
             replies = {}
-            for side, engine in engines.items():
-                end = [e for e in engine.send(convs[side], message(turn, plan.message_tokens), sampling)
+            for side in engines:
+                end = [e for e in chats[side].send(message(turn, plan.message_tokens))
                        if isinstance(e, TurnEnd)][0]
                 ttft[side][turn].append(end.stats.ttft_ms)
                 replies[side] = end.token_ids
@@ -101,19 +103,20 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
     for rep in range(plan.repeat):
         progress("resume", rep, plan.repeat)
         engine = Engine(loaded)
-        side_store = Store(workdir / "sessions").bind(engine, fp)
+        side_store = Store(workdir / "sessions").bind(engine.layout, fp, loaded.name)
         started = time.perf_counter()
-        conv = side_store.open_session("bench").conversation
-        a = _first_token(engine.send(conv, question, sampling), started, times["resume"])
+        chat = open_chat(engine, side_store, "bench", prefixes=False).chat
+        chat.sampling = sampling
+        a = _first_token(chat.send(question), started, times["resume"])
         side_store.close()
         engine = Engine(loaded)
         started = time.perf_counter()
-        conv = Conversation(messages=[dict(m) for m in saved.messages])
-        b = _first_token(engine.send(conv, question, sampling), started, times["prefill"])
+        chat = Chat(engine, Conversation(messages=[dict(m) for m in saved.conversation.messages]), sampling=sampling)
+        b = _first_token(chat.send(question), started, times["prefill"])
         same = same and a == b
     resumed, prefilled = median(times["resume"]), median(times["prefill"])
     disk = sum(p.stat().st_size for p in (workdir / "sessions" / ".kv").rglob("*.safetensors"))
-    return {"tokens": saved.cached_tokens, "resume_ms": resumed, "prefill_ms": prefilled,
+    return {"tokens": saved.cache.tokens, "resume_ms": resumed, "prefill_ms": prefilled,
             "speedup": prefilled / resumed if resumed else 0.0, "same_tokens": same,
             "disk_bytes": disk, "runs": times, "autosaves": autosaves}
 
@@ -176,10 +179,10 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
                 for side, engine in engines.items():
                     engine.max_context = limit
                     conv = Conversation(messages=history + turn[:2])
-                    conv.token_ids = engine.render(history + turn[:1]) + turn[1]["token_ids"]  # the last turn's
+                    held = engine.render(history + turn[:1]) + turn[1]["token_ids"]  # what the last turn cached
                     started = time.perf_counter()
                     target, _, _ = engine.fit(conv, sampling, history + turn)
-                    common_prefix(conv.token_ids, target)
+                    common_prefix(held, target)
                     times[side].append((time.perf_counter() - started) * 1000)
                     targets[side] = target
             rows.append({"history_tokens": tokens, "context": label, "prompt_tokens": len(targets["pieces"]),

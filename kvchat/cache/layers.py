@@ -553,6 +553,7 @@ class Layout:
     logits_shape: tuple[int, ...] = ()  # next-token logits [vocab], kept with a prompt's checkpoint
     logits_dtype: torch.dtype = torch.float32
     scalars: dict[str, type] = field(default_factory=dict)  # state entries a layer keeps as Python int or bool
+    kv_dtype: torch.dtype = torch.float32  # what the per-token tensors are kept in
 
     def piece_shape(self, name: str, n: int) -> tuple[int, ...]:
         """The shape of `n` tokens of the per-token tensor `name` as exported."""
@@ -637,7 +638,9 @@ def layout(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> Lay
         if type(kind(layer)) is WindowKind and name.split(".", 1)[1] in ("keys", "values"):  # [1, kv_heads, m, dim]
             window_dims[name] = (value.shape[1], value.shape[3], layer.sliding_window)
     scalars = {name: type(value) for name, value in states.items() if not isinstance(value, torch.Tensor)}
-    return Layout(per_token=per_token, windows=window_dims,
+    exported = _export_known(cache, 0, 1)
+    kv_dtype = next(iter(exported.values())).dtype if exported else logits.dtype
+    return Layout(per_token=per_token, windows=window_dims, kv_dtype=kv_dtype,
                   state={k: tuple(getattr(v, "shape", ())) for k, v in states.items() if k not in window_dims},
                   state_dtypes={k: torch.bool if v is bool else torch.int64 for k, v in scalars.items()} |
                   {k: v.dtype for k, v in states.items() if k not in scalars},

@@ -1,26 +1,29 @@
-"""The engine: render the conversation, reuse the cached token prefix, prefill only the rest, decode.
+"""The engine: render a conversation into prompt ids, reuse the cache's shared prefix, prefill only the rest,
+decode.
 
-It never prints; `send` yields events that the REPL and CLI render.
+It turns (a cache, a planned prompt, sampling) into events (`Prefill`, `Token`, `TurnEnd`) and never prints; it
+changes the cache only through the cache's own methods and never touches the transcript (`chat.Chat` records a
+reply there once it exists).
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat.cache import compiled
-from kvchat.cache import layers
+from kvchat.cache import compiled, layers
+from kvchat.cache.chat_cache import CacheSpec, ChatCache
 from kvchat.config import Sampling
 from kvchat.chat.conversation import Conversation, check_message
 from kvchat.chat.detokenize import IncrementalDecoder, decode
 from kvchat.errors import InputError, KvchatError
 from kvchat.weights.model import LoadedModel
 from kvchat.chat.prompt import Renderer, common_prefix
-from kvchat.chat.sampling import make_generator, next_token
+from kvchat.chat.sampling import next_token
 
 # Special tokens that end an assistant turn in common chat templates, besides the tokenizer's EOS.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -101,15 +104,36 @@ def stop_token_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
-# Given the token ids of a prompt, the longest stored prefix of them as (tokens, cache), or None.
-PrefixSource = Callable[[list[int]], "tuple[int, Any] | None"]
+# Given a prompt's token ids and an empty cache, make the cache hold the longest stored prefix of them; returns how
+# many tokens it holds (0 when nothing matched).
+PrefixSource = Callable[[list[int], ChatCache], int]
+
+
+@dataclass
+class Plan:
+    """A turn, planned: the prompt to run and what the conversation becomes once it has a reply."""
+
+    target: list[int]  # the prompt's token ids (for a continuation: ending with the reply so far)
+    messages: list[dict[str, Any]]  # the conversation as the turn makes it (ending with the user's message)
+    first_kept: int
+    dropped: int = 0  # oldest turns dropped from the model's view to make room
+    extending: list[int] | None = None  # the token ids of the reply being continued
+    limit: int | None = None  # reply tokens at most (default: sampling.max_new_tokens)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Reply:
+    """The reply of a running turn as far as it got: the chat records it once the turn ends or is cut off."""
+
+    ids: list[int] = field(default_factory=list)  # its tokens (with a continuation's earlier ones)
+    finished: bool = False  # the turn ran to its end (a reply may then be empty)
 
 
 class Engine:
-    """Runs turns of a `Conversation` on one loaded model."""
+    """Runs turns on one loaded model."""
 
-    def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True,
-                 prefix_source: PrefixSource | None = None, max_context: int | None = None,
+    def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True, max_context: int | None = None,
                  window_cache: str = layers.WINDOWS_FULL, compile: str | None = None, warm_up: bool = True):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
@@ -122,7 +146,6 @@ class Engine:
         self.device = loaded.device
         self.prefill_chunk = prefill_chunk
         self.reuse = reuse
-        self.prefix_source = prefix_source
         self.stop_ids = stop_token_ids(loaded)
         self._cache_kwarg = layers.cache_kwarg(self.model)
         self._takes_positions = layers.takes_positions(self.model)
@@ -130,7 +153,7 @@ class Engine:
         self.window_cache = window_cache  # how sliding-window layers are kept (layers.WINDOWS_FULL or WINDOWS_ONLY)
         self.renderer = Renderer(self.tokenizer)
         try:  # what the cache keeps per token and as state: one probe forward pass
-            self.layout = layers.layout(self.model, self.device, self.window_cache)
+            self.spec = CacheSpec(self.model, self.device, self.window_cache)
         except layers.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
         # The compiled one-token step (see kvchat.cache.compiled; `compile` defaults to the loaded model's setting),
@@ -153,49 +176,55 @@ class Engine:
         """The tokens every conversation with this system prompt starts with (whatever the first message is)."""
         return self.renderer.system_prefix_ids(system)
 
+    @property
+    def layout(self) -> layers.Layout:
+        """What the model's cache keeps per token and as state."""
+        return self.spec.layout
+
+    def new_cache(self) -> ChatCache:
+        """An empty cache for a conversation on this model."""
+        return ChatCache(self.spec)
+
     # -- model calls -------------------------------------------------------------------------
 
-    def _forward(self, conv: Conversation, ids: torch.Tensor) -> torch.Tensor:
-        """Run `ids` [1, n] through the model on top of the cache; return the last position's logits [vocab].
+    def _forward(self, model_cache: Any, start: int, ids: torch.Tensor) -> torch.Tensor:
+        """Run `ids` [1, n] through the model on top of `model_cache`, which holds `start` tokens; return the last
+        position's logits [vocab].
 
         Their positions are given (the tokens held, on): some models count from 0 on every pass otherwise (Bamba).
         """
-        start = len(conv.token_ids)
         positions = {"position_ids": torch.arange(start, start + ids.shape[1], device=self.device)[None]} \
             if self._takes_positions else {}
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **positions,
-                         **{self._cache_kwarg: conv.cache})
+                         **{self._cache_kwarg: model_cache})
         return out.logits[0, -1]
 
-    def _feed(self, conv: Conversation, ids: list[int]) -> torch.Tensor:
-        """Run `ids` through the model and record them as cached once the pass completes; return the last logits.
-
-        While the pass runs the conversation is marked dirty: an interruption leaves layers at mixed positions,
-        which `_restore_invariant` repairs.
-        """
-        conv.dirty = True
-        logits = self.step(conv.cache, ids[0]) if self.step is not None and len(ids) == 1 else None
-        if logits is None:
+    def _feed(self, cache: ChatCache, ids: list[int]) -> torch.Tensor:
+        """Run `ids` through the model into `cache` (through the compiled step when it takes a lone token); return
+        the last logits. The cache records them only once the pass completes (see `ChatCache.feed`)."""
+        def forward(model_cache: Any, start: int) -> torch.Tensor:
+            if self.step is not None and len(ids) == 1:
+                logits = self.step(model_cache, ids[0])
+                if logits is not None:
+                    self.compiled_tokens += 1
+                    return logits
             with self.step.exclusive() if self.step is not None else nullcontext():
-                logits = self._forward(conv, torch.tensor([ids], device=self.device))
-        else:
-            self.compiled_tokens += 1
-        conv.token_ids.extend(ids)
-        conv.dirty = False
-        return logits
+                return self._forward(model_cache, start, torch.tensor([ids], device=self.device))
 
-    def _prefill(self, conv: Conversation, ids: list[int],
+        return cache.feed(ids, forward)
+
+    def _prefill(self, cache: ChatCache, ids: list[int],
                  marks: dict[int, bool] | None = None) -> Iterator[Prefill]:
-        """Feed `ids` in chunks, yielding a `Prefill` after each; return the last logits. A cache with recurrent state is snapshotted after each
-        absolute position in `marks` (chunks end there; the value says whether the snapshot is pinned), so that
-        a later turn can come back to it.
+        """Feed `ids` in chunks, yielding a `Prefill` after each; return the last logits. A cache with recurrent
+        state is snapshotted after each absolute position in `marks` (chunks end there; the value says whether the
+        snapshot is pinned), so that a later turn can come back to it.
 
         Models whose multi-token pass does not continue a recurrent state exactly get the tokens one at a
         time once there is a state to continue.
         """
         assert ids, "nothing to prefill"
-        stateful = layers.has_state(conv.cache)
-        start, end = len(conv.token_ids), len(conv.token_ids) + len(ids)
+        stateful = cache.has_state
+        start, end = cache.tokens, cache.tokens + len(ids)
         marks = marks or {}
         stops = sorted({m for m in marks if start < m < end} | {end}) if stateful else [end]
         logits = None
@@ -207,107 +236,99 @@ class Engine:
                 if stateful and self.stepwise:
                     size = stop - position if position == 0 else 1
                 step = min(size, stop - position)
-                logits = self._feed(conv, ids[position - start:position - start + step])
+                logits = self._feed(cache, ids[position - start:position - start + step])
                 position += step
                 yield Prefill(position - start, len(ids), time.perf_counter() - began)
             if stop != end:
-                conv.checkpoint(pin=marks[stop])
+                cache.checkpoint(pin=marks[stop])
         return logits
 
-    def _sync_cache(self, conv: Conversation, target: list[int]) -> tuple[int, str | None, int]:
+    def _sync_cache(self, cache: ChatCache, target: list[int],
+                    prefixes: PrefixSource | None) -> tuple[int, str | None, int]:
         """Cut the cache back to its longest prefix shared with `target` (always leaving >= 1 token to feed).
 
-        An empty cache is first seeded from the store's longest matching prefix, if there is one.
+        An empty cache is first seeded from the store's longest matching prefix (`prefixes`), if there is one.
         Returns how many tokens are kept, why reuse was refused when it was, and how many came from disk.
         """
         fallback, loaded = None, 0
-        if conv.refusal is not None:  # an earlier cut (an /undo) found the cache wrong and forgot it
-            fallback, conv.refusal = f"{conv.refusal}; prefilling all", None
-        shared = common_prefix(conv.token_ids, target) if self.reuse else 0
-        if shared == len(target) and conv.prompt_logits is not None and conv.prompt_logits[0] == len(target):
+        refusal = cache.take_refusal()
+        if refusal is not None:  # an earlier cut (an /undo) found the cache wrong and forgot it
+            fallback = f"{refusal}; prefilling all"
+        shared = common_prefix(cache.ids, target) if self.reuse else 0
+        if shared == len(target) and cache.logits_at(len(target)) is not None:
             keep = shared  # the whole prompt is cached and so are its next-token logits (a retry)
         else:
             keep = min(shared, len(target) - 1)
-        if conv.cache is not None and keep < len(conv.token_ids):
-            reason = layers.unsupported(conv.cache)
-            kept = conv.cut_to(keep)
+        if keep < cache.tokens:
+            reason = cache.unsupported()
+            kept = cache.trim(keep)
             if kept == 0 and keep > 0:
-                reason = reason or conv.refusal or f"no recurrent-state checkpoint at or before token {keep}"
-                fallback, conv.refusal = f"{reason}; prefilling all", None
+                reason = reason or cache.take_refusal() or f"no recurrent-state checkpoint at or before token {keep}"
+                fallback = f"{reason}; prefilling all"
             keep = kept
-        if keep == 0 and self.reuse and self.prefix_source is not None:
-            found = self.prefix_source(target)
-            if found is not None:
-                loaded, conv.cache = found
-                conv.token_ids = list(target[:loaded])
-                conv.checkpoint()  # a stored state: a later cut can come back to it
-                keep = min(loaded, len(target) - 1)
-                if keep < loaded:
-                    conv.truncate(keep)
-        if conv.cache is None:
-            conv.cache = layers.new_cache(self.model, self.window_cache)
-        conv.check()
-        loaded, conv.restored = max(loaded, conv.restored), 0
+        if keep == 0 and self.reuse and prefixes is not None:
+            loaded = prefixes(target, cache)
+            if loaded:
+                keep = cache.trim(min(loaded, len(target) - 1))
+        cache.check()
+        loaded = max(loaded, cache.take_loaded())
         return keep, fallback, min(loaded, keep)
 
-    def _generator(self, conv: Conversation, sampling: Sampling) -> torch.Generator | None:
-        """The conversation's seeded generator (made on its first sampled turn, or when the seed changes)."""
-        if sampling.seed is None or sampling.temperature == 0:
-            return None
-        if conv.rng is None or conv.rng_seed != sampling.seed:
-            conv.rng, conv.rng_seed = make_generator(sampling, self.device), sampling.seed
-        return conv.rng
-
-    def _marks(self, conv: Conversation, target: list[int]) -> dict[int, bool]:
+    def _marks(self, plan: Plan, cache: ChatCache) -> dict[int, bool]:
         """Where a prompt's prefill snapshots recurrent state, besides its end: after the system prompt (a context
         drop comes back there), before the new user message (an /undo comes back there), and before the reply's
         header (templates that rewrite the header of a past reply, such as an empty think block, come back there)."""
-        if not layers.has_state(conv.cache):
+        if not cache.has_state:
             return {}
-        view, marks = conv.view(), {}
+        planned = Conversation(messages=plan.messages, first_kept=plan.first_kept)
+        view, marks = planned.view(), {}
         for part in (None, view[:-1], view):
             try:
-                ids = self.system_prefix_ids(conv.system) if part is None else \
+                ids = self.system_prefix_ids(planned.system) if part is None else \
                     self.render(part, generation_prompt=False) if part else []
             except KvchatError:
                 continue  # a template that refuses a partial conversation: one checkpoint fewer
-            if ids and target[:len(ids)] == ids:
+            if ids and plan.target[:len(ids)] == ids:
                 marks.setdefault(len(ids), part is None)  # the system prompt's stays while the chat goes on
         return marks
 
-    def _restore_invariant(self, conv: Conversation) -> None:
-        """After an interrupted forward pass, drop any KV recorded past `token_ids` (or the whole cache)."""
-        if conv.cache is not None and (conv.dirty or layers.miscount(conv.cache, len(conv.token_ids))):
-            conv.cut_to(len(conv.token_ids))
-        conv.dirty = False
-        conv.check()
+    # -- planning a turn -----------------------------------------------------------------------
 
-    # -- a turn ------------------------------------------------------------------------------
-
-    def send(self, conv: Conversation, text: str, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
-        """Add a user message and generate the reply, yielding `Prefill` progress, `Token`s and then one `TurnEnd`.
-
-        Raises InputError (or KvchatError for a template that rejects the conversation) at once, with the
-        conversation untouched. The message enters the conversation only when the reply starts; a turn cut off
-        before its first token (Ctrl-C, an error, a generator closed or never iterated) leaves no trace.
-        Interrupted later, the partial reply is kept, and the cache holds exactly `token_ids`.
-        """
+    def plan_send(self, conv: Conversation, text: str, sampling: Sampling) -> Plan:
+        """The turn that answers a new user message `text`. Raises InputError (or KvchatError for a template that
+        rejects the conversation), changing nothing."""
+        started = time.perf_counter()
         check_message(text)
-        return self._turn(conv, conv.messages + [{"role": "user", "content": text}], sampling)
+        return self._plan(conv, conv.messages + [{"role": "user", "content": text}], sampling, started)
 
-    def retry(self, conv: Conversation, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
-        """Generate the last reply again (its prompt is entirely cached, so nothing is prefilled); the old reply
-        stays until the new one starts."""
+    def plan_retry(self, conv: Conversation, sampling: Sampling) -> Plan:
+        """The turn that makes the last reply again (its prompt is entirely cached: nothing is prefilled)."""
+        started = time.perf_counter()
         if not conv.messages or conv.messages[-1]["role"] != "assistant":
             raise InputError("there is no reply to retry")
-        return self._turn(conv, conv.messages[:-1], sampling)
+        return self._plan(conv, conv.messages[:-1], sampling, started)
 
-    def _turn(self, conv: Conversation, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
-        """Fit `messages` (the conversation as it will be, ending with the user's) now; reply as iterated."""
+    def _plan(self, conv: Conversation, messages: list[dict[str, Any]], sampling: Sampling, started: float) -> Plan:
         assert messages and messages[-1]["role"] == "user", "a turn needs a user message last"
-        started = time.perf_counter()
         target, first_kept, dropped = self.fit(conv, sampling, messages)
-        return self._reply(conv, sampling, target, dropped, started, messages, first_kept)
+        return Plan(target, messages, first_kept, dropped, started=started)
+
+    def plan_extend(self, conv: Conversation, sampling: Sampling) -> Plan:
+        """The turn that continues the last reply from where it stopped (cut at max_new_tokens, or interrupted),
+        up to `max_new_tokens` more; the cache holds the reply, so only its last token is fed. Raises InputError
+        when there is no reply or no room left."""
+        started = time.perf_counter()
+        reply = conv.messages[-1] if conv.messages else {}
+        if reply.get("role") != "assistant" or not reply.get("token_ids"):
+            raise InputError("there is no reply to continue")
+        if decode(self.tokenizer, reply["token_ids"]) != reply.get("content"):
+            raise InputError("the last reply's text is not the model's own tokens; it cannot be continued")
+        target = self.render(conv.view()[:-1]) + list(reply["token_ids"])
+        room = self.max_context - len(target) if self.max_context else sampling.max_new_tokens
+        if room <= 0:
+            raise InputError(f"the context of {self.max_context} tokens is full; /undo or start over")
+        return Plan(target, list(conv.messages), conv.first_kept, extending=list(reply["token_ids"]),
+                    limit=min(room, sampling.max_new_tokens), started=started)
 
     def fit(self, conv: Conversation, sampling: Sampling,
             messages: list[dict[str, str]] | None = None) -> tuple[list[int], int, int]:
@@ -353,118 +374,79 @@ class Engine:
                 f"of {self.max_context} holds {room} once {sampling.max_new_tokens} are kept for the reply")
         return target, plan.first_kept, dropped
 
-    def undo(self, conv: Conversation) -> None:
-        """Remove the last exchange (the last user message and the reply to it) and cut the cache to match."""
-        users = [i for i, message in enumerate(conv.messages) if message["role"] == "user"]
-        if not users:
-            raise InputError("there is nothing to undo")
-        del conv.messages[users[-1]:]
-        conv.first_kept = min(conv.first_kept, len(conv.messages))
-        self.trim(conv)
-
-    def trim(self, conv: Conversation) -> None:
-        """Cut the cache back to what the conversation as it stands still begins with (when it can be cut)."""
-        if conv.cache is None:
+    def trim(self, conv: Conversation, cache: ChatCache) -> None:
+        """Cut `cache` back to what the conversation as it stands still begins with (when it can be cut)."""
+        if not cache.tokens:
             return
         if any(message["role"] == "user" for message in conv.view()):
             stands = self.render(conv.view())
         else:
             stands = self.system_prefix_ids(conv.system)
-        keep = common_prefix(conv.token_ids, stands)
-        if keep < len(conv.token_ids):
-            conv.cut_to(keep)
+        keep = common_prefix(cache.ids, stands)
+        if keep < cache.tokens:
+            cache.trim(keep)
 
-    def extend(self, conv: Conversation, sampling: Sampling) -> Iterator[Prefill | Token | TurnEnd]:
-        """Continue the last reply from where it stopped (cut at max_new_tokens, or interrupted), up to
-        `max_new_tokens` more; the cache holds the reply, so only its last token is fed. The `TurnEnd` carries
-        the whole reply as it now is. Raises InputError when there is no reply or no room left."""
-        reply = conv.messages[-1] if conv.messages else {}
-        if reply.get("role") != "assistant" or not reply.get("token_ids"):
-            raise InputError("there is no reply to continue")
-        if decode(self.tokenizer, reply["token_ids"]) != reply.get("content"):
-            raise InputError("the last reply's text is not the model's own tokens; it cannot be continued")
-        started = time.perf_counter()
-        target = self.render(conv.view()[:-1]) + list(reply["token_ids"])
-        room = self.max_context - len(target) if self.max_context else sampling.max_new_tokens
-        if room <= 0:
-            raise InputError(f"the context of {self.max_context} tokens is full; /undo or start over")
-        return self._reply(conv, sampling, target, 0, started, conv.messages, conv.first_kept,
-                           extending=reply, limit=min(room, sampling.max_new_tokens))
+    # -- a turn ------------------------------------------------------------------------------
 
-    def _reply(self, conv: Conversation, sampling: Sampling, target: list[int], dropped: int,
-               started: float, messages: list[dict[str, Any]], first_kept: int, extending: dict | None = None,
-               limit: int | None = None) -> Iterator[Prefill | Token | TurnEnd]:
-        """Prefill what `target` adds to the cache and decode; the reply becomes a new message, or, with
-        `extending`, goes on in that (last) message."""
-        decoder = IncrementalDecoder(self.tokenizer, extending["token_ids"] if extending else ())
-        kept = len(decoder.ids)
+    def run(self, cache: ChatCache, plan: Plan, sampling: Sampling, generator: torch.Generator | None,
+            reply: Reply, prefixes: PrefixSource | None = None) -> Iterator[Prefill | Token | TurnEnd]:
+        """Prefill what `plan.target` adds to `cache` and decode, yielding `Prefill` progress, `Token`s and then one
+        `TurnEnd`. `reply` follows the reply as it grows (the caller records it, even when the turn is cut off);
+        the cache holds exactly its ids at every yield."""
+        decoder = IncrementalDecoder(self.tokenizer, plan.extending or ())
+        reply.ids = decoder.ids  # (the same list: it grows as tokens are sampled)
+        kept, target = len(decoder.ids), plan.target
         compiled_before = self.compiled_tokens
-        finished = False
-        before = (list(conv.messages), conv.first_kept)
-        try:
-            conv.messages[:], conv.first_kept = messages, first_kept
-            with torch.inference_mode():
-                reused, fallback, loaded = self._sync_cache(conv, target)
-                if reused == len(target):
-                    logits = conv.prompt_logits[1]
-                elif extending is not None:
-                    logits = yield from self._prefill(conv, target[reused:])
-                else:
-                    logits = yield from self._prefill(conv, target[reused:], self._marks(conv, target))
-                    conv.prompt_logits = (len(target), logits)
-                    conv.checkpoint(logits)
-                prefill_done = time.perf_counter()
-                generator = self._generator(conv, sampling)
-                stop = "length"
-                first_token_at = None
-                limit = limit or sampling.max_new_tokens  # fit() kept room for all of it in the context
-                for step in range(limit):
-                    token = next_token(logits, sampling, generator)  # [1]
-                    token_id = int(token)
-                    if token_id in self.stop_ids:
-                        stop = "eos"
-                        break
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    delta = decoder.push(token_id)
-                    if delta:
-                        yield Token(delta, token_id)
-                    if step + 1 == limit:
-                        break  # the last token is fed with the next turn's prompt, via the prefix diff
-                    logits = self._feed(conv, [token_id])
-                tail = decoder.flush()
-                if tail:
-                    yield Token(tail, decoder.ids[-1])
-            ended = time.perf_counter()
-            finished = True
-        finally:
-            reply = decoder.text()
-            if extending is not None:
-                extending["content"], extending["token_ids"] = reply, list(decoder.ids)
-            elif decoder.ids or finished:
-                conv.messages.append({"role": "assistant", "content": reply, "token_ids": list(decoder.ids)})
-            else:  # cut off before any reply: the turn never happened
-                conv.messages[:], conv.first_kept = before
-            self._restore_invariant(conv)
-            conv.checkpoint()  # where this reply ends: the next turn, or an /undo of it, comes back here
+        with torch.inference_mode():
+            reused, fallback, loaded = self._sync_cache(cache, target, prefixes)
+            if reused == len(target):
+                logits = cache.logits_at(len(target))
+            elif plan.extending is not None:
+                logits = yield from self._prefill(cache, target[reused:])
+            else:
+                logits = yield from self._prefill(cache, target[reused:], self._marks(plan, cache))
+                cache.checkpoint(logits)
+            prefill_done = time.perf_counter()
+            stop = "length"
+            first_token_at = None
+            limit = plan.limit or sampling.max_new_tokens  # fit() kept room for all of it in the context
+            for step in range(limit):
+                token = next_token(logits, sampling, generator)  # [1]
+                token_id = int(token)
+                if token_id in self.stop_ids:
+                    stop = "eos"
+                    break
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                delta = decoder.push(token_id)
+                if delta:
+                    yield Token(delta, token_id)
+                if step + 1 == limit:
+                    break  # the last token is fed with the next turn's prompt, via the prefix diff
+                logits = self._feed(cache, [token_id])
+            tail = decoder.flush()
+            if tail:
+                yield Token(tail, decoder.ids[-1])
+        ended = time.perf_counter()
+        reply.finished = True
         generated = len(decoder.ids) - kept
         first = first_token_at or ended
         stats = TurnStats(
             reused=reused,
             prefilled=len(target) - reused,
             generated=generated,
-            ttft_ms=(first - started) * 1000,
+            ttft_ms=(first - plan.started) * 1000,
             decode_tok_s=(generated - 1) / (ended - first) if generated > 1 and ended > first else 0.0,
-            kv_bytes=layers.nbytes(conv.cache),
-            prefill_ms=(prefill_done - started) * 1000,
+            kv_bytes=cache.nbytes,
+            prefill_ms=(prefill_done - plan.started) * 1000,
             loaded=loaded,
             stop=stop,
             fallback=fallback,
-            dropped=dropped,
+            dropped=plan.dropped,
             compiled=self.compiled_tokens - compiled_before,
             compile_failure=self._new_failure(),
         )
-        yield TurnEnd(reply, stats, list(decoder.ids))
+        yield TurnEnd(decoder.text(), stats, list(decoder.ids))
 
     def _new_failure(self) -> str | None:
         """Why the compiled step failed, the first time it is asked after it did."""

@@ -19,7 +19,7 @@ rendered text keeps those ids, so the conversation re-renders to exactly the tok
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
 from kvchat.chat.detokenize import decode
 from kvchat.errors import KvchatError
@@ -302,14 +302,15 @@ def _key(messages: Messages) -> tuple:
     return tuple((m.get("role"), m.get("content"), None if _ids(m) is None else tuple(_ids(m))) for m in messages)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token id lists."""
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id sequences (lists or tuples, mixed)."""
+    a, b = list(a), list(b)  # (a tuple slice never equals a list slice: blocks are compared like with like)
     n = min(len(a), len(b))
     step = 512
     start = 0
     while start < n and a[start:start + step] == b[start:start + step]:  # compared in C, a block at a time
         start += step
-    for i in range(start, min(start + step, n)):
+    for i in range(start, n):
         if a[i] != b[i]:
             return i
     return n

@@ -38,7 +38,8 @@ from kvchat.store.kvfile import FORMAT, ChunkKeys, DamagedKV, atomic_write, chun
 if TYPE_CHECKING:
     import torch
 
-    from kvchat.chat.conversation import Conversation
+    from kvchat.cache.chat_cache import ChatCache
+    from kvchat.cache.layers import Layout
 
 # Listing, showing, removing and pruning sessions never import torch (kvchat sessions/cache answer at once):
 # the KV side imports the cache adapter when it first needs it.
@@ -120,9 +121,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 @dataclass
 class Opened:
-    """A session as opened: the conversation, and a one-line notice when its KV could not be used."""
+    """A session as opened: its transcript and sampling settings, and a one-line notice when its KV could not be
+    used (else the cache given to `open_session` holds it)."""
 
-    conversation: Conversation
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    first_kept: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)  # sampling settings as saved (checked where used)
     notice: str | None = None
     loaded_tokens: int = 0
     existed: bool = False
@@ -141,7 +145,7 @@ class StoreCounters:
 
 
 class Store:
-    """The sessions directory. Methods that read or write KV need `bind(engine, fingerprint)` first."""
+    """The sessions directory. Methods that read or write KV need `bind(layout, fingerprint, model)` first."""
 
     def __init__(self, root: Path, max_bytes: int = 0):
         self.root = Path(root)
@@ -151,21 +155,22 @@ class Store:
         self.prefixes = self.root / ".kv" / "prefixes"
         self.states = self.root / ".kv" / "states"
         self.counters = StoreCounters()
-        self.engine: Any = None
+        self.layout: Layout | None = None
+        self.model = ""  # the model's name, written in manifests for `sessions list`
         self.fingerprint: str | None = None
         self._locks: dict[str, int] = {}
 
-    def bind(self, engine: Any, fingerprint: str) -> "Store":
-        """Attach the engine (model) whose KV this store reads and writes.
+    def bind(self, layout: Layout, fingerprint: str, model: str = "") -> "Store":
+        """Read and write the KV of the model with this cache `layout` and weights `fingerprint` (named `model`).
 
         Window-only sliding layers store other tensors than whole ones: a model run that way is another model.
         A model with state layers stores whole snapshots (counts and flags too), which older saves lack.
         """
-        if engine.layout.windows:
+        if layout.windows:
             fingerprint = f"{fingerprint}+windows"
-        if engine.layout.has_state:
+        if layout.has_state:
             fingerprint = f"{fingerprint}+whole-state"
-        self.engine, self.fingerprint = engine, fingerprint
+        self.layout, self.fingerprint, self.model = layout, fingerprint, model
         return self
 
     @contextmanager
@@ -195,10 +200,8 @@ class Store:
 
     # -- KV files ----------------------------------------------------------------------------
 
-    def _write_kv(self, path: Path, cache: Any, key: str, start: int, end: int) -> None:
-        from kvchat.cache import layers
-
-        data = kvfile.encode(layers.export(cache, start, end), self._kv_meta(key, start, end - start))
+    def _write_kv(self, path: Path, cache: ChatCache, key: str, start: int, end: int) -> None:
+        data = kvfile.encode(cache.export(start, end), self._kv_meta(key, start, end - start))
         self.counters.add(atomic_write(path, data))
 
     def _kv_meta(self, key: str, start: int, n_tokens: int) -> dict[str, str]:
@@ -206,9 +209,9 @@ class Store:
 
     def _read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
         """Map and check one KV file of this model (see kvfile.read); raises DamagedKV."""
-        layout = self.engine.layout
+        layout = self.layout
         shapes = {name: layout.piece_shape(name, n_tokens) for name in layout.per_token}
-        return kvfile.read(path, self._kv_meta(key, start, n_tokens), shapes, self.engine.loaded.dtype)
+        return kvfile.read(path, self._kv_meta(key, start, n_tokens), shapes, layout.kv_dtype)
 
 
     def _state_path(self, key: str, owner: str | None = None) -> Path:
@@ -224,7 +227,7 @@ class Store:
         key = chunk_key(self.fingerprint, ids)
         path = self._state_path(key, owner)
         if not path.exists() and not (owner and _link_twin(path, key)):
-            tensors = self.engine.layout.encode_state(state)
+            tensors = self.layout.encode_state(state)
             if logits is not None:
                 tensors["logits"] = logits.detach().to("cpu").contiguous()
             data = kvfile.encode(tensors, {**self._kv_meta(key, 0, len(ids)), "kind": "state"})
@@ -233,24 +236,23 @@ class Store:
 
     def _read_state(self, ids: list[int], entry: dict[str, Any],
                     owner: str | None = None) -> tuple[dict[str, Any], Any]:
-        """The state snapshot (and logits, or None) an entry of `_write_state` names, checked against `ids` and
-        copied to the engine's device; raises DamagedKV."""
+        """The state snapshot (and logits, or None) an entry of `_write_state` names, checked against `ids`, on the
+        CPU; raises DamagedKV."""
         key = chunk_key(self.fingerprint, ids)
         if entry.get("key") != key or entry.get("tokens") != len(ids):
             raise DamagedKV("a state entry does not match the token ids")
-        layout = self.engine.layout
+        layout = self.layout
         shapes, dtypes = layout.state_shapes(len(ids)), dict(layout.state_dtypes)
         shapes["logits"], dtypes["logits"] = layout.logits_shape, layout.logits_dtype
         tensors = kvfile.read(self._state_path(key, owner), {**self._kv_meta(key, 0, len(ids)), "kind": "state"},
                               shapes, dtypes, optional=frozenset({"logits"}))
         logits = tensors.pop("logits", None)
-        device = self.engine.device
-        return layout.decode_state(tensors, device), None if logits is None else logits.to(device, copy=True)
+        return layout.decode_state(tensors), logits
 
     def _chunk_path(self, key: str) -> Path:
         return self.chunks / f"{key}.safetensors"
 
-    def _save_chunks(self, ids: list[int], cache: Any, upto: int) -> list[str]:
+    def _save_chunks(self, ids: list[int], cache: ChatCache, upto: int) -> list[str]:
         """Write the full chunks of ids[:upto] that are not stored yet; return all their keys."""
         keys, hasher = [], ChunkKeys(self.fingerprint)
         for end in range(CHUNK_TOKENS, upto + 1, CHUNK_TOKENS):
@@ -263,25 +265,24 @@ class Store:
 
     # -- shared prefixes ---------------------------------------------------------------------
 
-    def save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None = None) -> bool:
-        """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored.
-
-        A cache with recurrent state needs `state`, the state after exactly `ids` (a checkpoint's). The size
-        cap is enforced afterwards, never evicting this entry.
+    def save_prefix(self, ids: list[int], cache: ChatCache) -> bool:
+        """Store the KV of ids (a prefix of what `cache` holds) as a shared prefix entry; False if already stored,
+        or when it cannot be (a cache with recurrent state needs a checkpoint after exactly `ids`). The size cap
+        is enforced afterwards, never evicting this entry.
         """
         with self._store_lock(exclusive=False):
-            saved = self._save_prefix(ids, cache, state)
+            saved = self._save_prefix(ids, cache)
         if saved:
             self._enforce_cap(keep=chunk_key(self.fingerprint, ids))
         return saved
 
-    def _save_prefix(self, ids: list[int], cache: Any, state: dict[str, torch.Tensor] | None) -> bool:
-        from kvchat.cache import layers
-
+    def _save_prefix(self, ids: list[int], cache: ChatCache) -> bool:
         self._ensure_dirs()
         key = chunk_key(self.fingerprint, ids)
         entry_path = self.prefixes / f"{key}.json"
-        if entry_path.exists() or not ids or not layers.can_export(cache) or (layers.has_state(cache) and state is None):
+        point = cache.checkpoint_at(len(ids))
+        if entry_path.exists() or not ids or not cache.can_export() or (cache.has_state and point is None) or \
+                list(cache.ids[:len(ids)]) != list(ids):
             return False
         full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
         chunks = self._save_chunks(ids, cache, full)
@@ -292,24 +293,23 @@ class Store:
             chunks.append(key)
         entry = {"format": FORMAT, "fingerprint": self.fingerprint, "chunk_tokens": CHUNK_TOKENS,
                  "token_ids": ids, "chunks": chunks,
-                 "state": self._write_state(ids, state) if layers.has_state(cache) else None,
+                 "state": self._write_state(ids, point.state) if cache.has_state else None,
                  "last_used": time.time()}
         self.counters.add(atomic_write(entry_path, json.dumps(entry).encode()))
         return True
 
-    def longest_prefix(self, target: list[int]) -> tuple[int, Any] | None:
-        """The longest stored KV whose tokens begin `target`, as (tokens, cache); None when nothing matches.
+    def longest_prefix(self, target: list[int], cache: ChatCache) -> int:
+        """Make `cache` hold the longest stored KV whose tokens begin `target`; how many tokens it holds (0, the
+        cache untouched, when nothing matches).
 
         Looks at chunk boundaries (any session's or prefix's full chunks) and at exact prefix entries.
         For a model with recurrent state only points with a stored state count, and only those short of
         the whole of `target` (a state cannot be cut back to leave a token to feed).
         Damaged files are skipped, never used.
         """
-        from kvchat.cache import layers
-
         if self.fingerprint is None or not self.chunks.is_dir():
-            return None
-        stateful = self.engine.layout.has_state
+            return 0
+        stateful = self.layout.has_state
         limit = len(target) - 1 if stateful else len(target)
         hasher, full_keys = ChunkKeys(self.fingerprint), []
         for end in range(CHUNK_TOKENS, limit + 1, CHUNK_TOKENS):
@@ -345,13 +345,12 @@ class Store:
                     state, _ = self._read_state(ids[:length], stored)
             except DamagedKV:
                 continue  # never used; a shorter candidate may still be intact
-            cache = layers.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
-            if layers.miscount(cache, length) is not None:
+            if cache.adopt(list(ids[:length]), pieces, state) is not None:
                 continue  # not what its tokens say: never used
             if entry is not None:
                 self._touch(*entry)
-            return length, cache
-        return None
+            return length
+        return 0
 
     @staticmethod
     def _touch(entry_path: Path, entry: dict[str, Any]) -> None:
@@ -464,30 +463,39 @@ class Store:
         previous["recovered"] = reason
         return previous
 
-    def open_session(self, name: str, system: str | None = None) -> Opened:
-        """Lock and load a session (KV included when it is intact), or start it when it does not exist."""
-        from kvchat.cache import layers
-        from kvchat.chat.conversation import Checkpoint, Conversation
-
+    def open_session(self, name: str, cache: ChatCache | None = None) -> Opened:
+        """Lock and read a session: its transcript and settings, and its KV into `cache` when that is intact (and
+        a cache is given). A session that does not exist opens empty (`existed` False)."""
         self.lock(name)
         manifest = self.read_manifest(name)
         if manifest is None:
-            return Opened(Conversation.start(system))
-        conv = Conversation(messages=manifest["messages"], first_kept=manifest.get("first_kept", 0))
-        if isinstance(manifest.get("settings"), dict):
-            conv.settings = manifest["settings"]  # checked where they are used (config.adopt_sampling)
+            return Opened()
+        opened = Opened(messages=manifest["messages"], first_kept=manifest.get("first_kept", 0), existed=True,
+                        settings=manifest["settings"] if isinstance(manifest.get("settings"), dict) else {})
         if manifest.get("recovered"):
-            return Opened(conv, f"session '{name}': its last save is damaged ({manifest['recovered']}); recovered "
-                                f"the save before it ({manifest['turns']} turns), rebuilding its cache from the "
-                                "text", existed=True)
+            opened.notice = (f"session '{name}': its last save is damaged ({manifest['recovered']}); recovered the "
+                             f"save before it ({manifest['turns']} turns), rebuilding its cache from the text")
+            return opened
         ids = manifest.get("token_ids", [])
         if (manifest.get("format"), manifest.get("fingerprint"), manifest.get("chunk_tokens", CHUNK_TOKENS)) != \
                 (FORMAT, self.fingerprint, CHUNK_TOKENS):
-            return Opened(conv, f"session '{name}' was saved with another model or format; "
-                                "rebuilding its cache from the text", existed=True)
-        if not ids:
-            return Opened(conv, existed=True)
-        stateful = self.engine.layout.has_state
+            opened.notice = f"session '{name}' was saved with another model or format; rebuilding its cache from the text"
+            return opened
+        if not ids or cache is None:
+            return opened
+        wrong = self._load_into(name, manifest, cache)
+        if wrong is not None:
+            opened.notice = f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text"
+            return opened
+        opened.loaded_tokens = len(ids)
+        return opened
+
+    def _load_into(self, name: str, manifest: dict[str, Any], cache: ChatCache) -> str | None:
+        """Make `cache` hold the session's KV, state and checkpoints; why not, when they are not intact."""
+        from kvchat.cache.chat_cache import Checkpoint
+
+        ids = manifest["token_ids"]
+        stateful = self.layout.has_state
         try:
             pieces = self._load_session_kv(name, manifest)
             entries = [e for e in manifest.get("states") or [] if isinstance(e, dict)] if stateful else []
@@ -495,16 +503,8 @@ class Store:
                 raise DamagedKV("the manifest lists no state at the end of its tokens")
             state, _ = self._read_state(ids, entries[-1], name) if stateful else (None, None)
         except DamagedKV as exc:
-            return Opened(conv, f"session '{name}': KV not usable ({exc}); rebuilding its cache from the text",
-                          existed=True)
-        cache = layers.restore(self.engine.model, pieces, self.engine.device, state, self.engine.window_cache)
-        wrong = layers.miscount(cache, len(ids))
-        if wrong is not None:
-            return Opened(conv, f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text",
-                          existed=True)
-        conv.cache = cache
-        conv.token_ids = list(ids)
-        conv.restored = len(ids)
+            return str(exc)
+        checkpoints = []
         for entry in entries:  # earlier checkpoints: /undo and /retry come back to them
             n = entry.get("tokens")
             if not isinstance(n, int) or not 0 < n <= len(ids):
@@ -513,13 +513,8 @@ class Store:
                 saved, logits = self._read_state(ids[:n], entry, name)
             except DamagedKV:
                 continue  # a lost checkpoint costs a longer prefill later, never a wrong one
-            conv.checkpoints.append(Checkpoint(n, saved, logits, pinned=entry.get("pinned") is True))
-        conv.checkpoints.sort(key=lambda c: c.tokens)
-        with_logits = [c for c in conv.checkpoints if c.logits is not None]
-        if with_logits:  # the last prompt's next-token logits: a /retry right after resuming prefills nothing
-            conv.prompt_logits = (with_logits[-1].tokens, with_logits[-1].logits)
-        conv.check()
-        return Opened(conv, loaded_tokens=len(ids), existed=True)
+            checkpoints.append(Checkpoint(n, saved, logits, pinned=entry.get("pinned") is True))
+        return cache.adopt(list(ids), pieces, state, checkpoints)
 
     def _load_session_kv(self, name: str, manifest: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         ids = manifest["token_ids"]
@@ -536,49 +531,48 @@ class Store:
             pieces.append(self._read_kv(self._tail_path(name, key), key, full, len(ids) - full))
         return pieces
 
-    def save_session(self, name: str, conv: Conversation) -> None:
-        """Write what is new since the last save: new full chunks, the partial tail, the manifest."""
+    def save_session(self, name: str, messages: list[dict[str, Any]], first_kept: int, cache: ChatCache | None,
+                     settings: dict[str, Any]) -> None:
+        """Write what is new since the last save: new full chunks, the partial tail, the manifest (the transcript
+        `messages`, `first_kept`, the sampling `settings`, and what `cache` holds when it can be saved exactly)."""
         self.lock(name)
         with self._store_lock(exclusive=False):
-            self._save_session(name, conv)
+            self._save_session(name, messages, first_kept, cache, settings)
 
-    def _save_session(self, name: str, conv: Conversation) -> None:
-        from kvchat.cache import layers
-
+    def _save_session(self, name: str, messages: list[dict[str, Any]], first_kept: int, cache: ChatCache | None,
+                      settings: dict[str, Any]) -> None:
         previous = self.read_manifest(name)
-        ids = list(conv.token_ids)
-        exportable = conv.cache is not None and layers.can_export(conv.cache)
-        if not exportable:
-            ids = []  # the text alone is saved; a resume prefills it
+        exportable = cache is not None and cache.can_export()
+        ids = list(cache.ids) if exportable else []  # else the text alone is saved; a resume prefills it
         full = len(ids) // CHUNK_TOKENS * CHUNK_TOKENS
-        chunks = self._save_chunks(ids, conv.cache, full) if exportable else []
+        chunks = self._save_chunks(ids, cache, full) if exportable else []
         tail = None
         if full < len(ids):
             key = chunk_key(self.fingerprint, ids)
             tail = {"key": key, "file": f"{name}-{key[:16]}.safetensors"}
             path = self._tail_path(name, key)
             if not path.exists():
-                self._write_tail(path, conv.cache, key, full, len(ids))
+                self._write_tail(path, cache, key, full, len(ids))
         states = []
-        if ids and layers.has_state(conv.cache):
+        if ids and cache.has_state:
             # What a resume needs: the pinned checkpoints (the system prompt's), the last turn's three (before
             # its message, before the reply header, the prompt's end with its logits), and the state at the end.
-            earlier = [c for c in conv.checkpoints if c.tokens < len(ids)]
+            earlier = [c for c in cache.checkpoints if c.tokens < len(ids)]
             keep = [c for c in earlier if c.pinned] + [c for c in earlier if not c.pinned][-3:]
             for point in sorted(keep, key=lambda c: c.tokens):
                 states.append({**self._write_state(ids[:point.tokens], point.state, point.logits, name),
                                "pinned": point.pinned})
-            at_end = next((c for c in conv.checkpoints if c.tokens == len(ids)), None)  # an empty reply
-            states.append(self._write_state(ids, layers.export_state(conv.cache), at_end and at_end.logits, name))
+            at_end = cache.checkpoint_at(len(ids))  # an empty reply
+            states.append(self._write_state(ids, cache.export_state(), at_end and at_end.logits, name))
         now = time.time()
         manifest = {
-            "format": FORMAT, "name": name, "model": self.engine.loaded.name, "fingerprint": self.fingerprint,
+            "format": FORMAT, "name": name, "model": self.model, "fingerprint": self.fingerprint,
             "created": (previous or {}).get("created", now), "updated": now,
-            "turns": sum(1 for m in conv.messages if m["role"] == "user"),
-            "messages": conv.messages, "first_kept": conv.first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
-            "chunks": chunks, "tail": tail, "states": states, "settings": conv.settings,
+            "turns": sum(1 for m in messages if m["role"] == "user"),
+            "messages": messages, "first_kept": first_kept, "token_ids": ids, "chunk_tokens": CHUNK_TOKENS,
+            "chunks": chunks, "tail": tail, "states": states, "settings": settings,
         }
-        manifest["transcript_crc"] = transcript_crc(conv.messages)
+        manifest["transcript_crc"] = transcript_crc(messages)
         if previous is not None and not previous.get("recovered"):  # keep the last good save: a hard link, no copy
             self._previous_path(name).parent.mkdir(parents=True, exist_ok=True)
             keep = self._previous_path(name).with_name(f".{name}.{os.getpid()}.link.tmp")
@@ -749,42 +743,3 @@ class Store:
             while self.kv_bytes() > self.max_bytes and entries:
                 entries.pop(0).unlink(missing_ok=True)
                 self._prune()
-
-
-@dataclass
-class Persister:
-    """After each turn: autosave the named session (if any) and store the conversation's system prefix."""
-
-    store: Store
-    session: str | None = None
-    prefixes_saved: set[int] = field(default_factory=set)
-
-    def after_turn(self, conv: Conversation) -> None:
-        """Raises StoreError when the session cannot be written; a prefix that cannot be stored is only skipped."""
-        if conv.cache is not None:
-            try:
-                self._save_system_prefix(conv)
-            except OSError:
-                pass  # a shared prefix is an optimisation; the session save below reports disk problems
-        if self.session:
-            try:
-                self.store.save_session(self.session, conv)
-            except OSError as exc:
-                raise StoreError(f"cannot save session '{self.session}' in {self.store.root}: "
-                                 f"{exc.strerror or exc}; the previous save is intact") from None
-
-    def _save_system_prefix(self, conv: Conversation) -> None:
-        from kvchat.cache import layers
-
-        prefix = self.store.engine.system_prefix_ids(conv.system)
-        key = hash(tuple(prefix))
-        if key in self.prefixes_saved or len(prefix) > len(conv.token_ids) or conv.token_ids[:len(prefix)] != prefix:
-            return
-        state = None
-        if layers.has_state(conv.cache):  # the state after exactly the prefix: its checkpoint, when one was kept
-            point = next((c for c in conv.checkpoints if c.tokens == len(prefix)), None)
-            if point is None:
-                return
-            state = point.state
-        self.store.save_prefix(prefix, conv.cache, state)
-        self.prefixes_saved.add(key)

@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from kvchat import __version__
 from kvchat.weights import memory
-from kvchat.config import Settings, adopt_sampling, kvchat_home, load_config
-from kvchat.chat.conversation import MAX_CHECKPOINTS, Conversation, check_message
+from kvchat.config import Settings, kvchat_home, load_config
+from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
-from kvchat.store.sessions import Persister, Store, check_name
+from kvchat.store.sessions import Store, check_name
 from kvchat.ui.terminal import visible, wrap
 
 if TYPE_CHECKING:
+    from kvchat.chat.chat import Chat
     from kvchat.chat.engine import Engine, TurnEnd
+    from kvchat.chat.saving import Persister
 
 # torch and transformers are imported only by the commands that load a model: --help, --version, sessions and
 # cache answer at once.
@@ -156,8 +158,8 @@ def read_stdin_text(stream: Any) -> str:
         raise InputError(f"stdin is not valid UTF-8 (byte {exc.start})") from None
 
 
-def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], settings: Settings,
-              persister: Persister | None, out: TextIO, err: TextIO,
+def run_turns(chat: Chat, messages: Iterable[str], settings: Settings, persister: Persister | None, out: TextIO,
+              err: TextIO,
               line_numbers: list[int] | None = None) -> int:
     """Scripting mode: send each message, print only the replies to `out`, statistics to `err`.
 
@@ -170,14 +172,14 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
     failed = 0
     for index, text in enumerate(messages):
         try:
-            for event in engine.send(conv, text, settings.sampling):
+            for event in chat.send(text):
                 if isinstance(event, Token):
                     out.write(visible(event.text) if out.isatty() else event.text)
                     out.flush()
                 elif isinstance(event, TurnEnd):
                     out.write("\n")
                     out.flush()
-                    for line in turn_notices(event.stats, engine.max_context):
+                    for line in turn_notices(event.stats, chat.engine.max_context):
                         err.write(f"kvchat: {line}\n")
                     if settings.stats:
                         err.write(json.dumps(stats_record(event)) + "\n")
@@ -193,7 +195,7 @@ def run_turns(engine: Engine, conv: Conversation, messages: Iterable[str], setti
             failed += 1
         finally:
             if persister is not None:
-                persister.after_turn(conv)  # an interrupted turn is saved too: the conversation is consistent
+                persister.after_turn(chat)  # an interrupted turn is saved too: the chat is consistent
     return failed
 
 
@@ -240,13 +242,13 @@ def chat(argv: list[str]) -> int:
             if args.session is None or store.read_manifest(args.session) is None:
                 # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
                 pending = Pending(lambda report: open_chat(settings, args, store, report))
-                return Repl(None, None, settings, history_path=history, pending=pending).run()
-        engine, conv, persister, settings, notices = open_chat(settings, args, store)
+                return Repl(None, settings, history_path=history, pending=pending).run()
+        chat, persister, notices = open_chat(settings, args, store)
         for notice in notices:
             print(f"kvchat: {visible(notice)}", file=sys.stderr)
         if interactive:
-            return Repl(engine, conv, settings, persister=persister, history_path=history).run()
-        refused = run_turns(engine, conv, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
+            return Repl(chat, settings, persister=persister, history_path=history).run()
+        refused = run_turns(chat, messages, settings, persister, sys.stdout, sys.stderr, line_numbers)
         if refused:
             print(f"kvchat: {refused} of {len(messages)} lines failed (see above)", file=sys.stderr)
         return 1 if refused else 0
@@ -255,9 +257,13 @@ def chat(argv: list[str]) -> int:
 
 
 def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
-              progress: Any = None) -> tuple[Any, Conversation, Persister, Settings, list[str]]:
-    """Load the model, bind the store, open the session or start a conversation. Returns the engine, the
-    conversation, its persister, the settings as the session adjusts them, and notices for the user."""
+              progress: Any = None) -> tuple[Chat, Persister, list[str]]:
+    """Load the model, bind the store, open the session or start a chat. Returns the chat (sampling with the
+    session's settings, except those given as flags), its persister, and notices for the user."""
+    from kvchat.cache.chat_cache import MAX_CHECKPOINTS
+    from kvchat.chat.chat import Chat
+    from kvchat.chat.saving import Persister
+    from kvchat.chat.saving import open_chat as open_saved
     from kvchat.weights.model import fingerprint
 
     engine = load_engine(settings, progress)
@@ -268,22 +274,20 @@ def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
         notices.append(f"warning: {warning}")
     if engine.loaded.weight_warning:
         notices.append(f"warning: {engine.loaded.weight_warning}")
-    store.bind(engine, fingerprint(engine.loaded))
-    if settings.reuse:
-        engine.prefix_source = store.longest_prefix
+    store.bind(engine.layout, fingerprint(engine.loaded), engine.loaded.name)
     persister = Persister(store, args.session)
     if args.session is not None:
-        opened = store.open_session(args.session, settings.system)
-        if opened.notice:
-            notices.append(opened.notice)
-        conv = opened.conversation
+        given = frozenset(key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
+                          if getattr(args, key, None) is not None)  # flags win over what the session kept
+        resumed = open_saved(engine, store, args.session, settings.system, settings.sampling, given,
+                             prefixes=settings.reuse)
+        if resumed.notice:
+            notices.append(resumed.notice)
+        chat = resumed.chat
     else:
-        conv = Conversation.start(settings.system)
-    given = {key for key in ("temperature", "top_p", "top_k", "seed", "max_new_tokens")
-             if getattr(args, key, None) is not None}  # flags win over what the session kept
-    settings = dataclasses.replace(settings, sampling=adopt_sampling(settings.sampling, conv.settings, given))
-    conv.settings = dataclasses.asdict(settings.sampling)
-    return engine, conv, persister, settings, notices
+        chat = Chat.start(engine, settings.system, sampling=settings.sampling,
+                          prefixes=store.longest_prefix if settings.reuse else None)
+    return chat, persister, notices
 
 
 def _when(timestamp: float) -> str:
@@ -352,8 +356,8 @@ def info_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
                                             "window_cache"))
-    from kvchat.cache import compiled
-    from kvchat.cache import layers
+    from kvchat.cache import compiled, layers
+    from kvchat.cache.chat_cache import MAX_CHECKPOINTS
     from kvchat.weights.model import weights_label
 
     loaded = load(settings)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import sys
 import threading
@@ -17,15 +16,16 @@ from prompt_toolkit.formatted_text import HTML
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 
-from kvchat.config import Settings, adopt_sampling, set_sampling
-from kvchat.chat.conversation import Conversation
+from kvchat.config import Settings, set_sampling
 from kvchat.ui.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.errors import KvchatError, one_line
-from kvchat.store.sessions import Persister, check_name
+from kvchat.store.sessions import check_name
 from kvchat.ui.terminal import visible, wrap
 
 if TYPE_CHECKING:  # the engine (torch) is imported once there is a model: the prompt comes up first
+    from kvchat.chat.chat import Chat
     from kvchat.chat.engine import Engine, TurnStats
+    from kvchat.chat.saving import Persister
 
 # name -> (its arguments, what it does); a command without arguments refuses any
 COMMANDS = {
@@ -198,20 +198,15 @@ class Pending:
 class Repl:
     """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits.
 
-    With `pending` (and no engine or conversation yet) the prompt is up while the model loads; the first
-    message or command that needs them waits for it."""
+    With `pending` (and no chat yet) the prompt is up while the model loads; the first message or command that
+    needs it waits for it."""
 
-    def __init__(self, engine: Engine | None, conv: Conversation | None, settings: Settings,
-                 persister: Persister | None = None, input: Any = None, output: Any = None,
+    def __init__(self, chat: Chat | None, settings: Settings, persister: Persister | None = None, input: Any = None, output: Any = None,
                  out: TextIO | None = None, history_path: str | None = None, width: int | None = None,
                  terminal: bool | None = None, pending: Pending | None = None):
-        assert (engine is None) == (pending is not None), "a REPL needs an engine or a pending one"
-        self.engine = engine
-        self.conv = conv
+        assert (chat is None) == (pending is not None), "a REPL needs a chat or a pending one"
+        self.chat = chat
         self.settings = settings
-        self.sampling = settings.sampling
-        if conv is not None and not conv.settings:
-            conv.settings = dataclasses.asdict(self.sampling)
         self.persister = persister
         self.pending = pending
         self.out = out or sys.stdout
@@ -232,6 +227,15 @@ class Repl:
             input=input, output=output, prompt_continuation=lambda width, line, soft: "." * (width - 1) + " ",
             refresh_interval=0.5 if pending is not None else 0,  # the toolbar follows the loading
         )
+
+    @property
+    def engine(self) -> Engine:
+        return self.chat.engine
+
+    @property
+    def conv(self) -> Any:
+        """The chat's transcript."""
+        return self.chat.conversation
 
     # -- terminal ------------------------------------------------------------------------------
 
@@ -271,10 +275,8 @@ class Repl:
         if self.pending is not None:
             parts = ["model ready (Enter)" if self.pending.done else f"{self.pending.status}…"]
         else:
-            from kvchat.cache import layers
-
-            kv_mb = layers.nbytes(self.conv.cache) / 1e6 if self.conv.cache is not None else 0.0
-            parts = [f"cache {self.conv.cached_tokens}/{self.engine.max_context or '?'}", f"KV {kv_mb:.1f} MB"]
+            kv_mb = self.chat.cache.nbytes / 1e6
+            parts = [f"cache {self.chat.cache.tokens}/{self.engine.max_context or '?'}", f"KV {kv_mb:.1f} MB"]
             if self.last is not None:
                 parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
                           f"TTFT {self.last.ttft_ms:.0f} ms", f"{self.last.decode_tok_s:.1f} tok/s"]
@@ -290,9 +292,8 @@ class Repl:
             return
         if not self.pending.done:
             self.note("[waiting for the model to load]")
-        self.engine, self.conv, self.persister, self.settings, notices = self.pending.wait()
+        self.chat, self.persister, notices = self.pending.wait()
         self.pending = None
-        self.sampling = self.settings.sampling
         for notice in notices:
             self.note(notice)
         self._banner()
@@ -313,7 +314,7 @@ class Repl:
         self._banner()
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
         if turns:
-            self.note(f"resumed: {plural(turns, 'turn')}, {self.conv.cached_tokens} tokens of KV loaded from disk")
+            self.note(f"resumed: {plural(turns, 'turn')}, {self.chat.cache.tokens} tokens of KV loaded from disk")
             self.show_history(RESUME_EXCHANGES)
         return self._loop()
 
@@ -344,7 +345,7 @@ class Repl:
                         return 0
                     continue
                 self.ready()
-                self.stream(lambda: self.engine.send(self.conv, line, self.sampling))
+                self.stream(lambda: self.chat.send(line))
             except KeyboardInterrupt:  # outside a reply (a save, a /load): nothing half-done is left behind
                 self.note("[interrupted]")
 
@@ -416,7 +417,7 @@ class Repl:
                 if isinstance(writer, MarkdownStream):  # the toolbar's place while the reply streams
                     generated += 1
                     rate = generated / max(time.perf_counter() - began, 1e-6)
-                    writer.status = (f"{generated} tokens · {rate:.1f} tok/s · cache {self.conv.cached_tokens}/"
+                    writer.status = (f"{generated} tokens · {rate:.1f} tok/s · cache {self.chat.cache.tokens}/"
                                      f"{self.engine.max_context or '?'} · Ctrl-C stops")
                 writer.write(visible(event.text))
             elif isinstance(event, TurnEnd):
@@ -428,7 +429,7 @@ class Repl:
                 for line in turn_notices(event.stats, self.engine.max_context):
                     self.note(line)
                 if event.stats.stop == "length":
-                    self.note(f"[cut at max_new_tokens={self.sampling.max_new_tokens}: /continue goes on]")
+                    self.note(f"[cut at max_new_tokens={self.chat.sampling.max_new_tokens}: /continue goes on]")
 
     def _end(self, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
         """Close what a turn drew: the progress line, the reply's last line and its colour (idempotent)."""
@@ -443,7 +444,7 @@ class Repl:
         if self.persister is None:
             return
         try:
-            self.persister.after_turn(self.conv)
+            self.persister.after_turn(self.chat)
         except (KvchatError, OSError) as exc:
             self.note(f"could not save: {exc}")
 
@@ -453,12 +454,11 @@ class Repl:
         self.say(help_text())
 
     def cmd_system(self, arg: str) -> None:
-        self.conv.set_system(arg or None)
-        self.engine.trim(self.conv)
+        self.chat.set_system(arg or None)
         done = "system prompt set" if arg else "system prompt removed"
         view = self.conv.view()
         if any(m["role"] == "user" for m in view):  # the history after it is read again
-            again = len(self.engine.render(view, generation_prompt=False)) - self.conv.cached_tokens
+            again = len(self.engine.render(view, generation_prompt=False)) - self.chat.cache.tokens
             done += f"; the next turn re-reads {again:,} tokens of the conversation" if again > 0 else ""
         self.note(done)
 
@@ -467,25 +467,24 @@ class Repl:
         if saved:  # the saved transcript stays as it is; the new conversation is not saved until /save
             self.persister.store.unlock(saved)
             self.persister.session = None
-        self.conv.reset()
-        self.engine.trim(self.conv)
+        self.chat.reset()
         self.last, self.totals = None, Totals()
-        self.note(f"conversation reset ({self.conv.cached_tokens} tokens of system prompt kept in the cache)"
+        self.note(f"conversation reset ({self.chat.cache.tokens} tokens of system prompt kept in the cache)"
                   + (f"; session '{saved}' stays saved as it was, this new one is not saved (/save NAME)"
                      if saved else ""))
 
     def cmd_undo(self, _arg: str) -> None:
-        self.engine.undo(self.conv)
-        self.note(f"last exchange removed; cache cut back to {self.conv.cached_tokens} tokens")
+        self.chat.undo()
+        self.note(f"last exchange removed; cache cut back to {self.chat.cache.tokens} tokens")
         self.autosave()
 
     def cmd_retry(self, _arg: str) -> None:
         if not self.conv.messages or self.conv.messages[-1]["role"] != "assistant":
             raise KvchatError("there is no reply to retry")
-        self.stream(lambda: self.engine.retry(self.conv, self.sampling))
+        self.stream(self.chat.retry)
 
     def cmd_continue(self, _arg: str) -> None:
-        self.stream(lambda: self.engine.extend(self.conv, self.sampling))
+        self.stream(self.chat.extend)
 
     def _needs_store(self) -> Persister:
         if self.persister is None:
@@ -499,6 +498,8 @@ class Repl:
         persister.session = name
 
     def cmd_save(self, arg: str) -> None:
+        from kvchat.chat.saving import save_chat
+
         persister = self._needs_store()
         name, overwrite = (arg[:-1], True) if arg.endswith("!") else (arg, False)
         name = name or persister.session
@@ -507,34 +508,37 @@ class Repl:
         check_name(name)
         if name != persister.session and not overwrite and persister.store.read_manifest(name) is not None:
             raise KvchatError(f"a session named '{name}' already exists; /save {name}! replaces it")
-        persister.store.save_session(name, self.conv)
+        save_chat(persister.store, name, self.chat)
         self._switch(name)
-        self.note(f"saved as '{name}' ({self.conv.cached_tokens} tokens of KV); autosaving from now on")
+        self.note(f"saved as '{name}' ({self.chat.cache.tokens} tokens of KV); autosaving from now on")
 
     def cmd_fork(self, arg: str) -> None:
+        from kvchat.chat.saving import save_chat
+
         persister = self._needs_store()
         if not arg:
             raise KvchatError("/fork needs a name for the new session")
         if persister.store.read_manifest(check_name(arg)) is not None:
             raise KvchatError(f"a session named '{arg}' already exists")
         parent = persister.session
-        persister.store.save_session(arg, self.conv)
+        save_chat(persister.store, arg, self.chat)
         self._switch(arg)
         self.note(f"forked{' from ' + repr(parent) if parent else ''} to '{arg}' (stored KV shared); now in '{arg}'")
 
     def cmd_load(self, arg: str) -> None:
+        from kvchat.chat.saving import open_chat
+
         persister = self._needs_store()
         if not arg:
             raise KvchatError("/load needs a session name")
         if persister.store.read_manifest(check_name(arg)) is None:
             raise KvchatError(f"no session named '{arg}'")
-        opened = persister.store.open_session(arg)
+        opened = open_chat(self.engine, persister.store, arg, sampling=self.chat.sampling,  # with its own settings
+                           prefixes=self.chat.prefixes is not None)
         if opened.notice:
             self.note(opened.notice)
         self._switch(arg)
-        self.conv, self.last, self.totals = opened.conversation, None, Totals()
-        self.sampling = adopt_sampling(self.sampling, self.conv.settings)  # the session's own settings
-        self.conv.settings = dataclasses.asdict(self.sampling)
+        self.chat, self.last, self.totals = opened.chat, None, Totals()
         turns = sum(1 for m in self.conv.messages if m["role"] == "user")
         self.note(f"loaded '{arg}': {plural(turns, 'turn')}, {opened.loaded_tokens} tokens of KV restored")
         self.show_history(RESUME_EXCHANGES)
@@ -582,20 +586,17 @@ class Repl:
         key, sep, value = arg.partition("=")
         if not sep:
             raise KvchatError(f"usage: /set KEY=VALUE ({', '.join(SETTABLE)})")
-        self.sampling = set_sampling(self.sampling, key.strip(), value.strip())
-        self.conv.settings = dataclasses.asdict(self.sampling)
-        self.note(f"{key.strip()} = {getattr(self.sampling, key.strip())}")
+        self.chat.sampling = set_sampling(self.chat.sampling, key.strip(), value.strip())
+        self.note(f"{key.strip()} = {getattr(self.chat.sampling, key.strip())}")
         self.autosave()  # kept with the session
 
     def cmd_stats(self, _arg: str) -> None:
         t = self.totals
         per_token = t.marginal_ms_per_token()
         saved_s = t.reused * per_token / 1000
-        from kvchat.cache import layers
-
-        kv_bytes = layers.nbytes(self.conv.cache) if self.conv.cache is not None else 0
+        kv_bytes = self.chat.cache.nbytes
         lines = [
-            f"turns {t.turns} · cache {self.conv.cached_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
+            f"turns {t.turns} · cache {self.chat.cache.tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
             f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"
             + (f" ({100 * t.reused / (t.reused + t.prefilled):.0f}% from the cache)" if t.reused + t.prefilled else ""),
             f"generated {t.generated} tokens"
