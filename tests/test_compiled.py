@@ -4,6 +4,7 @@ gives the eager step's tokens, and where it cannot run or fails, decoding goes o
 
 import gc
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,16 +39,21 @@ def fresh(engine, chat, sampling=GREEDY):
 
 @pytest.fixture(scope="module")
 def compiled_tiny():
-    """The tiny float64 Llama with its step compiled once for the module (every engine on it shares it)."""
+    """The tiny float64 Llama and its step, compiled once for the module (`on_tiny` engines share it)."""
     loaded = make_loaded(torch.float64)
     engine = Engine(loaded, compile="on", warm_up=False)
     engine.step.warm_up(background=False)
     assert engine.step.ready and engine.step.failure is None, engine.step.failure
-    return loaded
+    return SimpleNamespace(loaded=loaded, step=engine.step)
+
+
+def on_tiny(shared, **kwargs):
+    """An engine on the module's tiny model that decodes with its shared compiled step."""
+    return Engine(shared.loaded, step=shared.step, **{"compile": "on", **kwargs})
 
 
 def test_compiled_turns_reuse_undo_and_continue_exactly(compiled_tiny):
-    engine = Engine(compiled_tiny, prefill_chunk=5, compile="on")
+    engine = on_tiny(compiled_tiny, prefill_chunk=5)
     chat = Chat.start(engine, "Be brief.")
     for number, text in enumerate(MESSAGES[:3]):
         end = run_turn(chat, text)
@@ -70,7 +76,7 @@ def test_compiled_turns_reuse_undo_and_continue_exactly(compiled_tiny):
 def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
     replies = {}
     for mode in ("on", "off"):
-        engine = Engine(compiled_tiny, compile=mode)
+        engine = on_tiny(compiled_tiny, compile=mode)
         chat = Chat.start(engine)
         replies[mode] = [run_turn(chat, text).token_ids for text in MESSAGES]
         assert (engine.compiled_tokens > 0) == (mode == "on")
@@ -80,7 +86,7 @@ def test_compiled_and_eager_steps_give_the_same_replies(compiled_tiny):
 def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_diverging(compiled_tiny):
     from torch._dynamo.utils import counters
 
-    engine = Engine(compiled_tiny, compile="on")
+    engine = on_tiny(compiled_tiny)
     engine.stop_ids = frozenset()  # a long reply: past the 256 slots the cache starts with
     chat = Chat.start(engine)
     long = Sampling(temperature=0, max_new_tokens=300)
@@ -96,7 +102,7 @@ def test_a_compiled_reply_past_the_first_buffer_grows_it_without_recompiling_or_
 
 
 def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_path):
-    engine, store = engine_with_store(compiled_tiny, tmp_path, compile="on")
+    engine, store = engine_with_store(compiled_tiny.loaded, tmp_path, compile="on", step=compiled_tiny.step)
     chat = new_chat(engine, store, "Be brief.")
     persister = Persister(store, "talk")
     for text in MESSAGES[:2]:
@@ -105,7 +111,7 @@ def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_p
     uninterrupted = run_turn(chat, MESSAGES[2])
     store.close()
 
-    engine2, store2 = engine_with_store(compiled_tiny, tmp_path, compile="on")
+    engine2, store2 = engine_with_store(compiled_tiny.loaded, tmp_path, compile="on", step=compiled_tiny.step)
     resumed = run_turn(open_chat(engine2, store2, "talk").chat, MESSAGES[2])
     assert resumed.stats.loaded == resumed.stats.reused > 0 and resumed.stats.compiled > 0
     assert resumed.token_ids == uninterrupted.token_ids
@@ -113,7 +119,7 @@ def test_a_compiled_session_resumes_exactly_in_a_new_engine(compiled_tiny, tmp_p
 
 
 def test_an_interrupted_compiled_reply_leaves_the_cache_matching_its_tokens(compiled_tiny):
-    engine = Engine(compiled_tiny, compile="on")
+    engine = on_tiny(compiled_tiny)
     chat = Chat.start(engine)
     events = chat.send(MESSAGES[0])
     tokens = 0
@@ -176,9 +182,9 @@ def test_a_background_warm_up_leaves_replies_eager_until_it_is_done(compiled_tin
 
 def test_a_model_and_its_compiled_step_are_freed_together():
     """Regression (issue 20): the registry of steps held each step, and each step its model, so a model once
-    compiled stayed in memory for the life of the process."""
+    compiled stayed in memory for the life of the process. Now an engine owns its step; none is kept elsewhere."""
     loaded = make_loaded(torch.float64, seed=2)
-    step = compiled.step_for(loaded.model, loaded.device)
+    step = Engine(loaded, compile="on", warm_up=False).step
     step.warm_up(background=False)
     assert step.ready, step.failure
     model = weakref.ref(loaded.model)
@@ -223,10 +229,9 @@ def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only(tmp_path):
 def test_compiled_attention_reads_grouped_heads_without_repeating_them(monkeypatch):
     from transformers.integrations import sdpa_attention
 
-    from kvchat.cache.compiled import _SDPA, _static_sdpa, _take_over_sdpa
+    from kvchat.cache.compiled import _static_sdpa
 
-    _take_over_sdpa()
-    transformers_sdpa = _SDPA[0]
+    transformers_sdpa = sdpa_attention.sdpa_attention_forward
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
     torch.manual_seed(0)
@@ -261,12 +266,20 @@ def test_the_command_line_compiles_on_request_with_the_same_replies(monkeypatch,
         assert code == 0, err
         return out, [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
+    steps = []
+    real_init = compiled.CompiledStep.__init__
+
+    def recording(self, *args):
+        real_init(self, *args)
+        steps.append(self)
+
+    monkeypatch.setattr(compiled.CompiledStep, "__init__", recording)
     eager, eager_stats = run("--compile", "off")
     on, on_stats = run("--compile", "on")  # compiles in the background: the first replies may decode eagerly
     assert on == eager and all(record["compiled"] == 0 for record in eager_stats)
     assert [record["generated"] for record in on_stats] == [record["generated"] for record in eager_stats]
-    for step in list(compiled._STEPS.values()):
-        step.wait()  # no compile left running into the next tests
+    assert len(steps) == 1
+    steps[0].wait()  # no compile left running into the next tests
     assert main(["info", "--model", str(tiny_model_dir), "--compile", "on"]) == 0
     assert "decode step: compiled with torch.compile" in capsys.readouterr().out
     assert main(["info", "--model", str(tiny_model_dir)]) == 0
@@ -283,7 +296,7 @@ def test_each_model_gets_its_own_compiled_step_even_of_the_same_class():
     packed = make_loaded(torch.float32, seed=2)
     quant.pack_model(packed.model, allow_approximate=True)
     for loaded in (full, packed):
-        step = compiled.step_for(loaded.model, loaded.device)
+        step = compiled.CompiledStep(loaded.model, loaded.device)
         assert step.compile_now() > 0 and step.ready, step.failure
         with torch.inference_mode():
             eager_cache, _ = layers.one_token(loaded.model, loaded.device)
@@ -292,3 +305,29 @@ def test_each_model_gets_its_own_compiled_step_even_of_the_same_class():
                                     **{layers.cache_kwarg(loaded.model): eager_cache}).logits[0, -1]
             got = step(compiled_cache, 5)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_compiled_model_runs_kvchats_attention_by_its_own_name_and_no_other_model_does():
+    """Issue 20: the step re-registered transformers' "sdpa" for the whole process; now kvchat's attention has a
+    name of its own, selected for the compiled model only, with sdpa's masks (the replies equal, as above)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def logits(loaded):
+        """A prefill of 5 tokens, then of 4 more on top of their cache (where only a mask keeps it causal)."""
+        cache = layers.new_cache(loaded.model)
+        with torch.inference_mode():
+            first = loaded.model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), use_cache=True,
+                                 **{layers.cache_kwarg(loaded.model): cache}).logits
+            more = loaded.model(input_ids=torch.tensor([[10, 11, 12, 13]]), use_cache=True,
+                                **{layers.cache_kwarg(loaded.model): cache}).logits
+        return torch.cat([first, more], dim=1)
+
+    mine, other = make_loaded(torch.float64, seed=4), make_loaded(torch.float64, seed=4)
+    before = logits(mine)
+    Engine(mine, compile="on", warm_up=False)
+    assert mine.model.config._attn_implementation == compiled.ATTENTION
+    assert other.model.config._attn_implementation == "sdpa"
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward  # transformers' own, untouched
+    torch.testing.assert_close(logits(mine), before, rtol=1e-12, atol=1e-12)  # eager passes are what they were
+    torch.testing.assert_close(logits(other), before, rtol=1e-12, atol=1e-12)

@@ -70,7 +70,8 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
     prefilled: dict[str, list[int]] = {"reuse": [], "no_reuse": []}
     same = True
     for rep in range(plan.repeat):
-        engines = {"reuse": fixed_length(Engine(loaded)), "no_reuse": fixed_length(Engine(loaded, reuse=False))}
+        reuse = fixed_length(Engine(loaded))  # (the other side shares its compiled step, when there is one)
+        engines = {"reuse": reuse, "no_reuse": fixed_length(Engine(loaded, reuse=False, step=reuse.step))}
         chats = {side: Chat(engine, sampling=sampling) for side, engine in engines.items()}
         for turn in range(plan.turns):
             progress("turns", rep * plan.turns + turn, plan.repeat * plan.turns)
@@ -159,7 +160,8 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
     lets the whole history stay in view (the cost of rendering it); "model context" drops old turns to fit
     the model's context, as a chat does.
     """
-    engines = {"whole": Engine(loaded), "pieces": Engine(loaded)}
+    whole = Engine(loaded)
+    engines = {"whole": whole, "pieces": Engine(loaded, step=whole.step)}
     engines["whole"].renderer.use_pieces = False
     context = engines["pieces"].max_context
     sampling = Sampling(temperature=0, max_new_tokens=plan.new_tokens)

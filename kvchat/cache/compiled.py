@@ -24,13 +24,18 @@ from kvchat.cache import layers
 from kvchat.config import COMPILE, kvchat_home
 
 
+ATTENTION = "kvchat_static_sdpa"  # the name kvchat's attention is registered under, selected per compiled model
+
+
 def _static_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except in a compiled one-token step on the CPU: query [1, heads, 1, dim] over
     the whole static buffers [1, kv_heads, capacity, dim] with the mask hiding spare slots, where transformers
-    would repeat every key/value head for its query heads (a copy of the whole cache per layer and step: 3x the
-    time of the attention itself at 2,048 tokens here); grouped-query attention reads them as they are."""
+    would repeat every key/value head for its query heads (a copy of the whole cache per layer and step);
+    grouped-query attention reads them as they are."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if (torch.compiler.is_compiling() and query.device.type == "cpu" and query.shape[2] == 1
             and attention_mask is not None and dropout == 0.0 and key.shape[1] != query.shape[1]
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
@@ -38,19 +43,24 @@ def _static_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None  # [1, 1, heads, dim]
-    return _SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
 
 
-_SDPA: list[Any] = []  # transformers' own sdpa attention, once `_static_sdpa` stands in for it
-
-
-def _take_over_sdpa() -> None:
-    """Register `_static_sdpa` as transformers' "sdpa" attention (it is transformers' own outside compiled steps)."""
+def use_static_attention(model: Any) -> bool:
+    """Make `model` (one that runs transformers' "sdpa" attention) run `_static_sdpa` instead, under kvchat's own
+    name with sdpa's masks; other models and transformers' own "sdpa" are left as they are. Returns whether it
+    did."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    if not _SDPA:
-        _SDPA.append(ALL_ATTENTION_FUNCTIONS["sdpa"])
-        AttentionInterface.register("sdpa", _static_sdpa)
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    if ATTENTION not in ALL_ATTENTION_FUNCTIONS:  # (a new name beside transformers' own, never replacing one)
+        AttentionInterface.register(ATTENTION, _static_sdpa)
+        AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(ATTENTION)
+    return True
 
 
 def cache_directory() -> dict[str, str]:
@@ -73,8 +83,8 @@ class CompiledStep:
     (or not yet) compiled, and the caller runs the token eagerly; the cache is then as it was."""
 
     def __init__(self, model: Any, device: torch.device):
-        _take_over_sdpa()
-        self._model = weakref.ref(model)  # (the registry below must not keep the model alive)
+        use_static_attention(model)
+        self._model = weakref.ref(model)  # (held weakly: a step never keeps its model alive)
         self._kwarg = layers.cache_kwarg(model)
         self._ids: torch.Tensor | None = None  # [1, 1], refilled every step (no allocation per token)
         self.failure: str | None = None  # why compiling (or a compiled step) failed, once it has
@@ -92,6 +102,11 @@ class CompiledStep:
         self._compiled = torch.compile(step, fullgraph=True,
                                        mode="reduce-overhead" if device.type == "cuda" else None,
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    @property
+    def model(self) -> Any:
+        """The model the step runs (None once it is freed)."""
+        return self._model()
 
     def _step(self, ids: torch.Tensor, position: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self._model()(input_ids=ids, position_ids=position, use_cache=True, logits_to_keep=1,
@@ -170,13 +185,3 @@ class CompiledStep:
 def refusal(model: Any) -> str | None:
     """Why `model`'s cache cannot take a compiled step (recurrent state, window-only or shared layers), or None."""
     return layers.static_refusal(layers.one_token(model, next(model.parameters()).device)[0])
-
-
-_STEPS: weakref.WeakKeyDictionary[Any, CompiledStep] = weakref.WeakKeyDictionary()
-
-
-def step_for(model: Any, device: torch.device) -> CompiledStep:
-    """The compiled step of `model` (one per model: every engine on it shares what was compiled)."""
-    if model not in _STEPS:
-        _STEPS[model] = CompiledStep(model, device)
-    return _STEPS[model]
