@@ -38,10 +38,11 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """16-token store chunks, so a short test conversation spans several chunks plus a tail."""
-    from kvchat.store import sessions
+    """16-token store chunks (the default of every store made in the test), so a short test conversation spans
+    several chunks plus a tail."""
+    from kvchat.store import manifests
 
-    monkeypatch.setattr(sessions, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(manifests, "CHUNK_TOKENS", 16)
 
 
 @pytest.fixture(autouse=True)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from reference import greedy_without_cache  # noqa: E402
 from tiny import make_loaded  # noqa: E402
 
-from kvchat.store import sessions as store_module  # noqa: E402
+from kvchat.store import manifests as store_module  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
 from kvchat.chat.chat import Chat  # noqa: E402
 from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402

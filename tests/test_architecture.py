@@ -71,3 +71,19 @@ def test_no_modules_import_each_other_in_a_cycle():
         if module not in state:
             cycle = visit(module, [module])
             assert cycle is None, f"an import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_store_catalog_stands_apart_from_the_kv_it_lists():
+    """Issue 20: the catalog (names, manifests, locks, list, remove, prune, cap) imports neither the blob layer nor
+    anything that reaches the cache or the model, and nothing in the store reads an engine."""
+    graph = imports()
+    reached, todo = set(), ["kvchat.store.catalog"]
+    while todo:
+        module = todo.pop()
+        if module not in reached:
+            reached.add(module)
+            todo.extend(graph[module])
+    assert reached == {"kvchat.store", "kvchat.store.catalog", "kvchat.store.manifests", "kvchat.store.kvfile",
+                       "kvchat.errors"}
+    for path in (ROOT / "store").glob("*.py"):
+        assert "engine." not in path.read_text(), f"{path.name} reads an engine"

@@ -57,8 +57,8 @@ def test_thirty_turns_in_a_small_context_drop_whole_turns_and_stay_exact(tiny, t
     assert drops >= 3 and chat.conversation.dropped_turns > 10
     # The transcript on disk keeps every turn.
     manifest = store.read_manifest("long")
-    assert sum(1 for m in manifest["messages"] if m["role"] == "user") == 30
-    assert manifest["first_kept"] == chat.conversation.first_kept
+    assert sum(1 for m in manifest.messages if m["role"] == "user") == 30
+    assert manifest.first_kept == chat.conversation.first_kept
     store.close()
 
 

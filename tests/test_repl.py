@@ -141,9 +141,9 @@ def test_save_fork_load_and_sessions(tiny, pipe, tmp_path):
     assert "loaded 'main': 2 turns" in out and "no session named 'nope'" in out
     store = repl.persister.store
     main, side = store.read_manifest("main"), store.read_manifest("side")
-    assert main["turns"] == 2 and side["turns"] == 3
-    assert side["chunks"][: len(main["chunks"])] == main["chunks"]  # the fork shares the parent's chunks
-    assert [m["content"] for m in repl.chat.messages] == [m["content"] for m in main["messages"]]
+    assert main.turns == 2 and side.turns == 3
+    assert side.chunks[: len(main.chunks)] == main.chunks  # the fork shares the parent's chunks
+    assert [m["content"] for m in repl.chat.messages] == [m["content"] for m in main.messages]
     store.close()
 
 
@@ -285,7 +285,7 @@ def test_reset_in_a_saved_session_and_save_onto_another_lose_nothing(tiny, pipe,
     first = make_repl(tiny, pipe, tmp_path / "first")
     drive(first, "Hello\r/save trip\rTell me a story.\r/reset\rNumbers?\r/quit\r")
     kept = first.persister.store.read_manifest("trip")
-    assert [m["content"] for m in kept["messages"] if m["role"] == "user"] == ["Hello", "Tell me a story."]
+    assert [m["content"] for m in kept.messages if m["role"] == "user"] == ["Hello", "Tell me a story."]
     first.persister.store.close()
 
     repl = make_repl(tiny, pipe, tmp_path)
@@ -294,9 +294,9 @@ def test_reset_in_a_saved_session_and_save_onto_another_lose_nothing(tiny, pipe,
     assert "session 'trip' stays saved as it was" in out
     assert "a session named 'trip' already exists; /save trip! replaces it" in out
     store = repl.persister.store
-    assert store.read_manifest("other")["turns"] == 2
-    assert store.read_manifest("trip")["turns"] == 2  # replaced only by the explicit /save trip!
-    assert [m["content"] for m in store.read_manifest("trip")["messages"] if m["role"] == "user"] == \
+    assert store.read_manifest("other").turns == 2
+    assert store.read_manifest("trip").turns == 2  # replaced only by the explicit /save trip!
+    assert [m["content"] for m in store.read_manifest("trip").messages if m["role"] == "user"] == \
         ["Numbers?", "Cats?"]
     store.close()
 
@@ -452,7 +452,7 @@ def test_set_values_are_kept_with_the_session_and_load_brings_them_back(tiny, pi
     out = drive(repl, "/save a\r/set max_new_tokens=3\r/save b\r/set max_new_tokens=4\r/load a\r/quit\r")
     assert repl.chat.sampling.max_new_tokens == 3  # a was saved (autosave after /set) with 3
     store = repl.persister.store
-    assert store.read_manifest("b")["settings"]["max_new_tokens"] == 4
+    assert store.read_manifest("b").settings["max_new_tokens"] == 4
     assert "max_new_tokens = 4" in out
     store.close()
 

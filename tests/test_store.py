@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from kvchat.store import sessions as store_module
+from kvchat.store import kvfile
+from kvchat.store import manifests as store_module
 from kvchat.config import Sampling
 from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
@@ -304,7 +305,7 @@ def test_prune_removes_only_unused_chunks_and_cap_evicts_prefixes(tiny, tmp_path
     assert store.prune() == (0, 0)
     # A cap of 1 byte evicts every shared prefix; the session's chunks stay.
     store3 = Store(tmp_path, max_bytes=1).bind(engine.layout, fingerprint(tiny), tiny.name)
-    store3._enforce_cap()
+    store3.enforce_cap()
     assert store3.summary()["prefixes"] == []
     store2.close()
     assert open_chat(engine, store3, "keep").loaded_tokens == chat.cache.tokens
@@ -322,11 +323,11 @@ def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_p
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    real_write = store_module.atomic_write
-    monkeypatch.setattr(store_module, "atomic_write", full)
+    real_write = kvfile.atomic_write
+    monkeypatch.setattr(kvfile, "atomic_write", full)
     with pytest.raises(StoreError, match="cannot save session 's'.*No space left on device; the previous save is intact"):
         turn(chat, MESSAGES[1], persister)
-    monkeypatch.setattr(store_module, "atomic_write", real_write)
+    monkeypatch.setattr(kvfile, "atomic_write", real_write)
     store.close()
     engine2, store2 = make_engine(tiny, tmp_path)
     opened = open_chat(engine2, store2, "s")
@@ -495,7 +496,7 @@ def test_a_damaged_prefix_entry_under_a_size_cap_does_not_stop_the_save(tiny, tm
     (tmp_path / ".kv" / "prefixes" / "damaged.json").write_text("{not json")
     other = new_chat(engine, store, "Another system prompt, another prefix.")
     turn(other, MESSAGES[1], Persister(store, "t"))
-    assert store.read_manifest("t")["turns"] == 1
+    assert store.read_manifest("t").turns == 1
 
 
 def test_an_overlong_session_name_is_not_echoed_whole(tiny, tmp_path):
@@ -565,7 +566,7 @@ def test_a_damaged_manifest_is_never_adopted_and_the_previous_save_is_recovered(
     assert opened.chat.messages != other.messages[:3]
     end = turn(opened.chat, MESSAGES[2], Persister(store, "s"))
     assert end.token_ids == fresh_reply(engine, opened.chat.messages[:-1])
-    assert store.read_manifest("s")["turns"] == 2 and "recovered" not in store.read_manifest("s")
+    assert store.read_manifest("s").turns == 2 and store.read_manifest("s").recovered is None
 
 
 @pytest.mark.parametrize("fields", [{"messages": {"a": 1}}, {"messages": [{"role": 1, "content": None}]},
@@ -600,14 +601,14 @@ def test_prune_waits_for_a_save_in_progress_and_counts_leftovers(tiny, tmp_path)
     assert store.summary()["leftovers"] == 1
 
     in_save, go_on = threading.Event(), threading.Event()
-    real_write_kv = store._write_kv
+    real_write_kv = store.blobs.write_kv
 
     def slow_write_kv(*args, **kwargs):  # a save stopped between writing its chunks and listing them
         real_write_kv(*args, **kwargs)
         in_save.set()
         go_on.wait(10)
 
-    store._write_kv = slow_write_kv
+    store.blobs.write_kv = slow_write_kv
     saver = threading.Thread(target=save_chat, args=(store, "s", chat))
     saver.start()
     assert in_save.wait(10)

@@ -30,6 +30,7 @@ class BenchPlan:
     resume_tokens: int = 2000
     repeat: int = 3
     history_tokens: tuple[int, ...] = (1000, 8000, 32000)  # turn cost: conversations this long
+    compile: str = "off"  # the decode step of every engine measured (the `compile` setting)
 
     @classmethod
     def quick(cls) -> "BenchPlan":
@@ -63,7 +64,7 @@ def build_session(loaded: LoadedModel, root: Path, fp: str, plan: BenchPlan,
 
     Returns the chat and, per turn, the autosave's time and bytes written.
     """
-    engine = fixed_length(Engine(loaded))
+    engine = fixed_length(Engine(loaded, compile=plan.compile))
     store = Store(root).bind(engine.layout, fp, loaded.name)
     persister = Persister(store, "bench")
     chat = Chat(engine, sampling=Sampling(temperature=0, max_new_tokens=plan.reply_tokens))

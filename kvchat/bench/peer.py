@@ -38,6 +38,7 @@ class PeerPlan:
     reply_tokens: int = 32
     resume_tokens: int = 2000
     repeat: int = 3
+    compile: str = "off"  # the decode step of kvchat's engines (the `compile` setting)
 
     @classmethod
     def quick(cls) -> "PeerPlan":
@@ -85,7 +86,7 @@ def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> 
 
     threads = torch.get_num_threads()
     llm = _llama(gguf, threads)
-    engine = Engine(loaded)
+    engine = Engine(loaded, compile=plan.compile)
     engine.stop_ids = frozenset()  # equal work: replies of exactly the asked length on both sides
     rows: list[dict[str, Any]] = []
     for context in plan.contexts:
@@ -146,7 +147,7 @@ def _resume(loaded: LoadedModel, llm: Any, engine: Engine, plan: PeerPlan, progr
         follow = engine.render(saved.conversation.messages + [{"role": "user", "content": question}])
         for rep in range(plan.repeat):
             progress("peer: resume", rep, plan.repeat)
-            ours = Engine(loaded)
+            ours = Engine(loaded, compile=plan.compile)
             store = Store(root).bind(ours.layout, fp, loaded.name)
             started = time.perf_counter()
             chat = open_chat(ours, store, "bench", prefixes=False).chat

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +70,9 @@ def turns(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[str,
     prefilled: dict[str, list[int]] = {"reuse": [], "no_reuse": []}
     same = True
     for rep in range(plan.repeat):
-        reuse = fixed_length(Engine(loaded))  # (the other side shares its compiled step, when there is one)
-        engines = {"reuse": reuse, "no_reuse": fixed_length(Engine(loaded, reuse=False, step=reuse.step))}
+        reuse = fixed_length(Engine(loaded, compile=plan.compile))  # the other side shares its compiled step
+        engines = {"reuse": reuse,
+                   "no_reuse": fixed_length(Engine(loaded, reuse=False, step=reuse.step, compile=plan.compile))}
         chats = {side: Chat(engine, sampling=sampling) for side, engine in engines.items()}
         for turn in range(plan.turns):
             progress("turns", rep * plan.turns + turn, plan.repeat * plan.turns)
@@ -103,14 +104,14 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
     same = True
     for rep in range(plan.repeat):
         progress("resume", rep, plan.repeat)
-        engine = Engine(loaded)
+        engine = Engine(loaded, compile=plan.compile)
         side_store = Store(workdir / "sessions").bind(engine.layout, fp, loaded.name)
         started = time.perf_counter()
         chat = open_chat(engine, side_store, "bench", prefixes=False).chat
         chat.sampling = sampling
         a = _first_token(chat.send(question), started, times["resume"])
         side_store.close()
-        engine = Engine(loaded)
+        engine = Engine(loaded, compile=plan.compile)
         started = time.perf_counter()
         chat = Chat(engine, Conversation(messages=[dict(m) for m in saved.conversation.messages]), sampling=sampling)
         b = _first_token(chat.send(question), started, times["prefill"])
@@ -160,8 +161,8 @@ def turn_cost(loaded: LoadedModel, plan: BenchPlan, progress: Progress) -> dict[
     lets the whole history stay in view (the cost of rendering it); "model context" drops old turns to fit
     the model's context, as a chat does.
     """
-    whole = Engine(loaded)
-    engines = {"whole": whole, "pieces": Engine(loaded, step=whole.step)}
+    whole = Engine(loaded, compile=plan.compile)
+    engines = {"whole": whole, "pieces": Engine(loaded, step=whole.step, compile=plan.compile)}
     engines["whole"].renderer.use_pieces = False
     context = engines["pieces"].max_context
     sampling = Sampling(temperature=0, max_new_tokens=plan.new_tokens)
@@ -232,7 +233,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | N
         "model": loaded.name, "device": str(loaded.device), "dtype": precision(loaded),
         "threads": torch.get_num_threads(), "plan": asdict(plan),
     }
-    first = Engine(loaded, warm_up=False)
+    first = Engine(loaded, warm_up=False, compile=plan.compile)
     if first.step is not None:  # every engine on the model shares its compiled step: compiled once, before timing
         progress("compiling the decode step", 0, 1)
         results["compile_s"] = first.step.compile_now()
@@ -251,6 +252,7 @@ def run(loaded: LoadedModel, plan: BenchPlan, progress: Progress, gguf: Path | N
         results["peer"] = reason
     else:
         peer_plan = peer.PeerPlan.quick() if plan.repeat < BenchPlan().repeat else peer.PeerPlan(repeat=plan.repeat)
+        peer_plan = replace(peer_plan, compile=plan.compile)
         results["peer"] = peer.run(loaded, gguf, peer_plan, progress)
     return results
 

@@ -134,7 +134,7 @@ class Engine:
     """Runs turns on one loaded model."""
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True, max_context: int | None = None,
-                 window_cache: str = layers.WINDOWS_FULL, compile: str | None = None, warm_up: bool = True,
+                 window_cache: str = layers.WINDOWS_FULL, compile: str = "off", warm_up: bool = True,
                  step: compiled.CompiledStep | None = None):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
@@ -157,10 +157,10 @@ class Engine:
             self.spec = CacheSpec(self.model, self.device, self.window_cache)
         except layers.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
-        # The engine's compiled one-token step (see kvchat.cache.compiled; `compile` defaults to the loaded model's
-        # setting; `step`: one already made for this model, shared), compiled in the background unless `warm_up` is
+        # The engine's compiled one-token step (see kvchat.cache.compiled; `compile`: "on", "off" or "auto" (CUDA);
+        # `step`: one already made for this model, shared), compiled in the background unless `warm_up` is
         # False (then on the first token that can use it).
-        wanted = compiled.wanted(compile or loaded.compile, self.device)
+        wanted = compiled.wanted(compile, self.device)
         assert step is None or step.model is self.model, "a compiled step runs the model it was made for only"
         self.step = (step or compiled.CompiledStep(self.model, self.device)) if wanted else None
         self.compiled_tokens = 0

@@ -17,7 +17,8 @@ from kvchat.weights import memory
 from kvchat.config import Settings, kvchat_home, load_config
 from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
-from kvchat.store.sessions import Store, check_name
+from kvchat.store.catalog import Catalog, check_name
+from kvchat.store.sessions import Store
 from kvchat.ui.terminal import visible, wrap
 
 if TYPE_CHECKING:
@@ -106,17 +107,24 @@ def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS
     return load_config(path, overrides), path
 
 
-def open_store(settings: Settings, config_file: Path | None) -> Store:
-    """The store at the configured sessions directory (relative paths start at the config file's folder)."""
+def store_root(settings: Settings, config_file: Path | None) -> Path:
+    """The configured sessions directory (relative paths start at the config file's folder)."""
     if settings.sessions_dir:
         root = Path(settings.sessions_dir)
         if not root.is_absolute():
             root = (config_file.parent if config_file else Path.cwd()) / root
-    elif config_file is not None:
-        root = config_file.parent / "sessions"
-    else:
-        root = kvchat_home() / "sessions"
-    return Store(root, max_bytes=settings.cache_max_mb * 1024 * 1024)
+        return root
+    return config_file.parent / "sessions" if config_file is not None else kvchat_home() / "sessions"
+
+
+def open_store(settings: Settings, config_file: Path | None) -> Store:
+    """The store a chat opens and saves its sessions in."""
+    return Store(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
+
+
+def open_catalog(settings: Settings, config_file: Path | None) -> Catalog:
+    """The store as a catalog (list, show, remove, prune): no model, no torch."""
+    return Catalog(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
 
 
 def load(settings: Settings, progress: Any = None) -> Any:
@@ -134,7 +142,6 @@ def load(settings: Settings, progress: Any = None) -> Any:
     finally:
         if line is not None:
             line.close()
-    loaded.compile = settings.compile
     return loaded
 
 
@@ -144,7 +151,7 @@ def load_engine(settings: Settings, progress: Any = None) -> Engine:
 
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
-                  max_context=settings.max_context, window_cache=settings.window_cache)
+                  max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile)
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -301,7 +308,7 @@ def sessions_command(argv: list[str]) -> int:
     _add_store_flags(parser)
     args = parser.parse_args(argv)
     settings, config_file = settings_from_args(args, ("sessions_dir",))
-    store = open_store(settings, config_file)
+    store = open_catalog(settings, config_file)
     if args.action != "list" and not args.name:
         raise ConfigError(f"kvchat sessions {args.action} needs a session name")
     if args.name is not None:
@@ -317,7 +324,7 @@ def sessions_command(argv: list[str]) -> int:
         manifest = store.read_manifest(check_name(args.name))
         if manifest is None:
             raise KvchatError(f"no session named '{args.name}' in {store.root}")
-        for message in manifest["messages"]:
+        for message in manifest.messages:
             if isinstance(message, dict):
                 print(f"[{visible(message.get('role'))}]\n{visible(message.get('content'))}\n")
     else:
@@ -332,7 +339,7 @@ def cache_command(argv: list[str]) -> int:
     _add_store_flags(parser)
     args = parser.parse_args(argv)
     settings, config_file = settings_from_args(args, ("sessions_dir",))
-    store = open_store(settings, config_file)
+    store = open_catalog(settings, config_file)
     if args.action == "prune":
         removed, freed = store.prune()
         print(f"removed {removed} unused files, freed {memory.human(freed)}")
@@ -433,7 +440,7 @@ def bench_command(argv: list[str]) -> int:
     for key, value in sizes.items():
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
-    plan = replace(plan, **{key: value for key, value in sizes.items() if value is not None})
+    plan = replace(plan, compile=settings.compile, **{key: value for key, value in sizes.items() if value is not None})
     if args.plot is not None:
         import importlib.util
 

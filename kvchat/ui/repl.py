@@ -19,8 +19,8 @@ from prompt_toolkit.key_binding import KeyBindings
 from kvchat.config import Settings, set_sampling
 from kvchat.ui.display import MarkdownStream, PrefillProgress, WrappingWriter, collapse, quiet_input
 from kvchat.errors import KvchatError, one_line
-from kvchat.store.sessions import check_name
-from kvchat.ui.terminal import visible, wrap
+from kvchat.ui.session_commands import SessionCommands
+from kvchat.ui.terminal import plural, visible, wrap
 
 if TYPE_CHECKING:  # the engine (torch) is imported once there is a model: the prompt comes up first
     from kvchat.chat.chat import Chat
@@ -71,10 +71,6 @@ class KeptFileHistory(_Kept, FileHistory):
 
 class KeptMemoryHistory(_Kept, InMemoryHistory):
     pass
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def help_text() -> str:
@@ -160,6 +156,23 @@ class Totals:
         return ms / n
 
 
+    def report(self, cache_tokens: int, kv_bytes: int) -> list[str]:
+        """The lines of /stats, for a cache of `cache_tokens` tokens in `kv_bytes` bytes."""
+        t = self
+        per_token = t.marginal_ms_per_token()
+        saved_s = t.reused * per_token / 1000
+        return [
+            f"turns {t.turns} · cache {cache_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
+            f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"
+            + (f" ({100 * t.reused / (t.reused + t.prefilled):.0f}% from the cache)" if t.reused + t.prefilled else ""),
+            f"generated {t.generated} tokens"
+            + (f" at {(t.generated - t.turns) / t.decode_s:.1f} tok/s" if t.decode_s > 0 else ""),
+            f"prefill rate {1000 / t.prefill_ms_per_token:.0f} tok/s" if t.prefill_ms_per_token else "prefill rate -",
+            f"time saved by reuse ~{saved_s:.1f} s ({t.reused} tokens not prefilled again, at {per_token:.1f} ms "
+            "per prompt token as measured in this conversation's prefills)" if per_token else
+            f"time saved by reuse: not measured yet ({t.reused} tokens not prefilled again)",
+        ]
+
 class Pending:
     """What a chat needs that takes seconds to make (the model, its engine, the conversation), made in a
     background thread while the prompt is already up. `make(report)` returns (engine, conversation,
@@ -195,6 +208,38 @@ class Pending:
         return self.result
 
 
+def draw_reply(events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None, out: TextIO,
+               color: bool, markdown: bool, status: Callable[[int, float], str]) -> TurnStats | None:
+    """Draw a turn's events: the prefill progress line until the first token, then the reply (in the reply's
+    colour when `color` and not `markdown`; a Markdown stream shows `status(tokens, rate)` below it). The turn's
+    figures, or None when it did not end."""
+    from kvchat.chat.engine import Prefill, Token, TurnEnd
+
+    started, generated, began, ended = False, 0, time.perf_counter(), None
+    for event in events:
+        if isinstance(event, Prefill):
+            if progress is not None:
+                progress.update(event.done, event.total, event.elapsed_s)
+            continue
+        if not started:  # the first token: the progress line goes, the reply's colour starts
+            started = True
+            if progress is not None and progress.running:
+                progress.stop()
+            if color and not markdown:
+                out.write("\x1b[36m")
+        if isinstance(event, Token):
+            if isinstance(writer, MarkdownStream):  # the toolbar's place while the reply streams
+                generated += 1
+                writer.status = status(generated, generated / max(time.perf_counter() - began, 1e-6))
+            writer.write(visible(event.text))
+        elif isinstance(event, TurnEnd):
+            writer.finish()
+            if color:
+                out.write("\x1b[0m")
+            ended = event.stats
+    return ended
+
+
 class Repl:
     """Reads messages at a prompt and streams the replies; Ctrl-C interrupts, Ctrl-D or /quit exits.
 
@@ -220,6 +265,7 @@ class Repl:
         self.last: TurnStats | None = None
         self.totals = Totals()
         self.history = KeptFileHistory(history_path) if history_path else KeptMemoryHistory()
+        self.sessions = SessionCommands(self)
         self._collapsed: tuple[str, str] | None = None  # (as shown, as typed) of a long message being sent
         self.session = PromptSession(
             multiline=True, key_bindings=self._keys(), completer=ReplCompleter(self),
@@ -355,7 +401,9 @@ class Repl:
         arg = arg.strip()
         if name in ("/quit", "/exit"):
             return "quit"
-        handler = getattr(self, "cmd_" + name[1:], None) if name[1:].isidentifier() else None
+        handler = None
+        if name[1:].isidentifier():  # the store's commands are SessionCommands'
+            handler = getattr(self, "cmd_" + name[1:], None) or getattr(self.sessions, "cmd_" + name[1:], None)
         if name not in COMMANDS or handler is None:
             self.note(f"unknown command {name}; /help lists them")
             return None
@@ -399,37 +447,21 @@ class Repl:
         return MarkdownStream(self.out, self.width, self.color) if self.markdown else WrappingWriter(self.out, self.width)
 
     def _show(self, events, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
-        from kvchat.chat.engine import Prefill, Token, TurnEnd, turn_notices
+        from kvchat.chat.engine import turn_notices
 
-        started, generated, began = False, 0, time.perf_counter()
-        for event in events:
-            if isinstance(event, Prefill):
-                if progress is not None:
-                    progress.update(event.done, event.total, event.elapsed_s)
-                continue
-            if not started:  # the first token: the progress line goes, the reply's colour starts
-                started = True
-                if progress is not None and progress.running:
-                    progress.stop()
-                if self.color and not self.markdown:
-                    self.out.write("\x1b[36m")
-            if isinstance(event, Token):
-                if isinstance(writer, MarkdownStream):  # the toolbar's place while the reply streams
-                    generated += 1
-                    rate = generated / max(time.perf_counter() - began, 1e-6)
-                    writer.status = (f"{generated} tokens · {rate:.1f} tok/s · cache {self.chat.cache.tokens}/"
-                                     f"{self.engine.max_context or '?'} · Ctrl-C stops")
-                writer.write(visible(event.text))
-            elif isinstance(event, TurnEnd):
-                self.last = event.stats
-                self.totals.add(event.stats)
-                writer.finish()
-                if self.color:
-                    self.out.write("\x1b[0m")
-                for line in turn_notices(event.stats, self.engine.max_context):
-                    self.note(line)
-                if event.stats.stop == "length":
-                    self.note(f"[cut at max_new_tokens={self.chat.sampling.max_new_tokens}: /continue goes on]")
+        def status(generated: int, rate: float) -> str:
+            return (f"{generated} tokens · {rate:.1f} tok/s · cache {self.chat.cache.tokens}/"
+                    f"{self.engine.max_context or '?'} · Ctrl-C stops")
+
+        stats = draw_reply(events, writer, progress, self.out, self.color, self.markdown, status)
+        if stats is None:
+            return
+        self.last = stats
+        self.totals.add(stats)
+        for line in turn_notices(stats, self.engine.max_context):
+            self.note(line)
+        if stats.stop == "length":
+            self.note(f"[cut at max_new_tokens={self.chat.sampling.max_new_tokens}: /continue goes on]")
 
     def _end(self, writer: WrappingWriter | MarkdownStream, progress: PrefillProgress | None) -> None:
         """Close what a turn drew: the progress line, the reply's last line and its colour (idempotent)."""
@@ -486,62 +518,13 @@ class Repl:
     def cmd_continue(self, _arg: str) -> None:
         self.stream(self.chat.extend)
 
-    def _needs_store(self) -> Persister:
-        if self.persister is None:
-            raise KvchatError("sessions are not available here")
-        return self.persister
-
-    def _switch(self, name: str) -> None:
-        persister = self._needs_store()
-        if persister.session and persister.session != name:
-            persister.store.unlock(persister.session)
-        persister.session = name
-
-    def cmd_save(self, arg: str) -> None:
-        from kvchat.chat.saving import save_chat
-
-        persister = self._needs_store()
-        name, overwrite = (arg[:-1], True) if arg.endswith("!") else (arg, False)
-        name = name or persister.session
-        if not name:
-            raise KvchatError("no session yet: /save NAME")
-        check_name(name)
-        if name != persister.session and not overwrite and persister.store.read_manifest(name) is not None:
-            raise KvchatError(f"a session named '{name}' already exists; /save {name}! replaces it")
-        save_chat(persister.store, name, self.chat)
-        self._switch(name)
-        self.note(f"saved as '{name}' ({self.chat.cache.tokens} tokens of KV); autosaving from now on")
-
-    def cmd_fork(self, arg: str) -> None:
-        from kvchat.chat.saving import save_chat
-
-        persister = self._needs_store()
-        if not arg:
-            raise KvchatError("/fork needs a name for the new session")
-        if persister.store.read_manifest(check_name(arg)) is not None:
-            raise KvchatError(f"a session named '{arg}' already exists")
-        parent = persister.session
-        save_chat(persister.store, arg, self.chat)
-        self._switch(arg)
-        self.note(f"forked{' from ' + repr(parent) if parent else ''} to '{arg}' (stored KV shared); now in '{arg}'")
-
-    def cmd_load(self, arg: str) -> None:
-        from kvchat.chat.saving import open_chat
-
-        persister = self._needs_store()
-        if not arg:
-            raise KvchatError("/load needs a session name")
-        if persister.store.read_manifest(check_name(arg)) is None:
-            raise KvchatError(f"no session named '{arg}'")
-        opened = open_chat(self.engine, persister.store, arg, sampling=self.chat.sampling,  # with its own settings
-                           prefixes=self.chat.prefixes is not None)
-        if opened.notice:
-            self.note(opened.notice)
-        self._switch(arg)
-        self.chat, self.last, self.totals = opened.chat, None, Totals()
-        turns = sum(1 for m in self.conv.messages if m["role"] == "user")
-        self.note(f"loaded '{arg}': {plural(turns, 'turn')}, {opened.loaded_tokens} tokens of KV restored")
+    def show_recent(self) -> None:
+        """The last exchanges, as when a session is resumed."""
         self.show_history(RESUME_EXCHANGES)
+
+    def take(self, chat: Chat) -> None:
+        """Go on with `chat` (a loaded session): its figures start again."""
+        self.chat, self.last, self.totals = chat, None, Totals()
 
     def cmd_history(self, arg: str) -> None:
         if arg and not (arg.isdigit() and int(arg) > 0):
@@ -574,14 +557,6 @@ class Repl:
                 if self.color and not self.markdown:
                     self.out.write("\x1b[0m")
 
-    def cmd_sessions(self, _arg: str) -> None:
-        rows = self._needs_store().store.list_sessions()
-        if not rows:
-            self.note("no saved sessions")
-        for row in rows:
-            mark = "*" if row["name"] == self.persister.session else " "
-            self.say(f"{mark} {visible(row['name']):24} {row['turns']:>4} turns {row['tokens']:>7} tokens")
-
     def cmd_set(self, arg: str) -> None:
         key, sep, value = arg.partition("=")
         if not sep:
@@ -591,19 +566,4 @@ class Repl:
         self.autosave()  # kept with the session
 
     def cmd_stats(self, _arg: str) -> None:
-        t = self.totals
-        per_token = t.marginal_ms_per_token()
-        saved_s = t.reused * per_token / 1000
-        kv_bytes = self.chat.cache.nbytes
-        lines = [
-            f"turns {t.turns} · cache {self.chat.cache.tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
-            f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"
-            + (f" ({100 * t.reused / (t.reused + t.prefilled):.0f}% from the cache)" if t.reused + t.prefilled else ""),
-            f"generated {t.generated} tokens"
-            + (f" at {(t.generated - t.turns) / t.decode_s:.1f} tok/s" if t.decode_s > 0 else ""),
-            f"prefill rate {1000 / t.prefill_ms_per_token:.0f} tok/s" if t.prefill_ms_per_token else "prefill rate -",
-            f"time saved by reuse ~{saved_s:.1f} s ({t.reused} tokens not prefilled again, at {per_token:.1f} ms "
-            "per prompt token as measured in this conversation's prefills)" if per_token else
-            f"time saved by reuse: not measured yet ({t.reused} tokens not prefilled again)",
-        ]
-        self.say("\n".join(lines))
+        self.say("\n".join(self.totals.report(self.chat.cache.tokens, self.chat.cache.nbytes)))

@@ -29,3 +29,7 @@ def wrap(text: str, width: int | None, indent: str = "  ") -> str:
 
     return "\n".join(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
                                    break_on_hyphens=False) for line in text.split("\n"))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -38,7 +38,6 @@ class LoadedModel:
     weight_label: str | None = None  # what packed weights are kept as, for people: "4-bit and int8"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
-    compile: str = "off"  # engines on it compile the decode step: "on", "off", "auto" (CUDA); see kvchat.cache.compiled
 
 
 def resolve_device(name: str) -> torch.device:
