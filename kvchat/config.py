@@ -17,6 +17,27 @@ def kvchat_home() -> Path:
     """Where kvchat keeps its own files outside the project (converted models, input history, digests)."""
     return Path(os.environ.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat")
 
+
+def private_dir(path: Path) -> None:
+    """Make directory `path` (and missing parents) with mode 0700; tighten it to 0700 when it is looser."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)  # never through a link
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def private_home() -> Path:
+    """`kvchat_home()`, made private to this user (0700) before anything is written in it."""
+    home = kvchat_home()
+    try:
+        private_dir(home)
+    except OSError:
+        pass  # a read-only or foreign home: what is written there later says so in its own message
+    return home
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "full", "int8")

@@ -84,6 +84,6 @@ def test_the_store_catalog_stands_apart_from_the_kv_it_lists():
             reached.add(module)
             todo.extend(graph[module])
     assert reached == {"kvchat.store", "kvchat.store.catalog", "kvchat.store.manifests", "kvchat.store.kvfile",
-                       "kvchat.errors"}
+                       "kvchat.config", "kvchat.errors"}
     for path in (ROOT / "store").glob("*.py"):
         assert "engine." not in path.read_text(), f"{path.name} reads an engine"

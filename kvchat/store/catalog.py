@@ -22,16 +22,19 @@ import fcntl
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from kvchat.config import private_dir
 from kvchat.errors import KvchatError, one_line
 from kvchat.store import kvfile, manifests
 from kvchat.store.manifests import PrefixEntry, References, SessionManifest, is_key, kv_references
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.json\.\d+\.[0-9a-f]{12}\.tmp")  # see kvfile.atomic_write
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
@@ -101,7 +104,7 @@ class SessionLocks:
         """Open and flock NAME.lock; its descriptor, or a clear error."""
         path = self.root / f"{name}.lock"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
             fd = kvfile.open_regular(path, os.O_RDWR | os.O_CREAT)
         except kvfile.NotRegular:
             raise StoreError(f"session '{name}': its lock file {path} is not a regular file; remove it") from None
@@ -176,9 +179,32 @@ class Catalog:
         assert is_key(key), "prefix paths come from computed keys"
         return self.prefixes / f"{key}.json"
 
+    def check_dirs(self) -> None:
+        """Refuse, in one line, a store whose directories (the root or any below it) are symbolic links, not
+        directories, or another user's: kvchat never reads, writes or deletes through a link, so a store planted
+        in a directory someone else wrote (a cloned repository, an unpacked archive) cannot reach outside it.
+        Directories that pass are this user's, and private once kvchat has written (`ensure_dirs`), so nobody
+        else can swap them for links afterwards."""
+        for path in (self.root, self.root / ".kv", self.chunks, self.tails, self.prefixes, self.states,
+                     self.previous):
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise StoreError(f"{path} is a symbolic link; kvchat does not follow links in its store (point "
+                                 "sessions_dir at the real directory, or remove the link)")
+            if not stat.S_ISDIR(info.st_mode):
+                raise StoreError(f"{path} is not a directory; kvchat's store needs one there")
+            if info.st_uid != os.geteuid():
+                raise StoreError(f"{path} belongs to another user (uid {info.st_uid}); kvchat keeps its store in "
+                                 "directories of your own")
+
     def ensure_dirs(self) -> None:
-        for path in (self.chunks, self.tails, self.prefixes, self.states):
-            path.mkdir(parents=True, exist_ok=True)
+        """Make the store's directories, private to this user (0700; looser existing ones are tightened)."""
+        self.check_dirs()
+        for path in (self.root, self.root / ".kv", self.chunks, self.tails, self.prefixes, self.states):
+            private_dir(path)
 
     @contextmanager
     def store_lock(self, exclusive: bool) -> Iterator[None]:
@@ -201,6 +227,7 @@ class Catalog:
     # -- session locks (see SessionLocks) ----------------------------------------------------
 
     def lock(self, name: str) -> None:
+        self.check_dirs()
         self.locks.lock(name)
 
     def unlock(self, name: str) -> None:
@@ -218,6 +245,7 @@ class Catalog:
         A damaged one is replaced, in what is returned, by the previous save when that one is intact (its
         `recovered` then says why); when neither is, a StoreError (nothing is touched).
         """
+        self.check_dirs()
         path = self.manifest_path(name)
         try:
             return SessionManifest.parse(read_json(path), name)
@@ -240,7 +268,7 @@ class Catalog:
         recovery, then remove the session's own KV files that only `previous` listed."""
         name = manifest.name
         if previous is not None and not previous.recovered:  # keep the last good save: a hard link, no copy
-            self.previous.mkdir(parents=True, exist_ok=True)
+            private_dir(self.previous)
             keep = self.previous / f".{name}.{os.getpid()}.link.tmp"
             keep.unlink(missing_ok=True)
             try:
@@ -265,6 +293,7 @@ class Catalog:
 
     def prefix_entries(self) -> list[tuple[Path, PrefixEntry]]:
         """Every readable shared prefix entry (damaged ones are skipped, never used)."""
+        self.check_dirs()
         entries = []
         for path in sorted(self.prefixes.glob("*.json")) if self.prefixes.is_dir() else []:
             if not is_key(path.stem):
@@ -290,6 +319,7 @@ class Catalog:
 
     def list_sessions(self) -> list[dict[str, Any]]:
         """One row per session: name, turns, tokens, bytes on disk (shared chunks counted in full), last used."""
+        self.check_dirs()
         rows = []
         for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
             try:
@@ -339,6 +369,7 @@ class Catalog:
 
     def prune(self) -> tuple[int, int]:
         """Delete chunks, tails and leftovers that nothing uses; returns (files removed, bytes freed)."""
+        self.check_dirs()
         if not self.chunks.parent.is_dir():
             return 0, 0
         with self.store_lock(exclusive=True):
@@ -361,8 +392,10 @@ class Catalog:
         return removed, freed
 
     def _leftovers(self) -> list[Path]:
-        """Temporary files a killed or failed write left behind."""
-        return list(self.chunks.parent.glob("*/.*.tmp")) + list(self.root.glob(".*.tmp"))
+        """Temporary files a killed or failed write left behind: in the sessions directory itself, only those
+        named as kvchat names a manifest's (other programs' files there are never touched)."""
+        return list(self.chunks.parent.glob("*/.*.tmp")) + \
+            [path for path in self.root.glob(".*.tmp") if LEFTOVER.fullmatch(path.name)]
 
     def _kv_files(self) -> tuple[list[Path], list[Path], list[Path]]:
         """All chunk, session tail and state files."""
@@ -375,6 +408,7 @@ class Catalog:
 
     def summary(self) -> dict[str, Any]:
         """Sizes and counts for `kvchat cache`."""
+        self.check_dirs()
         chunk_files, tail_files, _ = self._kv_files()
         prefixes = [{"key": entry.key, "tokens": len(entry.token_ids), "last_used": entry.last_used}
                     for _, entry in self.prefix_entries()]

