@@ -1,5 +1,6 @@
 """The REPL driven through prompt-toolkit's pipe input with a tiny engine: transcripts and slash commands."""
 
+import errno
 import io
 import re
 import time
@@ -612,3 +613,30 @@ def test_the_prompt_is_up_while_the_model_loads_and_the_first_message_waits_for_
         other.send_text("Hello\r")
         with pytest.raises(KvchatError, match="is not there"):
             failing.run()
+
+
+def test_system_mid_chat_is_autosaved_like_undo_and_set(tiny, pipe, tmp_path):
+    """Regression (issue 21): `/system` in a saved session changed the chat but not the session on disk."""
+    repl = make_repl(tiny, pipe, tmp_path)
+    drive(repl, "Hello\r/save s\r/system Speak like a pirate.\r/quit\r")
+    saved = repl.persister.store.read_manifest("s")
+    assert saved.messages[0] == {"role": "system", "content": "Speak like a pirate."}
+    assert saved.messages == repl.chat.messages
+    repl.persister.store.close()
+
+
+@pytest.mark.parametrize("command", ["/save s", "/fork f"])
+def test_a_disk_error_in_save_or_fork_is_one_line_and_the_chat_goes_on(tiny, pipe, tmp_path, monkeypatch, command):
+    """Regression (issue 21): an OSError in /save or /fork ended the REPL with a traceback, and the unsaved
+    conversation with it."""
+    from kvchat.store import kvfile
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    repl = make_repl(tiny, pipe, tmp_path)
+    monkeypatch.setattr(kvfile, "atomic_write", full)
+    out = drive(repl, f"Hello\r{command}\rAnd then?\r/quit\r")
+    assert f"{command.split()[0]} failed: [Errno 28] No space left on device" in out
+    assert [m["content"] for m in repl.chat.messages if m["role"] == "user"] == ["Hello", "And then?"]
+    repl.persister.store.close()

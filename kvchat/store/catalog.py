@@ -253,6 +253,9 @@ class Catalog:
             if not self.previous_path(name).exists():
                 return None
             reason = "its manifest is missing"
+        except PermissionError as exc:  # unreadable is not damaged: a save would replace what we cannot read
+            raise StoreError(f"session '{name}': {path} cannot be read ({exc.strerror}); it was left as it "
+                             "is") from None
         except (OSError, ValueError) as exc:
             reason = one_line(exc)
         try:
@@ -338,17 +341,27 @@ class Catalog:
         return rows
 
     def remove_session(self, name: str) -> None:
-        """Delete a session's manifest, tail and states (its chunks go at the next prune if nothing else uses them)."""
-        manifest = self.read_manifest(name)
-        if manifest is None:
+        """Delete a session's manifest, tail, states and previous save, damaged or not (its chunks go at the next
+        prune if nothing else uses them). A manifest that is not a regular file is left, with one line."""
+        try:
+            manifest = self.read_manifest(name)
+        except StoreError:  # damaged beyond recovery, or unreadable: removed all the same
+            manifest = None
+        path = self.manifest_path(name)
+        if manifest is None and not (os.path.lexists(path) or os.path.lexists(self.previous_path(name))):
             raise StoreError(f"no session named '{name}' in {self.root}")
         self.lock(name)
-        with self.store_lock(exclusive=False):
-            for path in self.own_kv_files(manifest):
-                path.unlink(missing_ok=True)
-            self.previous_path(name).unlink(missing_ok=True)
-            self.manifest_path(name).unlink(missing_ok=True)
-        self.unlock(name)  # removes the lock file while still held: no other process owns it yet
+        try:
+            with self.store_lock(exclusive=False):
+                for kv in self.own_kv_files(manifest):
+                    kv.unlink(missing_ok=True)
+                for found in (self.previous_path(name), path):
+                    if os.path.lexists(found) and stat.S_IFMT(os.lstat(found).st_mode) not in (stat.S_IFREG, stat.S_IFLNK):
+                        raise StoreError(f"session '{name}': {found} is not a file; kvchat removes only files "
+                                         "(remove it yourself)")
+                    found.unlink(missing_ok=True)
+        finally:
+            self.unlock(name)  # removes the lock file while still held: no other process owns it yet
 
     # -- the store as a whole ----------------------------------------------------------------
 

@@ -340,7 +340,7 @@ def sessions_command(argv: list[str]) -> int:
     if args.action == "list":
         rows = store.list_sessions()
         if not rows:
-            print(f"no sessions in {store.root}")
+            print(f"no sessions in {visible(store.root)}")
         for row in rows:
             print(f"{visible(row['name']):24} {row['turns']:>5} turns {row['tokens']:>7} tokens "
                   f"{memory.human(row['bytes']):>10}  {_when(row['updated'])}" + ("  (damaged)" if row.get("damaged") else ""))
@@ -369,7 +369,7 @@ def cache_command(argv: list[str]) -> int:
         print(f"removed {removed} unused files, freed {memory.human(freed)}")
         return 0
     info = store.summary()
-    print(f"store: {info['root']}")
+    print(f"store: {visible(info['root'])}")
     print(f"KV on disk: {memory.human(info['bytes'])} in {info['chunks']} chunks and {info['tails']} session tails "
           f"({info['unused_chunks']} chunks unused and {info['leftovers']} temporary files left by interrupted "
           "writes; `kvchat cache prune` removes them)")
@@ -555,3 +555,6 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `kvchat ... | head`); silence the flush at exit.
         sys.stdout = open(os.devnull, "w")
         return 141
+    except OSError as exc:  # a full or read-only disk, a file made unreadable: one line, not a traceback
+        print(f"kvchat: error: {visible(one_line(exc))}", file=sys.stderr)
+        return 1

@@ -414,6 +414,8 @@ class Repl:
             handler(arg)
         except KvchatError as exc:
             self.note(f"{exc}")
+        except OSError as exc:  # a full or read-only disk, a file made unreadable: one line, the chat goes on
+            self.note(f"{name} failed: {one_line(exc)}")
         return None
 
     def stream(self, start) -> None:
@@ -493,6 +495,7 @@ class Repl:
             again = len(self.engine.render(view, generation_prompt=False)) - self.chat.cache.tokens
             done += f"; the next turn re-reads {again:,} tokens of the conversation" if again > 0 else ""
         self.note(done)
+        self.autosave()  # kept with the session, like /undo and /set
 
     def cmd_reset(self, _arg: str) -> None:
         saved = self.persister.session if self.persister is not None else None

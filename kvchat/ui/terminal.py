@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-# C0 controls but newline and tab, DEL, and the C1 controls (0x9b alone starts an escape sequence on many terminals).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
+# C0 controls but newline and tab, DEL, the C1 controls (0x9b alone starts an escape sequence on many terminals),
+# and the bidirectional embeddings, overrides and isolates, which reorder what follows them on the line (text that
+# reads differently from what it holds, as in "Trojan Source").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x80-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _show(match: re.Match[str]) -> str:
