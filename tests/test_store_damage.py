@@ -137,3 +137,21 @@ def test_a_configured_store_path_and_bidi_overrides_reach_the_terminal_visible(m
     (sessions / "s.json").write_text(json.dumps(manifest))
     code, out, _ = run(monkeypatch, capsys, ["sessions", "show", "s", "--sessions-dir", str(sessions)])
     assert code == 0 and "\u202e" not in out and "pay <U+202E>exe.txt" in out
+
+
+def test_a_write_that_fails_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    """Regression (issue 21, item 3): a failed save left its partial .tmp file, eating the last free space."""
+    import errno
+
+    from kvchat.store import kvfile
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        kvfile.atomic_write(tmp_path / "s.json", b"{}" * 1000)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert list(tmp_path.iterdir()) == []
