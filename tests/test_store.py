@@ -325,7 +325,8 @@ def test_disk_full_is_one_clear_error_and_the_previous_save_survives(tiny, tmp_p
 
     real_write = kvfile.atomic_write
     monkeypatch.setattr(kvfile, "atomic_write", full)
-    with pytest.raises(StoreError, match="cannot save session 's'.*No space left on device; the previous save is intact"):
+    with pytest.raises(StoreError, match="cannot save session 's'.*No space left on device; the save before "
+                                         r"\(1 turn\) is intact"):
         turn(chat, MESSAGES[1], persister)
     monkeypatch.setattr(kvfile, "atomic_write", real_write)
     store.close()
@@ -761,7 +762,7 @@ def test_a_lock_file_made_unreadable_is_one_line_that_names_it_and_the_session_i
                     opened = open_chat(engine, store, "s")
                     turn(opened.chat, MESSAGES[1])
                     with pytest.raises(StoreError, match=r"Permission denied \(the store's lock file .*store\.lock\); "
-                                                         "the previous save is intact"):
+                                                         "the session on disk is as it was"):
                         Persister(store, "s").after_turn(opened.chat)
             finally:
                 store.close()
@@ -786,3 +787,39 @@ def test_a_clean_close_leaves_no_lock_file_and_the_lock_still_excludes(tiny, tmp
         Store(tmp_path).lock("s")
     other.close()
     assert not list(tmp_path.glob("*.lock"))
+
+
+@pytest.mark.parametrize("family", ["tiny", "hybrid"])
+def test_a_full_disk_for_the_kv_keeps_the_text_and_a_resume_rebuilds_exactly(family, request, tmp_path, monkeypatch):
+    """Regression (issue 21, item 3): the KV was written before the transcript and any error dropped the whole
+    save, so a full disk lost every later turn's text. Now the text is saved first and on its own; a KV that
+    cannot be written is one notice, no partial file is left, and a resume re-reads what is missing and answers
+    as a fresh prefill does."""
+    import errno
+
+    loaded = request.getfixturevalue(family)
+    engine, store = make_engine(loaded, tmp_path)
+    chat = new_chat(engine, store, SYSTEM)
+    persister = Persister(store, "s")
+    turn(chat, MESSAGES[0], persister)
+    real_write = kvfile.atomic_write
+
+    def kv_full(path, data):
+        if path.suffix == ".safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(kvfile, "atomic_write", kv_full)
+    turn(chat, MESSAGES[1])
+    assert persister.after_turn(chat) == ("session 's': its text is saved, its KV is not (No space left on device); "
+                                          "resuming it re-reads what is missing")
+    monkeypatch.setattr(kvfile, "atomic_write", real_write)
+    store.close()
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    engine2, store2 = make_engine(loaded, tmp_path)
+    opened = open_chat(engine2, store2, "s")
+    assert opened.chat.messages == chat.messages
+    end = turn(opened.chat, MESSAGES[2])
+    assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
+    assert 0 < end.stats.reused < len(engine2.render(opened.chat.messages[:-1]))  # the last save's KV was kept
+    store2.close()

@@ -36,9 +36,10 @@ def open_chat(engine: Engine, store: Store, name: str, system: str | None = None
     return Resumed(chat, opened.notice, opened.loaded_tokens, opened.existed)
 
 
-def save_chat(store: Store, name: str, chat: Chat) -> None:
-    """Save `chat` as session `name`: its transcript, its KV and its sampling settings."""
-    store.save_session(name, chat.conversation.messages, chat.conversation.first_kept, chat.cache,
+def save_chat(store: Store, name: str, chat: Chat) -> str | None:
+    """Save `chat` as session `name`: its transcript, its KV and its sampling settings; a one-line notice when
+    the text was saved and the KV could not be (see `Store.save_session`)."""
+    return store.save_session(name, chat.conversation.messages, chat.conversation.first_kept, chat.cache,
                        dataclasses.asdict(chat.sampling))
 
 
@@ -50,8 +51,9 @@ class Persister:
     session: str | None = None
     prefixes_saved: set[Any] = field(default_factory=set)
 
-    def after_turn(self, chat: Chat) -> None:
-        """Raises StoreError when the session cannot be written; a prefix that cannot be stored is only skipped."""
+    def after_turn(self, chat: Chat) -> str | None:
+        """Raises StoreError when the session cannot be written; a prefix that cannot be stored is only skipped.
+        Returns a one-line notice when the session's text was saved and its KV was not."""
         if chat.cache.tokens:
             try:
                 self._save_system_prefix(chat)
@@ -59,10 +61,11 @@ class Persister:
                 pass  # a shared prefix is an optimisation; the session save below reports disk problems
         if self.session:
             try:
-                save_chat(self.store, self.session, chat)
+                return save_chat(self.store, self.session, chat)
             except OSError as exc:
                 raise StoreError(f"cannot save session '{self.session}' in {self.store.root}: "
-                                 f"{exc.strerror or exc}; the previous save is intact") from None
+                                 f"{exc.strerror or exc}; the session on disk is as it was") from None
+        return None
 
     def _save_system_prefix(self, chat: Chat) -> None:
         prefix = chat.engine.system_prefix_ids(chat.conversation.system)

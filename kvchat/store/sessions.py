@@ -7,7 +7,7 @@ only a `Catalog`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,19 +99,40 @@ class Store(Catalog):
         return opened
 
     def save_session(self, name: str, messages: list[dict[str, Any]], first_kept: int, cache: ChatCache | None,
-                     settings: dict[str, Any]) -> None:
-        """Write what is new since the last save: new full chunks, the partial tail, the manifest (the transcript
-        `messages`, `first_kept`, the sampling `settings`, and what `cache` holds when it can be saved exactly)."""
+                     settings: dict[str, Any]) -> str | None:
+        """Save the session: what is new of `cache`'s KV (full chunks, the partial tail, state checkpoints), then
+        one manifest with the text (the transcript `messages`, `first_kept`, the sampling `settings`) and the KV
+        it lists. The text is the source of truth and the KV a cache: when the KV cannot be written (a full
+        disk) the manifest still saves the text, listing the last save's KV, and a one-line notice is returned
+        (a resume re-reads what is missing). StoreError when the text itself cannot be written."""
         self.lock(name)
         with self.store_lock(exclusive=False):
             previous = self.read_manifest(name)
-            kv = self._bound().write_session(name, cache) if cache is not None else None
             now = time.time()
-            manifest = SessionManifest(
-                name=name, messages=messages, first_kept=first_kept,
-                token_ids=kv.token_ids if kv else [], chunks=kv.chunks if kv else [],
-                tail_key=kv.tail_key if kv else None, states=kv.states if kv else [], settings=settings,
-                model=self.model, fingerprint=self.fingerprint, format=FORMAT, chunk_tokens=self.chunk_tokens,
+            text = SessionManifest(
+                name=name, messages=messages, first_kept=first_kept, settings=settings, model=self.model,
+                fingerprint=self.fingerprint, format=FORMAT, chunk_tokens=self.chunk_tokens,
                 created=(previous.created if previous and previous.created is not None else now), updated=now,
                 turns=sum(1 for m in messages if m["role"] == "user"))
-            self.write_manifest(manifest, previous)
+            if previous is not None and not previous.recovered and cache is not None and \
+                    (previous.format, previous.fingerprint, previous.chunk_tokens) == \
+                    (FORMAT, self.fingerprint, self.chunk_tokens):  # until the new KV is listed, the last save's
+                text = replace(text, token_ids=previous.token_ids, chunks=previous.chunks,
+                               tail_key=previous.tail_key, states=previous.states)
+            notice = None
+            if cache is not None:
+                try:
+                    kv = self._bound().write_session(name, cache)
+                    text = replace(text, token_ids=kv.token_ids, chunks=kv.chunks, tail_key=kv.tail_key,
+                                   states=kv.states)
+                except OSError as exc:  # (a failed write leaves no partial file: its space is free again)
+                    notice = (f"session '{name}': its text is saved, its KV is not ({exc.strerror or exc}); "
+                              "resuming it re-reads what is missing")
+            try:
+                self.write_manifest(text, previous)
+            except OSError as exc:
+                turns = f"{previous.turns} turn{'' if previous.turns == 1 else 's'}" if previous else ""
+                kept = f"the save before ({turns}) is intact" if previous else "nothing of it was saved"
+                raise StoreError(f"cannot save session '{name}' in {self.root}: {exc.strerror or exc}; "
+                                 f"{kept}") from None
+            return notice

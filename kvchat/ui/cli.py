@@ -227,7 +227,9 @@ def run_turns(chat: Chat, messages: Iterable[str], settings: Settings, persister
             failed += 1
         finally:
             if persister is not None:
-                persister.after_turn(chat)  # an interrupted turn is saved too: the chat is consistent
+                notice = persister.after_turn(chat)  # an interrupted turn is saved too: the chat is consistent
+                if notice:
+                    print(f"kvchat: {visible(notice)}", file=err)
     return failed
 
 

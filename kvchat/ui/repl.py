@@ -478,9 +478,12 @@ class Repl:
         if self.persister is None:
             return
         try:
-            self.persister.after_turn(self.chat)
+            notice = self.persister.after_turn(self.chat)
         except (KvchatError, OSError) as exc:
             self.note(f"could not save: {exc}")
+            return
+        if notice:
+            self.note(notice)
 
     # -- commands --------------------------------------------------------------------------------
 

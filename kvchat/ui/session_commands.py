@@ -54,9 +54,10 @@ class SessionCommands:
         check_name(name)
         if name != persister.session and not overwrite and persister.store.read_manifest(name) is not None:
             raise KvchatError(f"a session named '{name}' already exists; /save {name}! replaces it")
-        save_chat(persister.store, name, self.repl.chat)
+        notice = save_chat(persister.store, name, self.repl.chat)
         self._switch(name)
-        self.repl.note(f"saved as '{name}' ({self.repl.chat.cache.tokens} tokens of KV); autosaving from now on")
+        self.repl.note(notice or f"saved as '{name}' ({self.repl.chat.cache.tokens} tokens of KV); autosaving from "
+                       "now on")
 
     def cmd_fork(self, arg: str) -> None:
         from kvchat.chat.saving import save_chat
@@ -67,8 +68,10 @@ class SessionCommands:
         if persister.store.read_manifest(check_name(arg)) is not None:
             raise KvchatError(f"a session named '{arg}' already exists")
         parent = persister.session
-        save_chat(persister.store, arg, self.repl.chat)
+        notice = save_chat(persister.store, arg, self.repl.chat)
         self._switch(arg)
+        if notice:
+            self.repl.note(notice)
         self.repl.note(f"forked{' from ' + repr(parent) if parent else ''} to '{arg}' (stored KV shared); now in '{arg}'")
 
     def cmd_load(self, arg: str) -> None:
