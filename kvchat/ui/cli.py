@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import shutil
-import stat
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from kvchat.weights import memory
 from kvchat.config import Settings, kvchat_home, load_config, private_home
 from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
+from kvchat.store import kvfile
 from kvchat.store.catalog import Catalog, check_name
 from kvchat.store.sessions import Store
 from kvchat.ui.terminal import visible, wrap
@@ -112,14 +112,11 @@ def private_history(path: Path) -> str | None:
     """The input history file, created private to this user (0600; a looser one is tightened); None (history
     kept in memory only) when it cannot be, or is not a regular file."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
-    except OSError:
+        fd = kvfile.open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # no link, no FIFO; new: 0600
+    except OSError:  # (NotRegular too)
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        if info.st_mode & 0o077:
+        if os.fstat(fd).st_mode & 0o077:
             os.fchmod(fd, 0o600)
     except OSError:
         return None
