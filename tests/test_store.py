@@ -207,6 +207,31 @@ def test_damaged_kv_is_detected_and_rebuilt_from_text(tiny, tmp_path, damage, wh
     assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
 
 
+def test_a_damaged_chunk_heals_at_the_next_save(tiny, tmp_path):
+    """Regression (issue 21, item 12): a corrupted chunk was reported "not usable" and re-prefilled on every
+    resume, never rewritten (the save saw that its file existed). The save after a resume writes it again."""
+    engine, store = make_engine(tiny, tmp_path)
+    chat = new_chat(engine, store, SYSTEM)
+    for text in MESSAGES[:3]:  # until the cache ends in a partial chunk (a tail)
+        turn(chat, text, Persister(store, "s"))
+        if len(chat.cache.ids) % store_module.CHUNK_TOKENS:
+            break
+    store.close()
+    manifest = json.loads((tmp_path / "s.json").read_text())
+    assert manifest["chunks"] and manifest.get("tail")
+    damage_bitflip(tmp_path / ".kv" / "chunks" / f"{manifest['chunks'][0]}.safetensors")
+    for resume, text in enumerate(MESSAGES[3:5]):
+        engine2 = Engine(tiny)
+        store2 = Store(tmp_path).bind(engine2.layout, fingerprint(tiny), tiny.name)
+        opened = open_chat(engine2, store2, "s")
+        assert (opened.notice is not None) == (resume == 0), opened.notice
+        if resume:
+            assert opened.loaded_tokens == len(json.loads((tmp_path / "s.json").read_text())["token_ids"])
+        end = turn(opened.chat, text, Persister(store2, "s"))
+        assert end.token_ids == fresh_reply(engine2, opened.chat.messages[:-1])
+        store2.close()
+
+
 def test_snapshot_of_another_model_is_never_used(tiny, tmp_path):
     engine, store = make_engine(tiny, tmp_path)
     chat = new_chat(engine, store, SYSTEM)

@@ -155,3 +155,26 @@ def test_a_write_that_fails_on_a_full_disk_leaves_no_partial_file(tmp_path, monk
         kvfile.atomic_write(tmp_path / "s.json", b"{}" * 1000)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_where_a_sessions_file_belongs_never_stops_its_saves(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Regression (issue 21, item 12): a tail path that was a folder made every save fail, naming no file. The
+    session's text is saved whatever folder is in the way, and the one line about its KV names the folder."""
+    import shutil
+
+    sessions = tmp_path / "sessions"
+    saved_store(monkeypatch, capsys, tiny_model_dir, sessions)
+    chat = ["--model", str(tiny_model_dir), "--temperature", "0", "--max-new-tokens", "4", "--session", "s", "-p"]
+    tails = sessions / ".kv" / "tails"
+    trial = tmp_path / "trial"  # the same turn in a copy: which tail file it writes (greedy, so the same)
+    shutil.copytree(sessions, trial)
+    assert run(monkeypatch, capsys, chat + ["Third?", "--sessions-dir", str(trial)])[0] == 0
+    new = next((trial / ".kv" / "tails").glob("s-*.safetensors")).name
+    for path in (tails / new, sessions / ".kv" / "previous" / "s.json"):
+        path.unlink(missing_ok=True)
+        path.mkdir()  # the tail the save writes, the place where it keeps the save before
+    code, out, err = run(monkeypatch, capsys, chat + ["Third?", "--sessions-dir", str(sessions)])
+    assert code == 0 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"its text is saved, its KV is not (.kv/tails/{new}: Is a directory)" in err
+    assert json.loads((sessions / "s.json").read_text())["turns"] == 3
+    assert out == json.loads((trial / "s.json").read_text())["messages"][-1]["content"] + "\n"

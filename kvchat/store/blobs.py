@@ -56,6 +56,17 @@ class Blobs:
 
     def __init__(self, catalog: Catalog, layout: Layout, fingerprint: str):
         self.catalog, self.layout, self.fingerprint = catalog, layout, fingerprint
+        self.damaged: set[Path] = set()  # files found unusable: written again, not skipped, by the next save
+
+    def _stored(self, path: Path) -> bool:
+        """Whether `path` holds its KV already (and need not be written): a file there not found damaged."""
+        return path not in self.damaged and kvfile.is_regular(path)
+
+    def _damage(self, exc: DamagedKV) -> str:
+        """Note the file at fault, if any, to be written again; the reason."""
+        if exc.path is not None:
+            self.damaged.add(exc.path)
+        return str(exc)
 
     # -- single files ------------------------------------------------------------------------
 
@@ -66,6 +77,7 @@ class Blobs:
         """The KV of token positions [start, end) of `cache` into `path` (named from `key`)."""
         data = kvfile.encode(cache.export(start, end), self._meta(key, start, end - start))
         self.catalog.counters.add(kvfile.atomic_write(path, data))
+        self.damaged.discard(path)
 
     def read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
         """Map and check one KV file of this model (see kvfile.read); raises DamagedKV."""
@@ -80,12 +92,13 @@ class Blobs:
         """
         key = chunk_key(self.fingerprint, ids)
         path = self.catalog.state_path(key, owner)
-        if not path.exists() and not (owner and _link_twin(path, key)):
+        if not self._stored(path) and not (path not in self.damaged and owner and _link_twin(path, key)):
             tensors = self.layout.encode_state(state)
             if logits is not None:
                 tensors["logits"] = logits.detach().to("cpu").contiguous()
             data = kvfile.encode(tensors, {**self._meta(key, 0, len(ids)), "kind": "state"})
             self.catalog.counters.add(kvfile.atomic_write(path, data))
+            self.damaged.discard(path)
         return StateEntry(len(ids), key, pinned)
 
     def read_state(self, ids: list[int], entry: StateEntry, owner: str | None = None) -> tuple[dict[str, Any], Any]:
@@ -110,7 +123,7 @@ class Blobs:
         for end in range(self.catalog.chunk_tokens, upto + 1, self.catalog.chunk_tokens):
             key = hasher.advance(ids, end)
             path = self.catalog.chunk_path(key)
-            if not path.exists():
+            if not self._stored(path):
                 self.write_kv(path, cache, key, end - self.catalog.chunk_tokens, end)
             keys.append(key)
         return keys
@@ -141,7 +154,7 @@ class Blobs:
         if full < len(ids):
             tail_key = chunk_key(self.fingerprint, ids)
             path = self.catalog.tail_path(name, tail_key)
-            if not path.exists() and not _link_twin(path, tail_key):  # a fork's identical tail: linked
+            if not self._stored(path) and (path in self.damaged or not _link_twin(path, tail_key)):  # a fork's identical tail: linked
                 self.write_kv(path, cache, tail_key, full, len(ids))
         states = []
         if ids and cache.has_state:
@@ -168,14 +181,15 @@ class Blobs:
                 raise DamagedKV("the manifest lists no state at the end of its tokens")
             state, _ = self.read_state(ids, entries[-1], name) if stateful else (None, None)
         except DamagedKV as exc:
-            return str(exc)
+            return self._damage(exc)
         checkpoints = []
         for entry in entries:  # earlier checkpoints: /undo and /retry come back to them
             if entry.tokens > len(ids):
                 continue
             try:
                 saved, logits = self.read_state(ids[:entry.tokens], entry, name)
-            except DamagedKV:
+            except DamagedKV as exc:
+                self._damage(exc)
                 continue  # a lost checkpoint costs a longer prefill later, never a wrong one
             checkpoints.append(Checkpoint(entry.tokens, saved, logits, pinned=entry.pinned))
         return cache.adopt(list(ids), pieces, state, checkpoints)
@@ -209,14 +223,14 @@ class Blobs:
 
     def _save_prefix(self, ids: list[int], key: str, cache: ChatCache) -> bool:
         point = cache.checkpoint_at(len(ids))
-        if self.catalog.prefix_path(key).exists() or not ids or not cache.can_export() or \
+        if (self.catalog.prefix_path(key).exists() and not self.damaged) or not ids or not cache.can_export() or \
                 (cache.has_state and point is None) or list(cache.ids[:len(ids)]) != list(ids):
             return False
         full = len(ids) // self.catalog.chunk_tokens * self.catalog.chunk_tokens
         chunks = self.save_chunks(ids, cache, full)
         if full < len(ids):
             path = self.catalog.chunk_path(key)
-            if not path.exists():
+            if not self._stored(path):
                 self.write_kv(path, cache, key, full, len(ids))
             chunks.append(key)
         state = self.write_state(ids, point.state) if cache.has_state else None
@@ -248,7 +262,8 @@ class Blobs:
             try:
                 pieces = self.load_listed(ids, chunks)
                 state = self.read_state(ids, state_entry)[0] if stateful else None
-            except DamagedKV:
+            except DamagedKV as exc:
+                self._damage(exc)
                 continue  # never used; a shorter candidate may still be intact
             if cache.adopt(ids, pieces, state) is not None:
                 continue  # not what its tokens say: never used

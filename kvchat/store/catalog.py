@@ -55,6 +55,20 @@ def read_json(path: Path) -> Any:
     return json.loads(kvfile.read_bytes(path).decode("utf-8"))
 
 
+def os_reason(exc: OSError, root: Path) -> str:
+    """What went wrong, with the store file it happened to (relative to the store's `root`) when one is known."""
+    reason = exc.strerror or str(exc)
+    where = exc.filename2 or exc.filename
+    if where is None:
+        return reason
+    path = Path(os.fsdecode(where))
+    try:
+        path = path.relative_to(root)
+    except ValueError:
+        pass
+    return f"{path}: {reason}"
+
+
 @dataclass
 class StoreCounters:
     """Bytes and files written, for tests and the closing figures."""
@@ -271,17 +285,27 @@ class Catalog:
         recovery, then remove the session's own KV files that only `previous` listed."""
         name = manifest.name
         if previous is not None and not previous.recovered:  # keep the last good save: a hard link, no copy
-            private_dir(self.previous)
-            keep = self.previous / f".{name}.{os.getpid()}.link.tmp"
-            keep.unlink(missing_ok=True)
             try:
-                os.link(self.manifest_path(name), keep)
-                os.replace(keep, self.previous_path(name))
-            except OSError:  # no hard links here: a copy
-                kvfile.atomic_write(self.previous_path(name), kvfile.read_bytes(self.manifest_path(name)))
+                self._keep_previous(name)
+            except OSError:
+                pass  # (a full disk, a folder in its place) the text comes first; the next save tries again
         self.counters.add(kvfile.atomic_write(self.manifest_path(name), json.dumps(manifest.to_json()).encode()))
         for path in self.own_kv_files(previous) - self.own_kv_files(manifest):
-            path.unlink(missing_ok=True)  # this session's own copies (a fork keeps its own links)
+            try:
+                path.unlink(missing_ok=True)  # this session's own copies (a fork keeps its own links)
+            except OSError:
+                pass  # something else where a file of ours was (a folder): left as it is, it never matches a key
+
+    def _keep_previous(self, name: str) -> None:
+        private_dir(self.previous)
+        keep = self.previous / f".{name}.{os.getpid()}.link.tmp"
+        keep.unlink(missing_ok=True)
+        try:
+            os.link(self.manifest_path(name), keep)
+            os.replace(keep, self.previous_path(name))
+        except OSError:  # no hard links here: a copy
+            keep.unlink(missing_ok=True)
+            kvfile.atomic_write(self.previous_path(name), kvfile.read_bytes(self.manifest_path(name)))
 
     def own_kv_files(self, manifest: SessionManifest | None) -> set[Path]:
         """The tail and state files that belong to a session (paths from validated keys only)."""

@@ -28,7 +28,13 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
 
 
 class DamagedKV(Exception):
-    """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text."""
+    """A KV file that cannot be used (missing, truncated, corrupted, foreign); handled by rebuilding from text.
+
+    `path` is the file at fault when one is (a later save writes it again), else None."""
+
+    def __init__(self, reason: str, path: Path | None = None):
+        super().__init__(reason)
+        self.path = path
 
 
 class NotRegular(OSError):
@@ -50,6 +56,14 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int
     return fd
 
 
+def is_regular(path: Path) -> bool:
+    """Whether `path` is a regular file itself (a link to one is not)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def read_bytes(path: Path) -> bytes:
     """The whole of a regular file (see `open_regular`)."""
     with os.fdopen(open_regular(path), "rb") as handle:
@@ -68,7 +82,10 @@ def atomic_write(path: Path, data: bytes) -> int:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # named after the file it was to become, not the temporary
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     except BaseException:  # a full disk, an interrupt: the partial file must not eat what space is left
         tmp.unlink(missing_ok=True)
         raise
@@ -127,33 +144,33 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
         with os.fdopen(open_regular(path), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if size < 8:
-                raise DamagedKV(f"{path.name} is {'empty' if not size else 'truncated'}")
+                raise DamagedKV(f"{path.name} is {'empty' if not size else 'truncated'}", path)
             # Copy-on-write private mapping: writable for torch.frombuffer, never written back.
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
-        raise DamagedKV(f"{path.name} is missing") from None
+        raise DamagedKV(f"{path.name} is missing", path) from None
     except OSError as exc:  # not a regular file, unreadable
-        raise DamagedKV(f"{path.name} cannot be read ({exc.strerror or exc})") from None
+        raise DamagedKV(f"{path.name} cannot be read ({exc.strerror or exc})", path) from None
     data = memoryview(mapped)
     header_len = struct.unpack("<Q", data[:8])[0]
     if 8 + header_len > len(data):
-        raise DamagedKV(f"{path.name} is truncated")
+        raise DamagedKV(f"{path.name} is truncated", path)
     try:
         header = json.loads(bytes(data[8:8 + header_len]))
         meta = header.pop("__metadata__", {})
     except (ValueError, UnicodeDecodeError, AttributeError, TypeError):
-        raise DamagedKV(f"{path.name} has a corrupt header") from None
+        raise DamagedKV(f"{path.name} has a corrupt header", path) from None
     if not isinstance(header, dict) or not isinstance(meta, dict):
-        raise DamagedKV(f"{path.name} has a corrupt header")
+        raise DamagedKV(f"{path.name} has a corrupt header", path)
     body = 8 + header_len
     if meta.get("crc32") != str(zlib.crc32(data[body:])):
-        raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)")
+        raise DamagedKV(f"{path.name} fails its checksum (truncated or corrupted)", path)
     if meta.get("format") != str(FORMAT) or meta.get("fingerprint") != expect.get("fingerprint"):
-        raise DamagedKV(f"{path.name} was made by another model or format")
+        raise DamagedKV(f"{path.name} was made by another model or format", path)
     if any(meta.get(name) != value for name, value in expect.items()):
-        raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists")
+        raise DamagedKV(f"{path.name} does not hold the tokens its manifest lists", path)
     if not set(shapes) - optional <= set(header) <= set(shapes):
-        raise DamagedKV(f"{path.name} does not hold the tensors this model keeps")
+        raise DamagedKV(f"{path.name} does not hold the tensors this model keeps", path)
     tensors = {}
     for name, shape in shapes.items():
         if name not in header:
@@ -161,18 +178,18 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
         entry, want = header[name], dtype if isinstance(dtype, torch.dtype) else dtype[name]
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
                 tuple(entry["shape"]) != tuple(shape):
-            raise DamagedKV(f"{path.name} has wrong shapes for this model")
+            raise DamagedKV(f"{path.name} has wrong shapes for this model", path)
         if getattr(torch, _DTYPES.get(entry.get("dtype"), ""), None) != want:
-            raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}")
+            raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}", path)
         count = 1
         for dim in shape:
             count *= dim
         offsets = entry.get("data_offsets")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
-            raise DamagedKV(f"{path.name} has a corrupt header")
+            raise DamagedKV(f"{path.name} has a corrupt header", path)
         begin, end = offsets
         if end - begin != count * want.itemsize or body + end > len(data):
-            raise DamagedKV(f"{path.name} has tensor offsets that do not fit")
+            raise DamagedKV(f"{path.name} has tensor offsets that do not fit", path)
         tensors[name] = torch.frombuffer(mapped, dtype=want, count=count, offset=body + begin).view(shape) \
             if count else torch.empty(shape, dtype=want)
     return tensors

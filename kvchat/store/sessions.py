@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvchat.store.blobs import Blobs
-from kvchat.store.catalog import Catalog, StoreError, check_name
+from kvchat.store.catalog import Catalog, StoreError, check_name, os_reason
 from kvchat.store.kvfile import FORMAT
 from kvchat.store.manifests import SessionManifest, transcript_crc
 
@@ -126,13 +126,13 @@ class Store(Catalog):
                     text = replace(text, token_ids=kv.token_ids, chunks=kv.chunks, tail_key=kv.tail_key,
                                    states=kv.states)
                 except OSError as exc:  # (a failed write leaves no partial file: its space is free again)
-                    notice = (f"session '{name}': its text is saved, its KV is not ({exc.strerror or exc}); "
+                    notice = (f"session '{name}': its text is saved, its KV is not ({os_reason(exc, self.root)}); "
                               "resuming it re-reads what is missing")
             try:
                 self.write_manifest(text, previous)
             except OSError as exc:
                 turns = f"{previous.turns} turn{'' if previous.turns == 1 else 's'}" if previous else ""
                 kept = f"the save before ({turns}) is intact" if previous else "nothing of it was saved"
-                raise StoreError(f"cannot save session '{name}' in {self.root}: {exc.strerror or exc}; "
+                raise StoreError(f"cannot save session '{name}' in {self.root}: {os_reason(exc, self.root)}; "
                                  f"{kept}") from None
             return notice
