@@ -2,8 +2,10 @@
 
 Each round starts `kvchat --session crash --lines` on the model with a few messages and kills it (SIGKILL)
 after a random delay: while loading, prefilling, decoding, or saving. After every kill the session must
-open (no stale lock, no damaged transcript), hold whole exchanges only, and every turn whose save had
-completed must still be there. The test suite runs a short form (tests/test_crash.py).
+open (no stale lock, no damaged transcript), hold whole exchanges only, every turn whose save had completed
+must still be there, and so must every reply as far as its text reached stdout (the round's stdout is the
+start of its replies as saved, each followed by a newline). The test suite runs a short form
+(tests/test_crash.py).
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dic
     env = {**os.environ, "KVCHAT_HOME": str(sessions.parent / "home")}
     command = [sys.executable, "-m", "kvchat", "--model", str(model_dir), "--temperature", "0",
                "--max-new-tokens", "8", "--sessions-dir", str(sessions), "--session", "crash", "--lines"]
-    figures = {"kills": 0, "turns": 0, "notices": 0}
-    saved_turns = 0
+    figures = {"kills": 0, "turns": 0, "notices": 0, "printed": 0, "cut_replies": 0}
+    saved: list[dict] = []
     for _ in range(kills):
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=env, start_new_session=True)
-        proc.stdin.write("\n".join(MESSAGES).encode())
-        proc.stdin.close()
-        time.sleep(rng.uniform(1.0, 8.0))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        with tempfile.TemporaryFile() as stdout:
+            proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+            proc.stdin.write("\n".join(MESSAGES).encode())
+            proc.stdin.close()
+            time.sleep(rng.uniform(1.0, 8.0))
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            stdout.seek(0)
+            printed = stdout.read().decode("utf-8", errors="replace")
         figures["kills"] += 1
         engine = Engine(loaded)
         store = Store(sessions).bind(engine.layout, fingerprint(loaded), loaded.name)
@@ -49,12 +54,16 @@ def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dic
         messages = opened.chat.messages
         roles = [m["role"] for m in messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2), f"a half exchange was saved: {roles}"
-        turns = len(roles) // 2
-        assert turns >= saved_turns, f"{saved_turns - turns} saved turns were lost"
-        saved_turns = turns
+        assert messages[:len(saved)] == saved, "saved turns were lost or changed"
+        replies = [m["content"] for m in messages[len(saved):] if m["role"] == "assistant"]
+        shown = "".join(reply + "\n" for reply in replies)
+        assert shown.startswith(printed), f"printed text is missing from the transcript: {printed!r} vs {shown!r}"
+        figures["printed"] += printed.count("\n")
+        figures["cut_replies"] += bool(replies) and not printed.endswith("\n") and shown.startswith(printed)
+        saved = [dict(m) for m in messages]
         figures["notices"] += opened.notice is not None
         store.close()
-    figures["turns"] = saved_turns
+    figures["turns"] = len(saved) // 2
     return figures
 
 
@@ -63,8 +72,9 @@ def main(argv: list[str]) -> int:
     kills = int(argv[1]) if len(argv) > 1 else 40
     with tempfile.TemporaryDirectory() as root:
         figures = run_kills(model_dir, Path(root) / "sessions", kills)
-    print(f"{figures['kills']} kills: every one left the session loadable; {figures['turns']} turns kept, "
-          f"{figures['notices']} resumes rebuilt their cache from the text")
+    print(f"{figures['kills']} kills: every one left the session loadable and every printed reply in it; "
+          f"{figures['turns']} turns kept, {figures['printed']} replies printed whole, {figures['cut_replies']} "
+          f"kept as far as they were printed; {figures['notices']} resumes had a notice")
     return 0
 
 

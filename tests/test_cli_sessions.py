@@ -175,3 +175,33 @@ def test_the_store_catalog_commands_work_where_torch_cannot_be_imported(monkeypa
     assert "removed" in blocked("cache", "prune")
     assert "sessions: 1" in blocked("cache")
     assert [p for p in chunks if p.exists()]  # what the other session uses stays
+
+
+def test_a_save_that_fails_on_a_full_disk_never_stops_lines_and_its_turn_is_saved_later(monkeypatch, capsys,
+                                                                                       tiny_model_dir, tmp_path):
+    """Regression (issue 21, item 10): on a full disk the turn whose save failed was lost and --lines stopped
+    sending the lines after it. The failure is one line naming the line; the next save writes that turn too."""
+    import errno
+
+    from kvchat.store import kvfile
+
+    real, calls = kvfile.atomic_write, {"manifests": 0}
+
+    def full_once(path, data):
+        if path.name == "pipe.json":
+            calls["manifests"] += 1
+            if calls["manifests"] == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(kvfile, "atomic_write", full_once)
+    sessions = tmp_path / "s"
+    code, out, err = run(monkeypatch, capsys, chat(tiny_model_dir, sessions, "--session", "pipe", "--lines"),
+                         b"Hello!\nTell me a story.\nThanks.\n")
+    assert code == 1 and "Traceback" not in err
+    assert err.count("\n") == 2 and err.startswith("kvchat: line 1: cannot save session 'pipe'")
+    assert err.endswith("kvchat: 1 of 3 lines failed (see above)\n")
+    assert "No space left on device; nothing of it was saved; the next turn's save tries again" in err
+    manifest = json.loads((sessions / "pipe.json").read_text())
+    assert manifest["turns"] == 3
+    assert out == "".join(m["content"] + "\n" for m in manifest["messages"] if m["role"] == "assistant")

@@ -20,7 +20,7 @@ from kvchat.config import Sampling
 from kvchat.chat.chat import Chat
 from kvchat.chat.conversation import Conversation
 from kvchat.chat.saving import open_chat
-from kvchat.chat.engine import Engine, Prefill, TurnEnd
+from kvchat.chat.engine import Engine, Token, TurnEnd
 from kvchat.chat.prompt import common_prefix
 from kvchat.bench.common import BenchPlan, Progress, build_session, fixed_length, median, message
 from kvchat.weights.model import LoadedModel, fingerprint, precision
@@ -126,7 +126,7 @@ def resume(loaded: LoadedModel, plan: BenchPlan, progress: Progress, workdir: Pa
 def _first_token(events, started: float, sink: list[float]) -> list[int]:
     first = None
     for event in events:
-        if first is None and not isinstance(event, Prefill):  # the first token (or the end of an empty reply)
+        if first is None and isinstance(event, (Token, TurnEnd)):  # the first token (or an empty reply's end)
             first = (time.perf_counter() - started) * 1000
         if isinstance(event, TurnEnd):
             sink.append(first)

@@ -6,6 +6,7 @@ token), never before: a turn that fails or is interrupted before replying leaves
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -17,7 +18,19 @@ from kvchat.chat.engine import Engine, Plan, Prefill, PrefixSource, Reply, Token
 from kvchat.chat.sampling import make_generator
 from kvchat.config import Sampling
 
-Event = Prefill | Token | TurnEnd
+
+
+@dataclass
+class TurnStart:
+    """A turn begins: the transcript it is made of (ending with the user's message, or with the reply it
+    continues, then `continuing`) and the first message the model sees. Its reply is what the `Token`s add."""
+
+    messages: list[dict[str, Any]]
+    first_kept: int
+    continuing: bool
+
+
+Event = TurnStart | Prefill | Token | TurnEnd
 
 
 class Chat:
@@ -52,8 +65,8 @@ class Chat:
     # -- turns -------------------------------------------------------------------------------
 
     def send(self, text: str) -> Iterator[Event]:
-        """Answer the user message `text`: `Prefill` progress, `Token`s, then one `TurnEnd`. Raises InputError
-        (or KvchatError) at once for a message that cannot be sent, with nothing changed."""
+        """Answer the user message `text`: a `TurnStart`, `Prefill` progress, `Token`s, then one `TurnEnd`.
+        Raises InputError (or KvchatError) at once for a message that cannot be sent, with nothing changed."""
         return self._run(self.engine.plan_send(self.conversation, text, self.sampling))
 
     def retry(self) -> Iterator[Event]:
@@ -74,6 +87,7 @@ class Chat:
         off (an error, Ctrl-C, the iteration closed) with a reply begun."""
         recorded = False
         try:
+            yield TurnStart(list(plan.messages), plan.first_kept, plan.extending is not None)
             for event in events:
                 if isinstance(event, TurnEnd):
                     self._record(plan, reply)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Iterator
 
-from kvchat.chat.chat import Chat
+from kvchat.chat.chat import Chat, Event, TurnStart
 from kvchat.chat.conversation import Conversation
-from kvchat.chat.engine import Engine
+from kvchat.chat.engine import Engine, Token
 from kvchat.config import Sampling, adopt_sampling
 from kvchat.store.sessions import Store, StoreError
 
@@ -66,6 +66,31 @@ class Persister:
                 raise StoreError(f"cannot save session '{self.session}' in {self.store.root}: "
                                  f"{exc.strerror or exc}; the session on disk is as it was") from None
         return None
+
+    def journaled(self, events: Iterable[Event]) -> Iterator[Event]:
+        """A turn's `events` as they come, each piece of its reply first written to the session's journal (when
+        a session is named), so that what is shown is never lost if the process dies before the turn's save.
+        A journal that cannot be written is skipped: the save after the turn reports disk problems."""
+        journal = None
+        try:
+            for event in events:
+                try:
+                    if isinstance(event, TurnStart) and self.session:
+                        journal = self.store.start_journal(self.session, event.messages, event.first_kept,
+                                                           event.continuing)
+                    elif isinstance(event, Token) and journal is not None:
+                        journal.add(event.text)
+                except OSError:
+                    if journal is not None:
+                        journal.close()
+                    journal = None
+                yield event
+        finally:
+            if journal is not None:
+                journal.close()
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # the turn records what it got now, not when it is collected
 
     def _save_system_prefix(self, chat: Chat) -> None:
         prefix = chat.engine.system_prefix_ids(chat.conversation.system)

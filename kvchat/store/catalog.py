@@ -5,6 +5,7 @@ Layout under the sessions directory:
 
     NAME.json                      a session: messages (the text), token ids, the chunks that hold its KV
     NAME.lock                      held (flock) by the one process that has the session open
+    NAME.journal                   the reply in progress, until the session's next save (see journal.py)
     .kv/chunks/KEY.safetensors     KV of `chunk_tokens` tokens (or a prefix's last, shorter piece)
     .kv/tails/NAME-KEY.safetensors KV of a session's last, partial chunk (rewritten as the session grows)
     .kv/prefixes/KEY.json          a shared prefix (a system prompt): token ids and chunk list
@@ -170,6 +171,10 @@ class Catalog:
 
     def manifest_path(self, name: str) -> Path:
         return self.root / f"{check_name(name)}.json"
+
+    def journal_path(self, name: str) -> Path:
+        """Where a session's running turn is journaled (see `journal.py`)."""
+        return self.root / f"{check_name(name)}.journal"
 
     def previous_path(self, name: str) -> Path:
         """Where a session's previous manifest is kept, to recover from a damaged one."""
@@ -372,14 +377,15 @@ class Catalog:
         except StoreError:  # damaged beyond recovery, or unreadable: removed all the same
             manifest = None
         path = self.manifest_path(name)
-        if manifest is None and not (os.path.lexists(path) or os.path.lexists(self.previous_path(name))):
+        others = (self.previous_path(name), self.journal_path(name))
+        if manifest is None and not any(map(os.path.lexists, (path, *others))):
             raise StoreError(f"no session named '{name}' in {self.root}")
         self.lock(name)
         try:
             with self.store_lock(exclusive=False):
                 for kv in self.own_kv_files(manifest):
                     kv.unlink(missing_ok=True)
-                for found in (self.previous_path(name), path):
+                for found in (self.journal_path(name), self.previous_path(name), path):
                     if os.path.lexists(found) and stat.S_IFMT(os.lstat(found).st_mode) not in (stat.S_IFREG, stat.S_IFLNK):
                         raise StoreError(f"session '{name}': {found} is not a file; kvchat removes only files "
                                          "(remove it yourself)")

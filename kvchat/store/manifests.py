@@ -36,6 +36,16 @@ def _number(value: Any) -> float | None:
     return float(value) if type(value) in (int, float) else None
 
 
+def parse_messages(value: Any) -> list[dict[str, Any]]:
+    """`value` if it is a transcript (a list of messages with a role, a text and maybe token ids); else
+    ValueError."""
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            and ("token_ids" not in m or _ids(m["token_ids"])) for m in value):
+        raise ValueError("its transcript is not a list of messages")
+    return value
+
+
 @dataclass(frozen=True)
 class StateEntry:
     """A stored recurrent-state snapshot: after the first `tokens` token ids, in the file its `key` names."""
@@ -89,11 +99,7 @@ class SessionManifest:
             raise ValueError("the manifest is not a JSON object")
         if raw.get("name", name) != name:
             raise ValueError(f"it is the manifest of another session ({str(raw.get('name'))[:40]!r})")
-        messages = raw.get("messages")
-        if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                and ("token_ids" not in m or _ids(m["token_ids"])) for m in messages):
-            raise ValueError("its transcript is not a list of messages")
+        messages = parse_messages(raw.get("messages"))
         if "transcript_crc" in raw and raw["transcript_crc"] != transcript_crc(messages):
             raise ValueError("its transcript fails its checksum")
         token_ids = raw.get("token_ids", [])

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvchat.store.blobs import Blobs
 from kvchat.store.catalog import Catalog, StoreError, check_name, os_reason
+from kvchat.store.journal import Journal, JournalTurn, read_journal
 from kvchat.store.kvfile import FORMAT
 from kvchat.store.manifests import SessionManifest, transcript_crc
 
@@ -43,6 +44,7 @@ class Store(Catalog):
         super().__init__(root, max_bytes, chunk_tokens)
         self.blobs: Blobs | None = None
         self.model = ""  # the model's name, written in manifests for `sessions list`
+        self._follows: dict[str, float | None] = {}  # each open session's manifest as last read or written
 
     def bind(self, layout: Layout, fingerprint: str, model: str = "") -> "Store":
         """Read and write the KV of the model with this cache `layout` and weights `fingerprint` (named `model`).
@@ -78,25 +80,40 @@ class Store(Catalog):
         a cache is given). A session that does not exist opens empty (`existed` False)."""
         self.lock(name)
         manifest = self.read_manifest(name)
-        if manifest is None:
+        self._follows[name] = manifest.updated if manifest is not None and not manifest.recovered else None
+        turn = read_journal(self.journal_path(name))
+        if turn is not None and (turn.follows != self._follows[name] or not turn.text):
+            turn = None  # its turn was saved (or never began its reply): nothing more to take from it
+        if manifest is None and turn is None:
             return Opened()
-        opened = Opened(messages=manifest.messages, first_kept=manifest.first_kept, existed=True,
-                        settings=manifest.settings)
+        opened = Opened(existed=True)
+        if manifest is not None:
+            opened.messages, opened.first_kept, opened.settings = manifest.messages, manifest.first_kept, \
+                manifest.settings
+            opened.notice = self._load_kv(manifest, cache, opened)
+        if turn is not None:
+            opened.messages, opened.first_kept = turn.transcript(), turn.first_kept
+            recovered = f"session '{name}': kvchat stopped before saving its last reply; recovered it as far as it " \
+                        "was printed"
+            opened.notice = f"{recovered}; {opened.notice.removeprefix(f'session {name!r}: ')}" if opened.notice \
+                else recovered
+        return opened
+
+    def _load_kv(self, manifest: SessionManifest, cache: ChatCache | None, opened: Opened) -> str | None:
+        """Load the KV `manifest` lists into `cache` when it is intact; why not, in one line, when it is not."""
+        name = manifest.name
         if manifest.recovered:
-            opened.notice = (f"session '{name}': its last save is damaged ({manifest.recovered}); recovered the "
-                             f"save before it ({manifest.turns} turns), rebuilding its cache from the text")
-            return opened
+            return (f"session '{name}': its last save is damaged ({manifest.recovered}); recovered the save before "
+                    f"it ({manifest.turns} turns), rebuilding its cache from the text")
         if (manifest.format, manifest.fingerprint, manifest.chunk_tokens) != (FORMAT, self.fingerprint, self.chunk_tokens):
-            opened.notice = f"session '{name}' was saved with another model or format; rebuilding its cache from the text"
-            return opened
+            return f"session '{name}' was saved with another model or format; rebuilding its cache from the text"
         if not manifest.token_ids or cache is None:
-            return opened
+            return None
         wrong = self._bound().load_session(manifest, cache)
         if wrong is not None:
-            opened.notice = f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text"
-            return opened
+            return f"session '{name}': KV not usable ({wrong}); rebuilding its cache from the text"
         opened.loaded_tokens = len(manifest.token_ids)
-        return opened
+        return None
 
     def save_session(self, name: str, messages: list[dict[str, Any]], first_kept: int, cache: ChatCache | None,
                      settings: dict[str, Any]) -> str | None:
@@ -130,9 +147,20 @@ class Store(Catalog):
                               "resuming it re-reads what is missing")
             try:
                 self.write_manifest(text, previous)
+                self._follows[name] = text.updated
             except OSError as exc:
                 turns = f"{previous.turns} turn{'' if previous.turns == 1 else 's'}" if previous else ""
                 kept = f"the save before ({turns}) is intact" if previous else "nothing of it was saved"
                 raise StoreError(f"cannot save session '{name}' in {self.root}: {os_reason(exc, self.root)}; "
                                  f"{kept}") from None
+            try:
+                self.journal_path(name).unlink(missing_ok=True)  # its turn is saved
+            except OSError:
+                pass  # (not a file) it follows an older save: never used
             return notice
+
+    def start_journal(self, name: str, messages: list[dict[str, Any]], first_kept: int,
+                      continuing: bool) -> Journal:
+        """Journal a turn of session `name` (open in this store) made of `messages`; raises OSError."""
+        return Journal(self.journal_path(name), JournalTurn(self._follows.get(name), messages, first_kept,
+                                                            continuing))

@@ -201,7 +201,8 @@ def run_turns(chat: Chat, messages: Iterable[str], settings: Settings, persister
     failed = 0
     for index, text in enumerate(messages):
         try:
-            for event in chat.send(text):
+            events = chat.send(text)
+            for event in persister.journaled(events) if persister is not None else events:
                 if isinstance(event, Token):
                     out.write(visible(event.text) if out.isatty() else event.text)
                     out.flush()
@@ -224,10 +225,24 @@ def run_turns(chat: Chat, messages: Iterable[str], settings: Settings, persister
             failed += 1
         finally:
             if persister is not None:
-                notice = persister.after_turn(chat)  # an interrupted turn is saved too: the chat is consistent
-                if notice:
-                    print(f"kvchat: {visible(notice)}", file=err)
+                failed += _save_turn(persister, chat, err, None if line_numbers is None else line_numbers[index])
     return failed
+
+
+def _save_turn(persister: Persister, chat: Chat, err: TextIO, line_number: int | None) -> int:
+    """Autosave after a turn (an interrupted one too: the chat is consistent). With --lines (`line_number`), a
+    save that fails is one line and the script goes on (the next turn's save writes it all); returns 1 then."""
+    try:
+        notice = persister.after_turn(chat)
+    except KvchatError as exc:
+        if line_number is None:
+            raise
+        err.write(f"kvchat: line {line_number}: {exc}; the next turn's save tries again\n")
+        err.flush()
+        return 1
+    if notice:
+        print(f"kvchat: {visible(notice)}", file=err)
+    return 0
 
 
 def stats_record(end: TurnEnd) -> dict[str, Any]:

@@ -221,6 +221,8 @@ def draw_reply(events, writer: WrappingWriter | MarkdownStream, progress: Prefil
             if progress is not None:
                 progress.update(event.done, event.total, event.elapsed_s)
             continue
+        if not isinstance(event, (Token, TurnEnd)):
+            continue  # (a turn's start)
         if not started:  # the first token: the progress line goes, the reply's colour starts
             started = True
             if progress is not None and progress.running:
@@ -425,7 +427,8 @@ class Repl:
             if self.terminal else None
         try:
             with quiet_input(self.session.input) if self.terminal else contextlib.nullcontext():
-                self._show(start(), writer, progress)
+                events = start()
+                self._show(self.persister.journaled(events) if self.persister else events, writer, progress)
         except KeyboardInterrupt:
             self.last = None  # the toolbar shows no figures of a turn that did not end
             self._end(writer, progress)

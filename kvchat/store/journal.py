@@ -1,0 +1,117 @@
+"""A session's turn journal: the reply in progress, each piece written before it reaches the terminal, so that a
+process killed between printing a reply and saving it loses nothing its user saw. Never imports torch.
+
+NAME.journal, beside NAME.json: one JSON header line (the transcript the turn is made of, and the `updated` time
+of the manifest it follows), then one JSON string per piece of the reply. It is written without fsync: it
+outlives the process, not the machine. The session's next successful save removes it; a resume that finds one
+following the manifest it reads takes the reply from it (as far as it was printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvchat.store import kvfile
+from kvchat.store.manifests import parse_messages
+
+VERSION = 1
+MAX_BYTES = 64 * 1024 * 1024  # a journal larger than this is not one kvchat wrote
+
+
+@dataclass
+class JournalTurn:
+    """A turn as journaled: the transcript it is made of (ending with the user's message, or with the reply it
+    continues), which of its messages the model sees, and the reply text printed so far."""
+
+    follows: float | None  # the `updated` time of the manifest the turn came after; None: there was none
+    messages: list[dict[str, Any]]
+    first_kept: int
+    continuing: bool
+    text: str = ""
+    pieces: list[str] = field(default_factory=list, repr=False)
+
+    def header(self) -> bytes:
+        return (json.dumps({"kvchat_journal": VERSION, "follows": self.follows, "messages": self.messages,
+                            "first_kept": self.first_kept, "continuing": self.continuing}) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> "JournalTurn":
+        """The turn in a journal file's bytes; ValueError when it is not one. A last line cut short (the process
+        was killed while writing it) is left out."""
+        lines = data.split(b"\n")
+        if len(lines) < 2:
+            raise ValueError("the journal has no header")
+        head = json.loads(lines[0].decode("utf-8"))
+        if not isinstance(head, dict) or head.get("kvchat_journal") != VERSION:
+            raise ValueError("the journal has no header")
+        follows, first_kept = head.get("follows"), head.get("first_kept")
+        messages = parse_messages(head.get("messages"))
+        if not (follows is None or type(follows) in (int, float)) or type(first_kept) is not int or \
+                not 0 <= first_kept <= len(messages) or type(head.get("continuing")) is not bool:
+            raise ValueError("the journal's header is damaged")
+        continuing = head["continuing"]
+        if not messages or messages[-1]["role"] != ("assistant" if continuing else "user"):
+            raise ValueError("the journal's transcript does not end as its turn needs")
+        pieces = []
+        for line in lines[1:-1]:  # the last is empty when the last line was written whole
+            piece = json.loads(line.decode("utf-8"))
+            if not isinstance(piece, str):
+                raise ValueError("the journal's reply is damaged")
+            pieces.append(piece)
+        return cls(follows, messages, first_kept, continuing, "".join(pieces), pieces)
+
+    def transcript(self) -> list[dict[str, Any]]:
+        """The transcript with the reply as far as it was printed (without token ids: it is read again)."""
+        if self.continuing:
+            last = self.messages[-1]
+            return [*self.messages[:-1], {"role": "assistant", "content": last["content"] + self.text}]
+        return [*self.messages, {"role": "assistant", "content": self.text}]
+
+
+class Journal:
+    """The journal of one running turn, open for appending its reply's pieces."""
+
+    def __init__(self, path: Path, turn: JournalTurn):
+        self.path = path
+        self._fd: int | None = kvfile.open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        try:
+            self._write(turn.header())
+        except BaseException:
+            self.close()
+            raise
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None, "the journal is closed"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def add(self, text: str) -> None:
+        """Append a piece of the reply (before it is shown)."""
+        if text:
+            self._write((json.dumps(text) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_journal(path: Path) -> JournalTurn | None:
+    """The journaled turn at `path`; None when there is none, or none that can be read (never used then)."""
+    try:
+        fd = kvfile.open_regular(path)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        return None
+    try:
+        return JournalTurn.parse(data)
+    except (ValueError, UnicodeDecodeError):
+        return None
