@@ -287,7 +287,10 @@ def chat(argv: list[str]) -> int:
             if args.session is None or store.read_manifest(args.session) is None:
                 # A new chat: the prompt is up at once, the model loads behind it; the first message waits.
                 pending = Pending(lambda report: open_chat(settings, args, store, report))
-                return Repl(None, settings, history_path=history, pending=pending).run()
+                code = Repl(None, settings, history_path=history, pending=pending).run()
+                if not pending.done:
+                    leave_while_loading(code, store)
+                return code
         chat, persister, notices = open_chat(settings, args, store)
         for notice in notices:
             print(f"kvchat: {visible(notice)}", file=sys.stderr)
@@ -299,6 +302,17 @@ def chat(argv: list[str]) -> int:
         return 1 if refused else 0
     finally:
         store.close()
+
+
+def leave_while_loading(code: int, store: Store) -> None:
+    """End the process now, the model still loading in its thread (/quit or Ctrl-D before it was ready): a
+    thread inside torch cannot be stopped, and the interpreter's exit would tear torch down under it (an abort).
+    Nothing of a chat exists yet; the store's locks are released; a conversion left half-way is removed by the
+    next one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    store.close()
+    os._exit(code)
 
 
 def open_chat(settings: Settings, args: argparse.Namespace, store: Store,
@@ -570,5 +584,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
         return 141
     except OSError as exc:  # a full or read-only disk, a file made unreadable: one line, not a traceback
-        print(f"kvchat: error: {visible(one_line(exc))}", file=sys.stderr)
+        what = f"{os.fsdecode(exc.filename)}: {exc.strerror}" if exc.filename and exc.strerror else one_line(exc)
+        print(f"kvchat: error: {visible(what)}", file=sys.stderr)
         return 1

