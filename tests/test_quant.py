@@ -383,3 +383,36 @@ def test_a_4_bit_embedding_table_looks_up_and_projects_the_float_rows(kernel):
     with torch.no_grad():
         assert torch.equal(model[0](ids), expected[ids])
         torch.testing.assert_close(model(ids[:, :1]), expected[ids[:, :1]] @ expected.T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fifo_where_a_stored_packing_belongs_never_hangs(kernel, tmp_path):
+    """Regression (issue 21, item 15): a FIFO at $KVCHAT_HOME/packed/KEY.safetensors hung --weights int8."""
+    import os
+    import signal
+
+    path = tmp_path / "packed.safetensors"
+    os.mkfifo(path)
+    signal.alarm(60)
+    try:
+        packing = quant.pack_model(gguf_like().model, stored=path)
+    finally:
+        signal.alarm(0)
+    assert packing.exact and path.is_file()  # packed from the model, and the packing kept in its place
+
+
+def test_a_damaged_kernel_library_is_built_again_never_loaded(kernel, tmp_path):
+    """Regression (issue 21, item 15): a truncated kernel .so in $KVCHAT_HOME killed every start with SIGBUS,
+    printing nothing. The library is checked against the digest recorded when it was built."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from kvchat.weights import quant; k = quant.Kernel(); print(k.build(), k.failure)"
+    env = {**os.environ, "KVCHAT_HOME": str(tmp_path / "home")}
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == "True None", first.stderr
+    (library,) = (tmp_path / "home" / "kernels").glob("*.so")
+    library.write_bytes(library.read_bytes()[:len(library.read_bytes()) // 2])
+    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.strip() == "True None", (again.returncode, again.stderr)
+    assert library.stat().st_size > 0 and oct(library.stat().st_mode & 0o777) == oct(0o700)

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvchat.config import private_home
+from kvchat.config import private_dir, private_home
 from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
@@ -205,15 +206,23 @@ class Kernel:
                              + " ".join(BUILD_FLAGS).encode()).hexdigest()
         directory = private_home() / "kernels"
         library = directory / f"packed_matvec-{key[:16]}.so"
-        if library.is_file():
+        digest = library.with_name(f"{library.name}.sha256")  # what was built: a damaged library is never loaded
+        have, recorded = _sha256(library), _regular_bytes(digest)
+        if have is not None and recorded is not None and recorded.decode(errors="replace").strip() == have:
             return library
-        directory.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
         staging = directory / f".build-{os.getpid()}-{library.name}"
         errors = ""
         for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):  # OpenMP and -march where they exist
             command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging)]
             built = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if built.returncode == 0:
+                staging.chmod(0o700)
+                pending = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
+                fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(str(_sha256(staging)))
+                os.replace(pending, digest)
                 os.replace(staging, library)
                 return library
             errors = built.stderr
@@ -241,6 +250,21 @@ class Kernel:
         expand = self.expand4 if is_nibbles(q) else self.expand
         expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(), torch.get_num_threads())
         return weight
+
+
+def _regular_bytes(path: Path) -> bytes | None:
+    """The contents of a regular file (never through a link, never blocking on a FIFO); None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read() if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else None
+
+
+def _sha256(path: Path) -> str | None:
+    data = _regular_bytes(path)
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
 def _cpu() -> str:
@@ -379,6 +403,8 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO would block the open forever, a link lead elsewhere
+        raise ValueError(f"{path.name} is not a regular file")
     with safe_open(str(path), "pt") as handle:
         missing = json.loads((handle.metadata() or {})["missing"])
     tensors = load_file(str(path))
