@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -236,13 +237,19 @@ def hub_snapshot(repo_id: str, progress: Progress) -> Path:
     from huggingface_hub.utils import disable_progress_bars
     from tqdm.auto import tqdm
 
+    lacking: list[str] = []
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        cached = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        lacking = missing_files(cached)
+        if not lacking:
+            return cached
     except (LocalEntryNotFoundError, ValueError):
         pass
+    partial = f"its copy in the Hugging Face cache is incomplete (no {', '.join(lacking[:3])})" if lacking else ""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFF:
-        raise KvchatError(f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-                          "unset it to download, or give a local model")
+        raise KvchatError(f"model '{repo_id}': {partial}, and HF_HUB_OFFLINE is set: unset it to download the rest"
+                          if partial else f"model '{repo_id}' is not in the local Hugging Face cache and "
+                          "HF_HUB_OFFLINE is set: unset it to download, or give a local model")
 
     class Files(tqdm):  # the file count of the download, on kvchat's one progress line
         def __init__(self, *args: Any, **kwargs: Any):
@@ -257,17 +264,49 @@ def hub_snapshot(repo_id: str, progress: Progress) -> Path:
 
     disable_progress_bars()  # huggingface_hub's own bars, one per file
     progress(f"downloading {repo_id} from the Hugging Face Hub", 0, 1)
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, tqdm_class=Files))
+    why = f"; {partial}" if partial else ""
+    try:  # (against the repository's file list: what the cache lacks is fetched, what it has is kept)
+        downloaded = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, tqdm_class=Files))
     except RepositoryNotFoundError:
         raise KvchatError(f"no model '{repo_id}' on the Hugging Face Hub (a private one needs `hf auth login`)") \
             from None
     except LocalEntryNotFoundError as exc:  # what snapshot_download raises when the Hub cannot be reached
         cause = exc.__cause__ or exc.__context__ or exc
         raise KvchatError(f"cannot download '{repo_id}': the Hugging Face Hub cannot be reached "
-                          f"({one_line(cause, 120)})") from None
+                          f"({one_line(cause, 120)}){why}") from None
     except (HfHubHTTPError, OSError) as exc:
-        raise KvchatError(f"cannot download '{repo_id}': {one_line(exc, 160)}") from None
+        raise KvchatError(f"cannot download '{repo_id}': {one_line(exc, 160)}{why}") from None
+    lacking = missing_files(downloaded)
+    if lacking and partial:  # (snapshot_download gives the cached copy back when the Hub is out of reach)
+        raise KvchatError(f"model '{repo_id}': {partial}, and the rest could not be downloaded (the Hugging Face "
+                          "Hub cannot be reached, or the model has no such file that kvchat reads)")
+    if lacking:
+        raise KvchatError(f"model '{repo_id}' on the Hugging Face Hub has no {', '.join(lacking[:3])} that kvchat "
+                          f"can load (it reads {', '.join(HUB_FILES)})")
+    return downloaded
+
+
+def missing_files(snapshot: Path) -> list[str]:
+    """What a model folder lacks for a chat, by name: its config, a tokenizer, its weights (every shard the weight
+    index lists, when there is one); [] when nothing is missing."""
+    def present(name: str) -> bool:
+        path = snapshot / name  # (a Hugging Face cache snapshot holds links to its blobs: followed here)
+        return path.is_file() and path.stat().st_size > 0
+
+    lacking = [] if present("config.json") else ["config.json"]
+    if not any(present(name) for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                                           "vocab.json")):
+        lacking.append("tokenizer.json")
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [*lacking, "a readable model.safetensors.index.json"]
+        lacking += [str(shard) for shard in shards if not isinstance(shard, str) or "/" in shard or not present(shard)]
+    elif not any(path.is_file() for path in snapshot.glob("*.safetensors")):
+        lacking.append("model.safetensors")
+    return lacking
 
 
 def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
