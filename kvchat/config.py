@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from kvchat.errors import ConfigError
+from kvchat.errors import ConfigError, KvchatError
 
 
 def kvchat_home() -> Path:
@@ -29,14 +29,65 @@ def private_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_own_dir(path: Path, where: str) -> None:
+    """Refuse, in one line (KvchatError), a `path` that is a symbolic link, not a directory, or another user's
+    directory; a missing one passes. `where` names what it is for the message."""
+    import stat
+
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise KvchatError(f"{path} cannot be used as {where}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise KvchatError(f"{path} is a symbolic link; kvchat does not follow links in {where} (give the real "
+                          "directory, or remove the link)")
+    if not stat.S_ISDIR(info.st_mode):
+        raise KvchatError(f"{path} is not a directory; kvchat needs one there for {where}")
+    if info.st_uid != os.geteuid():
+        raise KvchatError(f"{path} belongs to another user (uid {info.st_uid}); kvchat keeps {where} in "
+                          "directories of your own (set KVCHAT_HOME)")
+
+
 def private_home() -> Path:
-    """`kvchat_home()`, made private to this user (0700) before anything is written in it."""
+    """`kvchat_home()`, checked (see `check_own_dir`) and made private to this user (0700) before anything is
+    written in it; KvchatError when it is a link, not a directory or another user's."""
     home = kvchat_home()
+    check_own_dir(home, "its home ($KVCHAT_HOME)")
     try:
         private_dir(home)
     except OSError:
-        pass  # a read-only or foreign home: what is written there later says so in its own message
+        pass  # a read-only home: what is written there later says so in its own message
     return home
+
+
+def home_dir(name: str) -> Path:
+    """`name`, a directory of kvchat's own in its home (models, packed weights, kernels, compiled code), checked
+    as the home is; made (0700) when it can be."""
+    path = private_home() / name
+    check_own_dir(path, f"its home's {name} folder")
+    try:
+        private_dir(path)
+    except OSError:
+        pass  # (read-only: reported by what writes there)
+    return path
+
+
+def read_regular(path: Path, limit: int = 64 * 1024 * 1024) -> bytes | None:
+    """The contents of `path` when it is a regular file of at most `limit` bytes, opened without following a link
+    or blocking on a FIFO; None otherwise."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        data = handle.read(limit + 1)
+    return data if len(data) <= limit else None
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -184,3 +184,71 @@ def test_prune_in_a_shared_folder_removes_only_kvchats_own_leftovers(monkeypatch
     code, out, err = run(monkeypatch, capsys, ["cache", "prune", "--sessions-dir", str(sessions)])
     assert code == 0, err
     assert sorted(p.name for p in sessions.iterdir() if p.name != ".kv") == sorted(theirs)
+
+
+HOME_LEVELS = ["home", "home/packed", "home/kernels", "home/sessions"]
+
+
+def home_chat(monkeypatch, capsys, model_dir, message):
+    """A chat that writes in every folder of $KVCHAT_HOME it can: the store (no config: sessions in the home),
+    the kernel, the packed weights, the digests."""
+    from kvchat.weights import quant
+
+    monkeypatch.setattr(quant, "KERNEL", quant.Kernel())  # built (or found) in this home
+    return run(monkeypatch, capsys, chat_args(model_dir, "--weights", "int8", "--session", "s", "-p", message))
+
+
+def test_every_file_and_folder_kvchat_home_gets_is_private(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    """Under umask 022: $KVCHAT_HOME and all it holds after a chat (sessions, kernel, packed weights, digests)
+    are 0700 folders and 0600 files."""
+    old_umask = os.umask(0o022)
+    try:
+        code, _, err = home_chat(monkeypatch, capsys, tiny_model_dir, "Hello!")
+        assert code == 0, err
+    finally:
+        os.umask(old_umask)
+    home = tmp_path / "home"
+    found = modes(home)
+    assert {"kernels", "packed", "sessions", "sessions/s.json"} <= set(found), sorted(found)
+    loose = {name: oct(mode) for name, mode in found.items()
+             if mode != (0o700 if (home / name).is_dir() else 0o600)}
+    assert loose == {}, loose
+
+
+@pytest.mark.parametrize("level", HOME_LEVELS)
+def test_a_kvchat_home_folder_that_is_a_link_is_refused(monkeypatch, capsys, tiny_model_dir, tmp_path, level):
+    """$KVCHAT_HOME, or a folder in it, swapped for a link to a copy elsewhere: one line, the copy untouched."""
+    code, _, err = home_chat(monkeypatch, capsys, tiny_model_dir, "Hello!")
+    assert code == 0, err
+    real, outside = tmp_path / level, tmp_path / "outside"
+    real.rename(outside)
+    real.symlink_to(outside)
+    before = tree_digest(outside)
+    code, out, err = home_chat(monkeypatch, capsys, tiny_model_dir, "More?")
+    assert code == 1 and "is a symbolic link" in err and err.count("\n") == 1, err
+    assert tree_digest(outside) == before
+
+
+def test_the_models_folder_of_kvchat_home_is_checked_before_a_conversion(tmp_path):
+    from kvchat.errors import KvchatError
+    from kvchat.weights.model import default_model_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").symlink_to(outside)
+    with pytest.raises(KvchatError, match="is a symbolic link; kvchat does not follow links in its home's models"):
+        default_model_dir(lambda *_: None)
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's needs root")
+@pytest.mark.parametrize("level", ["home", "home/packed"])
+def test_a_kvchat_home_folder_of_another_user_is_refused(monkeypatch, capsys, tiny_model_dir, tmp_path, level):
+    code, _, err = home_chat(monkeypatch, capsys, tiny_model_dir, "Hello!")
+    assert code == 0, err
+    os.chown(tmp_path / level, 65534, 65534)
+    before = tree_digest(tmp_path / "home")
+    code, _, err = home_chat(monkeypatch, capsys, tiny_model_dir, "More?")
+    assert code == 1 and "belongs to another user (uid 65534)" in err and err.count("\n") == 1, err
+    assert tree_digest(tmp_path / "home") == before

