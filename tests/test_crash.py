@@ -35,6 +35,16 @@ def test_random_damage_to_store_files_never_gives_a_traceback_a_wrong_reply_or_a
     assert figures["rounds"] == 20 and sum(figures[k] for k in ("intact", "older", "recovered", "refused")) == 40
 
 
+def test_wrong_shapes_linked_or_foreign_folders_and_a_full_disk_never_reach_outside_or_lose_a_printed_turn():
+    """The kinds of damage issue 21 added to the loop, each several times: JSON (and safetensors headers) of the
+    wrong shape, store folders swapped for links or given to another user, a disk that fills mid-save."""
+    from corruption_loop import run_rounds
+
+    figures = run_rounds(24, seed=11, damages=("wrong-shape", "dir-link", "dir-foreign", "full-disk"))
+    assert figures["rounds"] == 24 and sum(figures[k] for k in ("intact", "older", "recovered", "refused")) == 48
+    assert figures["refused"] > 0 and figures["disk_full_hit"] > 0  # the damage was felt
+
+
 def test_unreadable_store_files_as_a_non_root_user_are_damage_like_any_other():
     """Permission 000 on any store file, read by a user it stops (as root the rounds run as nobody): one line
     or a rebuild, never a traceback or a lost transcript."""

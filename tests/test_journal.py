@@ -159,3 +159,20 @@ def test_a_journal_is_private_never_followed_and_goes_with_its_session(tiny, tmp
     die(store2)
     assert main(["sessions", "rm", "s", "--sessions-dir", str(tmp_path)]) == 0
     assert not os.path.lexists(journal) and victim.read_text() == "keep me"
+
+
+def test_a_damaged_piece_ends_the_recovered_reply_there(tiny, tmp_path):
+    """Each journal line carries a checksum: a piece damaged on disk is never taken for text that was printed."""
+    store, chat, persister = saved_chat(tiny, tmp_path)
+    printed_until_death(persister, chat.send(MESSAGES[1]), 4)
+    die(store)
+    lines = store.journal_path("s").read_bytes().split(b"\n")
+    assert len(lines) >= 4  # a header, pieces, the empty end
+    first = lines[1]
+    damaged = lines[2].replace(b"[", b"[9", 1)  # a wrong checksum on the second piece
+    store.journal_path("s").write_bytes(b"\n".join([lines[0], first, damaged, *lines[3:]]))
+    _, _, opened = resume(tiny, tmp_path)
+    from kvchat.store.journal import JournalTurn
+
+    want = JournalTurn.parse(lines[0] + b"\n" + first + b"\n").text
+    assert want and opened.chat.messages[-1] == {"role": "assistant", "content": want}

@@ -2,7 +2,8 @@
 process killed between printing a reply and saving it loses nothing its user saw. Never imports torch.
 
 NAME.journal, beside NAME.json: one JSON header line (the transcript the turn is made of, and the `updated` time
-of the manifest it follows), then one JSON string per piece of the reply. It is written without fsync: it
+of the manifest it follows), then one line per piece of the reply; each line is `[crc32, value]`, so damage is
+found: a damaged header voids the journal, a damaged piece ends the reply there. It is written without fsync: it
 outlives the process, not the machine. The session's next successful save removes it; a resume that finds one
 following the manifest it reads takes the reply from it (as far as it was printed).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ class JournalTurn:
     pieces: list[str] = field(default_factory=list, repr=False)
 
     def header(self) -> bytes:
-        return (json.dumps({"kvchat_journal": VERSION, "follows": self.follows, "messages": self.messages,
-                            "first_kept": self.first_kept, "continuing": self.continuing}) + "\n").encode()
+        return _line({"kvchat_journal": VERSION, "follows": self.follows, "messages": self.messages,
+                      "first_kept": self.first_kept, "continuing": self.continuing})
 
     @classmethod
     def parse(cls, data: bytes) -> "JournalTurn":
@@ -45,7 +47,7 @@ class JournalTurn:
         lines = data.split(b"\n")
         if len(lines) < 2:
             raise ValueError("the journal has no header")
-        head = json.loads(lines[0].decode("utf-8"))
+        head = _value(lines[0])
         if not isinstance(head, dict) or head.get("kvchat_journal") != VERSION:
             raise ValueError("the journal has no header")
         follows, first_kept = head.get("follows"), head.get("first_kept")
@@ -58,9 +60,12 @@ class JournalTurn:
             raise ValueError("the journal's transcript does not end as its turn needs")
         pieces = []
         for line in lines[1:-1]:  # the last is empty when the last line was written whole
-            piece = json.loads(line.decode("utf-8"))
+            try:
+                piece = _value(line)
+            except ValueError:
+                break  # damaged from here on: the reply as far as it is intact
             if not isinstance(piece, str):
-                raise ValueError("the journal's reply is damaged")
+                break
             pieces.append(piece)
         return cls(follows, messages, first_kept, continuing, "".join(pieces), pieces)
 
@@ -93,12 +98,28 @@ class Journal:
     def add(self, text: str) -> None:
         """Append a piece of the reply (before it is shown)."""
         if text:
-            self._write((json.dumps(text) + "\n").encode())
+            self._write(_line(text))
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _line(value: Any) -> bytes:
+    body = json.dumps(value)
+    return (json.dumps([zlib.crc32(body.encode()), value]) + "\n").encode()
+
+
+def _value(line: bytes) -> Any:
+    """The value of a journal line; ValueError when the line is damaged."""
+    try:
+        crc, value = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, TypeError) as exc:
+        raise ValueError("a damaged journal line") from exc
+    if crc != zlib.crc32(json.dumps(value).encode()):
+        raise ValueError("a journal line fails its checksum")
+    return value
 
 
 def read_journal(path: Path) -> JournalTurn | None:

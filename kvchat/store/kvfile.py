@@ -179,7 +179,8 @@ def read(path: Path, expect: dict[str, str], shapes: dict[str, tuple[int, ...]],
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list) or \
                 tuple(entry["shape"]) != tuple(shape):
             raise DamagedKV(f"{path.name} has wrong shapes for this model", path)
-        if getattr(torch, _DTYPES.get(entry.get("dtype"), ""), None) != want:
+        name_of_dtype = entry.get("dtype")
+        if not isinstance(name_of_dtype, str) or getattr(torch, _DTYPES.get(name_of_dtype, ""), None) != want:
             raise DamagedKV(f"{path.name} holds {entry.get('dtype')}, the model runs in {want}", path)
         count = 1
         for dim in shape:
