@@ -154,7 +154,8 @@ class Blobs:
         if full < len(ids):
             tail_key = chunk_key(self.fingerprint, ids)
             path = self.catalog.tail_path(name, tail_key)
-            if not self._stored(path) and (path in self.damaged or not _link_twin(path, tail_key)):  # a fork's identical tail: linked
+            # (a fork's identical tail is linked, unless this one was found damaged)
+            if not self._stored(path) and (path in self.damaged or not _link_twin(path, tail_key)):
                 self.write_kv(path, cache, tail_key, full, len(ids))
         states = []
         if ids and cache.has_state:

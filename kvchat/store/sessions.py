@@ -77,7 +77,9 @@ class Store(Catalog):
 
     def open_session(self, name: str, cache: ChatCache | None = None) -> Opened:
         """Lock and read a session: its transcript and settings, and its KV into `cache` when that is intact (and
-        a cache is given). A session that does not exist opens empty (`existed` False)."""
+        a cache is given). A reply its journal holds beyond the manifest (printed, then the process died before
+        the save) is added to the transcript, with a notice. A session that does not exist opens empty
+        (`existed` False)."""
         self.lock(name)
         manifest = self.read_manifest(name)
         self._follows[name] = manifest.updated if manifest is not None and not manifest.recovered else None
@@ -105,7 +107,8 @@ class Store(Catalog):
         if manifest.recovered:
             return (f"session '{name}': its last save is damaged ({manifest.recovered}); recovered the save before "
                     f"it ({manifest.turns} turns), rebuilding its cache from the text")
-        if (manifest.format, manifest.fingerprint, manifest.chunk_tokens) != (FORMAT, self.fingerprint, self.chunk_tokens):
+        made_by = (manifest.format, manifest.fingerprint, manifest.chunk_tokens)
+        if made_by != (FORMAT, self.fingerprint, self.chunk_tokens):
             return f"session '{name}' was saved with another model or format; rebuilding its cache from the text"
         if not manifest.token_ids or cache is None:
             return None
