@@ -29,25 +29,32 @@ def private_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_own_dir(path: Path, where: str) -> None:
-    """Refuse, in one line (KvchatError), a `path` that is a symbolic link, not a directory, or another user's
-    directory; a missing one passes. `where` names what it is for the message."""
+def dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be one of kvchat's own directories (a symbolic link, not a directory, another user's),
+    as the end of a sentence about it; None when it can be, or does not exist yet."""
     import stat
 
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
-        raise KvchatError(f"{path} cannot be used as {where}: {exc.strerror or exc}") from None
+        return f"cannot be examined ({exc.strerror or exc})"
     if stat.S_ISLNK(info.st_mode):
-        raise KvchatError(f"{path} is a symbolic link; kvchat does not follow links in {where} (give the real "
-                          "directory, or remove the link)")
+        return "is a symbolic link"
     if not stat.S_ISDIR(info.st_mode):
-        raise KvchatError(f"{path} is not a directory; kvchat needs one there for {where}")
+        return "is not a directory"
     if info.st_uid != os.geteuid():
-        raise KvchatError(f"{path} belongs to another user (uid {info.st_uid}); kvchat keeps {where} in "
-                          "directories of your own (set KVCHAT_HOME)")
+        return f"belongs to another user (uid {info.st_uid})"
+    return None
+
+
+def check_own_dir(path: Path, where: str) -> None:
+    """Refuse, in one line (KvchatError), a `path` that `dir_problem` finds wrong; `where` names what it is for."""
+    problem = dir_problem(path)
+    if problem is not None:
+        raise KvchatError(f"{path} {problem}; kvchat does not follow links in {where} nor use other users' "
+                          "folders there (give the real directory of your own, or set KVCHAT_HOME)")
 
 
 def private_home() -> Path:

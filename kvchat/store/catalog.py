@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from kvchat.config import private_dir
+from kvchat.config import dir_problem, private_dir
 from kvchat.errors import KvchatError, one_line
 from kvchat.store import kvfile, manifests
 from kvchat.store.manifests import PrefixEntry, References, SessionManifest, is_key, kv_references
@@ -206,18 +206,10 @@ class Catalog:
         else can swap them for links afterwards."""
         for path in (self.root, self.root / ".kv", self.chunks, self.tails, self.prefixes, self.states,
                      self.previous):
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISLNK(info.st_mode):
-                raise StoreError(f"{path} is a symbolic link; kvchat does not follow links in its store (point "
-                                 "sessions_dir at the real directory, or remove the link)")
-            if not stat.S_ISDIR(info.st_mode):
-                raise StoreError(f"{path} is not a directory; kvchat's store needs one there")
-            if info.st_uid != os.geteuid():
-                raise StoreError(f"{path} belongs to another user (uid {info.st_uid}); kvchat keeps its store in "
-                                 "directories of your own")
+            problem = dir_problem(path)
+            if problem is not None:
+                raise StoreError(f"{path} {problem}; kvchat does not follow links in its store nor use other "
+                                 "users' folders there (point sessions_dir at a real directory of your own)")
 
     def ensure_dirs(self) -> None:
         """Make the store's directories, private to this user (0700; looser existing ones are tightened)."""
