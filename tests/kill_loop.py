@@ -54,7 +54,9 @@ def run_kills(model_dir: Path, sessions: Path, kills: int, seed: int = 0) -> dic
         messages = opened.chat.messages
         roles = [m["role"] for m in messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2), f"a half exchange was saved: {roles}"
-        assert messages[:len(saved)] == saved, "saved turns were lost or changed"
+        changed = [(i, saved[i], messages[i] if i < len(messages) else None) for i in range(len(saved))
+                   if i >= len(messages) or messages[i] != saved[i]]
+        assert not changed, f"saved turns were lost or changed (round {figures['kills']}): {changed[:2]}"
         replies = [m["content"] for m in messages[len(saved):] if m["role"] == "assistant"]
         shown = "".join(reply + "\n" for reply in replies)
         assert shown.startswith(printed), f"printed text is missing from the transcript: {printed!r} vs {shown!r}"

@@ -75,7 +75,7 @@ def test_a_reply_printed_before_a_kill_is_in_the_transcript(loaded, tmp_path, to
     die(store)
 
     engine, store2, opened = resume(loaded, tmp_path)
-    assert "recovered it as far as it was printed" in opened.notice and "\n" not in opened.notice
+    assert "recovered that from the session's journal" in opened.notice and "\n" not in opened.notice
     messages = opened.chat.messages
     assert [dict(m) for m in messages[:len(before)]] == before
     assert messages[len(before):] == [{"role": "user", "content": MESSAGES[1]},
@@ -176,3 +176,20 @@ def test_a_damaged_piece_ends_the_recovered_reply_there(tiny, tmp_path):
 
     want = JournalTurn.parse(lines[0] + b"\n" + first + b"\n").text
     assert want and opened.chat.messages[-1] == {"role": "assistant", "content": want}
+
+
+def test_a_turn_killed_before_its_reply_keeps_what_the_journal_before_it_recovered(tiny, tmp_path):
+    """Found by the kill loop on the real model: a reply recovered from the journal, then the next process killed
+    after its turn's journal began but before any reply: the recovered reply was lost (the new journal replaced
+    the old one and, holding no reply, was ignored). A journal keeps the transcript before its turn too."""
+    store, chat, persister = saved_chat(tiny, tmp_path)
+    printed = printed_until_death(persister, chat.send(MESSAGES[1]), 3)
+    die(store)
+    _, store2, opened = resume(tiny, tmp_path)
+    recovered = [dict(m) for m in opened.chat.messages]
+    assert recovered[-1] == {"role": "assistant", "content": printed}
+    events = Persister(store2, "s").journaled(opened.chat.send(MESSAGES[2]))
+    next(events)  # the turn has begun (its journal written); no token yet
+    die(store2)
+    _, _, again = resume(tiny, tmp_path)
+    assert again.notice and [dict(m) for m in again.chat.messages] == recovered

@@ -22,9 +22,12 @@ from kvchat.config import Sampling
 
 @dataclass
 class TurnStart:
-    """A turn begins: the transcript it is made of (ending with the user's message, or with the reply it
-    continues, then `continuing`) and the first message the model sees. Its reply is what the `Token`s add."""
+    """A turn begins: the transcript before it (`before`, `before_first_kept`), the transcript it is made of
+    (ending with the user's message, or with the reply it continues, then `continuing`) and the first message
+    the model sees. Its reply is what the `Token`s add."""
 
+    before: list[dict[str, Any]]
+    before_first_kept: int
     messages: list[dict[str, Any]]
     first_kept: int
     continuing: bool
@@ -87,7 +90,8 @@ class Chat:
         off (an error, Ctrl-C, the iteration closed) with a reply begun."""
         recorded = False
         try:
-            yield TurnStart(list(plan.messages), plan.first_kept, plan.extending is not None)
+            yield TurnStart(list(self.conversation.messages), self.conversation.first_kept, list(plan.messages),
+                            plan.first_kept, plan.extending is not None)
             for event in events:
                 if isinstance(event, TurnEnd):
                     self._record(plan, reply)

@@ -76,8 +76,7 @@ class Persister:
             for event in events:
                 try:
                     if isinstance(event, TurnStart) and self.session:
-                        journal = self.store.start_journal(self.session, event.messages, event.first_kept,
-                                                           event.continuing)
+                        journal = self.store.start_journal(self.session, event)
                     elif isinstance(event, Token) and journal is not None:
                         journal.add(event.text)
                 except OSError:

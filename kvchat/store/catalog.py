@@ -35,7 +35,7 @@ from kvchat.store import kvfile, manifests
 from kvchat.store.manifests import PrefixEntry, References, SessionManifest, is_key, kv_references
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.json\.\d+\.[0-9a-f]{12}\.tmp")  # see kvfile.atomic_write
+LEFTOVER = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9._-]{0,63}\.(json|journal)\.\d+\.[0-9a-f]{12}\.tmp")  # atomic writes
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 

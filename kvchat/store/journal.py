@@ -1,8 +1,8 @@
 """A session's turn journal: the reply in progress, each piece written before it reaches the terminal, so that a
 process killed between printing a reply and saving it loses nothing its user saw. Never imports torch.
 
-NAME.journal, beside NAME.json: one JSON header line (the transcript the turn is made of, and the `updated` time
-of the manifest it follows), then one line per piece of the reply; each line is `[crc32, value]`, so damage is
+NAME.journal, beside NAME.json: one JSON header line (the transcript before the turn and the one it is made of,
+and the `updated` time of the manifest it follows), then one line per piece of the reply; each line is `[crc32, value]`, so damage is
 found: a damaged header voids the journal, a damaged piece ends the reply there. It is written without fsync: it
 outlives the process, not the machine. The session's next successful save removes it; a resume that finds one
 following the manifest it reads takes the reply from it (as far as it was printed).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +27,13 @@ MAX_BYTES = 64 * 1024 * 1024  # a journal larger than this is not one kvchat wro
 
 @dataclass
 class JournalTurn:
-    """A turn as journaled: the transcript it is made of (ending with the user's message, or with the reply it
-    continues), which of its messages the model sees, and the reply text printed so far."""
+    """A turn as journaled: the transcript before it, the transcript it is made of (ending with the user's
+    message, or with the reply it continues), which of their messages the model sees, and the reply text
+    printed so far."""
 
     follows: float | None  # the `updated` time of the manifest the turn came after; None: there was none
+    before: list[dict[str, Any]]
+    before_first_kept: int
     messages: list[dict[str, Any]]
     first_kept: int
     continuing: bool
@@ -37,7 +41,8 @@ class JournalTurn:
     pieces: list[str] = field(default_factory=list, repr=False)
 
     def header(self) -> bytes:
-        return _line({"kvchat_journal": VERSION, "follows": self.follows, "messages": self.messages,
+        return _line({"kvchat_journal": VERSION, "follows": self.follows, "before": self.before,
+                      "before_first_kept": self.before_first_kept, "messages": self.messages,
                       "first_kept": self.first_kept, "continuing": self.continuing})
 
     @classmethod
@@ -50,10 +55,11 @@ class JournalTurn:
         head = _value(lines[0])
         if not isinstance(head, dict) or head.get("kvchat_journal") != VERSION:
             raise ValueError("the journal has no header")
-        follows, first_kept = head.get("follows"), head.get("first_kept")
-        messages = parse_messages(head.get("messages"))
+        follows, first_kept, before_kept = head.get("follows"), head.get("first_kept"), head.get("before_first_kept")
+        messages, before = parse_messages(head.get("messages")), parse_messages(head.get("before"))
         if not (follows is None or type(follows) in (int, float)) or type(first_kept) is not int or \
-                not 0 <= first_kept <= len(messages) or type(head.get("continuing")) is not bool:
+                not 0 <= first_kept <= len(messages) or type(before_kept) is not int or \
+                not 0 <= before_kept <= len(before) or type(head.get("continuing")) is not bool:
             raise ValueError("the journal's header is damaged")
         continuing = head["continuing"]
         if not messages or messages[-1]["role"] != ("assistant" if continuing else "user"):
@@ -67,26 +73,35 @@ class JournalTurn:
             if not isinstance(piece, str):
                 break
             pieces.append(piece)
-        return cls(follows, messages, first_kept, continuing, "".join(pieces), pieces)
+        return cls(follows, before, before_kept, messages, first_kept, continuing, "".join(pieces), pieces)
 
-    def transcript(self) -> list[dict[str, Any]]:
-        """The transcript with the reply as far as it was printed (without token ids: it is read again)."""
+    def transcript(self) -> tuple[list[dict[str, Any]], int]:
+        """The transcript as shown when the journal ends, and its first message the model sees: with the reply as
+        far as it was printed (without token ids: it is read again), or as before the turn when none was."""
+        if not self.text:
+            return self.before, self.before_first_kept
         if self.continuing:
             last = self.messages[-1]
-            return [*self.messages[:-1], {"role": "assistant", "content": last["content"] + self.text}]
-        return [*self.messages, {"role": "assistant", "content": self.text}]
+            return [*self.messages[:-1], {"role": "assistant", "content": last["content"] + self.text}], \
+                self.first_kept
+        return [*self.messages, {"role": "assistant", "content": self.text}], self.first_kept
 
 
 class Journal:
     """The journal of one running turn, open for appending its reply's pieces."""
 
     def __init__(self, path: Path, turn: JournalTurn):
+        """Replace the journal at `path` (atomically: the one before stays whole until this one has its header)
+        with `turn`'s."""
         self.path = path
-        self._fd: int | None = kvfile.open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")  # (see catalog.LEFTOVER)
+        self._fd: int | None = kvfile.open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
         try:
             self._write(turn.header())
+            os.replace(tmp, path)  # (no fsync: a journal is for a process that dies, not a machine)
         except BaseException:
             self.close()
+            tmp.unlink(missing_ok=True)
             raise
 
     def _write(self, data: bytes) -> None:

@@ -84,8 +84,9 @@ class Store(Catalog):
         manifest = self.read_manifest(name)
         self._follows[name] = manifest.updated if manifest is not None and not manifest.recovered else None
         turn = read_journal(self.journal_path(name))
-        if turn is not None and (turn.follows != self._follows[name] or not turn.text):
-            turn = None  # its turn was saved (or never began its reply): nothing more to take from it
+        if turn is not None and (turn.follows != self._follows[name] or
+                                 turn.transcript()[0] == (manifest.messages if manifest else [])):
+            turn = None  # its turn was saved, or it holds nothing the manifest does not: nothing to take from it
         if manifest is None and turn is None:
             return Opened()
         opened = Opened(existed=True)
@@ -94,9 +95,9 @@ class Store(Catalog):
                 manifest.settings
             opened.notice = self._load_kv(manifest, cache, opened)
         if turn is not None:
-            opened.messages, opened.first_kept = turn.transcript(), turn.first_kept
-            recovered = f"session '{name}': kvchat stopped before saving its last reply; recovered it as far as it " \
-                        "was printed"
+            opened.messages, opened.first_kept = turn.transcript()
+            recovered = f"session '{name}': kvchat stopped before saving what it had shown; recovered that from " \
+                        "the session's journal (a reply as far as it was printed)"
             opened.notice = f"{recovered}; {opened.notice.removeprefix(f'session {name!r}: ')}" if opened.notice \
                 else recovered
         return opened
@@ -162,8 +163,9 @@ class Store(Catalog):
                 pass  # (not a file) it follows an older save: never used
             return notice
 
-    def start_journal(self, name: str, messages: list[dict[str, Any]], first_kept: int,
-                      continuing: bool) -> Journal:
-        """Journal a turn of session `name` (open in this store) made of `messages`; raises OSError."""
-        return Journal(self.journal_path(name), JournalTurn(self._follows.get(name), messages, first_kept,
-                                                            continuing))
+    def start_journal(self, name: str, turn: Any) -> Journal:
+        """Journal a turn of session `name` (open in this store); `turn` has the fields of a `JournalTurn` but
+        `follows` and `text` (a chat's `TurnStart`). Raises OSError."""
+        return Journal(self.journal_path(name), JournalTurn(
+            self._follows.get(name), turn.before, turn.before_first_kept, turn.messages, turn.first_kept,
+            turn.continuing))
