@@ -1,6 +1,7 @@
 """Issue 21, item 10: a reply that reached the terminal is in the session's transcript even when the process dies
 before the turn's save (a kill -9, a power cut of the process): the turn journal."""
 
+import json
 import shutil
 
 import pytest
@@ -174,7 +175,8 @@ def test_a_damaged_piece_ends_the_recovered_reply_there(tiny, tmp_path):
     _, _, opened = resume(tiny, tmp_path)
     from kvchat.store.journal import JournalTurn
 
-    want = JournalTurn.parse(lines[0] + b"\n" + first + b"\n").text
+    saved = json.loads((tmp_path / "s.json").read_text())["messages"]
+    want = JournalTurn.parse(lines[0] + b"\n" + first + b"\n", saved).text
     assert want and opened.chat.messages[-1] == {"role": "assistant", "content": want}
 
 
@@ -193,3 +195,15 @@ def test_a_turn_killed_before_its_reply_keeps_what_the_journal_before_it_recover
     die(store2)
     _, _, again = resume(tiny, tmp_path)
     assert again.notice and [dict(m) for m in again.chat.messages] == recovered
+
+
+def test_a_turns_journal_does_not_repeat_a_saved_transcript(tiny, tmp_path):
+    """A turn's start writes what the turn adds, not the whole conversation again: its journal header is as
+    small at the third turn as at the first (the last save holds the rest)."""
+    store, chat, persister = saved_chat(tiny, tmp_path, turns=3)
+    events = persister.journaled(chat.send(MESSAGES[0]))
+    next(events)
+    header = store.journal_path("s").read_bytes().split(b"\n")[0]
+    assert len(header) < 400 and MESSAGES[0].encode() in header, header
+    events.close()
+    die(store)

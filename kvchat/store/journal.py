@@ -1,8 +1,9 @@
 """A session's turn journal: the reply in progress, each piece written before it reaches the terminal, so that a
 process killed between printing a reply and saving it loses nothing its user saw. Never imports torch.
 
-NAME.journal, beside NAME.json: one JSON header line (the transcript before the turn and the one it is made of,
-and the `updated` time of the manifest it follows), then one line per piece of the reply; each line is `[crc32, value]`, so damage is
+NAME.journal, beside NAME.json: one JSON header line (the transcript before the turn, unless it is the manifest's,
+the messages the turn adds to it, and the `updated` time of the manifest it follows), then one line per piece
+of the reply; each line is `[crc32, value]`, so damage is
 found: a damaged header voids the journal, a damaged piece ends the reply there. It is written without fsync: it
 outlives the process, not the machine. The session's next successful save removes it; a resume that finds one
 following the manifest it reads takes the reply from it (as far as it was printed).
@@ -39,16 +40,26 @@ class JournalTurn:
     continuing: bool
     text: str = ""
     pieces: list[str] = field(default_factory=list, repr=False)
+    before_saved: bool = False  # `before` is the manifest's transcript: the header does not repeat it
 
     def header(self) -> bytes:
-        return _line({"kvchat_journal": VERSION, "follows": self.follows, "before": self.before,
-                      "before_first_kept": self.before_first_kept, "messages": self.messages,
+        """The header line: what the turn adds to the transcript before it, not the whole of it again (a turn's
+        start costs the same at turn 50 as at turn 1 when the last save holds the transcript)."""
+        kept = 0
+        for old, new in zip(self.before, self.messages):
+            if old is not new and old != new:
+                break
+            kept += 1
+        return _line({"kvchat_journal": VERSION, "follows": self.follows,
+                      "before": None if self.before_saved else self.before,
+                      "before_first_kept": self.before_first_kept, "kept": kept, "added": self.messages[kept:],
                       "first_kept": self.first_kept, "continuing": self.continuing})
 
     @classmethod
-    def parse(cls, data: bytes) -> "JournalTurn":
-        """The turn in a journal file's bytes; ValueError when it is not one. A last line cut short (the process
-        was killed while writing it) is left out."""
+    def parse(cls, data: bytes, saved: list[dict[str, Any]] | None) -> "JournalTurn":
+        """The turn in a journal file's bytes, given the manifest's transcript (`saved`, None without one);
+        ValueError when it is not one. A last line cut short (the process was killed while writing it) is left
+        out."""
         lines = data.split(b"\n")
         if len(lines) < 2:
             raise ValueError("the journal has no header")
@@ -56,7 +67,13 @@ class JournalTurn:
         if not isinstance(head, dict) or head.get("kvchat_journal") != VERSION:
             raise ValueError("the journal has no header")
         follows, first_kept, before_kept = head.get("follows"), head.get("first_kept"), head.get("before_first_kept")
-        messages, before = parse_messages(head.get("messages")), parse_messages(head.get("before"))
+        if head.get("before") is None and saved is None:
+            raise ValueError("the journal follows a transcript that is not there")
+        before = saved if head.get("before") is None else parse_messages(head.get("before"))
+        kept = head.get("kept")
+        if type(kept) is not int or not 0 <= kept <= len(before):
+            raise ValueError("the journal's header is damaged")
+        messages = [*before[:kept], *parse_messages(head.get("added"))]
         if not (follows is None or type(follows) in (int, float)) or type(first_kept) is not int or \
                 not 0 <= first_kept <= len(messages) or type(before_kept) is not int or \
                 not 0 <= before_kept <= len(before) or type(head.get("continuing")) is not bool:
@@ -137,8 +154,9 @@ def _value(line: bytes) -> Any:
     return value
 
 
-def read_journal(path: Path) -> JournalTurn | None:
-    """The journaled turn at `path`; None when there is none, or none that can be read (never used then)."""
+def read_journal(path: Path, saved: list[dict[str, Any]] | None) -> JournalTurn | None:
+    """The journaled turn at `path` (see `JournalTurn.parse` for `saved`); None when there is none, or none that
+    can be read (never used then)."""
     try:
         fd = kvfile.open_regular(path)
     except OSError:
@@ -148,6 +166,6 @@ def read_journal(path: Path) -> JournalTurn | None:
     if len(data) > MAX_BYTES:
         return None
     try:
-        return JournalTurn.parse(data)
+        return JournalTurn.parse(data, saved)
     except (ValueError, UnicodeDecodeError):
         return None

@@ -44,7 +44,8 @@ class Store(Catalog):
         super().__init__(root, max_bytes, chunk_tokens)
         self.blobs: Blobs | None = None
         self.model = ""  # the model's name, written in manifests for `sessions list`
-        self._follows: dict[str, float | None] = {}  # each open session's manifest as last read or written
+        self._follows: dict[str, float | None] = {}  # each open session's manifest as last read or written: when
+        self._saved: dict[str, list[dict[str, Any]] | None] = {}  # and its transcript
 
     def bind(self, layout: Layout, fingerprint: str, model: str = "") -> "Store":
         """Read and write the KV of the model with this cache `layout` and weights `fingerprint` (named `model`).
@@ -82,8 +83,10 @@ class Store(Catalog):
         (`existed` False)."""
         self.lock(name)
         manifest = self.read_manifest(name)
-        self._follows[name] = manifest.updated if manifest is not None and not manifest.recovered else None
-        turn = read_journal(self.journal_path(name))
+        intact = manifest is not None and not manifest.recovered
+        self._follows[name] = manifest.updated if intact else None
+        self._saved[name] = list(manifest.messages) if intact else None
+        turn = read_journal(self.journal_path(name), self._saved[name])
         if turn is not None and (turn.follows != self._follows[name] or
                                  turn.transcript()[0] == (manifest.messages if manifest else [])):
             turn = None  # its turn was saved, or it holds nothing the manifest does not: nothing to take from it
@@ -151,7 +154,7 @@ class Store(Catalog):
                               "resuming it re-reads what is missing")
             try:
                 self.write_manifest(text, previous)
-                self._follows[name] = text.updated
+                self._follows[name], self._saved[name] = text.updated, list(messages)
             except OSError as exc:
                 turns = f"{previous.turns} turn{'' if previous.turns == 1 else 's'}" if previous else ""
                 kept = f"the save before ({turns}) is intact" if previous else "nothing of it was saved"
@@ -166,6 +169,7 @@ class Store(Catalog):
     def start_journal(self, name: str, turn: Any) -> Journal:
         """Journal a turn of session `name` (open in this store); `turn` has the fields of a `JournalTurn` but
         `follows` and `text` (a chat's `TurnStart`). Raises OSError."""
+        saved = self._saved.get(name)
         return Journal(self.journal_path(name), JournalTurn(
             self._follows.get(name), turn.before, turn.before_first_kept, turn.messages, turn.first_kept,
-            turn.continuing))
+            turn.continuing, before_saved=saved is not None and turn.before == saved))
