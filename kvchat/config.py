@@ -100,6 +100,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "full", "int8")
 COMPILE = ("auto", "on", "off")
+KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "q8", "q4")  # (kvchat.cache.kv_forms.NAMES)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class Settings:
     system: str | None = None
     prefill_chunk: int = 512
     window_cache: str = "full"  # sliding-window layers: "full" keeps every token, "window" only the window
+    kv_dtype: str = "auto"  # what the cache keeps keys and values in: as computed, a float type, q8 or q4 blocks
     max_context: int | None = None  # None: the model's own maximum
     reuse: bool = True
     stats: bool = False
@@ -201,6 +203,7 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
     "window_cache": _choice(("full", "window")),
+    "kv_dtype": _choice(KV_DTYPES),
     "max_context": _optional(_number(int, 16)),
     "reuse": _boolean,
     "stats": _boolean,

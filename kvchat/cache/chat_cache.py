@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from kvchat.cache import layers
+from kvchat.cache.kv_forms import KVForm
 from kvchat.cache.layers import Layout
 
 MAX_CHECKPOINTS = 8  # recurrent-state snapshots kept in memory: pinned ones (the system prompt's) and the latest
@@ -41,15 +42,23 @@ class CacheSpec:
     Raises `layers.Unsupported` for a model whose cache kvchat cannot keep exactly.
     """
 
-    def __init__(self, model: Any, device: torch.device, windows: str = layers.WINDOWS_FULL):
+    def __init__(self, model: Any, device: torch.device, windows: str = layers.WINDOWS_FULL,
+                 form: KVForm = KVForm()):
         self.model = model
         self.device = device
         self.windows = windows  # layers.WINDOWS_FULL or WINDOWS_ONLY
+        self.form = form  # what the keys and values are kept in
         self.layout: Layout = layers.layout(model, device, windows)
+        self.layout.kv_form = form.name
+        if not form.exact:
+            probe, _ = layers.one_token(model, device, windows, form)
+            refusal = layers.form_refusal(probe, form)
+            if refusal is not None:
+                raise layers.Unsupported(f"its cache cannot keep keys and values in {form.name}: {refusal}")
 
     def empty(self) -> Any:
         """A new, empty transformers cache laid out for the model."""
-        return layers.new_cache(self.model, self.windows)
+        return layers.new_cache(self.model, self.windows, self.form)
 
 
 class ChatCache:

@@ -26,6 +26,7 @@ touches this file alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ import torch
 from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIndexedLayer, DynamicLayer,
                                       DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                       LinearAttentionLayer)
+
+from kvchat.cache.kv_forms import KVForm
 
 
 class GrowableLayer(DynamicLayer):
@@ -149,6 +152,75 @@ class GrowableLayer(DynamicLayer):
         self._n = 0
 
 
+class EncodedLayer(GrowableLayer):
+    """A growable attention layer that keeps keys and values in a `KVForm` (a float type, or quantized blocks)
+    instead of as computed. Each token's rows are encoded as they arrive; every update returns the decoded
+    keys and values of all the tokens held (the new ones included), made afresh and not kept, so the layer's
+    memory is its encoded buffers. `keys`/`values` are views of the encoded buffers (their token count is what
+    transformers reads of them). It never runs as a static step."""
+
+    def __init__(self, form: KVForm):
+        super().__init__()
+        self.form = form
+        self._stored: dict[str, dict[str, torch.Tensor]] | None = None  # 'keys'/'values' -> the form's buffers
+        self._widths = (0, 0)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._stored, self._widths = None, (key_states.shape[-1], value_states.shape[-1])
+        self._compute = key_states.dtype
+
+    def _reserve(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
+        capacity = 0 if self._stored is None else next(iter(self._stored["keys"].values())).shape[-2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + capacity // 2, 256)
+        stored = {}
+        for name, like in (("keys", keys_like), ("values", values_like)):
+            stored[name] = {}
+            for part, (shape, dtype) in self.form.stored_shapes((*like.shape[:-2], capacity, like.shape[-1])).items():
+                shape = (*shape[:-2], capacity, shape[-1])
+                buffer = torch.zeros(shape, dtype=dtype or self.form.float_dtype(like.dtype), device=like.device)
+                if self._n:
+                    buffer[..., : self._n, :] = self._stored[name][part][..., : self._n, :]
+                stored[name][part] = buffer
+        self._stored = stored
+
+    def _expose(self) -> None:
+        self.keys = next(iter(self._stored["keys"].values()))[..., : self._n, :]
+        self.values = next(iter(self._stored["values"].values()))[..., : self._n, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        assert not self.static, "an encoded KV layer never runs as a static step"
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._n + key_states.shape[-2]
+        self._reserve(key_states, value_states, end)
+        for name, rows in (("keys", key_states), ("values", value_states)):
+            for part, encoded in self.form.encode(rows).items():
+                self._stored[name][part][..., self._n:end, :] = encoded
+        self._n = end
+        self._expose()
+        return self.decoded("keys", key_states.dtype), self.decoded("values", value_states.dtype)
+
+    def decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """All the tokens' keys or values (`name`), decoded to `dtype`."""
+        width = self._widths[0 if name == "keys" else 1]
+        return self.form.decode({part: buf[..., : self._n, :] for part, buf in self._stored[name].items()}, dtype,
+                                width)
+
+    def held_bytes(self) -> int:
+        """Bytes of the encoded keys and values of the tokens held."""
+        if self._stored is None:
+            return 0
+        return sum(buf[..., : self._n, :].numel() * buf.element_size() for parts in self._stored.values()
+                   for buf in parts.values())
+
+    def reset(self) -> None:
+        super().reset()
+        self._stored = None
+
+
 class LayerKind:
     """What kvchat can do with one type of transformers cache layer, declared. This base is the kind of a type
     kvchat does not know, and answers no to everything: a cache holding one is never cut, snapshotted or saved."""
@@ -226,6 +298,7 @@ UNKNOWN = LayerKind()
 # What each layer type kvchat knows can do. Exact types only: a subclass may keep more state than its base.
 _KINDS: dict[type, LayerKind] = {
     GrowableLayer: AttentionKind(),
+    EncodedLayer: AttentionKind(),
     DynamicLayer: AttentionKind(),
     DynamicIndexedLayer: AttentionKind(),  # sparse-attention indexer keys are cut and saved with the KV
     DynamicSlidingWindowLayer: WindowKind(),
@@ -257,17 +330,36 @@ def _has_state(layer: Any) -> bool:
     return kind(layer).has_state
 
 
-def new_cache(model: Any, windows: str = WINDOWS_FULL) -> Cache:
-    """An empty cache laid out for `model`: growable attention layers; sliding-window ones kept whole, or with
-    `windows=WINDOWS_ONLY` transformers' own window-only layers."""
+def new_cache(model: Any, windows: str = WINDOWS_FULL, form: KVForm = KVForm()) -> Cache:
+    """An empty cache laid out for `model`: growable attention layers (keeping keys and values in `form`);
+    sliding-window ones kept whole, or with `windows=WINDOWS_ONLY` transformers' own window-only layers."""
     assert windows in (WINDOWS_FULL, WINDOWS_ONLY), f"unknown windows mode {windows!r}"
     cache = DynamicCache(config=model.config)
     grow = (DynamicLayer, DynamicSlidingWindowLayer) if windows == WINDOWS_FULL else (DynamicLayer,)
+
+    def growable() -> GrowableLayer:
+        return GrowableLayer() if form.exact else EncodedLayer(form)
+
     if cache.layers:
-        cache.layers = [GrowableLayer() if type(layer) in grow else layer for layer in cache.layers]
+        cache.layers = [growable() if type(layer) in grow else layer for layer in cache.layers]
     else:  # no per-layer layout known: layers are created on first use
-        cache.layer_class_to_replicate = GrowableLayer
+        cache.layer_class_to_replicate = GrowableLayer if form.exact else functools.partial(EncodedLayer, form)
     return cache
+
+
+def form_refusal(cache: Cache, form: KVForm) -> str | None:
+    """Why this cache cannot keep its keys and values in `form` (a layer that would keep them as computed), or
+    None when it can."""
+    if form.exact:
+        return None
+    for i, layer in enumerate(cache.layers):
+        if kind(layer).can_cut and type(layer) is not EncodedLayer:
+            return f"layer {i} keeps its keys and values in a {type(layer).__name__}, which cannot keep them in " \
+                   f"{form.name}"
+        if kind(layer).holds_nothing:
+            return f"layer {i} reads another layer's keys and values (KV sharing), which {form.name} does not " \
+                   "serve yet"
+    return None
 
 
 def static_refusal(cache: Cache) -> str | None:
@@ -275,6 +367,8 @@ def static_refusal(cache: Cache) -> str | None:
     layer must be a growable attention layer holding the same tokens, all on one device."""
     devices, lengths = set(), set()
     for i, layer in enumerate(cache.layers):
+        if type(layer) is EncodedLayer:
+            return f"its keys and values are kept in {layer.form.name}; the compiled step reads them as computed"
         if type(layer) is not GrowableLayer:
             return f"layer {i} keeps its cache in a {type(layer).__name__}"
         if not layer.is_initialized or layer._key_buf is None:
@@ -445,6 +539,9 @@ def nbytes(cache: Cache) -> int:
     """Bytes held by all tensors of the cache: key/value (and indexer) tensors, states, windows and counters."""
     total = 0
     for layer in cache.layers:
+        if isinstance(layer, EncodedLayer):
+            total += layer.held_bytes()
+            continue
         tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")] if _has_kv(layer) else []
         if _has_state(layer):
             tensors += [value for _, value in state_items(layer)]
@@ -453,8 +550,9 @@ def nbytes(cache: Cache) -> int:
 
 
 def can_export(cache: Cache) -> bool:
-    """Whether every layer's content can be saved and restored exactly."""
-    return unsupported(cache) is None
+    """Whether every layer's content can be saved and restored exactly (encoded keys and values are not saved
+    yet: such a session is saved as its text, and a resume reads it again)."""
+    return unsupported(cache) is None and not any(isinstance(layer, EncodedLayer) for layer in cache.layers)
 
 
 def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
@@ -554,6 +652,7 @@ class Layout:
     logits_dtype: torch.dtype = torch.float32
     scalars: dict[str, type] = field(default_factory=dict)  # state entries a layer keeps as Python int or bool
     kv_dtype: torch.dtype = torch.float32  # what the per-token tensors are kept in
+    kv_form: str = "auto"  # the `KVForm` a conversation's cache keeps them in (see kv_forms)
 
     def piece_shape(self, name: str, n: int) -> tuple[int, ...]:
         """The shape of `n` tokens of the per-token tensor `name` as exported."""
@@ -561,8 +660,16 @@ class Layout:
         return (n, dims[0]) if name.endswith(".indexer_keys") else (dims[0], n, dims[1])
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        size = torch.empty((), dtype=dtype).element_size()
-        return sum(size * int(torch.tensor(dims).prod()) for dims in self.per_token.values())
+        """What one token costs in the cache's attention layers, computed in `dtype` and kept in the layout's
+        KV form (indexer keys are kept as computed)."""
+        form, size = KVForm(self.kv_form), torch.empty((), dtype=dtype).element_size()
+        return round(sum((size if name.endswith(".indexer_keys") else form.bytes_per_value(dtype, dims[-1]))
+                         * int(torch.tensor(dims).prod()) for name, dims in self.per_token.items()))
+
+    def value_bytes(self, dtype: torch.dtype) -> float:
+        """What one key or value costs in the cache's KV form, computed in `dtype`."""
+        width = next((dims[-1] for name, dims in self.per_token.items() if not name.endswith(".indexer_keys")), 32)
+        return KVForm(self.kv_form).bytes_per_value(dtype, width)
 
     @property
     def has_state(self) -> bool:
@@ -597,10 +704,11 @@ class Unsupported(Exception):
 
 
 @torch.inference_mode()
-def one_token(model: Any, device: torch.device, windows: str = WINDOWS_FULL) -> tuple[Cache, torch.Tensor]:
+def one_token(model: Any, device: torch.device, windows: str = WINDOWS_FULL,
+              form: KVForm = KVForm()) -> tuple[Cache, torch.Tensor]:
     """A fresh cache of `model` after one token (id 0) went through it, laid out as a conversation's is, and that
     token's next-token logits [vocab]."""
-    cache = new_cache(model, windows)
+    cache = new_cache(model, windows, form)
     logits = model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
                    logits_to_keep=1, **{cache_kwarg(model): cache}).logits[0, -1]
     return cache, logits

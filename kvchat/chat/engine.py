@@ -17,6 +17,7 @@ import torch
 
 from kvchat.cache import compiled, layers
 from kvchat.cache.chat_cache import CacheSpec, ChatCache
+from kvchat.cache.kv_forms import KVForm
 from kvchat.config import Sampling
 from kvchat.chat.conversation import Conversation, check_message
 from kvchat.chat.detokenize import IncrementalDecoder, decode
@@ -135,7 +136,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True, max_context: int | None = None,
                  window_cache: str = layers.WINDOWS_FULL, compile: str = "off", warm_up: bool = True,
-                 step: compiled.CompiledStep | None = None):
+                 step: compiled.CompiledStep | None = None, kv_form: KVForm = KVForm()):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -154,13 +155,19 @@ class Engine:
         self.window_cache = window_cache  # how sliding-window layers are kept (layers.WINDOWS_FULL or WINDOWS_ONLY)
         self.renderer = Renderer(self.tokenizer)
         try:  # what the cache keeps per token and as state: one probe forward pass
-            self.spec = CacheSpec(self.model, self.device, self.window_cache)
+            self.spec = CacheSpec(self.model, self.device, self.window_cache, kv_form)
         except layers.Unsupported as exc:
             raise KvchatError(f"kvchat cannot keep the cache of model '{loaded.name}': {exc}") from None
         # The engine's compiled one-token step (see kvchat.cache.compiled; `compile`: "on", "off" or "auto" (CUDA);
         # `step`: one already made for this model, shared), compiled in the background unless `warm_up` is
         # False (then on the first token that can use it).
         wanted = compiled.wanted(compile, self.device)
+        if wanted and not kv_form.exact:  # the compiled step reads keys and values as computed, in place
+            if compile == "on":
+                raise KvchatError(f"the compiled decode step (--compile on) reads keys and values as computed; "
+                                  f"with --kv-dtype {kv_form.name} use --compile off (or auto)")
+            wanted = False
+        self.kv_form = kv_form
         assert step is None or step.model is self.model, "a compiled step runs the model it was made for only"
         self.step = (step or compiled.CompiledStep(self.model, self.device)) if wanted else None
         self.compiled_tokens = 0

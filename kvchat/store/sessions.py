@@ -57,6 +57,8 @@ class Store(Catalog):
             fingerprint = f"{fingerprint}+windows"
         if layout.has_state:
             fingerprint = f"{fingerprint}+whole-state"
+        if layout.kv_form != "auto":  # KV of another form is another model's to the store
+            fingerprint = f"{fingerprint}+kv-{layout.kv_form}"
         self.blobs, self.model = Blobs(self, layout, fingerprint), model
         return self
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from kvchat import __version__
 from kvchat.weights import memory
-from kvchat.config import Settings, load_config, private_home
+from kvchat.config import KV_DTYPES, Settings, load_config, private_home
 from kvchat.chat.conversation import check_message
 from kvchat.errors import ConfigError, InputError, KvchatError, one_line
 from kvchat.store import kvfile
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-chunk", dest="prefill_chunk", help="tokens per prefill forward pass")
     parser.add_argument("--window-cache", dest="window_cache",
                         help="sliding-window layers: 'full' keeps every token (cut anywhere), 'window' only the window")
+    parser.add_argument("--kv-dtype", dest="kv_dtype",
+                        help="what the cache keeps keys and values in: auto (as computed, exact), float32, bfloat16, "
+                             "float16, q8 or q4 (blocks of int8 or 4-bit values with float16 scales)")
     parser.add_argument("--max-context", dest="max_context",
                         help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
@@ -95,7 +98,7 @@ def config_path(given: Path | None) -> Path | None:
 
 
 CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "window_cache", "max_context", "device", "dtype", "weights", "compile", "stats", "reuse",
+             "prefill_chunk", "window_cache", "kv_dtype", "max_context", "device", "dtype", "weights", "compile", "stats", "reuse",
              "sessions_dir", "plain")
 
 
@@ -169,11 +172,13 @@ def load(settings: Settings, progress: Any = None) -> Any:
 
 def load_engine(settings: Settings, progress: Any = None) -> Engine:
     """Load the configured model and wrap it in an engine."""
+    from kvchat.cache.kv_forms import KVForm
     from kvchat.chat.engine import Engine
 
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
-                  max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile)
+                  max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile,
+                  kv_form=KVForm(settings.kv_dtype))
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -409,12 +414,13 @@ def cache_command(argv: list[str]) -> int:
 
 def info_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
-    for flag in ("--model", "--device", "--dtype", "--weights", "--compile", "--max-context", "--window-cache"):
+    for flag in ("--model", "--device", "--dtype", "--weights", "--compile", "--max-context", "--window-cache",
+                 "--kv-dtype"):
         parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
-                                            "window_cache"))
+                                            "window_cache", "kv_dtype"))
     from kvchat.cache import compiled, layers
     from kvchat.cache.chat_cache import MAX_CHECKPOINTS
     from kvchat.weights.model import weights_label
@@ -424,8 +430,16 @@ def info_command(argv: list[str]) -> int:
         layout = layers.layout(loaded.model, loaded.device, settings.window_cache)
     except layers.Unsupported as exc:
         raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
+    layout.kv_form = settings.kv_dtype
     shape = memory.model_shape(loaded, settings.max_context, layout)
-    for line in memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, weights_label(loaded)):
+    lines = memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, weights_label(loaded))
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("KV cache at the full context")), len(lines))
+    forms = [f"KV forms (--kv-dtype; in use: {settings.kv_dtype}), per token and at the full context:"]
+    for name in KV_DTYPES:
+        per_form = memory.model_shape(loaded, settings.max_context, dataclasses.replace(layout, kv_form=name))
+        forms.append(f"  {name:<9} {memory.human(per_form.bytes_per_token):>10}/token  "
+                     f"{memory.human(per_form.bytes_per_token * per_form.context):>10}")
+    for line in lines[:at] + forms + lines[at:]:
         print(line)
     if loaded.weight_note:
         print(loaded.weight_note)

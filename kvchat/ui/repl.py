@@ -156,13 +156,14 @@ class Totals:
         return ms / n
 
 
-    def report(self, cache_tokens: int, kv_bytes: int) -> list[str]:
-        """The lines of /stats, for a cache of `cache_tokens` tokens in `kv_bytes` bytes."""
+    def report(self, cache_tokens: int, kv_bytes: int, kv_form: str = "auto") -> list[str]:
+        """The lines of /stats, for a cache of `cache_tokens` tokens in `kv_bytes` bytes kept in `kv_form`."""
         t = self
         per_token = t.marginal_ms_per_token()
         saved_s = t.reused * per_token / 1000
+        form = "as computed" if kv_form == "auto" else kv_form
         return [
-            f"turns {t.turns} · cache {cache_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB",
+            f"turns {t.turns} · cache {cache_tokens} tokens · KV {kv_bytes / 1e6:.1f} MB ({form})",
             f"prompt tokens reused {t.reused}, prefilled {t.prefilled}"
             + (f" ({100 * t.reused / (t.reused + t.prefilled):.0f}% from the cache)" if t.reused + t.prefilled else ""),
             f"generated {t.generated} tokens"
@@ -324,7 +325,8 @@ class Repl:
             parts = ["model ready (Enter)" if self.pending.done else f"{self.pending.status}…"]
         else:
             kv_mb = self.chat.cache.nbytes / 1e6
-            parts = [f"cache {self.chat.cache.tokens}/{self.engine.max_context or '?'}", f"KV {kv_mb:.1f} MB"]
+            form = "" if self.engine.kv_form.exact else f" {self.engine.kv_form.name}"
+            parts = [f"cache {self.chat.cache.tokens}/{self.engine.max_context or '?'}", f"KV{form} {kv_mb:.1f} MB"]
             if self.last is not None:
                 parts += [f"reused {self.last.reused}", f"prefilled {self.last.prefilled}",
                           f"TTFT {self.last.ttft_ms:.0f} ms", f"{self.last.decode_tok_s:.1f} tok/s"]
@@ -575,4 +577,5 @@ class Repl:
         self.autosave()  # kept with the session
 
     def cmd_stats(self, _arg: str) -> None:
-        self.say("\n".join(self.totals.report(self.chat.cache.tokens, self.chat.cache.nbytes)))
+        self.say("\n".join(self.totals.report(self.chat.cache.tokens, self.chat.cache.nbytes,
+                                               self.engine.kv_form.name)))

@@ -18,7 +18,7 @@ class KVShape:
     kv_heads: int
     head_dim: int
     context: int
-    dtype_bytes: int = 2
+    dtype_bytes: float = 2  # what one key or value costs (a fraction for quantized forms)
     attention_heads: int | None = None  # the query heads: what a multi-head (no GQA) cache would store
     measured_per_token: int | None = None  # per-token bytes as the running model keeps them, when not uniform
     state_bytes: int = 0  # fixed conv/recurrent state of a conversation (one checkpoint is a copy of it)
@@ -37,7 +37,7 @@ class KVShape:
         """2 (keys and values) x layers x kv_heads x head_dim x bytes per value (or as measured)."""
         if self.measured_per_token is not None:
             return self.measured_per_token
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        return round(2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes)
 
     def full_context_bytes(self, checkpoints: int = 0) -> int:
         """The cache at the full context, plus `checkpoints` copies of the recurrent state."""
@@ -46,7 +46,7 @@ class KVShape:
     @property
     def mha_bytes_per_token(self) -> int:
         """The same with one KV head per query head, as estimates that ignore grouped-query attention assume."""
-        return 2 * self.layers * (self.attention_heads or self.kv_heads) * self.head_dim * self.dtype_bytes
+        return round(2 * self.layers * (self.attention_heads or self.kv_heads) * self.head_dim * self.dtype_bytes)
 
 
 # Published configurations (bfloat16 KV), for comparison with the loaded model.
@@ -62,7 +62,7 @@ WELL_KNOWN = [
 def model_shape(loaded: Any, context: int | None, layout: Any) -> KVShape:
     """The cache dimensions of a loaded model, from what a probe forward pass kept (`kv.Layout`) and its config."""
     config = loaded.model.config.get_text_config(decoder=True)
-    dtype_bytes = loaded.dtype.itemsize
+    dtype_bytes = layout.value_bytes(loaded.dtype)  # in the KV form the cache keeps
     widths = {dims for name, dims in layout.per_token.items() if not name.endswith(".indexer_keys")}
     kv_layers = {int(name.split(".")[0]) for name in layout.per_token}
     uniform = len(widths) == 1 and all(not name.endswith(".indexer_keys") for name in layout.per_token)

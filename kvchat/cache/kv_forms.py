@@ -1,0 +1,118 @@
+"""The forms a cache keeps keys and values in: as computed ("auto"), in a float type, or quantized in blocks.
+
+Every token's row is encoded on its own as it enters the cache, and attention always reads the decoded form of
+every token, those of the running pass included. So with one form a reply is the same whether the cache was
+reused, cut, or built in one pass: the exactness kvchat promises holds per form (not across forms).
+
+- float32, bfloat16, float16: the values rounded to that type; read back in the compute type.
+- q8: int8 values in blocks along the head dimension, one float16 scale per block (absmax / 127), as llama.cpp's
+  q8_0; 1.0625 bytes a value with 32-value blocks.
+- q4: 4-bit values (two a byte) in blocks, a float16 scale and a float16 offset (the block's minimum) per block;
+  0.625 bytes a value with 32-value blocks.
+
+A row whose width is not a multiple of 32 takes the largest of 16, 8, 4, 2 that divides it (tiny test models),
+and a width with none of them one block per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NAMES = ("auto", "float32", "bfloat16", "float16", "q8", "q4")
+QUANTIZED = ("q8", "q4")
+BLOCK = 32
+
+
+def block_size(width: int) -> int:
+    """The block length for rows of `width` values."""
+    return next((b for b in (BLOCK, 16, 8, 4, 2) if width % b == 0), width)
+
+
+@dataclass(frozen=True)
+class KVForm:
+    """One form of the cache's keys and values (see the module docstring); `name` is one of NAMES."""
+
+    name: str = "auto"
+
+    def __post_init__(self) -> None:
+        assert self.name in NAMES, f"unknown KV form {self.name!r}"
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in QUANTIZED
+
+    @property
+    def exact(self) -> bool:
+        """Whether the form keeps the computed values as they are (`auto`)."""
+        return self.name == "auto"
+
+    def float_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The type a float form keeps values in (the compute type for `auto`)."""
+        return compute if self.name == "auto" or self.quantized else getattr(torch, self.name)
+
+    def bytes_per_value(self, compute: torch.dtype, width: int = BLOCK) -> float:
+        """What one value of a row of `width` costs in memory and on disk."""
+        block = block_size(width)
+        if self.name == "q8":
+            return 1 + 2 / block
+        if self.name == "q4":
+            return 0.5 + 4 / block
+        return torch.empty((), dtype=self.float_dtype(compute)).element_size()
+
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """The tensors a form keeps for rows of `shape` (..., width): name -> (shape, dtype; None: the float
+        type)."""
+        *lead, width = shape
+        blocks = width // block_size(width)
+        if self.name == "q8":
+            return {"q": ((*lead, width), torch.int8), "scale": ((*lead, blocks), torch.float16)}
+        if self.name == "q4":
+            return {"q": ((*lead, (width + 1) // 2), torch.uint8), "scale": ((*lead, blocks), torch.float16),
+                    "offset": ((*lead, blocks), torch.float16)}
+        return {"v": ((*lead, width), None)}
+
+    def encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`rows` (..., width) in the form's tensors (see `stored_shapes`), each row on its own."""
+        if not self.quantized:
+            return {"v": rows.to(self.float_dtype(rows.dtype))}
+        width = rows.shape[-1]
+        block = block_size(width)
+        blocks = rows.float().reshape(*rows.shape[:-1], width // block, block)
+        if self.name == "q8":
+            scale = (blocks.abs().amax(-1) / 127).half()
+            wide = scale.float().unsqueeze(-1)
+            q = torch.where(wide > 0, blocks / torch.where(wide > 0, wide, 1), 0).round().clamp(-127, 127)
+            return {"q": q.to(torch.int8).reshape(rows.shape), "scale": scale}
+        low, high = blocks.amin(-1), blocks.amax(-1)
+        offset = low.half()
+        scale = ((high - offset.float()) / 15).half()
+        wide, base = scale.float().unsqueeze(-1), offset.float().unsqueeze(-1)
+        q = torch.where(wide > 0, (blocks - base) / torch.where(wide > 0, wide, 1), 0).round().clamp(0, 15)
+        q = q.to(torch.uint8).reshape(rows.shape)
+        if width % 2:
+            q = torch.nn.functional.pad(q, (0, 1))
+        return {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": scale, "offset": offset}
+
+    def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype, width: int) -> torch.Tensor:
+        """The rows `encode` made (or slices of them along the rows), as `dtype` (..., width)."""
+        if not self.quantized:
+            return stored["v"].to(dtype)
+        block = block_size(width)
+        scale = stored["scale"].float().unsqueeze(-1)
+        if self.name == "q8":
+            q = stored["q"].float().reshape(*stored["q"].shape[:-1], width // block, block)
+            return (q * scale).reshape(*stored["q"].shape[:-1], width).to(dtype)
+        packed = stored["q"]
+        q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)[..., :width]
+        q = q.float().reshape(*packed.shape[:-1], width // block, block)
+        values = q * scale + stored["offset"].float().unsqueeze(-1)
+        return values.reshape(*packed.shape[:-1], width).to(dtype)
+
+
+def parse(name: str) -> KVForm:
+    """The form named `name`; ValueError naming the choices for any other."""
+    if name not in NAMES:
+        raise ValueError(f"unknown KV form {name!r}: choose one of {', '.join(NAMES)}")
+    return KVForm(name)

@@ -1,0 +1,159 @@
+"""Issue 22: the cache keeps keys and values in a chosen form (a float type, q8 or q4 blocks), and with each form
+a reply with reuse, after a cut, a /retry, an /undo, a context drop or a resume is the reply of a fresh prefill
+in that same form."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bound import engine_with_store
+from families import make_family, window_cache
+from kvchat.cache import layers
+from kvchat.cache.kv_forms import KVForm, block_size
+from kvchat.chat.chat import Chat
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.chat.saving import Persister, open_chat
+from kvchat.config import Sampling
+from kvchat.errors import KvchatError
+from kvchat.weights.model import LoadedModel
+from tiny import make_tokenizer
+
+GREEDY = Sampling(temperature=0, max_new_tokens=8)
+SYSTEM = "You are a helpful assistant."
+MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell me a story about a cat.",
+            "Numbers: 1 2 3 4 5.", "The quick brown fox jumps over the lazy dog."]
+FORMS = ("q8", "q4", "float16")
+
+
+@pytest.mark.parametrize("name", ["q8", "q4"])
+@pytest.mark.parametrize("width", [64, 16, 6])
+def test_each_row_is_encoded_on_its_own_within_half_a_step(name, width):
+    form = KVForm(name)
+    rows = torch.randn(2, 3, 5, width, dtype=torch.float64) * torch.logspace(-3, 2, 5, dtype=torch.float64)[:, None]
+    rows[0, 0, 0] = 0  # a block of zeros
+    stored = form.encode(rows)
+    decoded = form.decode(stored, torch.float64, width)
+    assert decoded.shape == rows.shape and decoded.dtype == torch.float64
+    block = block_size(width)
+    blocks = rows.reshape(*rows.shape[:-1], width // block, block)
+    spread = blocks.abs().amax(-1) if name == "q8" else blocks.amax(-1) - blocks.amin(-1)
+    step = spread / (127 if name == "q8" else 15)
+    error = (decoded - rows).abs().reshape(blocks.shape).amax(-1)
+    assert bool((error <= step * 0.5 * 1.01 + spread * 2e-3 + 1e-12).all())  # half a step (+ float16 scales)
+    assert torch.equal(decoded[0, 0, 0], torch.zeros(width, dtype=torch.float64))
+    one_by_one = torch.cat([form.decode(form.encode(rows[..., i:i + 1, :]), torch.float64, width)
+                            for i in range(rows.shape[-2])], dim=-2)
+    assert torch.equal(one_by_one, decoded)  # a row's form never depends on its neighbours
+
+
+def test_the_forms_cost_what_they_promise_per_token():
+    """q8 at most 0.3x of float32's memory per token, q4 at most 0.17x, float16 half (head size 64, as the
+    default model's), measured on the cache a chat holds."""
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    loaded = LoadedModel(model=model, tokenizer=make_tokenizer(), device=torch.device("cpu"), dtype=torch.float32,
+                         name="tiny-64")
+    per_token = {}
+    for name in ("auto", *FORMS):
+        chat = Chat.start(Engine(loaded, kv_form=KVForm(name)), SYSTEM, sampling=GREEDY)
+        list(chat.send(MESSAGES[0]))
+        per_token[name] = chat.cache.nbytes / chat.cache.tokens
+        assert chat.engine.layout.bytes_per_token(torch.float32) == round(per_token[name])
+    assert per_token["q8"] <= 0.3 * per_token["auto"] and per_token["q4"] <= 0.17 * per_token["auto"]
+    assert per_token["float16"] == per_token["auto"] / 2
+
+
+@torch.inference_mode()
+def fresh_reply(engine, prompt):
+    """Greedy reply from a cache of the engine's form filled in one pass over the whole prompt."""
+    cache = layers.new_cache(engine.model, engine.window_cache, engine.kv_form)
+    kwarg = {layers.cache_kwarg(engine.model): cache}
+    logits = engine.model(input_ids=torch.tensor([prompt]), position_ids=torch.arange(len(prompt))[None],
+                          use_cache=True, **kwarg).logits[0, -1]
+    reply, position = [], len(prompt)
+    for _ in range(GREEDY.max_new_tokens):
+        token = int(logits.argmax())
+        if token in engine.stop_ids:
+            break
+        reply.append(token)
+        logits = engine.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
+                              use_cache=True, **kwarg).logits[0, -1]
+        position += 1
+    return reply
+
+
+def turn(chat, events=None, text=None):
+    chat.sampling = GREEDY
+    end = [e for e in (events if events is not None else chat.send(text)) if isinstance(e, TurnEnd)][0]
+    want = fresh_reply(chat.engine, chat.engine.render(chat.conversation.view()[:-1]))
+    assert end.token_ids == want, f"a reply in {chat.engine.kv_form.name} differs from a fresh prefill in it"
+    assert end.stats.fallback is None, end.stats.fallback
+    chat.cache.check()
+    return end.stats
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "deepseek-v3", "qwen3.5"])
+def family(request, tiny):
+    return tiny if request.param == "llama" else make_family(request.param)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_reuse_retry_undo_and_resume_in_a_form_equal_a_fresh_prefill_in_it(family, form, tmp_path):
+    """Full attention (llama), sliding windows kept whole (mistral), latent attention (deepseek-v3) and a hybrid
+    of linear and full attention (qwen3.5)."""
+    engine, store = engine_with_store(family, tmp_path, window_cache=window_cache(family), kv_form=KVForm(form))
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    persister = Persister(store, "s")
+    for text in MESSAGES[:3]:
+        stats = turn(chat, text=text)
+        persister.after_turn(chat)
+    assert stats.reused > 0  # the cache was reused, in its form
+    turn(chat, chat.retry())
+    chat.undo()
+    stats = turn(chat, text=MESSAGES[3])
+    assert stats.reused > 0
+    persister.after_turn(chat)
+    store.close()
+
+    engine2, store2 = engine_with_store(family, tmp_path, window_cache=window_cache(family), kv_form=KVForm(form))
+    opened = open_chat(engine2, store2, "s", sampling=GREEDY)
+    assert opened.chat.messages == chat.messages
+    turn(opened.chat, text=MESSAGES[4])  # (its KV is not saved in this form yet: read again from the text)
+
+
+@pytest.mark.parametrize("form", ["q8", "q4"])
+def test_a_context_drop_in_a_form_equals_a_fresh_prefill_in_it(tiny, form):
+    engine = Engine(tiny, max_context=96, kv_form=KVForm(form))
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    dropped = 0
+    for text in MESSAGES * 2:
+        stats = turn(chat, text=text)
+        dropped += stats.dropped
+    assert dropped > 0
+
+
+def test_a_session_saved_in_one_form_is_rebuilt_from_its_text_in_another(tiny, tmp_path):
+    engine, store = engine_with_store(tiny, tmp_path)
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    turn(chat, text=MESSAGES[0])
+    Persister(store, "s").after_turn(chat)
+    store.close()
+    engine2, store2 = engine_with_store(tiny, tmp_path, kv_form=KVForm("q8"))
+    opened = open_chat(engine2, store2, "s", sampling=GREEDY)
+    assert "another model or format" in opened.notice and opened.loaded_tokens == 0
+    turn(opened.chat, text=MESSAGES[1])
+
+
+@pytest.mark.parametrize("name,why", [("gemma3n", "KV sharing"), ("deepseek-v3.2", "DynamicIndexedLayer"),
+                                      ("falcon-h1", "LinearAttentionAndFullAttentionLayer")])
+def test_a_model_whose_layers_cannot_take_a_form_is_one_line(name, why):
+    with pytest.raises(KvchatError, match=f"cannot keep keys and values in q8: layer .*{why}") as caught:
+        Engine(make_family(name), kv_form=KVForm("q8"))
+    assert "\n" not in str(caught.value)
+
+
+def test_the_compiled_step_with_a_quantized_form_is_one_line(tiny):
+    with pytest.raises(KvchatError, match="--kv-dtype q4 use --compile off"):
+        Engine(tiny, kv_form=KVForm("q4"), compile="on", warm_up=False)
