@@ -258,7 +258,8 @@ class ChatCache:
         """Take as the cache's whole content the KV `pieces` (exported, in order) and state snapshot `state` that
         hold `ids`, with earlier `checkpoints`; None when it holds exactly `ids`, else why not (the cache is then
         left as it was). A cache with state gets a checkpoint at its end, so a later cut can come back to it."""
-        restored = layers.restore(self.spec.model, pieces, self.spec.device, state, self.spec.windows)
+        restored = layers.restore(self.spec.model, pieces, self.spec.device, state, self.spec.windows,
+                                  self.spec.layout)
         wrong = layers.miscount(restored, len(ids))
         if wrong is not None:
             return wrong

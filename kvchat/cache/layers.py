@@ -209,6 +209,31 @@ class EncodedLayer(GrowableLayer):
         return self.form.decode({part: buf[..., : self._n, :] for part, buf in self._stored[name].items()}, dtype,
                                 width)
 
+    def export(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """Tokens [start, end) as CPU copies of the encoded parts: 'keys.q', 'keys.scale', ... [kv_heads, n, w]."""
+        return {f"{name}.{part}": buf[0, :, start:end, :].to("cpu", copy=True).contiguous()
+                for name, parts in self._stored.items() for part, buf in parts.items()}
+
+    def fill_encoded(self, pieces: dict[str, list[torch.Tensor]], device: torch.device, compute: torch.dtype,
+                     widths: tuple[int, int]) -> None:
+        """Take restored parts ('keys.q' -> pieces [kv_heads, n_i, w], in order, as `export` made them) as the
+        layer's content, for keys and values `widths` wide, decoded in `compute`."""
+        first = next(iter(self.form.stored_shapes((1,))))  # a part every form has one of
+        total = sum(piece.shape[-2] for piece in pieces[f"keys.{first}"])
+        empty = [torch.empty((1, pieces[f"{name}.{first}"][0].shape[0], 0, width), dtype=compute, device=device)
+                 for name, width in zip(("keys", "values"), widths)]
+        self.lazy_initialization(*empty)
+        self._reserve(*empty, total + max(256, total // 4))
+        for key, parts in pieces.items():
+            name, part = key.split(".", 1)
+            start = 0
+            for piece in parts:
+                end = start + piece.shape[-2]
+                self._stored[name][part][0, :, start:end].copy_(piece)
+                start = end
+        self._n = total
+        self._expose()
+
     def held_bytes(self) -> int:
         """Bytes of the encoded keys and values of the tokens held."""
         if self._stored is None:
@@ -550,16 +575,16 @@ def nbytes(cache: Cache) -> int:
 
 
 def can_export(cache: Cache) -> bool:
-    """Whether every layer's content can be saved and restored exactly (encoded keys and values are not saved
-    yet: such a session is saved as its text, and a resume reads it again)."""
-    return unsupported(cache) is None and not any(isinstance(layer, EncodedLayer) for layer in cache.layers)
+    """Whether every layer's content can be saved and restored exactly."""
+    return unsupported(cache) is None
 
 
 def export(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]:
-    """Tokens [start, end) of every attention layer as CPU tensors: 'L.keys'/'L.values' [kv_heads, n, dim],
-    and 'L.indexer_keys' [n, dim] for sparse-attention layers. State layers are exported by `export_state`.
+    """Tokens [start, end) of every attention layer as CPU tensors: 'L.keys'/'L.values' [kv_heads, n, dim] (or,
+    kept in another KV form, each part of it: 'L.keys.q' ..., see `Layout.stored_pieces`), and 'L.indexer_keys'
+    [n, dim] for sparse-attention layers. State layers are exported by `export_state`.
 
-    The cache's own dtype is kept, so a restore is bit-exact.
+    What the cache holds is kept as it is (its dtype, its form), so a restore is bit-exact.
     """
     assert can_export(cache), "export() called on a cache that cannot be saved exactly"
     return _export_known(cache, start, end)
@@ -572,6 +597,9 @@ def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]
         if not _has_kv(layer) or not layer.is_initialized or layer.keys.numel() == 0:
             continue
         assert layer.keys.shape[0] == 1, "kvchat caches hold one sequence"
+        if isinstance(layer, EncodedLayer):
+            tensors.update({f"{i}.{name}": piece for name, piece in layer.export(start, end).items()})
+            continue
         # Copies, never views: the live buffers are rewritten by later cuts and updates.
         tensors[f"{i}.keys"] = layer.keys[0, :, start:end, :].to("cpu", copy=True).contiguous()
         tensors[f"{i}.values"] = layer.values[0, :, start:end, :].to("cpu", copy=True).contiguous()
@@ -658,6 +686,20 @@ class Layout:
         """The shape of `n` tokens of the per-token tensor `name` as exported."""
         dims = self.per_token[name]
         return (n, dims[0]) if name.endswith(".indexer_keys") else (dims[0], n, dims[1])
+
+    def stored_pieces(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors `export` makes of `n` tokens, as (shape, dtype) by name: 'L.keys' and 'L.values' as computed,
+        or in another KV form one tensor per part of it ('L.keys.q', 'L.keys.scale', ...); indexer keys as
+        computed."""
+        form, pieces = KVForm(self.kv_form), {}
+        for name in self.per_token:
+            shape = self.piece_shape(name, n)
+            if form.exact or name.endswith(".indexer_keys"):
+                pieces[name] = (shape, self.kv_dtype)
+                continue
+            for part, (part_shape, dtype) in form.stored_shapes(shape).items():
+                pieces[f"{name}.{part}"] = (part_shape, dtype or form.float_dtype(self.kv_dtype))
+        return pieces
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         """What one token costs in the cache's attention layers, computed in `dtype` and kept in the layout's
@@ -765,16 +807,24 @@ def _layer_devices(model: Any, default: torch.device) -> list[torch.device]:
 
 
 def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.device,
-            state: dict[str, Any] | None = None, windows: str = WINDOWS_FULL) -> Cache:
+            state: dict[str, Any] | None = None, windows: str = WINDOWS_FULL, layout: Layout | None = None) -> Cache:
     """A cache for `model` holding the concatenation of exported `pieces` (in order) and the snapshot `state`
-    (`export_state`), each layer on its device. Each layer's pieces are copied once, straight into a buffer with
-    room to grow. Whether the result holds what it should is the caller's to check (`miscount`).
+    (`export_state`), each layer on its device, keeping keys and values in the KV form of `layout` (when given).
+    Each layer's pieces are copied once, straight into a buffer with room to grow. Whether the result holds what
+    it should is the caller's to check (`miscount`).
     """
-    cache = new_cache(model, windows)
+    form = KVForm(layout.kv_form) if layout is not None else KVForm()
+    cache = new_cache(model, windows, form)
     devices = _layer_devices(model, device)
     pinned: list[torch.Tensor] = []  # page-locked staging of the copies to a GPU, kept until they are done
     for i, layer in enumerate(cache.layers):
         target = devices[i] if i < len(devices) else device
+        if isinstance(layer, EncodedLayer) and pieces and any(name.startswith(f"{i}.keys.") for name in pieces[0]):
+            mine = {name[len(f"{i}."):]: [piece[name] for piece in pieces] for name in pieces[0]
+                    if name.split(".", 1)[0] == str(i)}
+            widths = (layout.per_token[f"{i}.keys"][-1], layout.per_token[f"{i}.values"][-1])
+            layer.fill_encoded(mine, target, layout.kv_dtype, widths)
+            continue
         if f"{i}.keys" not in (pieces[0] if pieces else {}):
             continue
         parts = {name: [piece[f"{i}.{name}"] for piece in pieces] for name in ("keys", "values")}  # [kv_heads, n, dim]

@@ -81,8 +81,9 @@ class Blobs:
 
     def read_kv(self, path: Path, key: str, start: int, n_tokens: int) -> dict[str, torch.Tensor]:
         """Map and check one KV file of this model (see kvfile.read); raises DamagedKV."""
-        shapes = {name: self.layout.piece_shape(name, n_tokens) for name in self.layout.per_token}
-        return kvfile.read(path, self._meta(key, start, n_tokens), shapes, self.layout.kv_dtype)
+        pieces = self.layout.stored_pieces(n_tokens)
+        return kvfile.read(path, self._meta(key, start, n_tokens), {name: shape for name, (shape, _) in pieces.items()},
+                           {name: dtype for name, (_, dtype) in pieces.items()})
 
     def write_state(self, ids: list[int], state: dict[str, torch.Tensor], logits: Any = None,
                     owner: str | None = None, pinned: bool = False) -> StateEntry:

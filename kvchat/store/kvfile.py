@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",  # names in torch
-           "I64": "int64", "BOOL": "bool"}  # (a recurrent state's token counts and flags)
+           "I64": "int64", "BOOL": "bool",  # (a recurrent state's token counts and flags)
+           "I8": "int8", "U8": "uint8"}  # (keys and values in q8 and q4 blocks)
 
 
 class DamagedKV(Exception):
