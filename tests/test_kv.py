@@ -41,7 +41,7 @@ class UnknownLayer(DynamicLayer):
 
 
 def test_an_unknown_layer_type_makes_the_turn_fall_back_with_a_reason_never_reuse(tiny, monkeypatch):
-    def cache_with_an_unknown_layer(model, windows=layers.WINDOWS_FULL):
+    def cache_with_an_unknown_layer(model, windows=layers.WINDOWS_FULL, form=None):
         cache = DynamicCache(config=model.config)
         cache.layers = [layers.GrowableLayer(), UnknownLayer()]
         return cache
