@@ -75,6 +75,26 @@ def test_bench_levers_quick_compares_each_weight_form_with_float32(monkeypatch, 
     assert table[1].startswith("| float32 | 128 |") and table[1].endswith("| 2/2 | 8 |")
 
 
+def test_bench_kv_quick_reports_each_form_against_auto(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """Issue 22: memory and disk per token, perplexity over the shipped text, speed and greedy agreement, per
+    KV form, against auto (as computed)."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["bench", "--kv", "--quick", "--model", str(tiny_model_dir), "--json", str(tmp_path / "k.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((tmp_path / "k.json").read_text())
+    forms = results["forms"]
+    assert list(forms) == ["auto", "float16", "bfloat16", "q8", "q4"] and results["plan"]["text_tokens"] == 256
+    assert forms["auto"]["memory_x"] == forms["auto"]["disk_x"] == forms["auto"]["perplexity_x"] == 1.0
+    assert forms["float16"]["memory_x"] == 0.5 and forms["q8"]["memory_x"] < 0.3 and forms["q4"]["memory_x"] < 0.2
+    assert forms["q8"]["disk_x"] < 0.3 and 1 < forms["auto"]["perplexity"] < 10_000
+    assert all(abs(f["perplexity_x"] - 1) < 0.05 for f in forms.values())  # a tiny random model: close to auto
+    rows = results["rows"]
+    assert [row["form"] for row in rows] == list(forms) and rows[0]["agree"] == [8, 8]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| KV form | memory B/token |") and len(table) == 1 + 5 + 1 + 5
+
+
 class FakeLlama:
     """Stands in for llama_cpp.Llama: greedy tokens from the tiny model itself, its prefix kept between calls."""
 

@@ -492,6 +492,9 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--levers", action="store_true",
                         help="only the decode levers: float32, packed blocks and bfloat16 on the CPU, speed and "
                              "greedy agreement (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
+    parser.add_argument("--kv", action="store_true",
+                        help="only the KV forms: memory and disk per token, perplexity over a fixed text, speed and "
+                             "greedy agreement with auto (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)
@@ -514,6 +517,8 @@ def bench_command(argv: list[str]) -> int:
             raise KvchatError("--plot needs matplotlib: pip install matplotlib")
     if args.levers:
         return _levers(settings, args)
+    if args.kv:
+        return _kv_forms(settings, args)
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
@@ -551,6 +556,23 @@ def _levers(settings: Settings, args: argparse.Namespace) -> int:
         bar.close()
     print(f"kvchat bench --levers · {settings.model} · cpu · {torch_threads()} threads")
     print(levers.markdown(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _kv_forms(settings: Settings, args: argparse.Namespace) -> int:
+    """kvchat bench --kv: the same model with its cache in each KV form, side by side."""
+    from kvchat.bench import kv
+
+    bar = ProgressBar(sys.stderr)
+    try:
+        loaded = load(settings, bar)
+        results = kv.run(loaded, kv.KVPlan.quick() if args.quick else kv.KVPlan(), bar)
+    finally:
+        bar.close()
+    print(f"kvchat bench --kv · {settings.model} · {loaded.device} · {torch_threads()} threads")
+    print(kv.markdown(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
