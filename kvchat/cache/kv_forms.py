@@ -74,41 +74,39 @@ class KVForm:
         return {"v": ((*lead, width), None)}
 
     def encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`rows` (..., width) in the form's tensors (see `stored_shapes`), each row on its own."""
+        """`rows` (..., width) in the form's tensors (see `stored_shapes`), each row on its own. (Few tensor
+        operations: at decode this runs for every layer on one token, where each operation's overhead counts.)"""
         if not self.quantized:
             return {"v": rows.to(self.float_dtype(rows.dtype))}
         width = rows.shape[-1]
         block = block_size(width)
-        blocks = rows.float().reshape(*rows.shape[:-1], width // block, block)
+        blocks = rows.float().reshape(*rows.shape[:-1], width // block, block)  # (rows may be a strided view)
         if self.name == "q8":
-            scale = (blocks.abs().amax(-1) / 127).half()
-            wide = scale.float().unsqueeze(-1)
-            q = torch.where(wide > 0, blocks / torch.where(wide > 0, wide, 1), 0).round().clamp(-127, 127)
-            return {"q": q.to(torch.int8).reshape(rows.shape), "scale": scale}
-        low, high = blocks.amin(-1), blocks.amax(-1)
-        offset = low.half()
-        scale = ((high - offset.float()) / 15).half()
-        wide, base = scale.float().unsqueeze(-1), offset.float().unsqueeze(-1)
-        q = torch.where(wide > 0, (blocks - base) / torch.where(wide > 0, wide, 1), 0).round().clamp(0, 15)
-        q = q.to(torch.uint8).reshape(rows.shape)
+            scale = blocks.abs().amax(-1, keepdim=True).div_(127)
+            q = blocks.div(scale.clamp_min(1e-30)).round_().to(torch.int8)  # |q| <= 127: the absmax row is 127
+            return {"q": q.reshape(rows.shape), "scale": scale.squeeze(-1).half()}
+        low, high = blocks.aminmax(dim=-1, keepdim=True)
+        scale = high.sub_(low).div_(15)
+        q = blocks.sub(low).div_(scale.clamp_min(1e-30)).round_().clamp_(0, 15).to(torch.uint8).reshape(rows.shape)
         if width % 2:
             q = torch.nn.functional.pad(q, (0, 1))
-        return {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": scale, "offset": offset}
+        return {"q": q[..., 0::2] | (q[..., 1::2] << 4), "scale": scale.squeeze(-1).half(),
+                "offset": low.squeeze(-1).half()}
 
     def decode(self, stored: dict[str, torch.Tensor], dtype: torch.dtype, width: int) -> torch.Tensor:
         """The rows `encode` made (or slices of them along the rows), as `dtype` (..., width)."""
         if not self.quantized:
             return stored["v"].to(dtype)
         block = block_size(width)
-        scale = stored["scale"].float().unsqueeze(-1)
+        lead = stored["scale"].shape[:-1]
+        scale = stored["scale"].unsqueeze(-1)
         if self.name == "q8":
-            q = stored["q"].float().reshape(*stored["q"].shape[:-1], width // block, block)
-            return (q * scale).reshape(*stored["q"].shape[:-1], width).to(dtype)
+            values = stored["q"].to(torch.float32).view(*lead, width // block, block).mul_(scale)
+            return values.view(*lead, width).to(dtype)
         packed = stored["q"]
-        q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)[..., :width]
-        q = q.float().reshape(*packed.shape[:-1], width // block, block)
-        values = q * scale + stored["offset"].float().unsqueeze(-1)
-        return values.reshape(*packed.shape[:-1], width).to(dtype)
+        q = torch.stack((packed & 15, packed >> 4), dim=-1).view(*lead, -1)[..., :width]
+        values = q.to(torch.float32).view(*lead, width // block, block).mul_(scale).add_(stored["offset"].unsqueeze(-1))
+        return values.view(*lead, width).to(dtype)
 
 
 def parse(name: str) -> KVForm:

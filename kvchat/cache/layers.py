@@ -381,10 +381,7 @@ def form_refusal(cache: Cache, form: KVForm) -> str | None:
         if kind(layer).can_cut and type(layer) is not EncodedLayer:
             return f"layer {i} keeps its keys and values in a {type(layer).__name__}, which cannot keep them in " \
                    f"{form.name}"
-        if kind(layer).holds_nothing:
-            return f"layer {i} reads another layer's keys and values (KV sharing), which {form.name} does not " \
-                   "serve yet"
-    return None
+    return None  # (a KV-sharing layer reads what its source layer's update returned: the decoded form)
 
 
 def static_refusal(cache: Cache) -> str | None:
