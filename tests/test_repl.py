@@ -642,3 +642,16 @@ def test_a_disk_error_in_save_or_fork_is_one_line_and_the_chat_goes_on(tiny, pip
            "saved" in out
     assert [m["content"] for m in repl.chat.messages if m["role"] == "user"] == ["Hello", "And then?"]
     repl.persister.store.close()
+
+
+def test_the_toolbar_and_stats_name_the_kv_form(tiny, pipe):
+    """Issue 22: a cache kept in q8 says so under the prompt and in /stats (as computed says nothing there)."""
+    from kvchat.cache.kv_forms import KVForm
+
+    plain = make_repl(tiny, pipe)
+    assert "q8" not in plain.toolbar().value
+    engine = Engine(tiny, kv_form=KVForm("q8"))
+    repl = make_repl(tiny, pipe, chat=new_chat(engine, None, "Be brief.", SETTINGS.sampling))
+    out = drive(repl, "Hello\r/stats\r/quit\r")
+    assert "KV q8 " in repl.toolbar().value
+    assert re.search(r"cache \d+ tokens · KV [0-9.]+ MB \(q8\)", out), out
