@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvchat.bench.levers import agreement, answer, prompts
+from kvchat.bench.levers import answer_all, prompts, speed_table
 from kvchat.cache import layers
 from kvchat.cache.kv_forms import KVForm
 from kvchat.chat.engine import Engine
@@ -93,20 +93,13 @@ def run(loaded: LoadedModel, plan: KVPlan, progress: Progress) -> dict[str, Any]
         ppl = perplexity(engine, text_ids, plan.chunk)
         memory = []
         for context in plan.contexts:
-            conversations = prompts(engine, context, plan.prompts)
-            decode, prefill, agree = [], [], []
-            for number, messages in enumerate(conversations):
-                progress(f"kv: {name} at {context} tokens", number, len(conversations))
-                end = answer(engine, messages, plan.new_tokens)
-                decode.append(end.stats.decode_tok_s)
-                prefill.append(end.stats.prefilled / (end.stats.prefill_ms / 1000))
-                memory.append(end.stats.kv_bytes / max(1, end.stats.reused + end.stats.prefilled + plan.new_tokens - 1))
-                if name == FORMS[0]:
-                    reference[(context, number)] = end.token_ids
-                agree.append(agreement(reference[(context, number)], end.token_ids))
-            rows.append({"form": name, "context": context, "decode_tok_s": statistics.median(decode),
-                         "prefill_tok_s": statistics.median(prefill), "agree": agree,
-                         "all_agree": sum(a == plan.new_tokens for a in agree)})
+            found = answer_all(engine, context, plan.prompts, plan.new_tokens, reference, name == FORMS[0],
+                               lambda done, of: progress(f"kv: {name} at {context} tokens", done, of))
+            memory += [end.stats.kv_bytes / max(1, end.stats.reused + end.stats.prefilled + plan.new_tokens - 1)
+                       for end in found.ends]
+            rows.append({"form": name, "context": context, "decode_tok_s": statistics.median(found.decode),
+                         "prefill_tok_s": statistics.median(found.prefill), "agree": found.agree,
+                         "all_agree": sum(a == plan.new_tokens for a in found.agree)})
         progress(f"kv: {name}, a saved session", 0, 1)
         disk = disk_bytes_per_token(engine, prompts(engine, plan.contexts[0], 1)[0], plan.new_tokens)
         forms[name] = {"memory_per_token": statistics.median(memory), "disk_per_token": disk, "perplexity": ppl}
@@ -131,11 +124,4 @@ def markdown(results: dict[str, Any]) -> str:
     for name, f in results["forms"].items():
         lines.append(f"| {name} | {f['memory_per_token']:,.0f} | {f['memory_x']:.3f}x | {f['disk_per_token']:,.0f} | "
                      f"{f['disk_x']:.3f}x | {f['perplexity']:.3f} | {100 * (f['perplexity_x'] - 1):+.2f}% |")
-    lines += ["", f"| KV form | context | decode tok/s | vs auto | prefill tok/s | vs auto | prompts whose "
-              f"{plan['new_tokens']} greedy tokens all agree with auto | median agreeing tokens |",
-              "|---|---|---|---|---|---|---|---|"]
-    for row in results["rows"]:
-        lines.append(f"| {row['form']} | {row['context']:,} | {row['decode_tok_s']:.1f} | {row['decode_x']:.2f}x | "
-                     f"{row['prefill_tok_s']:.0f} | {row['prefill_x']:.2f}x | {row['all_agree']}/{plan['prompts']} | "
-                     f"{statistics.median(row['agree']):.0f} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *speed_table(results, "KV form", "form", "auto", " with auto")])

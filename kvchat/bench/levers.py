@@ -83,6 +83,34 @@ def agreement(reference: list[int], other: list[int]) -> int:
     return next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), min(len(reference), len(other)))
 
 
+@dataclass
+class Answers:
+    """A setting's greedy answers to the prompts of one context: speeds, agreement with the reference, the ends."""
+
+    decode: list[float]
+    prefill: list[float]
+    agree: list[int]
+    ends: list[TurnEnd]
+
+
+def answer_all(engine: Engine, context: int, count: int, new_tokens: int, reference: dict[tuple[int, int], list[int]],
+               is_reference: bool, report: Callable[[int, int], None]) -> Answers:
+    """Greedy answers to `count` prompts of about `context` tokens; their agreement with `reference` (which they
+    fill when `is_reference`). `report(done, of)` is the progress."""
+    conversations = prompts(engine, context, count)
+    found = Answers([], [], [], [])
+    for number, messages in enumerate(conversations):
+        report(number, len(conversations))
+        end = answer(engine, messages, new_tokens)
+        found.decode.append(end.stats.decode_tok_s)
+        found.prefill.append(end.stats.prefilled / (end.stats.prefill_ms / 1000))
+        if is_reference:
+            reference[(context, number)] = end.token_ids
+        found.agree.append(agreement(reference[(context, number)], end.token_ids))
+        found.ends.append(end)
+    return found
+
+
 def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
     """Every lever at every context; speeds are medians over the prompts."""
     rows, reference = [], {}
@@ -95,20 +123,13 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
             compile_s = engine.step.compile_now()
         engine.stop_ids = frozenset()  # equal work on every lever: end-of-turn does not stop a reply
         for context in plan.contexts:
-            conversations = prompts(engine, context, plan.prompts)
-            decode, prefill, agree = [], [], []
-            for number, messages in enumerate(conversations):
-                progress(f"levers: {name} at {context} tokens", number, len(conversations))
-                end = answer(engine, messages, plan.new_tokens)
-                decode.append(end.stats.decode_tok_s)
-                prefill.append(end.stats.prefilled / (end.stats.prefill_ms / 1000))
-                if name == LEVERS[0][0]:
-                    reference[(context, number)] = end.token_ids
-                agree.append(agreement(reference[(context, number)], end.token_ids))
+            found = answer_all(engine, context, plan.prompts, plan.new_tokens, reference, name == LEVERS[0][0],
+                               lambda done, of: progress(f"levers: {name} at {context} tokens", done, of))
             label = precision(loaded) + (engine.step.label() if engine.step is not None else "")
             rows.append({"lever": name, "precision": label, "context": context, "compile_s": compile_s,
-                         "decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
-                         "agree": agree, "all_agree": sum(a == plan.new_tokens for a in agree)})
+                         "decode_tok_s": statistics.median(found.decode),
+                         "prefill_tok_s": statistics.median(found.prefill), "agree": found.agree,
+                         "all_agree": sum(a == plan.new_tokens for a in found.agree)})
         del engine, loaded
     base = {row["context"]: row for row in rows if row["lever"] == LEVERS[0][0]}
     for row in rows:
@@ -118,14 +139,20 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
             "rows": rows}
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The levers as a Markdown table."""
+def speed_table(results: dict[str, Any], what: str, label: str, base: str, agree: str) -> list[str]:
+    """The rows of `results` as Markdown lines: `what` heads the column of each row's `label`, speeds are against
+    `base`, and `agree` ends the agreement column's heading."""
     plan = results["plan"]
-    lines = [f"| lever | context | decode tok/s | vs float32 | prefill tok/s | vs float32 | prompts whose "
-             f"{plan['new_tokens']} greedy tokens all agree | median agreeing tokens |",
+    lines = [f"| {what} | context | decode tok/s | vs {base} | prefill tok/s | vs {base} | prompts whose "
+             f"{plan['new_tokens']} greedy tokens all agree{agree} | median agreeing tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        lines.append(f"| {row['precision']} | {row['context']:,} | {row['decode_tok_s']:.1f} | "
+        lines.append(f"| {row[label]} | {row['context']:,} | {row['decode_tok_s']:.1f} | "
                      f"{row['decode_x']:.2f}x | {row['prefill_tok_s']:.0f} | {row['prefill_x']:.2f}x | "
                      f"{row['all_agree']}/{plan['prompts']} | {statistics.median(row['agree']):.0f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The levers as a Markdown table."""
+    return "\n".join(speed_table(results, "lever", "precision", "float32", ""))

@@ -554,11 +554,7 @@ def _levers(settings: Settings, args: argparse.Namespace) -> int:
                              levers.LeverPlan.quick() if args.quick else levers.LeverPlan(), bar)
     finally:
         bar.close()
-    print(f"kvchat bench --levers · {settings.model} · cpu · {torch_threads()} threads")
-    print(levers.markdown(results))
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
-    return 0
+    return _bench_report(f"kvchat bench --levers · {settings.model} · cpu", levers.markdown(results), results, args)
 
 
 def _kv_forms(settings: Settings, args: argparse.Namespace) -> int:
@@ -571,8 +567,14 @@ def _kv_forms(settings: Settings, args: argparse.Namespace) -> int:
         results = kv.run(loaded, kv.KVPlan.quick() if args.quick else kv.KVPlan(), bar)
     finally:
         bar.close()
-    print(f"kvchat bench --kv · {settings.model} · {loaded.device} · {torch_threads()} threads")
-    print(kv.markdown(results))
+    return _bench_report(f"kvchat bench --kv · {settings.model} · {loaded.device}", kv.markdown(results), results,
+                         args)
+
+
+def _bench_report(title: str, table: str, results: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print a bench section's title (with the threads it ran on) and table; its figures to --json when asked."""
+    print(f"{title} · {torch_threads()} threads")
+    print(table)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
