@@ -96,6 +96,21 @@ def read_regular(path: Path, limit: int = 64 * 1024 * 1024) -> bytes | None:
         data = handle.read(limit + 1)
     return data if len(data) <= limit else None
 
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` by a file holding `data`, private to this user (0600), through a temporary file created
+    exclusively (never through a planted link) and renamed over it; raises OSError, leaving no temporary."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "full", "int8")

