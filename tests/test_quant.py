@@ -282,6 +282,27 @@ def test_a_converted_model_is_kept_packed_on_disk_and_loads_as_the_same_float32_
     assert (other_dir / "model.safetensors").is_file() and not (other_dir / PACKED_WEIGHTS).exists()
 
 
+def test_a_packed_model_with_tied_embeddings_is_never_packed_again_when_loaded(tmp_path, monkeypatch):
+    """Issue 23: the default model's file keeps its tied embedding as 'model.embed_tokens' (save_pretrained drops
+    'lm_head'); a load must find it there, not pack all the weights again on every start."""
+    from kvchat.weights.model import PACKED_WEIGHTS, load_model, pack_directory
+
+    loaded = gguf_like(tie_word_embeddings=True)
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    assert pack_directory(tmp_path / "m")
+    vocab = loaded.model.config.vocab_size
+    packed_rows = []
+    real = quant.pack
+    monkeypatch.setattr(quant, "pack", lambda weight, *a, **k: packed_rows.append(weight.shape[0]) or real(weight, *a, **k))
+    again = load_model(str(tmp_path / "m"), "cpu", "float32")
+    assert again.weight_format == "int8" and again.model.lm_head.q is again.model.model.embed_tokens.q
+    assert vocab > quant.PROBE_ROWS and vocab not in packed_rows  # (only the cheap probes of first rows ran)
+    assert all(rows <= quant.PROBE_ROWS for rows in packed_rows), packed_rows
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.suffix == ".safetensors"] == [PACKED_WEIGHTS]
+
+
 def test_auto_gives_up_on_weights_of_no_block_format_from_their_first_rows(monkeypatch):
     calls = []
     real = quant.pack

@@ -53,7 +53,7 @@ def make_model(vocab_size: int, dtype: torch.dtype = torch.float64, seed: int = 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **overrides,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{"tie_word_embeddings": False, **overrides},
     )
     model = LlamaForCausalLM(config).to(dtype)
     model.generation_config.eos_token_id = 2

@@ -340,15 +340,19 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
     packing = Packing()
     plan: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, attribute, layer, key of its weight)
     keys: dict[int, str] = {}
-    for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
-            if type(child) not in (nn.Linear, nn.Embedding):
-                continue
-            weight, full_name = child.weight, f"{parent_name}.{name}".lstrip(".")
-            if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
-                continue  # left as it is
-            keys.setdefault(id(weight), full_name)
-            plan.append((parent, name, child, keys[id(weight)]))
+    aliases: dict[str, list[str]] = {}  # a weight's key -> every layer name it goes by (a tied one has two)
+    # Depth first, as a state dict is ordered: a tied weight is keyed by the name save_pretrained keeps
+    # ('model.embed_tokens', not 'lm_head'), which is what a packed model's own file holds.
+    for full_name, child in model.named_modules(remove_duplicate=False):
+        if type(child) not in (nn.Linear, nn.Embedding) or not full_name:
+            continue
+        weight = child.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
+            continue  # left as it is
+        parent_name, _, name = full_name.rpartition(".")
+        key = keys.setdefault(id(weight), full_name)
+        aliases.setdefault(key, []).append(full_name)
+        plan.append((model.get_submodule(parent_name), name, child, key))
     weights = {keys[id(child.weight)]: child.weight for _, _, child, _ in plan}
     if not allow_approximate:  # a model whose weights are no block format fails on its first rows: cheaply
         for key, weight in weights.items():
@@ -356,7 +360,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
             if missing:
                 packing.approximate = missing  # (of the probed rows of `key`)
                 return packing
-    packed = _read_stored(stored, weights) if stored else None
+    packed = _read_stored(stored, weights, aliases) if stored else None
     write = packed is None
     if packed is None:
         packed = {key: pack(weight, allow_approximate) for key, weight in weights.items()}
@@ -420,14 +424,15 @@ def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | 
     return True
 
 
-def _read_stored(path: Path, weights: dict[str, torch.Tensor]) -> Packed | None:
-    """The packed weights kept in `path`, when it holds exactly these weights' packings; None otherwise."""
+def _read_stored(path: Path, weights: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> Packed | None:
+    """The packed weights kept in `path` (each under its key or another name it goes by, in `aliases`), when it
+    holds exactly these weights' packings; None otherwise."""
     from safetensors import SafetensorError
 
     try:
         kept, _ = read_packing(path)
-        packed = {key: kept[key] for key in weights}
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        packed = {key: kept[next(name for name in aliases.get(key, [key]) if name in kept)] for key in weights}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, SafetensorError):
         return None
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]
