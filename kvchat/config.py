@@ -142,6 +142,8 @@ class Settings:
     prefill_chunk: int = 512
     window_cache: str = "full"  # sliding-window layers: "full" keeps every token, "window" only the window
     kv_dtype: str = "auto"  # what the cache keeps keys and values in: as computed, a float type, q8 or q4 blocks
+    kv_dtype_k: str | None = None  # the keys' form, when not kv_dtype's (None)
+    kv_dtype_v: str | None = None  # the values' form, when not kv_dtype's
     max_context: int | None = None  # None: the model's own maximum
     reuse: bool = True
     stats: bool = False
@@ -149,6 +151,14 @@ class Settings:
     sessions_dir: str | None = None  # None: sessions/ beside the config file in use, else $KVCHAT_HOME/sessions
     cache_max_mb: int = 0  # cap on the store's KV bytes; least recently used prefixes are evicted (0: no cap)
     sampling: Sampling = field(default_factory=Sampling)
+
+    @property
+    def kv_form(self) -> str:
+        """The KV form in use: kv_dtype, with a side set apart by kv_dtype_k or kv_dtype_v ("KEYS/VALUES" when the
+        two differ)."""
+        keys, _, values = self.kv_dtype.partition("/")
+        keys, values = self.kv_dtype_k or keys, self.kv_dtype_v or values or keys
+        return keys if keys == values else f"{keys}/{values}"
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
@@ -195,6 +205,14 @@ def _nonempty_text(value: Any) -> str:
     return value
 
 
+def _kv_form(value: Any) -> str:
+    """One of KV_DTYPES, or "KEYS/VALUES" (two of them: keys in one form, values in another)."""
+    sides = value.split("/") if isinstance(value, str) else [value]
+    if not 1 <= len(sides) <= 2 or any(side not in KV_DTYPES for side in sides):
+        raise ValueError(f"expected one of {', '.join(KV_DTYPES)}, or KEYS/VALUES (e.g. q8/q4), got {value!r}")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -218,7 +236,9 @@ _TOP_LEVEL: dict[str, Callable[[Any], Any]] = {
     "system": _optional(_text),
     "prefill_chunk": _number(int, 1),
     "window_cache": _choice(("full", "window")),
-    "kv_dtype": _choice(KV_DTYPES),
+    "kv_dtype": _kv_form,
+    "kv_dtype_k": _optional(_choice(KV_DTYPES)),
+    "kv_dtype_v": _optional(_choice(KV_DTYPES)),
     "max_context": _optional(_number(int, 16)),
     "reuse": _boolean,
     "stats": _boolean,

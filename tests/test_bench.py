@@ -84,15 +84,16 @@ def test_bench_kv_quick_reports_each_form_against_auto(monkeypatch, capsys, tmp_
     assert code == 0, err
     results = json.loads((tmp_path / "k.json").read_text())
     forms = results["forms"]
-    assert list(forms) == ["auto", "float16", "bfloat16", "q8", "q4"] and results["plan"]["text_tokens"] == 256
+    assert list(forms) == ["auto", "float16", "bfloat16", "q8", "q8/q4", "q4"] and results["plan"]["text_tokens"] == 256
     assert forms["auto"]["memory_x"] == forms["auto"]["disk_x"] == forms["auto"]["perplexity_x"] == 1.0
     assert forms["float16"]["memory_x"] == 0.5 and forms["q8"]["memory_x"] < 0.3 and forms["q4"]["memory_x"] < 0.2
     assert forms["q8"]["disk_x"] < 0.3 and 1 < forms["auto"]["perplexity"] < 10_000
+    assert forms["q4"]["memory_x"] < forms["q8/q4"]["memory_x"] < forms["q8"]["memory_x"]
     assert all(abs(f["perplexity_x"] - 1) < 0.05 for f in forms.values())  # a tiny random model: close to auto
     rows = results["rows"]
     assert [row["form"] for row in rows] == list(forms) and rows[0]["agree"] == [8, 8]
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| KV form | memory B/token |") and len(table) == 1 + 5 + 1 + 5
+    assert table[0].startswith("| KV form | memory B/token |") and len(table) == 1 + 6 + 1 + 6
 
 
 class FakeLlama:

@@ -5,16 +5,18 @@ in that same form."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 from bound import engine_with_store
 from families import make_family, window_cache
 from kvchat.cache import layers
-from kvchat.cache.kv_forms import KVForm, block_size
+from kvchat.cache.kv_forms import KVForm, block_size, parse
 from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine, TurnEnd
 from kvchat.chat.saving import Persister, open_chat
-from kvchat.config import Sampling
+from kvchat.config import ConfigError, Sampling, load_config
 from kvchat.errors import KvchatError
+from kvchat.ui.cli import main
 from kvchat.weights.model import LoadedModel
 from tiny import make_tokenizer
 
@@ -22,7 +24,7 @@ GREEDY = Sampling(temperature=0, max_new_tokens=8)
 SYSTEM = "You are a helpful assistant."
 MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell me a story about a cat.",
             "Numbers: 1 2 3 4 5.", "The quick brown fox jumps over the lazy dog."]
-FORMS = ("q8", "q4", "float16")
+FORMS = ("q8", "q4", "float16", "q8/q4")
 
 
 @pytest.mark.parametrize("name", ["q8", "q4"])
@@ -64,6 +66,7 @@ def test_the_forms_cost_what_they_promise_per_token():
         assert chat.engine.layout.bytes_per_token(torch.float32) == round(per_token[name])
     assert per_token["q8"] <= 0.3 * per_token["auto"] and per_token["q4"] <= 0.17 * per_token["auto"]
     assert per_token["float16"] == per_token["auto"] / 2
+    assert per_token["q8/q4"] == (per_token["q8"] + per_token["q4"]) / 2  # (keys and values are as wide)
 
 
 @torch.inference_mode()
@@ -95,15 +98,18 @@ def turn(chat, events=None, text=None):
     return end.stats
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "deepseek-v3", "qwen3.5", "gemma3n"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "deepseek-v3", "deepseek-v3.2", "qwen3.5", "falcon-h1",
+                                        "gemma3n"])
 def family(request, tiny):
     return tiny if request.param == "llama" else make_family(request.param)
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_reuse_retry_undo_and_resume_in_a_form_equal_a_fresh_prefill_in_it(family, form, tmp_path):
-    """Full attention (llama), sliding windows kept whole (mistral), latent attention (deepseek-v3), a hybrid
-    of linear and full attention (qwen3.5), and KV sharing (gemma3n: later layers read an earlier one's)."""
+    """Full attention (llama), sliding windows kept whole (mistral), latent attention (deepseek-v3), latent
+    attention with sparse-attention indexer keys (deepseek-v3.2), a hybrid of linear and full attention (qwen3.5),
+    attention and a recurrent state in one layer (falcon-h1), and KV sharing (gemma3n: later layers read an
+    earlier one's)."""
     engine, store = engine_with_store(family, tmp_path, window_cache=window_cache(family), kv_form=KVForm(form))
     chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
     persister = Persister(store, "s")
@@ -171,12 +177,37 @@ def test_a_session_saved_in_one_form_is_rebuilt_from_its_text_in_another(tiny, t
     turn(opened.chat, text=MESSAGES[1])
 
 
-@pytest.mark.parametrize("name,why", [("deepseek-v3.2", "DynamicIndexedLayer"),
-                                      ("falcon-h1", "LinearAttentionAndFullAttentionLayer")])
-def test_a_model_whose_layers_cannot_take_a_form_is_one_line(name, why):
-    with pytest.raises(KvchatError, match=f"cannot keep keys and values in q8: layer .*{why}") as caught:
-        Engine(make_family(name), kv_form=KVForm("q8"))
+class UnknownLayer(DynamicLayer):
+    """A layer type kvchat has never heard of (a subclass may keep more than its base does)."""
+
+
+def test_a_layer_kvchat_cannot_keep_in_a_form_is_one_line_never_kept_as_computed(tiny, monkeypatch):
+    made = layers.new_cache
+
+    def with_an_unknown_layer(model, windows=layers.WINDOWS_FULL, form=KVForm()):
+        cache = made(model, windows, form)
+        cache.layers[1] = UnknownLayer()
+        return cache
+
+    monkeypatch.setattr(layers, "new_cache", with_an_unknown_layer)
+    with pytest.raises(KvchatError, match="cannot keep keys and values in q8: layer 1 .*UnknownLayer") as caught:
+        Engine(tiny, kv_form=KVForm("q8"))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3.2", "falcon-h1"])
+def test_indexer_keys_and_attention_beside_a_state_are_kept_in_the_form(name):
+    """Each token costs what the layout says in q8 (the sparse-attention indexer's keys and Falcon-H1's attention
+    encoded too, not kept as computed), and a quarter of what it costs as computed or less."""
+    per_token = {}
+    for form in ("auto", "q8"):
+        chat = Chat.start(Engine(make_family(name), kv_form=KVForm(form)), SYSTEM, sampling=GREEDY)
+        list(chat.send(MESSAGES[0]))
+        before = (chat.cache.nbytes, chat.cache.tokens)
+        list(chat.send(MESSAGES[1]))  # (the recurrent state's bytes stay: the difference is per token)
+        per_token[form] = (chat.cache.nbytes - before[0]) / (chat.cache.tokens - before[1])
+        assert round(per_token[form]) == chat.engine.layout.bytes_per_token(torch.float64)
+    assert per_token["q8"] <= 0.3 * per_token["auto"] / 2  # (the tiny models compute in float64)
 
 
 def test_the_compiled_step_with_a_quantized_form_is_one_line(tiny):
@@ -209,3 +240,27 @@ def test_rows_given_as_a_strided_view_encode_as_their_copy_does(name):
     assert not rows.is_contiguous()
     got, want = form.encode(rows), form.encode(rows.contiguous())
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_keys_and_values_may_take_two_forms_named_as_a_pair():
+    """`--kv-dtype KEYS/VALUES`, or a side set apart by `--kv-dtype-k`/`--kv-dtype-v`; equal sides are one form."""
+    assert load_config(None, {"kv_dtype": "q8", "kv_dtype_v": "q4"}).kv_form == "q8/q4"
+    assert load_config(None, {"kv_dtype": "q8/q4", "kv_dtype_k": "q4"}).kv_form == "q4"
+    assert load_config(None, {"kv_dtype_k": "float16"}).kv_form == "float16/auto"
+    assert parse("q4/q4") == KVForm("q4") and parse("q8/q4") == KVForm("q8/q4")
+    form = KVForm("q8/q4")
+    assert (form.side("keys"), form.side("indexer_keys"), form.side("values")) == (KVForm("q8"), KVForm("q8"),
+                                                                                   KVForm("q4"))
+    for bad in ({"kv_dtype": "q8/q4/q4"}, {"kv_dtype": "q5"}, {"kv_dtype_k": "q8/q4"}, {"kv_dtype": 8}):
+        with pytest.raises(ConfigError, match=r"invalid --kv-dtype.*one of auto, float32") as caught:
+            load_config(None, bad)
+        assert "\n" not in str(caught.value)
+
+
+def test_info_prints_a_pair_of_forms_in_use_between_its_sides(monkeypatch, capsys, tiny_model_dir):
+    assert main(["info", "--model", str(tiny_model_dir), "--kv-dtype", "q8", "--kv-dtype-v", "q4"]) == 0
+    out = capsys.readouterr().out
+    assert "in use: q8/q4" in out
+    per_token = {line.split()[0]: line.split()[1:3] for line in out.splitlines()
+                 if line.startswith("  ") and "/token" in line}
+    assert list(per_token)[-3:] == ["q8", "q4", "q8/q4"], per_token

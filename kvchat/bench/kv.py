@@ -26,7 +26,7 @@ from kvchat.chat.engine import Engine
 from kvchat.weights.model import LoadedModel
 
 Progress = Callable[[str, int, int], None]
-FORMS = ("auto", "float16", "bfloat16", "q8", "q4")
+FORMS = ("auto", "float16", "bfloat16", "q8", "q8/q4", "q4")
 TEXT = Path(__file__).with_name("texts") / "public_domain.txt"
 
 

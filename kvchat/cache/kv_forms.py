@@ -10,6 +10,9 @@ reused, cut, or built in one pass: the exactness kvchat promises holds per form 
 - q4: 4-bit values (two a byte) in blocks, a float16 scale and a float16 offset (the block's minimum) per block;
   0.625 bytes a value with 32-value blocks.
 
+Keys and values may take different forms: "KEYS/VALUES" names the pair ("q8/q4": keys in q8, values in q4; keys
+carry more of a reply's precision than values do). A sparse-attention indexer's keys take the keys' form.
+
 A row whose width is not a multiple of 32 takes the largest of 16, 8, 4, 2 that divides it (tiny test models),
 and a width with none of them one block per row.
 """
@@ -30,18 +33,44 @@ def block_size(width: int) -> int:
     return next((b for b in (BLOCK, 16, 8, 4, 2) if width % b == 0), width)
 
 
+def _sides(name: str) -> tuple[str, str]:
+    keys, _, values = name.partition("/")
+    return keys, values or keys
+
+
 @dataclass(frozen=True)
 class KVForm:
-    """One form of the cache's keys and values (see the module docstring); `name` is one of NAMES."""
+    """The form of the cache's keys and values (see the module docstring): `name` is one of NAMES, or
+    "KEYS/VALUES", two different ones. The methods that encode and measure rows are a single form's (`keys`,
+    `values` and `side` give each side's)."""
 
     name: str = "auto"
 
     def __post_init__(self) -> None:
-        assert self.name in NAMES, f"unknown KV form {self.name!r}"
+        keys, values = _sides(self.name)
+        assert keys in NAMES and values in NAMES, f"unknown KV form {self.name!r}"
+        assert self.single or keys != values, f"a pair of equal KV forms is named once: {keys!r}"
+
+    @property
+    def single(self) -> bool:
+        """Whether keys and values take the same form."""
+        return "/" not in self.name
+
+    @property
+    def keys(self) -> "KVForm":
+        return KVForm(_sides(self.name)[0])
+
+    @property
+    def values(self) -> "KVForm":
+        return KVForm(_sides(self.name)[1])
+
+    def side(self, tensor: str) -> "KVForm":
+        """The form of a layer's per-token tensor `tensor`: 'values', or 'keys' and 'indexer_keys' (keys')."""
+        return self.values if tensor == "values" else self.keys
 
     @property
     def quantized(self) -> bool:
-        return self.name in QUANTIZED
+        return any(side in QUANTIZED for side in _sides(self.name))
 
     @property
     def exact(self) -> bool:
@@ -50,10 +79,14 @@ class KVForm:
 
     def float_dtype(self, compute: torch.dtype) -> torch.dtype:
         """The type a float form keeps values in (the compute type for `auto`)."""
+        assert self.single, "a pair of KV forms has one float type a side"
         return compute if self.name == "auto" or self.quantized else getattr(torch, self.name)
 
     def bytes_per_value(self, compute: torch.dtype, width: int = BLOCK) -> float:
-        """What one value of a row of `width` costs in memory and on disk."""
+        """What one value of a row of `width` costs in memory and on disk (a pair: the mean of a key's and a
+        value's)."""
+        if not self.single:
+            return (self.keys.bytes_per_value(compute, width) + self.values.bytes_per_value(compute, width)) / 2
         block = block_size(width)
         if self.name == "q8":
             return 1 + 2 / block
@@ -64,6 +97,7 @@ class KVForm:
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """The tensors a form keeps for rows of `shape` (..., width): name -> (shape, dtype; None: the float
         type)."""
+        assert self.single, "a pair of KV forms keeps tensors a side"
         *lead, width = shape
         blocks = width // block_size(width)
         if self.name == "q8":
@@ -76,6 +110,7 @@ class KVForm:
     def encode(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """`rows` (..., width) in the form's tensors (see `stored_shapes`), each row on its own. (Few tensor
         operations: at decode this runs for every layer on one token, where each operation's overhead counts.)"""
+        assert self.single, "a pair of KV forms encodes a side at a time"
         if not self.quantized:
             return {"v": rows.to(self.float_dtype(rows.dtype))}
         width = rows.shape[-1]
@@ -110,7 +145,9 @@ class KVForm:
 
 
 def parse(name: str) -> KVForm:
-    """The form named `name`; ValueError naming the choices for any other."""
-    if name not in NAMES:
-        raise ValueError(f"unknown KV form {name!r}: choose one of {', '.join(NAMES)}")
-    return KVForm(name)
+    """The form named `name` (one of NAMES, or "KEYS/VALUES"; a pair of equal forms is that form); ValueError
+    naming the choices for any other."""
+    keys, values = _sides(name)
+    if keys not in NAMES or values not in NAMES or name.count("/") > 1:
+        raise ValueError(f"unknown KV form {name!r}: choose one of {', '.join(NAMES)}, or KEYS/VALUES (e.g. q8/q4)")
+    return KVForm(keys if keys == values else f"{keys}/{values}")

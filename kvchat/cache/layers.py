@@ -15,6 +15,10 @@ everything (the turn then prefills from scratch):
 - WindowKind: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
   layer) and is handled like a state: snapshotted and restored, never cut.
 - AttentionAndStateKind: both in one layer (Falcon-H1).
+
+With a KV form other than `auto` (kv_forms), the per-token tensors live in Encoded* layers: EncodedLayer (full
+and whole sliding attention, latent attention), EncodedIndexedLayer (with a sparse-attention indexer's keys) and
+EncodedHybridLayer (Falcon-H1's attention beside its state).
 - EmptyKind: layers that hold nothing (KV-sharing consumers, MLP-only layers).
 
 Every token count a layer keeps must equal the tokens the conversation holds (`miscount`), after every cut,
@@ -152,97 +156,218 @@ class GrowableLayer(DynamicLayer):
         self._n = 0
 
 
-class EncodedLayer(GrowableLayer):
-    """A growable attention layer that keeps keys and values in a `KVForm` (a float type, or quantized blocks)
-    instead of as computed. Each token's rows are encoded as they arrive; every update returns the decoded
-    keys and values of all the tokens held (the new ones included), made afresh and not kept, so the layer's
-    memory is its encoded buffers. `keys`/`values` are views of the encoded buffers (their token count is what
-    transformers reads of them). It never runs as a static step."""
+class EncodedRows:
+    """The rows of one per-token tensor (keys [1, kv_heads, n, width], values, or indexer keys [1, n, width]) kept
+    in a `KVForm`: one buffer per part of the form, tokens along dimension -2, growing by half when full. Each
+    row is encoded on its own as it arrives."""
+
+    def __init__(self, form: KVForm, like: torch.Tensor):
+        self.form = form
+        self.width, self.dtype, self.device = like.shape[-1], like.dtype, like.device
+        self._lead = tuple(like.shape[:-2])
+        self._parts: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self._parts.values())).shape[-2] if self._parts else 0
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` tokens (spare slots are zeros)."""
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, self.capacity + self.capacity // 2, 256)
+        parts = {}
+        for part, (shape, dtype) in self.form.stored_shapes((*self._lead, capacity, self.width)).items():
+            buffer = torch.zeros(shape, dtype=dtype or self.form.float_dtype(self.dtype), device=self.device)
+            if self.n:
+                buffer[..., : self.n, :] = self._parts[part][..., : self.n, :]
+            parts[part] = buffer
+        self._parts = parts
+
+    def append(self, rows: torch.Tensor) -> None:
+        """Encode `rows` [..., s, width] as the next s tokens."""
+        end = self.n + rows.shape[-2]
+        self.reserve(end)
+        for part, encoded in self.form.encode(rows).items():
+            self._parts[part][..., self.n:end, :] = encoded
+        self.n = end
+
+    def decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """All the tokens held, decoded to `dtype`."""
+        return self.form.decode({part: buf[..., : self.n, :] for part, buf in self._parts.items()}, dtype, self.width)
+
+    def view(self) -> torch.Tensor:
+        """The first part of the tokens held (its token count is what transformers reads of a layer)."""
+        return next(iter(self._parts.values()))[..., : self.n, :] if self._parts else \
+            torch.empty((*self._lead, 0, self.width), dtype=self.dtype, device=self.device)
+
+    def cut(self, n: int) -> None:
+        self.n = min(self.n, max(0, n))
+
+    def export(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        """Tokens [start, end) of each part as CPU copies, without the batch dimension."""
+        return {part: buf[0][..., start:end, :].to("cpu", copy=True).contiguous() for part, buf in self._parts.items()}
+
+    def fill(self, pieces: dict[str, list[torch.Tensor]]) -> None:
+        """Take restored parts (part -> pieces in order, as `export` made them) as the whole content."""
+        total = sum(piece.shape[-2] for piece in next(iter(pieces.values())))
+        self.n = 0
+        self.reserve(total + max(256, total // 4))  # room for the next turns without regrowing
+        for part, parts in pieces.items():
+            start = 0
+            for piece in parts:
+                end = start + piece.shape[-2]
+                self._parts[part][0][..., start:end, :].copy_(piece)
+                start = end
+        self.n = total
+
+    def held_bytes(self) -> int:
+        return sum(buf[..., : self.n, :].numel() * buf.element_size() for buf in self._parts.values())
+
+
+class EncodedLayer(DynamicLayer):
+    """An attention layer that keeps keys and values in a `KVForm` (a float type, or quantized blocks) instead of
+    as computed. Each token's rows are encoded as they arrive; every update returns the decoded keys and values
+    of all the tokens held (the new ones included), made afresh and not kept, so the layer's memory is its encoded
+    buffers. `keys`/`values` are views of the encoded buffers (their token count is what transformers reads of
+    them). It never runs as a static step."""
 
     def __init__(self, form: KVForm):
         super().__init__()
         self.form = form
-        self._stored: dict[str, dict[str, torch.Tensor]] | None = None  # 'keys'/'values' -> the form's buffers
-        self._widths = (0, 0)
+        self.rows: dict[str, EncodedRows] = {}  # 'keys', 'values' (and 'indexer_keys') -> its rows
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._stored, self._widths = None, (key_states.shape[-1], value_states.shape[-1])
-
-    def _reserve(self, keys_like: torch.Tensor, values_like: torch.Tensor, needed: int) -> None:
-        capacity = 0 if self._stored is None else next(iter(self._stored["keys"].values())).shape[-2]
-        if needed <= capacity:
-            return
-        capacity = max(needed, capacity + capacity // 2, 256)
-        stored = {}
-        for name, like in (("keys", keys_like), ("values", values_like)):
-            stored[name] = {}
-            for part, (shape, dtype) in self.form.stored_shapes((*like.shape[:-2], capacity, like.shape[-1])).items():
-                shape = (*shape[:-2], capacity, shape[-1])
-                buffer = torch.zeros(shape, dtype=dtype or self.form.float_dtype(like.dtype), device=like.device)
-                if self._n:
-                    buffer[..., : self._n, :] = self._stored[name][part][..., : self._n, :]
-                stored[name][part] = buffer
-        self._stored = stored
+        self.rows = {"keys": EncodedRows(self.form.keys, key_states),
+                     "values": EncodedRows(self.form.values, value_states)}
+        self._expose()
 
     def _expose(self) -> None:
-        self.keys = next(iter(self._stored["keys"].values()))[..., : self._n, :]
-        self.values = next(iter(self._stored["values"].values()))[..., : self._n, :]
+        self.keys, self.values = self.rows["keys"].view(), self.rows["values"].view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        assert not self.static, "an encoded KV layer never runs as a static step"
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        end = self._n + key_states.shape[-2]
-        self._reserve(key_states, value_states, end)
-        for name, rows in (("keys", key_states), ("values", value_states)):
-            for part, encoded in self.form.encode(rows).items():
-                self._stored[name][part][..., self._n:end, :] = encoded
-        self._n = end
+        self.rows["keys"].append(key_states)
+        self.rows["values"].append(value_states)
         self._expose()
-        return self.decoded("keys", key_states.dtype), self.decoded("values", value_states.dtype)
+        return self.rows["keys"].decoded(key_states.dtype), self.rows["values"].decoded(value_states.dtype)
 
-    def decoded(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """All the tokens' keys or values (`name`), decoded to `dtype`."""
-        width = self._widths[0 if name == "keys" else 1]
-        return self.form.decode({part: buf[..., : self._n, :] for part, buf in self._stored[name].items()}, dtype,
-                                width)
+    def crop(self, tokens_to_remove: int) -> None:
+        assert tokens_to_remove <= 0, "crop takes minus the number of tokens to drop"
+        if self.is_initialized and tokens_to_remove:
+            for rows in self.rows.values():
+                rows.cut(rows.n + tokens_to_remove)
+            self._expose()
 
     def export(self, start: int, end: int) -> dict[str, torch.Tensor]:
-        """Tokens [start, end) as CPU copies of the encoded parts: 'keys.q', 'keys.scale', ... [kv_heads, n, w]."""
-        return {f"{name}.{part}": buf[0, :, start:end, :].to("cpu", copy=True).contiguous()
-                for name, parts in self._stored.items() for part, buf in parts.items()}
+        """Tokens [start, end) as CPU copies of the encoded parts: 'keys.q', 'keys.scale', ... [kv_heads, n, w]
+        (and 'indexer_keys.q' ... [n, w])."""
+        return {f"{name}.{part}": piece for name, rows in self.rows.items()
+                for part, piece in rows.export(start, end).items()}
 
     def fill_encoded(self, pieces: dict[str, list[torch.Tensor]], device: torch.device, compute: torch.dtype,
-                     widths: tuple[int, int]) -> None:
-        """Take restored parts ('keys.q' -> pieces [kv_heads, n_i, w], in order, as `export` made them) as the
-        layer's content, for keys and values `widths` wide, decoded in `compute`."""
-        first = next(iter(self.form.stored_shapes((1,))))  # a part every form has one of
-        total = sum(piece.shape[-2] for piece in pieces[f"keys.{first}"])
-        empty = [torch.empty((1, pieces[f"{name}.{first}"][0].shape[0], 0, width), dtype=compute, device=device)
-                 for name, width in zip(("keys", "values"), widths)]
-        self.lazy_initialization(*empty)
-        self._reserve(*empty, total + max(256, total // 4))
-        for key, parts in pieces.items():
-            name, part = key.split(".", 1)
-            start = 0
-            for piece in parts:
-                end = start + piece.shape[-2]
-                self._stored[name][part][0, :, start:end].copy_(piece)
-                start = end
-        self._n = total
+                     shapes: dict[str, tuple[int, ...]]) -> None:
+        """Take restored parts ('keys.q' -> pieces, in order, as `export` made them) as the layer's content; the
+        computed tensors are `shapes` per token ('keys' -> (kv_heads, width); 'indexer_keys' -> (width,)), in
+        `compute`."""
+        like = {name: torch.empty((1, *shape[:-1], 0, shape[-1]), dtype=compute, device=device)
+                for name, shape in shapes.items()}
+        self.lazy_initialization(like["keys"], like["values"])
+        for name, rows in self._new_rows(like).items():
+            rows.fill({key.split(".", 1)[1]: parts for key, parts in pieces.items() if key.split(".", 1)[0] == name})
         self._expose()
+
+    def _new_rows(self, like: dict[str, torch.Tensor]) -> dict[str, EncodedRows]:
+        return self.rows
 
     def held_bytes(self) -> int:
         """Bytes of the encoded keys and values of the tokens held."""
-        if self._stored is None:
-            return 0
-        return sum(buf[..., : self._n, :].numel() * buf.element_size() for parts in self._stored.values()
-                   for buf in parts.values())
+        return sum(rows.held_bytes() for rows in self.rows.values())
 
     def reset(self) -> None:
         super().reset()
-        self._stored = None
+        self.rows = {}
+
+
+class EncodedIndexedLayer(EncodedLayer):
+    """An `EncodedLayer` that also keeps a sparse-attention indexer's keys [1, n, width] (DeepSeek-V3.2), in the
+    same form, as transformers' DynamicIndexedLayer does as computed."""
+
+    def __init__(self, form: KVForm):
+        super().__init__(form)
+        self.indexer_keys: torch.Tensor | None = None
+        self.indexer_position_ids: torch.Tensor | None = None  # (kvchat refuses a cache that sets them)
+        self.is_indexer_initialized = False
+
+    def update_indexer(self, indexer_key_states: torch.Tensor) -> torch.Tensor:
+        if not self.is_indexer_initialized:
+            self.rows["indexer_keys"] = EncodedRows(self.form.keys, indexer_key_states)
+            self.is_indexer_initialized = True
+        rows = self.rows["indexer_keys"]
+        rows.append(indexer_key_states)
+        self.indexer_keys = rows.view()
+        return rows.decoded(indexer_key_states.dtype)
+
+    def _expose(self) -> None:
+        super()._expose()
+        if self.is_indexer_initialized:
+            self.indexer_keys = self.rows["indexer_keys"].view()
+
+    def _new_rows(self, like: dict[str, torch.Tensor]) -> dict[str, EncodedRows]:
+        if "indexer_keys" in like:
+            self.rows["indexer_keys"] = EncodedRows(self.form.keys, like["indexer_keys"])
+            self.is_indexer_initialized = True
+        return self.rows
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexer_keys = self.indexer_position_ids = None
+        self.is_indexer_initialized = False
+
+
+class EncodedHybridLayer(LinearAttentionAndFullAttentionLayer):
+    """Falcon-H1's layer (a recurrent state and attention in one) whose attention keeps its keys and values in a
+    `KVForm`, in an `EncodedLayer` (`kv`); the state is kept as computed. `keys`/`values` mirror `kv`'s."""
+
+    def __init__(self, form: KVForm, number_of_states: int = 1, **kwargs):
+        super().__init__(number_of_states=number_of_states)
+        self.form = form
+        self.kv = EncodedLayer(form)
+
+    def _mirror(self) -> None:
+        self.keys, self.values, self.is_initialized = self.kv.keys, self.kv.values, self.kv.is_initialized
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        decoded = self.kv.update(key_states, value_states)
+        self._mirror()
+        return decoded
+
+    def crop_attention(self, tokens_to_remove: int) -> None:
+        """Drop the attention's last tokens (the state cannot be cut: it is restored from a snapshot)."""
+        self.kv.crop(tokens_to_remove)
+        self._mirror()
+
+    def export(self, start: int, end: int) -> dict[str, torch.Tensor]:
+        return self.kv.export(start, end)
+
+    def fill_encoded(self, *args, **kwargs) -> None:
+        self.kv.fill_encoded(*args, **kwargs)
+        self._mirror()
+
+    def held_bytes(self) -> int:
+        return self.kv.held_bytes()
+
+    def reset(self) -> None:
+        super().reset()
+        self.kv.reset()
+        self._mirror()
+
+
+# Layers whose per-token tensors are kept in a KV form (each has `form`, `export`, `fill_encoded`, `held_bytes`).
+ENCODED = (EncodedLayer, EncodedHybridLayer)
 
 
 class LayerKind:
@@ -270,7 +395,7 @@ class AttentionKind(LayerKind):
 
     def counts(self, layer: Any) -> list[int]:
         found = [int(DynamicLayer.get_seq_length(layer))]
-        if isinstance(layer, DynamicIndexedLayer) and layer.is_indexer_initialized:
+        if getattr(layer, "is_indexer_initialized", False):
             found.append(layer.indexer_keys.shape[1])
         return found
 
@@ -304,6 +429,17 @@ class AttentionAndStateKind(AttentionKind):
             DynamicLayer.crop(layer, -extra)  # (its own crop would cut the state too, which it cannot)
 
 
+class EncodedAttentionAndStateKind(AttentionAndStateKind):
+    """Falcon-H1's layer with its keys and values kept in a KV form (EncodedHybridLayer)."""
+
+    not_state = AttentionAndStateKind.not_state | {"kv", "form"}
+
+    def cut(self, layer: Any, n: int) -> None:
+        extra = DynamicLayer.get_seq_length(layer) - n
+        if extra > 0:
+            layer.crop_attention(-extra)
+
+
 class WindowKind(LayerKind):
     """transformers' window-only sliding layer (WINDOWS_ONLY): its last window-1 tokens and the count of all it
     took in, snapshotted like a state."""
@@ -323,6 +459,8 @@ UNKNOWN = LayerKind()
 _KINDS: dict[type, LayerKind] = {
     GrowableLayer: AttentionKind(),
     EncodedLayer: AttentionKind(),
+    EncodedIndexedLayer: AttentionKind(),
+    EncodedHybridLayer: EncodedAttentionAndStateKind(),
     DynamicLayer: AttentionKind(),
     DynamicIndexedLayer: AttentionKind(),  # sparse-attention indexer keys are cut and saved with the KV
     DynamicSlidingWindowLayer: WindowKind(),
@@ -361,11 +499,19 @@ def new_cache(model: Any, windows: str = WINDOWS_FULL, form: KVForm = KVForm()) 
     cache = DynamicCache(config=model.config)
     grow = (DynamicLayer, DynamicSlidingWindowLayer) if windows == WINDOWS_FULL else (DynamicLayer,)
 
-    def growable() -> GrowableLayer:
-        return GrowableLayer() if form.exact else EncodedLayer(form)
+    def mine(layer: Any) -> Any:
+        if type(layer) in grow:
+            return GrowableLayer() if form.exact else EncodedLayer(form)
+        if form.exact:
+            return layer
+        if type(layer) is DynamicIndexedLayer:
+            return EncodedIndexedLayer(form)
+        if type(layer) is LinearAttentionAndFullAttentionLayer:
+            return EncodedHybridLayer(form, number_of_states=layer.number_of_states)
+        return layer
 
     if cache.layers:
-        cache.layers = [growable() if type(layer) in grow else layer for layer in cache.layers]
+        cache.layers = [mine(layer) for layer in cache.layers]
     else:  # no per-layer layout known: layers are created on first use
         cache.layer_class_to_replicate = GrowableLayer if form.exact else functools.partial(EncodedLayer, form)
     return cache
@@ -377,7 +523,7 @@ def form_refusal(cache: Cache, form: KVForm) -> str | None:
     if form.exact:
         return None
     for i, layer in enumerate(cache.layers):
-        if kind(layer).can_cut and type(layer) is not EncodedLayer:
+        if (kind(layer).can_cut or not kind(layer).known) and not isinstance(layer, ENCODED):
             return f"layer {i} keeps its keys and values in a {type(layer).__name__}, which cannot keep them in " \
                    f"{form.name}"
     return None  # (a KV-sharing layer reads what its source layer's update returned: the decoded form)
@@ -388,7 +534,7 @@ def static_refusal(cache: Cache) -> str | None:
     layer must be a growable attention layer holding the same tokens, all on one device."""
     devices, lengths = set(), set()
     for i, layer in enumerate(cache.layers):
-        if type(layer) is EncodedLayer:
+        if isinstance(layer, ENCODED):
             return f"its keys and values are kept in {layer.form.name}; the compiled step reads them as computed"
         if type(layer) is not GrowableLayer:
             return f"layer {i} keeps its cache in a {type(layer).__name__}"
@@ -476,7 +622,7 @@ def unsupported(cache: Cache) -> str | None:
     for i, layer in enumerate(cache.layers):
         if not kind(layer).known:
             return f"layer {i} keeps its cache in a {type(layer).__name__}, which kvchat cannot cut or save exactly"
-        if isinstance(layer, DynamicIndexedLayer) and layer.indexer_position_ids is not None:
+        if getattr(layer, "indexer_position_ids", None) is not None:
             return f"layer {i} keeps indexer positions, which kvchat cannot cut or save exactly"
         if _has_state(layer) and (unknown := _uncopyable(layer)) is not None:
             return f"layer {i} keeps {unknown}, which kvchat cannot snapshot or save exactly"
@@ -560,10 +706,11 @@ def nbytes(cache: Cache) -> int:
     """Bytes held by all tensors of the cache: key/value (and indexer) tensors, states, windows and counters."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, EncodedLayer):
+        tensors = []
+        if isinstance(layer, ENCODED):
             total += layer.held_bytes()
-            continue
-        tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")] if _has_kv(layer) else []
+        elif _has_kv(layer):
+            tensors = [getattr(layer, name, None) for name in ("keys", "values", "indexer_keys")]
         if _has_state(layer):
             tensors += [value for _, value in state_items(layer)]
         total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
@@ -593,7 +740,7 @@ def _export_known(cache: Cache, start: int, end: int) -> dict[str, torch.Tensor]
         if not _has_kv(layer) or not layer.is_initialized or layer.keys.numel() == 0:
             continue
         assert layer.keys.shape[0] == 1, "kvchat caches hold one sequence"
-        if isinstance(layer, EncodedLayer):
+        if isinstance(layer, ENCODED):
             tensors.update({f"{i}.{name}": piece for name, piece in layer.export(start, end).items()})
             continue
         # Copies, never views: the live buffers are rewritten by later cuts and updates.
@@ -684,28 +831,30 @@ class Layout:
         return (n, dims[0]) if name.endswith(".indexer_keys") else (dims[0], n, dims[1])
 
     def stored_pieces(self, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """The tensors `export` makes of `n` tokens, as (shape, dtype) by name: 'L.keys' and 'L.values' as computed,
-        or in another KV form one tensor per part of it ('L.keys.q', 'L.keys.scale', ...); indexer keys as
-        computed."""
+        """The tensors `export` makes of `n` tokens, as (shape, dtype) by name: 'L.keys' and 'L.values' (and
+        'L.indexer_keys') as computed, or in another KV form one tensor per part of it ('L.keys.q', 'L.keys.scale',
+        ...)."""
         form, pieces = KVForm(self.kv_form), {}
         for name in self.per_token:
             shape = self.piece_shape(name, n)
-            if form.exact or name.endswith(".indexer_keys"):
+            if form.exact:
                 pieces[name] = (shape, self.kv_dtype)
                 continue
-            for part, (part_shape, dtype) in form.stored_shapes(shape).items():
-                pieces[f"{name}.{part}"] = (part_shape, dtype or form.float_dtype(self.kv_dtype))
+            side = form.side(name.split(".", 1)[1])
+            for part, (part_shape, dtype) in side.stored_shapes(shape).items():
+                pieces[f"{name}.{part}"] = (part_shape, dtype or side.float_dtype(self.kv_dtype))
         return pieces
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
-        """What one token costs in the cache's attention layers, computed in `dtype` and kept in the layout's
-        KV form (indexer keys are kept as computed)."""
-        form, size = KVForm(self.kv_form), torch.empty((), dtype=dtype).element_size()
-        return round(sum((size if name.endswith(".indexer_keys") else form.bytes_per_value(dtype, dims[-1]))
-                         * int(torch.tensor(dims).prod()) for name, dims in self.per_token.items()))
+        """What one token costs in the cache's attention layers (indexer keys included), computed in `dtype` and
+        kept in the layout's KV form."""
+        form = KVForm(self.kv_form)
+        return round(sum(form.side(name.split(".", 1)[1]).bytes_per_value(dtype, dims[-1]) *
+                         int(torch.tensor(dims).prod()) for name, dims in self.per_token.items()))
 
     def value_bytes(self, dtype: torch.dtype) -> float:
-        """What one key or value costs in the cache's KV form, computed in `dtype`."""
+        """What one key or value costs in the cache's KV form, computed in `dtype` (keys and values in two forms:
+        their mean)."""
         width = next((dims[-1] for name, dims in self.per_token.items() if not name.endswith(".indexer_keys")), 32)
         return KVForm(self.kv_form).bytes_per_value(dtype, width)
 
@@ -815,11 +964,12 @@ def restore(model: Any, pieces: list[dict[str, torch.Tensor]], device: torch.dev
     pinned: list[torch.Tensor] = []  # page-locked staging of the copies to a GPU, kept until they are done
     for i, layer in enumerate(cache.layers):
         target = devices[i] if i < len(devices) else device
-        if isinstance(layer, EncodedLayer) and pieces and any(name.startswith(f"{i}.keys.") for name in pieces[0]):
+        if isinstance(layer, ENCODED) and pieces and any(name.startswith(f"{i}.keys.") for name in pieces[0]):
             mine = {name[len(f"{i}."):]: [piece[name] for piece in pieces] for name in pieces[0]
                     if name.split(".", 1)[0] == str(i)}
-            widths = (layout.per_token[f"{i}.keys"][-1], layout.per_token[f"{i}.values"][-1])
-            layer.fill_encoded(mine, target, layout.kv_dtype, widths)
+            shapes = {name.split(".", 1)[1]: dims for name, dims in layout.per_token.items()
+                      if name.split(".", 1)[0] == str(i)}
+            layer.fill_encoded(mine, target, layout.kv_dtype, shapes)
             continue
         if f"{i}.keys" not in (pieces[0] if pieces else {}):
             continue

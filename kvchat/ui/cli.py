@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sliding-window layers: 'full' keeps every token (cut anywhere), 'window' only the window")
     parser.add_argument("--kv-dtype", dest="kv_dtype",
                         help="what the cache keeps keys and values in: auto (as computed, exact), float32, bfloat16, "
-                             "float16, q8 or q4 (blocks of int8 or 4-bit values with float16 scales)")
+                             "float16, q8 or q4 (blocks of int8 or 4-bit values with float16 scales), or KEYS/VALUES "
+                             "(e.g. q8/q4)")
+    parser.add_argument("--kv-dtype-k", dest="kv_dtype_k", help="the keys' form, when not --kv-dtype's")
+    parser.add_argument("--kv-dtype-v", dest="kv_dtype_v", help="the values' form, when not --kv-dtype's")
     parser.add_argument("--max-context", dest="max_context",
                         help="context budget in tokens (default: the model's); oldest turns are dropped to fit")
     parser.add_argument("--device", help="auto, cpu, cuda or mps")
@@ -97,9 +100,9 @@ def config_path(given: Path | None) -> Path | None:
     return local if local.is_file() else None
 
 
-CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens",
-             "prefill_chunk", "window_cache", "kv_dtype", "max_context", "device", "dtype", "weights", "compile", "stats", "reuse",
-             "sessions_dir", "plain")
+CHAT_KEYS = ("model", "system", "temperature", "top_p", "top_k", "seed", "max_new_tokens", "prefill_chunk",
+             "window_cache", "kv_dtype", "kv_dtype_k", "kv_dtype_v", "max_context", "device", "dtype", "weights",
+             "compile", "stats", "reuse", "sessions_dir", "plain")
 
 
 def settings_from_args(args: argparse.Namespace, keys: Iterable[str] = CHAT_KEYS) -> tuple[Settings, Path | None]:
@@ -178,7 +181,7 @@ def load_engine(settings: Settings, progress: Any = None) -> Engine:
     loaded = load(settings, progress)
     return Engine(loaded, prefill_chunk=settings.prefill_chunk, reuse=settings.reuse,
                   max_context=settings.max_context, window_cache=settings.window_cache, compile=settings.compile,
-                  kv_form=KVForm(settings.kv_dtype))
+                  kv_form=KVForm(settings.kv_form))
 
 
 def read_stdin_text(stream: Any) -> str:
@@ -415,12 +418,12 @@ def cache_command(argv: list[str]) -> int:
 def info_command(argv: list[str]) -> int:
     parser = _Parser(prog="kvchat info", description="The model's KV cache arithmetic, and well-known models'.")
     for flag in ("--model", "--device", "--dtype", "--weights", "--compile", "--max-context", "--window-cache",
-                 "--kv-dtype"):
+                 "--kv-dtype", "--kv-dtype-k", "--kv-dtype-v"):
         parser.add_argument(flag, dest=flag[2:].replace("-", "_"))
     parser.add_argument("--config", type=Path)
     args = parser.parse_args(argv)
     settings, _ = settings_from_args(args, ("model", "device", "dtype", "weights", "compile", "max_context",
-                                            "window_cache", "kv_dtype"))
+                                            "window_cache", "kv_dtype", "kv_dtype_k", "kv_dtype_v"))
     from kvchat.cache import compiled, layers
     from kvchat.cache.chat_cache import MAX_CHECKPOINTS
     from kvchat.weights.model import weights_label
@@ -430,12 +433,12 @@ def info_command(argv: list[str]) -> int:
         layout = layers.layout(loaded.model, loaded.device, settings.window_cache)
     except layers.Unsupported as exc:
         raise KvchatError(f"kvchat cannot keep the cache of model '{settings.model}': {exc}") from None
-    layout.kv_form = settings.kv_dtype
+    layout.kv_form = settings.kv_form
     shape = memory.model_shape(loaded, settings.max_context, layout)
     lines = memory.info_lines(shape, loaded.device, loaded.dtype, MAX_CHECKPOINTS, weights_label(loaded))
     at = next((i + 1 for i, line in enumerate(lines) if line.startswith("KV cache at the full context")), len(lines))
-    forms = [f"KV forms (--kv-dtype; in use: {settings.kv_dtype}), per token and at the full context:"]
-    for name in KV_DTYPES:
+    forms = [f"KV forms (--kv-dtype; in use: {settings.kv_form}), per token and at the full context:"]
+    for name in dict.fromkeys((*KV_DTYPES, "q8/q4", settings.kv_form)):
         per_form = memory.model_shape(loaded, settings.max_context, dataclasses.replace(layout, kv_form=name))
         forms.append(f"  {name:<9} {memory.human(per_form.bytes_per_token):>10}/token  "
                      f"{memory.human(per_form.bytes_per_token * per_form.context):>10}")
