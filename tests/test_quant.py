@@ -301,6 +301,27 @@ def test_a_packed_model_with_tied_embeddings_is_never_packed_again_when_loaded(t
     assert vocab > quant.PROBE_ROWS and vocab not in packed_rows  # (only the cheap probes of first rows ran)
     assert all(rows <= quant.PROBE_ROWS for rows in packed_rows), packed_rows
     assert [p.name for p in (tmp_path / "m").iterdir() if p.suffix == ".safetensors"] == [PACKED_WEIGHTS]
+    # Packed straight from the file (no float32 weights made), it computes what a float32 load packed after does.
+    full = load_model(str(tmp_path / "m"), "cpu", "float32", weights="full")
+    assert not quant.is_packed(full.model)
+    quant.pack_model(full.model, allow_approximate=False)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    with torch.inference_mode():
+        for rows in (ids, ids[:, :1]):  # a prompt's chunk (float32 product) and one token (the kernel)
+            assert torch.equal(again.model(rows).logits, full.model(rows).logits)
+    # A well-formed file whose packing has a shape of no form kvchat writes is damaged, never installed.
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m" / PACKED_WEIGHTS
+    tensors = load_file(str(path))
+    with open(path, "rb") as handle:
+        metadata = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))["__metadata__"]
+    name = next(key for key in tensors if key.endswith(".q") and "layers.0." in key)
+    tensors[name] = tensors[name][:, :-2].contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+    for weights in ("auto", "full"):
+        with pytest.raises(KvchatError, match="is damaged .*no form kvchat writes.*delete that folder"):
+            load_model(str(tmp_path / "m"), "cpu", "float32", weights=weights)
 
 
 def test_auto_gives_up_on_weights_of_no_block_format_from_their_first_rows(monkeypatch):

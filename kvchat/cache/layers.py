@@ -15,11 +15,11 @@ everything (the turn then prefills from scratch):
 - WindowKind: with WINDOWS_ONLY, a sliding-window layer keeps only its last window-1 tokens (transformers' own
   layer) and is handled like a state: snapshotted and restored, never cut.
 - AttentionAndStateKind: both in one layer (Falcon-H1).
+- EmptyKind: layers that hold nothing (KV-sharing consumers, MLP-only layers).
 
 With a KV form other than `auto` (kv_forms), the per-token tensors live in Encoded* layers: EncodedLayer (full
 and whole sliding attention, latent attention), EncodedIndexedLayer (with a sparse-attention indexer's keys) and
 EncodedHybridLayer (Falcon-H1's attention beside its state).
-- EmptyKind: layers that hold nothing (KV-sharing consumers, MLP-only layers).
 
 Every token count a layer keeps must equal the tokens the conversation holds (`miscount`), after every cut,
 restore and resume.

@@ -165,8 +165,10 @@ def pack_directory(directory: Path) -> bool:
     return True
 
 
-def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
-    """The float32 state dict of a directory that `pack_directory` packed; None for any other directory."""
+def packed_state(directory: Path, placeholders: bool = False) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """The state dict of a directory that `pack_directory` packed, and its packings (`quant.read_packing`); None for
+    any other directory. Packed weights are float32, or with `placeholders` views of one zero that take no memory
+    (for a model whose layers `quant.install` then packs: their weights are never read)."""
     from safetensors import SafetensorError
 
     from kvchat.weights import quant
@@ -174,14 +176,26 @@ def packed_state(directory: Path) -> dict[str, torch.Tensor] | None:
     path = directory / PACKED_WEIGHTS
     if not path.is_file() or any(p.name != PACKED_WEIGHTS for p in directory.glob("*.safetensors")):
         return None
+    zero = torch.zeros(1)
     try:
         packed, state = quant.read_packing(path)
+        if any(entry[3] for entry in packed.values()):
+            raise ValueError("it holds approximate packings, which kvchat never writes there")
         for key, (q, scale, offset, _) in packed.items():
-            state[f"{key}.weight"] = quant.dequantize(q, scale, offset)
+            state[f"{key}.weight"] = zero.expand(q.shape[0], scale.shape[1] * quant.BLOCK) if placeholders else \
+                quant.dequantize(q, scale, offset)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise KvchatError(f"the converted model in {directory} is damaged ({one_line(exc, 80)}): delete that "
                           "folder and kvchat converts it again") from None
-    return state
+    return state, packed
+
+
+def _packed_load(weights: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a packed model is loaded with its packings put straight in its layers (no float32 weights made):
+    when its weights will be packed anyway (see `choose_weights`)."""
+    from kvchat.weights import quant
+
+    return weights != "full" and device.type == "cpu" and dtype == torch.float32 and quant.KERNEL.build()
 
 
 def default_model_dir(progress: Progress) -> Path:
@@ -344,14 +358,17 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     hf_logging.disable_progress_bar()  # a 2 s load needs no bar; the one-time conversion above shows its own
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        state = packed_state(source) if isinstance(source, Path) and not extra else None
-        if state is not None:  # a model kvchat converted and packed: built from its config, given its weights
+        direct = _packed_load(weights, device, dtype)
+        found = packed_state(source, placeholders=direct) if isinstance(source, Path) and not extra else None
+        if found is not None:  # a model kvchat converted and packed: built from its config, given its weights
             from transformers import AutoConfig, GenerationConfig
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             config = AutoConfig.from_pretrained(source)
             model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                None, config=config, state_dict=state, dtype=dtype, **placement)
+                None, config=config, state_dict=found[0], dtype=dtype, **placement)
+            if direct:
+                _install(model, found[1])
             if (source / "generation_config.json").is_file():
                 model.generation_config = GenerationConfig.from_pretrained(source)
         else:
@@ -374,6 +391,18 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
                          weights=weight_files(source, extra.get("gguf_file")))
     choose_weights(loaded, weights, progress)
     return loaded
+
+
+def _install(model: Any, packed: Any) -> None:
+    """Pack the model's layers from its own file's packings; a packed weight no layer took gets its float32
+    values in place of its placeholder."""
+    from kvchat.weights import quant
+
+    for key in quant.install(model, packed):
+        module, _, name = f"{key}.weight".rpartition(".")
+        q, scale, offset, _ = packed[key]
+        setattr(model.get_submodule(module), name,
+                torch.nn.Parameter(quant.dequantize(q, scale, offset), requires_grad=False))
 
 
 def precision(loaded: LoadedModel) -> str:
@@ -406,6 +435,9 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         raise ConfigError(f"int8 weights run on the CPU in float32, not on {loaded.device.type} in "
                           f"{str(loaded.dtype).replace('torch.', '')}: use --device cpu --dtype float32")
     if not usable:
+        return
+    if quant.is_packed(loaded.model):  # packed as it was loaded, from its own file (see `_install`)
+        loaded.weight_format, loaded.weight_label = "int8", quant.forms(loaded.model)
         return
     if not quant.KERNEL.build():
         if weights == "int8":

@@ -45,6 +45,9 @@ BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
 FORMATS = ((15, True), (127, False), (8, False))
 
 
+Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
+
+
 @dataclass
 class Packing:
     """What `pack_model` did to a model."""
@@ -338,22 +341,8 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
     (packing reads every weight several times: seconds for a 135M model): read when it matches the model's
     layers, else (with `keep`) written."""
     packing = Packing()
-    plan: list[tuple[nn.Module, str, nn.Module, str]] = []  # (parent, attribute, layer, key of its weight)
-    keys: dict[int, str] = {}
-    aliases: dict[str, list[str]] = {}  # a weight's key -> every layer name it goes by (a tied one has two)
-    # Depth first, as a state dict is ordered: a tied weight is keyed by the name save_pretrained keeps
-    # ('model.embed_tokens', not 'lm_head'), which is what a packed model's own file holds.
-    for full_name, child in model.named_modules(remove_duplicate=False):
-        if type(child) not in (nn.Linear, nn.Embedding) or not full_name:
-            continue
-        weight = child.weight
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
-            continue  # left as it is
-        parent_name, _, name = full_name.rpartition(".")
-        key = keys.setdefault(id(weight), full_name)
-        aliases.setdefault(key, []).append(full_name)
-        plan.append((model.get_submodule(parent_name), name, child, key))
-    weights = {keys[id(child.weight)]: child.weight for _, _, child, _ in plan}
+    plan, aliases = _plan(model)
+    weights = {key: child.weight for _, _, child, key in plan}
     if not allow_approximate:  # a model whose weights are no block format fails on its first rows: cheaply
         for key, weight in weights.items():
             missing = pack(weight[:PROBE_ROWS], allow_approximate=False)[3]
@@ -375,17 +364,57 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
         packing.bytes_after += q.nbytes + scale.nbytes + offset.nbytes
     if not allow_approximate and not packing.exact:
         return packing
+    _replace(plan, packed)
+    return packing
+
+
+Plan = list[tuple[nn.Module, str, nn.Module, str]]  # (parent, attribute, layer, key of its weight)
+
+
+def _plan(model: nn.Module) -> tuple[Plan, dict[str, list[str]]]:
+    """The model's layers that can be packed (exact nn.Linear and nn.Embedding classes: subclasses may scale or
+    reshape; float32 on the CPU, rows a whole number of blocks), and every layer name each weight's key goes by
+    (a tied weight has two)."""
+    plan: Plan = []
+    keys: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    # Depth first, as a state dict is ordered: a tied weight is keyed by the name save_pretrained keeps
+    # ('model.embed_tokens', not 'lm_head'), which is what a packed model's own file holds.
+    for full_name, child in model.named_modules(remove_duplicate=False):
+        if type(child) not in (nn.Linear, nn.Embedding) or not full_name:
+            continue
+        weight = child.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[1] % BLOCK:
+            continue  # left as it is
+        parent_name, _, name = full_name.rpartition(".")
+        key = keys.setdefault(id(weight), full_name)
+        aliases.setdefault(key, []).append(full_name)
+        plan.append((model.get_submodule(parent_name), name, child, key))
+    return plan, aliases
+
+
+def _replace(plan: Plan, packed: Packed) -> None:
     for parent, name, child, key in plan:
         q, scale, offset, _ = packed[key]
         if isinstance(child, nn.Linear):
             setattr(parent, name, PackedLinear(q, scale, offset, child.bias))
         else:
             setattr(parent, name, PackedEmbedding(q, scale, offset, child.padding_idx))
-    return packing
+
+
+def install(model: nn.Module, packed: Packed) -> set[str]:
+    """Put packings read from the model's own weights file (`read_packing`: they are its weights, nothing to
+    check against) in place of the layers whose weights they are, in place; those layers' own weights are never
+    read (they may be placeholders). Returns the packed keys that no layer took: the caller gives those weights
+    their float32 values."""
+    plan, aliases = _plan(model)
+    found = {key: next((name for name in aliases[key] if name in packed), None) for _, _, _, key in plan}
+    _replace([entry for entry in plan if found[entry[3]]],  # (a layer the file does not pack keeps its weight)
+             {key: packed[name] for key, name in found.items() if name})
+    return set(packed) - set(found.values())
 
 
 PROBE_ROWS = 64  # rows of each weight tried before packing any, when only exact packings are wanted
-Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
 
 
 def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
@@ -401,7 +430,18 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
     tensors = load_file(str(path))
     packed = {key: (tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale"), tensors.pop(f"{key}.offset"),
                     int(missing[key])) for key in missing}
+    for key, (q, scale, offset, _) in packed.items():
+        if scale.dim() != 2 or not _well_formed(q, scale, offset, scale.shape[0], scale.shape[1] * BLOCK):
+            raise ValueError(f"the packing of {key} is of no form kvchat writes")
     return packed, tensors
+
+
+def _well_formed(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, rows: int, cols: int) -> bool:
+    """Whether a packing has one of the two forms `pack` makes, for a weight of `rows` x `cols`."""
+    forms = ((torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)),
+             (torch.uint8, torch.float16, torch.float16, (rows, cols // 2), (rows, cols // BLOCK),
+              (rows, cols // BLOCK)))
+    return (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) in forms
 
 
 def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | None = None) -> bool:
@@ -424,23 +464,20 @@ def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | 
     return True
 
 
-def _read_stored(path: Path, weights: dict[str, torch.Tensor], aliases: dict[str, list[str]]) -> Packed | None:
+def _read_stored(path: Path, weights: dict[str, torch.Tensor],
+                 aliases: dict[str, list[str]] | None = None) -> Packed | None:
     """The packed weights kept in `path` (each under its key or another name it goes by, in `aliases`), when it
     holds exactly these weights' packings; None otherwise."""
     from safetensors import SafetensorError
 
     try:
         kept, _ = read_packing(path)
-        packed = {key: kept[next(name for name in aliases.get(key, [key]) if name in kept)] for key in weights}
+        packed = {key: kept[next(name for name in (aliases or {}).get(key, [key]) if name in kept)] for key in weights}
     except (OSError, ValueError, KeyError, TypeError, StopIteration, SafetensorError):
         return None
     for key, weight in weights.items():
         q, scale, offset, missing = packed[key]
-        rows, cols = weight.shape
-        forms = ((torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)),
-                 (torch.uint8, torch.float16, torch.float16, (rows, cols // 2), (rows, cols // BLOCK),
-                  (rows, cols // BLOCK)))
-        if (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) not in forms:
+        if not _well_formed(q, scale, offset, *weight.shape):
             return None
         if not _matches(weight, q, scale, offset, missing):
             return None
