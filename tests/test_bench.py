@@ -147,3 +147,21 @@ def test_bench_peer_column_runs_the_same_work_on_the_peer(monkeypatch, tmp_path,
     assert "| decode tok/s, " in table and "| TTFT at turn 3 " in table and "| resume a " in table
     monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
     assert "llama_cpp is not importable" in peer.unavailable()
+
+
+def test_bench_startup_quick_times_a_one_shot_run_and_its_steps(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """Issue 23: process start to first reply byte and peak memory of `kvchat -p` in a fresh process, and the
+    start-up's steps, which add up to about the whole (no peer: the tiny model has no GGUF)."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code = main(["bench", "--startup", "--quick", "--model", str(tiny_model_dir), "--json", str(tmp_path / "s.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((tmp_path / "s.json").read_text())
+    ours = results["sides"]["kvchat"]
+    assert list(results["sides"]) == ["kvchat"] and 0 < ours["first_byte_s"] <= ours["total_s"]
+    assert 50 * 2**20 < ours["peak_rss"] < 8 * 2**30
+    steps = dict(results["phases"])
+    assert list(steps)[0] == "python started" and list(steps)[-1] == "the prompt and the first token"
+    assert all(seconds >= 0 for seconds in steps.values()) and steps["import torch"] > 0
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| one-shot `-p`, one reply token | kvchat |") and len(table) == 1 + 3 + 1 + 6

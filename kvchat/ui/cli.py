@@ -498,6 +498,9 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--kv", action="store_true",
                         help="only the KV forms: memory and disk per token, perplexity over a fixed text, speed and "
                              "greedy agreement with auto (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
+    parser.add_argument("--startup", action="store_true",
+                        help="only start-up: a one-shot `kvchat -p` run, process start to first reply byte and peak "
+                             "memory, beside llama.cpp's when it is installed, and kvchat's start-up step by step")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)
@@ -522,6 +525,8 @@ def bench_command(argv: list[str]) -> int:
         return _levers(settings, args)
     if args.kv:
         return _kv_forms(settings, args)
+    if args.startup:
+        return _startup(settings, args, plan.repeat)
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
@@ -571,6 +576,27 @@ def _kv_forms(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     return _bench_report(f"kvchat bench --kv · {settings.model} · {loaded.device}", kv.markdown(results), results,
+                         args)
+
+
+def _startup(settings: Settings, args: argparse.Namespace, repeat: int) -> int:
+    """kvchat bench --startup: one-shot runs in fresh processes, kvchat's and llama.cpp's, alternating."""
+    from kvchat.bench import peer, startup
+
+    gguf = _gguf_of(settings.model)
+    if gguf is not None and peer.unavailable():
+        print(f"kvchat: {peer.unavailable()}", file=sys.stderr)
+    bar = ProgressBar(sys.stderr)
+    try:
+        model = settings.model if settings.model == "default" or not Path(settings.model).exists() else \
+            str(Path(settings.model).resolve())
+        plan = startup.StartupPlan(repeat=args.repeat or (1 if args.quick else startup.StartupPlan.repeat))
+        results = startup.run(model, gguf, torch_threads(), plan, bar, peer=peer.unavailable() is None)
+    except RuntimeError as exc:
+        raise KvchatError(one_line(str(exc))) from None
+    finally:
+        bar.close()
+    return _bench_report(f"kvchat bench --startup · {settings.model} · cpu", startup.markdown(results), results,
                          args)
 
 
