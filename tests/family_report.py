@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bound import engine_with_store, new_chat  # noqa: E402
 from families import FAMILIES, SLIDING, make_family, window_cache  # noqa: E402
 
-from kvchat.cache import layers  # noqa: E402
 from kvchat.config import Sampling  # noqa: E402
 from kvchat.chat.chat import Chat  # noqa: E402
 from kvchat.chat.engine import Engine, TurnEnd  # noqa: E402

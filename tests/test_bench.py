@@ -65,13 +65,15 @@ def test_bench_levers_quick_compares_each_weight_form_with_float32(monkeypatch, 
     out, err = capsys.readouterr()
     assert code == 0, err
     rows = json.loads((tmp_path / "l.json").read_text())["rows"]
-    assert [row["precision"] for row in rows] == ["float32", "float32, int8 (approximate) weights",
-                                                  "float32, int8 (approximate) weights, compiled step", "bfloat16"]
+    packed = "float32, int8 (approximate) weights"
+    assert [row["precision"] for row in rows] == ["float32", packed, f"{packed}, direct step",
+                                                  f"{packed}, compiled step", "bfloat16"]
     assert rows[0]["agree"] == [8, 8] and rows[0]["decode_x"] == 1.0  # float32 against itself
-    assert rows[2]["agree"] == rows[1]["agree"] and rows[2]["compile_s"] > 0  # compiled: the eager int8 tokens
+    assert rows[2]["agree"] == rows[1]["agree"]  # the direct step: transformers' int8 tokens
+    assert rows[3]["agree"] == rows[1]["agree"] and rows[3]["compile_s"] > 0  # compiled: the eager int8 tokens
     assert all(len(row["agree"]) == 2 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 for row in rows)
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| lever | context | decode tok/s | vs float32 |") and len(table) == 1 + 4
+    assert table[0].startswith("| lever | context | decode tok/s | vs float32 |") and len(table) == 1 + 5
     assert table[1].startswith("| float32 | 128 |") and table[1].endswith("| 2/2 | 8 |")
 
 

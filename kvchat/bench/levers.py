@@ -22,9 +22,12 @@ from kvchat.weights.model import LoadedModel, precision
 Progress = Callable[[str, int, int], None]
 Loader = Callable[[str, str], LoadedModel]  # (weights, dtype) -> the model loaded that way
 
-# (name, weights, dtype, compile)
-LEVERS = (("float32", "full", "float32", "off"), ("packed blocks", "int8", "float32", "off"),
-          ("packed blocks, compiled step", "int8", "float32", "on"), ("bfloat16", "full", "bfloat16", "off"))
+# (name, weights, dtype, compile, direct step)
+LEVERS = (("float32", "full", "float32", "off", False),
+          ("packed blocks, transformers' step", "int8", "float32", "off", False),
+          ("packed blocks, direct step", "int8", "float32", "off", True),
+          ("packed blocks, compiled step", "int8", "float32", "on", False),
+          ("bfloat16", "full", "bfloat16", "off", False))
 QUESTIONS = (
     "What is the main idea of the text above?", "Summarize the text above in two sentences.",
     "Write a haiku about the sea.", "List three uses of a hash map.", "Explain recursion to a child.",
@@ -114,9 +117,9 @@ def answer_all(engine: Engine, context: int, count: int, new_tokens: int, refere
 def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
     """Every lever at every context; speeds are medians over the prompts."""
     rows, reference = [], {}
-    for name, weights, dtype, compile in LEVERS:
+    for name, weights, dtype, compile, direct in LEVERS:
         loaded = load(weights, dtype)
-        engine = Engine(loaded, compile=compile, warm_up=False)
+        engine = Engine(loaded, compile=compile, warm_up=False, direct=direct)
         compile_s = None
         if engine.step is not None:
             progress(f"levers: compiling {name}", 0, 1)
@@ -125,7 +128,8 @@ def run(load: Loader, plan: LeverPlan, progress: Progress) -> dict[str, Any]:
         for context in plan.contexts:
             found = answer_all(engine, context, plan.prompts, plan.new_tokens, reference, name == LEVERS[0][0],
                                lambda done, of: progress(f"levers: {name} at {context} tokens", done, of))
-            label = precision(loaded) + (engine.step.label() if engine.step is not None else "")
+            label = precision(loaded) + (engine.step.label() if engine.step is not None else "") + \
+                (", direct step" if engine.direct is not None else ", direct step refused" if direct else "")
             rows.append({"lever": name, "precision": label, "context": context, "compile_s": compile_s,
                          "decode_tok_s": statistics.median(found.decode),
                          "prefill_tok_s": statistics.median(found.prefill), "agree": found.agree,

@@ -587,6 +587,13 @@ def one_step(cache: Cache) -> Iterator[torch.Tensor]:
         layer._expose()
 
 
+def static_views(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inside `one_step`: each layer's keys and values [1, kv_heads, n + 1, head_dim] over its buffers, slot n
+    being the new token's, for a step that writes that slot itself instead of calling the layer's `update`."""
+    assert all(layer.static for layer in cache.layers), "static_views() outside one_step()"
+    return [(layer._static_keys, layer._static_values) for layer in cache.layers]
+
+
 def _mark(tensor: torch.Tensor, dynamic: bool) -> None:
     """Tell torch.compile, once per tensor, that its length varies (one compiled step serves every capacity) and,
     on CUDA, that its address stays (CUDA graphs replay on the addresses they recorded)."""

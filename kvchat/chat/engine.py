@@ -22,6 +22,8 @@ from kvchat.config import Sampling
 from kvchat.chat.conversation import Conversation, check_message
 from kvchat.chat.detokenize import IncrementalDecoder, decode
 from kvchat.errors import InputError, KvchatError
+from kvchat.weights.direct import DirectStep
+from kvchat.weights.direct import refusal as direct_refusal
 from kvchat.weights.model import LoadedModel
 from kvchat.chat.prompt import Renderer, common_prefix
 from kvchat.chat.sampling import next_token
@@ -63,6 +65,7 @@ class TurnStats:
     dropped: int = 0  # oldest turns dropped from the model's view this turn to make room
     fallback: str | None = None  # why the cache could not be reused, when it could not
     compiled: int = 0  # of the tokens fed one at a time, how many went through the compiled step
+    direct: int = 0  # of the tokens fed one at a time, how many went through the direct step
     compile_failure: str | None = None  # why the compiled step stopped, on the turn it did
 
 
@@ -136,7 +139,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, prefill_chunk: int = 512, reuse: bool = True, max_context: int | None = None,
                  window_cache: str = layers.WINDOWS_FULL, compile: str = "off", warm_up: bool = True,
-                 step: compiled.CompiledStep | None = None, kv_form: KVForm = KVForm()):
+                 step: compiled.CompiledStep | None = None, kv_form: KVForm = KVForm(), direct: bool = True):
         assert prefill_chunk > 0, "prefill_chunk must be positive"
         model_context = model_max_context(loaded.model)
         if max_context is not None and model_context and max_context > model_context:
@@ -161,7 +164,12 @@ class Engine:
         # The engine's compiled one-token step (see kvchat.cache.compiled; `compile`: "on", "off" or "auto" (CUDA);
         # `step`: one already made for this model, shared), compiled in the background unless `warm_up` is
         # False (then on the first token that can use it).
-        wanted = compiled.wanted(compile, self.device)
+        # The direct one-token step (kvchat.weights.direct), for the models it covers, with keys and values kept as
+        # computed; `direct` False: never. Where it runs, it is the step: no compiled one is made.
+        self.direct = DirectStep(self.model) if direct and kv_form.exact and direct_refusal(self.model) is None \
+            else None
+        self.direct_tokens = 0
+        wanted = compiled.wanted(compile, self.device) and self.direct is None
         if wanted and not kv_form.exact:  # the compiled step reads keys and values as computed, in place
             if compile == "on":
                 raise KvchatError(f"the compiled decode step (--compile on) reads keys and values as computed; "
@@ -218,6 +226,11 @@ class Engine:
                 if logits is not None:
                     self.compiled_tokens += 1
                     return logits
+            if self.direct is not None and len(ids) == 1 and layers.static_refusal(model_cache) is None:
+                with layers.one_step(model_cache):
+                    logits = self.direct(ids[0], start, layers.static_views(model_cache))
+                self.direct_tokens += 1
+                return logits
             with self.step.exclusive() if self.step is not None else nullcontext():
                 return self._forward(model_cache, start, torch.tensor([ids], device=self.device))
 
@@ -406,7 +419,7 @@ class Engine:
         decoder = IncrementalDecoder(self.tokenizer, plan.extending or ())
         reply.ids = decoder.ids  # (the same list: it grows as tokens are sampled)
         kept, target = len(decoder.ids), plan.target
-        compiled_before = self.compiled_tokens
+        compiled_before, direct_before = self.compiled_tokens, self.direct_tokens
         with torch.inference_mode():
             reused, fallback, loaded = self._sync_cache(cache, target, prefixes)
             if reused == len(target):
@@ -454,6 +467,7 @@ class Engine:
             fallback=fallback,
             dropped=plan.dropped,
             compiled=self.compiled_tokens - compiled_before,
+            direct=self.direct_tokens - direct_before,
             compile_failure=self._new_failure(),
         )
         yield TurnEnd(decoder.text(), stats, list(decoder.ids))

@@ -426,6 +426,8 @@ def info_command(argv: list[str]) -> int:
                                             "window_cache", "kv_dtype", "kv_dtype_k", "kv_dtype_v"))
     from kvchat.cache import compiled, layers
     from kvchat.cache.chat_cache import MAX_CHECKPOINTS
+    from kvchat.cache.kv_forms import KVForm
+    from kvchat.weights import direct
     from kvchat.weights.model import weights_label
 
     loaded = load(settings)
@@ -447,13 +449,19 @@ def info_command(argv: list[str]) -> int:
     if loaded.weight_note:
         print(loaded.weight_note)
     refused = compiled.refusal(loaded.model) if compiled.wanted(settings.compile, loaded.device) else None
-    if not compiled.wanted(settings.compile, loaded.device):
+    not_direct = direct.refusal(loaded.model) if KVForm(settings.kv_form).exact else \
+        f"it writes keys and values as computed, not in {settings.kv_form}"
+    if not_direct is None:
+        print("decode step: direct (one call a token into kvchat's kernel library)")
+    elif not compiled.wanted(settings.compile, loaded.device):
         print(f"decode step: eager (compile = {settings.compile}; 'auto' compiles it on CUDA only)")
     elif refused is not None:
         print(f"decode step: eager (a compiled step needs a cache it can hold static: {refused})")
     else:
         graphs = ", captured as a CUDA graph" if loaded.device.type == "cuda" else ""
         print(f"decode step: compiled with torch.compile{graphs} (in the background when a chat starts)")
+    if not_direct is not None and loaded.device.type == "cpu":
+        print(f"direct decode step: off ({not_direct})")
     warning = memory.memory_warning(shape, memory.free_memory(loaded.device), MAX_CHECKPOINTS)
     if warning:
         print(f"warning: {warning}")
@@ -493,8 +501,9 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, help="scenario 1 tokens generated (default 128)")
     parser.add_argument("--turns", type=int, help="scenario 2 turns (default 20)")
     parser.add_argument("--levers", action="store_true",
-                        help="only the decode levers: float32, packed blocks and bfloat16 on the CPU, speed and "
-                             "greedy agreement (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")
+                        help="only the decode levers: float32, packed blocks (transformers', direct and compiled "
+                             "steps) and bfloat16 on the CPU, speed and greedy agreement (20 prompts at 512 and "
+                             "2,048 tokens; --quick: 2 short ones)")
     parser.add_argument("--kv", action="store_true",
                         help="only the KV forms: memory and disk per token, perplexity over a fixed text, speed and "
                              "greedy agreement with auto (20 prompts at 512 and 2,048 tokens; --quick: 2 short ones)")

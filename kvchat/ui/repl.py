@@ -352,7 +352,8 @@ class Repl:
         from kvchat.weights.model import precision
 
         loaded = self.engine.loaded
-        step = ", compiled decode step" if self.engine.step is not None else ""
+        step = ", compiled decode step" if self.engine.step is not None else \
+            ", direct decode step" if self.engine.direct is not None else ""
         self.note(f"kvchat · {loaded.name} on {loaded.device} ({precision(loaded)}{step}) · "
                   "/help for commands · Ctrl-D to quit")
 

@@ -154,6 +154,7 @@ class Kernel:
         self.expand: Any = None  # packed_unpack
         self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form
         self.expand4: Any = None  # packed4_unpack
+        self.step: Any = None  # llama_step (see kvchat.weights.direct)
         self.failure: str | None = None
 
     def build(self) -> bool:
@@ -174,9 +175,13 @@ class Kernel:
                 function.argtypes, function.restype = argtypes, None
                 functions.append(function)
             self.function, self.expand, self.function4, self.expand4 = functions
+            self.step = library.llama_step
+            self.step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int]
+            self.step.restype = ctypes.c_int
             self._check()
         except (OSError, AttributeError, KvchatError, subprocess.SubprocessError) as exc:
-            self.function = self.expand = self.function4 = self.expand4 = None
+            self.function = self.expand = self.function4 = self.expand4 = self.step = None
             self.failure = one_line(exc, 200)
         return self.function is not None
 
@@ -217,7 +222,7 @@ class Kernel:
         staging = directory / f".build-{os.getpid()}-{library.name}"
         errors = ""
         for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):  # OpenMP and -march where they exist
-            command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging)]
+            command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging), "-lm"]
             built = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if built.returncode == 0:
                 staging.chmod(0o600)  # (dlopen maps it without the execute bit)
@@ -400,6 +405,37 @@ def _replace(plan: Plan, packed: Packed) -> None:
             setattr(parent, name, PackedLinear(q, scale, offset, child.bias))
         else:
             setattr(parent, name, PackedEmbedding(q, scale, offset, child.padding_idx))
+
+
+def fuse_rows(linears: list["PackedLinear"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One packing of the layers' weights stacked by rows (q, scale, offset), each layer's own buffers becoming
+    views of its rows (no second copy of any weight); None, with nothing changed, unless they are all of one form
+    and one input width."""
+    if len({(m.q.dtype, m.in_features) for m in linears}) != 1:
+        return None
+    if all(_stacked([getattr(m, name) for m in linears]) for name in ("q", "scale", "offset")):
+        return tuple(getattr(linears[0], name)._base for name in ("q", "scale", "offset"))  # (fused already)
+    fused = tuple(torch.cat([getattr(m, name) for m in linears]) for name in ("q", "scale", "offset"))
+    start = 0
+    for m in linears:
+        rows = m.q.shape[0]
+        for name, tensor in zip(("q", "scale", "offset"), fused):
+            setattr(m, name, tensor[start:start + rows])
+        start += rows
+    return fused
+
+
+def _stacked(parts: list[torch.Tensor]) -> bool:
+    """Whether `parts` are, in order, all the rows of one tensor (what `fuse_rows` leaves)."""
+    base = parts[0]._base
+    if base is None or not base.is_contiguous() or base.shape[0] != sum(part.shape[0] for part in parts):
+        return False
+    pointer = base.data_ptr()
+    for part in parts:
+        if part._base is not base or part.data_ptr() != pointer:
+            return False
+        pointer += part.shape[0] * base.stride(0) * base.element_size()
+    return True
 
 
 def install(model: nn.Module, packed: Packed) -> set[str]:

@@ -6,7 +6,9 @@
  * block holds q[32b + j] in its low half and q[32b + 16 + j] in its high half) with float16 scales and offsets
  * (packed4_*). Both compute in the same order of operations, so the same weights give the same float32 bits.
  * Built at run time by kvchat with the machine's compiler (-O3 -march=native, OpenMP when it has it). */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -247,4 +249,146 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
             UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, half_to_float(scale[r * blocks + b]),
                          half_to_float(offset[r * blocks + b]));
     }
+}
+
+/* ---- One token through a Llama-family decoder whose matrices are all packed (kvchat/weights/direct.py) ----
+ * The layer as transformers' LlamaDecoderLayer computes it: x += o(attention(rope(q), rope(k), v)) over the cache,
+ * then x += down(silu(gate) * up), each after an RMS norm; the new token's key and value rows are written at slot
+ * n of the layer's cache before it attends over slots 0..n. Grouped-query heads: query head h reads kv head
+ * h / (heads / kv_heads), as transformers' repeat_kv. */
+
+typedef struct {
+    const void *q, *scale, *offset;  /* a packing in either form (see the top of this file) */
+    int64_t rows, cols;
+    int64_t nibbles;  /* 1: the 4-bit form, 0: int8 */
+} Mat;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;  /* [hidden] */
+    Mat qkv;  /* rows: heads * head_dim queries, then kv_heads * head_dim keys, then as many values */
+    Mat o, gate_up, down;  /* gate_up rows: intermediate gates, then intermediate ups */
+    float *keys, *values;  /* the layer's cache: kv head g, slot t at [g * head_stride + t * head_dim] */
+    int64_t head_stride;
+} StepLayer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, scaling;
+    const StepLayer *layer;
+    const float *final_norm;  /* [hidden] */
+    Mat head;  /* [vocab, hidden] */
+} StepModel;
+
+static void product(const Mat *m, const float *x, float *xsum, float *y, int threads) {
+    if (m->nibbles)
+        packed4_matvec(x, 1, (const uint8_t *)m->q, (const uint16_t *)m->scale, (const uint16_t *)m->offset, m->rows,
+                       m->cols, xsum, y, threads);
+    else
+        packed_matvec(x, 1, (const int8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
+                      m->cols, xsum, y, threads);
+}
+
+/* out = weight * (x / sqrt(mean(x^2) + eps)), as LlamaRMSNorm (x * rsqrt(variance + eps), then the weight). */
+static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    float squares = 0.0f;
+    for (int64_t i = 0; i < n; i++) squares += x[i] * x[i];
+    const float inverse = 1.0f / sqrtf(squares / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) { float scaled = x[i] * inverse; out[i] = weight[i] * scaled; }
+}
+
+/* v * cos + rotate_half(v) * sin, in place, for one head (cos and sin [head_dim], their halves equal). */
+static void rope(float *v, const float *cos_, const float *sin_, int64_t dim) {
+    const int64_t half = dim / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float x1 = v[i], x2 = v[i + half];
+        float a = x1 * cos_[i], b = (-x2) * sin_[i];
+        float c = x2 * cos_[i + half], d = x1 * sin_[i + half];
+        v[i] = a + b;
+        v[i + half] = c + d;
+    }
+}
+
+static float dot(const float *a, const float *b, int64_t n) {
+#if VECTORS && !defined(__AVX512F__)
+    if (n % 8 == 0) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+        return sum_lanes(acc);
+    }
+#elif defined(__AVX512F__)
+    if (n % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* One query head over slots 0..n of its kv head: softmax(q.k * scaling) weighted sum of values into out. */
+static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t dim, float scaling,
+                   float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t t = 0; t <= n; t++) {
+        scores[t] = dot(q, keys + t * dim, dim) * scaling;
+        if (scores[t] > top) top = scores[t];
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t <= n; t++) { scores[t] = expf(scores[t] - top); total += scores[t]; }
+    const float inverse = 1.0f / total;
+    for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t <= n; t++) {
+        const float p = scores[t] * inverse;
+        const float *v = values + t * dim;
+        for (int64_t i = 0; i < dim; i++) { float term = p * v[i]; out[i] += term; }
+    }
+}
+
+/* x [hidden]: the token's embedding in, overwritten; logits [vocab] out. n: the tokens the cache holds before this
+ * one (it goes to slot n); cos and sin [head_dim] at position n. Returns 0, or -1 when scratch memory ran out. */
+int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const float *sin_, float *logits,
+               int threads) {
+    const int64_t hidden = m->hidden, dim = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
+    const int64_t groups = heads / kv_heads, inter = m->intermediate;
+    int64_t widest = hidden > inter ? hidden : inter;
+    if (heads * dim > widest) widest = heads * dim;
+    float *h = malloc(sizeof(float) * (size_t)(hidden + (heads + 2 * kv_heads) * dim + heads * dim + 2 * inter
+                                                + widest / 32 + 1 + heads * (n + 1)));
+    if (!h) return -1;
+    float *qkv = h + hidden, *att = qkv + (heads + 2 * kv_heads) * dim, *gate_up = att + heads * dim;
+    float *xsum = gate_up + 2 * inter, *scores = xsum + widest / 32 + 1;
+    for (int64_t l = 0; l < m->layers; l++) {
+        const StepLayer *L = &m->layer[l];
+        rms_norm(x, L->attn_norm, hidden, m->eps, h);
+        product(&L->qkv, h, xsum, qkv, threads);
+        float *q = qkv, *k = qkv + heads * dim, *v = k + kv_heads * dim;
+        for (int64_t g = 0; g < heads + kv_heads; g++) rope(qkv + g * dim, cos_, sin_, dim);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            memcpy(L->keys + g * L->head_stride + n * dim, k + g * dim, sizeof(float) * (size_t)dim);
+            memcpy(L->values + g * L->head_stride + n * dim, v + g * dim, sizeof(float) * (size_t)dim);
+        }
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t head = 0; head < heads; head++) {
+            const int64_t g = head / groups;
+            attend(q + head * dim, L->keys + g * L->head_stride, L->values + g * L->head_stride, n, dim, m->scaling,
+                   scores + head * (n + 1), att + head * dim);
+        }
+        product(&L->o, att, xsum, h, threads);
+        for (int64_t i = 0; i < hidden; i++) x[i] += h[i];
+        rms_norm(x, L->mlp_norm, hidden, m->eps, h);
+        product(&L->gate_up, h, xsum, gate_up, threads);
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = gate_up[i];
+            const float silu = g / (1.0f + expf(-g));
+            gate_up[i] = silu * gate_up[inter + i];
+        }
+        product(&L->down, gate_up, xsum, h, threads);
+        for (int64_t i = 0; i < hidden; i++) x[i] += h[i];
+    }
+    rms_norm(x, m->final_norm, hidden, m->eps, h);
+    product(&m->head, h, xsum, logits, threads);
+    free(h);
+    return 0;
 }

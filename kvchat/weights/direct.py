@@ -1,0 +1,156 @@
+"""The direct decode step: one token through a Llama-family model whose matrices are all packed, in one call into
+kvchat's kernel library (`llama_step` in kernels/packed_matvec.c) instead of transformers' thousands of small tensor
+operations a token.
+
+It computes what transformers' LlamaForCausalLM computes for one token (RMS norms, rotary positions, grouped-query
+attention over the cache, SiLU MLP, the packed output layer), with the packed kernel's products: the same numbers
+up to the order of float32 sums. It is offered only for models it can prove it covers (`refusal`: the exact
+transformers classes, plain SiLU, no biases, a static rotary table, every matrix packed); any other model decodes
+through transformers as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+
+from kvchat.weights import quant
+
+MODULE = "transformers.models.llama.modeling_llama"
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # a rotary table that does not change with the length
+
+
+class _Mat(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("nibbles", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _Mat), ("o", _Mat),
+                ("gate_up", _Mat), ("down", _Mat), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                ("head_stride", ctypes.c_int64)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("scaling", ctypes.c_float), ("layer", ctypes.POINTER(_Layer)),
+                ("final_norm", ctypes.c_void_p), ("head", _Mat)]
+
+
+def _of(module: Any, name: str) -> bool:
+    return type(module).__name__ == name and type(module).__module__ == MODULE
+
+
+def refusal(model: Any) -> str | None:
+    """Why the direct step cannot run `model` (a reason for people), or None when it can."""
+    if quant.KERNEL.step is None and not (quant.KERNEL.build() and quant.KERNEL.step is not None):
+        return f"the kernel could not be built ({quant.KERNEL.failure})"
+    if not _of(model, "LlamaForCausalLM"):
+        return f"only Llama-family models ({type(model).__name__} is not one)"
+    config, inner = model.config, model.model
+    if (getattr(config, "hidden_act", None) != "silu" or getattr(config, "attention_bias", False)
+            or getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) > 1):
+        return "the model's activation, biases or tensor-parallel split are not plain Llama's"
+    if getattr(inner.rotary_emb, "rope_type", None) not in ROPE_TYPES:
+        return f"rotary positions of type {getattr(inner.rotary_emb, 'rope_type', None)!r}"
+    if not isinstance(inner.embed_tokens, quant.PackedEmbedding) or type(model.lm_head) is not quant.PackedLinear:
+        return "the embedding and output layers are not packed"
+    for layer in inner.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        if not (_of(layer, "LlamaDecoderLayer") and _of(attention, "LlamaAttention") and _of(mlp, "LlamaMLP")
+                and _of(layer.input_layernorm, "LlamaRMSNorm") and _of(layer.post_attention_layernorm, "LlamaRMSNorm")):
+            return "a layer is not transformers' own Llama layer"
+        linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
+                   mlp.down_proj)
+        if any(type(m) is not quant.PackedLinear or m.bias is not None for m in linears):
+            return "a layer's matrices are not all packed"
+        if len({m.q.dtype for m in linears[:3]}) > 1 or len({m.q.dtype for m in linears[4:6]}) > 1:
+            return "a layer's query/key/value or gate/up matrices are packed in different forms"
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim % 2 or heads % kv_heads:
+        return "an odd head size or query heads not a multiple of key/value heads"
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        return "float32 on the CPU only"
+    return None
+
+
+class DirectStep:
+    """Runs one token through the model (see the module's docstring); built once per loaded model. Fuses each
+    layer's query/key/value and gate/up packings into one matrix each (the layers keep views of them)."""
+
+    def __init__(self, model: Any):
+        reason = refusal(model)
+        assert reason is None, f"a direct step for a model it cannot run: {reason}"
+        config, inner = model.config, model.model
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
+        self._keep: list[Any] = []  # every tensor the C structures point into
+        layers = (_Layer * len(inner.layers))()
+        for index, layer in enumerate(inner.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            layers[index].attn_norm = self._pointer(layer.input_layernorm.weight)
+            layers[index].mlp_norm = self._pointer(layer.post_attention_layernorm.weight)
+            layers[index].qkv = self._fused([attention.q_proj, attention.k_proj, attention.v_proj])
+            layers[index].o = self._mat(attention.o_proj)
+            layers[index].gate_up = self._fused([mlp.gate_proj, mlp.up_proj])
+            layers[index].down = self._mat(mlp.down_proj)
+            assert abs(attention.scaling - inner.layers[0].self_attn.scaling) < 1e-12, "one scaling for every layer"
+        norms = {layer.input_layernorm.variance_epsilon for layer in inner.layers} | \
+            {layer.post_attention_layernorm.variance_epsilon for layer in inner.layers} | {inner.norm.variance_epsilon}
+        assert len(norms) == 1, "one RMS-norm epsilon for every norm"
+        self._layers = layers
+        self._model = _Model(layers=len(inner.layers), hidden=config.hidden_size, heads=self.heads,
+                             kv_heads=self.kv_heads, head_dim=self.head_dim,
+                             intermediate=inner.layers[0].mlp.gate_proj.out_features, eps=norms.pop(),
+                             scaling=inner.layers[0].self_attn.scaling,
+                             layer=ctypes.cast(layers, ctypes.POINTER(_Layer)),
+                             final_norm=self._pointer(inner.norm.weight), head=self._mat(model.lm_head))
+        self.vocab = model.lm_head.out_features
+        self._ids = torch.zeros(1, dtype=torch.long)
+
+    def _pointer(self, tensor: torch.Tensor) -> int:
+        assert tensor.is_contiguous() and tensor.dtype == torch.float32, "a norm weight the step cannot read"
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _mat(self, linear: Any) -> _Mat:
+        return self._packing(linear.q, linear.scale, linear.offset)
+
+    def _fused(self, linears: list[Any]) -> _Mat:
+        fused = quant.fuse_rows(linears)
+        assert fused is not None, "matrices of different forms to fuse"
+        return self._packing(*fused)
+
+    def _packing(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> _Mat:
+        assert q.is_contiguous() and scale.is_contiguous() and offset.is_contiguous(), "a packing not contiguous"
+        self._keep += [q, scale, offset]
+        return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=offset.data_ptr(), rows=q.shape[0],
+                    cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
+
+    def __call__(self, token_id: int, n: int, views: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The next-token logits [vocab] after `token_id` at position `n`. `views` are each layer's keys and values
+        [1, kv_heads, n + 1, head_dim] (see `layers.static_views`): the token's rows are written at slot n."""
+        assert len(views) == len(self._layers), "a view of keys and values per layer"
+        for layer, (keys, values) in zip(self._layers, views):
+            assert (keys.dtype == values.dtype == torch.float32 and keys.shape[2] == n + 1
+                    and keys.stride(2) == values.stride(2) == self.head_dim and keys.stride(3) == values.stride(3) == 1
+                    and keys.stride(1) == values.stride(1)), "a cache layer the step cannot write"
+            layer.keys, layer.values, layer.head_stride = keys.data_ptr(), values.data_ptr(), keys.stride(1)
+        self._ids.fill_(token_id)
+        x = self._embed(self._ids).reshape(-1).contiguous()
+        # The rotary table at n, as transformers' rotary embedding computes it (a float32 product, cos and sin).
+        freqs = self._rotary.inv_freq.float() * torch.tensor(float(n))
+        angles = torch.cat((freqs, freqs))
+        cos = (angles.cos() * self._rotary.attention_scaling).contiguous()
+        sin = (angles.sin() * self._rotary.attention_scaling).contiguous()
+        logits = torch.empty(self.vocab, dtype=torch.float32)
+        failed = quant.KERNEL.step(ctypes.addressof(self._model), x.data_ptr(), n, cos.data_ptr(), sin.data_ptr(),
+                                   logits.data_ptr(), torch.get_num_threads())
+        if failed:
+            raise MemoryError("the direct decode step could not allocate its scratch memory")
+        return logits

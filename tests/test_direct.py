@@ -1,0 +1,157 @@
+"""Issue 23: the direct decode step (one call into the kernel library a token) gives the tokens of transformers' own
+one-token pass, and the promise holds through it: reuse, /retry, /undo and a resume equal a fresh prefill."""
+
+import pytest
+import torch
+
+from bound import engine_with_store
+from families import make_family
+from kvchat.cache import layers
+from kvchat.chat.chat import Chat
+from kvchat.chat.engine import Engine, TurnEnd
+from kvchat.chat.saving import Persister, open_chat
+from kvchat.config import Sampling
+from kvchat.weights import direct, quant
+from test_quant import gguf_like
+
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+SYSTEM = "You are a helpful assistant."
+MESSAGES = ["Hello, how are you today?", "What is the capital of France?", "Tell me a story about a cat.",
+            "Numbers: 1 2 3 4 5.", "The quick brown fox jumps over the lazy dog."]
+
+
+def packed(**overrides):
+    assert quant.KERNEL.build(), f"the kernel did not build here: {quant.KERNEL.failure}"
+    loaded = gguf_like(**overrides)
+    assert quant.pack_model(loaded.model, allow_approximate=False).exact
+    loaded.weight_format = "int8"
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def model():
+    return packed()
+
+
+@torch.inference_mode()
+def transformers_reply(engine, prompt, max_new_tokens=GREEDY.max_new_tokens):
+    """Greedy reply from a fresh prefill of `prompt` then transformers' own one-token passes."""
+    cache = layers.new_cache(engine.model, engine.window_cache)
+    kwarg = {layers.cache_kwarg(engine.model): cache}
+    logits = engine.model(input_ids=torch.tensor([prompt]), position_ids=torch.arange(len(prompt))[None],
+                          use_cache=True, **kwarg).logits[0, -1]
+    reply = []
+    for position in range(len(prompt), len(prompt) + max_new_tokens):
+        token = int(logits.argmax())
+        if token in engine.stop_ids:
+            break
+        reply.append(token)
+        logits = engine.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
+                              use_cache=True, **kwarg).logits[0, -1]
+    return reply
+
+
+def turn(chat, events=None, text=None):
+    chat.sampling = GREEDY
+    end = [e for e in (events if events is not None else chat.send(text)) if isinstance(e, TurnEnd)][0]
+    assert end.token_ids == transformers_reply(chat.engine, chat.engine.render(chat.conversation.view()[:-1]))
+    assert end.stats.direct == max(0, len(end.token_ids) - 1), end.stats  # every token fed alone went direct
+    chat.cache.check()
+    return end.stats
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_direct_step_computes_transformers_one_token_pass(tied):
+    loaded = packed(tie_word_embeddings=tied)
+    engine = Engine(loaded)
+    assert engine.direct is not None
+    prompt = engine.render([{"role": "user", "content": MESSAGES[2]}])
+    with torch.inference_mode():
+        ours, theirs = layers.new_cache(engine.model), layers.new_cache(engine.model)
+        for cache in (ours, theirs):
+            engine.model(input_ids=torch.tensor([prompt]), use_cache=True, **{layers.cache_kwarg(engine.model): cache})
+        for n in range(len(prompt), len(prompt) + 6):
+            token = 5 + 17 * n % 200
+            with layers.one_step(ours):
+                mine = engine.direct(token, n, layers.static_views(ours))
+            want = engine.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[n]]), use_cache=True,
+                                **{layers.cache_kwarg(engine.model): theirs}).logits[0, -1]
+            assert torch.allclose(mine, want, rtol=1e-4, atol=1e-4), float((mine - want).abs().max())
+            for (k1, v1), layer in zip([(la.keys, la.values) for la in ours.layers], theirs.layers):
+                assert torch.allclose(k1, layer.keys, rtol=1e-4, atol=1e-4)  # the rows it wrote, rotated
+                assert torch.allclose(v1, layer.values, rtol=1e-4, atol=1e-4)
+
+
+def test_reuse_retry_undo_and_resume_through_the_direct_step_equal_a_fresh_prefill(model, tmp_path):
+    engine, store = engine_with_store(model, tmp_path)
+    assert engine.direct is not None
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    persister = Persister(store, "s")
+    for text in MESSAGES[:3]:
+        stats = turn(chat, text=text)
+        persister.after_turn(chat)
+    assert stats.reused > 0
+    turn(chat, chat.retry())
+    chat.undo()
+    assert turn(chat, text=MESSAGES[3]).reused > 0
+    persister.after_turn(chat)
+    store.close()
+    engine2, store2 = engine_with_store(model, tmp_path)
+    opened = open_chat(engine2, store2, "s", sampling=GREEDY)
+    assert opened.loaded_tokens == chat.cache.tokens
+    stats = turn(opened.chat, text=MESSAGES[4])
+    assert stats.loaded == stats.reused > 0
+
+
+def test_a_reply_that_outgrows_the_cache_buffers_stays_exact(model):
+    """The buffers grow (new memory) while the reply decodes: the step writes where the cache now is."""
+    engine = Engine(model)
+    engine.stop_ids = frozenset()
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    chat.sampling = Sampling(temperature=0, max_new_tokens=300)
+    end = [e for e in chat.send(MESSAGES[0]) if isinstance(e, TurnEnd)][0]
+    assert end.stats.direct == 299
+    prompt = engine.render(chat.conversation.view()[:-1])
+    assert end.token_ids == transformers_reply(engine, prompt, 300)
+
+
+def test_models_the_step_does_not_cover_decode_through_transformers(model, tiny):
+    assert direct.refusal(tiny.model) == "the embedding and output layers are not packed"  # float64, unpacked
+    assert Engine(tiny).direct is None
+    assert "only Llama-family" in direct.refusal(make_family("mistral").model)
+    assert "rotary positions" in direct.refusal(packed(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 10000.0}).model)
+    assert "biases" in direct.refusal(packed(attention_bias=True).model)
+    assert Engine(model, direct=False).direct is None
+    mixed = packed()
+    layer = mixed.model.model.layers[0].self_attn
+    weight = quant.unpack(layer.k_proj.q, layer.k_proj.scale, layer.k_proj.offset)
+    layer.k_proj.q, layer.k_proj.scale, layer.k_proj.offset, missing = quant.pack(weight, allow_approximate=False)
+    assert missing == 0 and not quant.is_nibbles(layer.k_proj.q) and quant.is_nibbles(layer.q_proj.q)
+    assert "different forms" in direct.refusal(mixed.model)
+
+
+def test_a_second_engine_on_the_model_reuses_its_fused_matrices(model):
+    before = {name: t.data_ptr() for name, t in model.model.named_buffers()}
+    first = Engine(model).direct
+    after = {name: t.data_ptr() for name, t in model.model.named_buffers()}
+    second = Engine(model).direct
+    assert {name: t.data_ptr() for name, t in model.model.named_buffers()} == after
+    assert first is not None and second is not None and set(before) == set(after)
+
+
+def test_info_says_which_decode_step_runs(tmp_path, capsys, monkeypatch):
+    from kvchat.ui.cli import main
+    from kvchat.weights.model import pack_directory
+
+    loaded = gguf_like()
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    assert pack_directory(tmp_path / "m")
+    monkeypatch.setenv("KVCHAT_HOME", str(tmp_path / "home"))
+    assert main(["info", "--model", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    assert "decode step: direct (one call a token into kvchat's kernel library)" in capsys.readouterr().out
+    assert main(["info", "--model", str(tmp_path / "m"), "--device", "cpu", "--kv-dtype", "q8"]) == 0
+    out = capsys.readouterr().out
+    assert "decode step: direct" not in out
+    assert "direct decode step: off (it writes keys and values as computed, not in q8)" in out
