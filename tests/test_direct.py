@@ -123,21 +123,23 @@ def test_models_the_step_does_not_cover_decode_through_transformers(model, tiny)
                                                                         "rope_theta": 10000.0}).model)
     assert "biases" in direct.refusal(packed(attention_bias=True).model)
     assert Engine(model, direct=False).direct is None
+
+
+def test_the_step_reads_the_models_own_packings_and_takes_one_in_either_form(model):
+    """No weight is copied for the step (the model's buffers stay as they are), and a layer whose matrices are
+    packed in different forms (here one in the int8 form beside 4-bit ones) is run as transformers runs it."""
+    before = {name: t.data_ptr() for name, t in model.model.named_buffers()}
+    assert Engine(model).direct is not None
+    assert {name: t.data_ptr() for name, t in model.model.named_buffers()} == before
     mixed = packed()
     layer = mixed.model.model.layers[0].self_attn
     weight = quant.unpack(layer.k_proj.q, layer.k_proj.scale, layer.k_proj.offset)
     layer.k_proj.q, layer.k_proj.scale, layer.k_proj.offset, missing = quant.pack(weight, allow_approximate=False)
     assert missing == 0 and not quant.is_nibbles(layer.k_proj.q) and quant.is_nibbles(layer.q_proj.q)
-    assert "different forms" in direct.refusal(mixed.model)
-
-
-def test_a_second_engine_on_the_model_reuses_its_fused_matrices(model):
-    before = {name: t.data_ptr() for name, t in model.model.named_buffers()}
-    first = Engine(model).direct
-    after = {name: t.data_ptr() for name, t in model.model.named_buffers()}
-    second = Engine(model).direct
-    assert {name: t.data_ptr() for name, t in model.model.named_buffers()} == after
-    assert first is not None and second is not None and set(before) == set(after)
+    engine = Engine(mixed)
+    assert engine.direct is not None
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    turn(chat, text=MESSAGES[1])
 
 
 def test_info_says_which_decode_step_runs(tmp_path, capsys, monkeypatch):

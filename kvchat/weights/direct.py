@@ -28,9 +28,9 @@ class _Mat(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", _Mat), ("o", _Mat),
-                ("gate_up", _Mat), ("down", _Mat), ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
-                ("head_stride", ctypes.c_int64)]
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q", _Mat), ("k", _Mat),
+                ("v", _Mat), ("o", _Mat), ("gate", _Mat), ("up", _Mat), ("down", _Mat), ("keys", ctypes.c_void_p),
+                ("values", ctypes.c_void_p), ("head_stride", ctypes.c_int64)]
 
 
 class _Model(ctypes.Structure):
@@ -67,20 +67,28 @@ def refusal(model: Any) -> str | None:
                    mlp.down_proj)
         if any(type(m) is not quant.PackedLinear or m.bias is not None for m in linears):
             return "a layer's matrices are not all packed"
-        if len({m.q.dtype for m in linears[:3]}) > 1 or len({m.q.dtype for m in linears[4:6]}) > 1:
-            return "a layer's query/key/value or gate/up matrices are packed in different forms"
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
     if head_dim % 2 or heads % kv_heads:
         return "an odd head size or query heads not a multiple of key/value heads"
+    inter = inner.layers[0].mlp.gate_proj.out_features
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
+              "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    for layer in inner.layers:
+        found = {name: (m.in_features, m.out_features) for name, m in
+                 [*layer.self_attn.named_children(), *layer.mlp.named_children()] if name in shapes}
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+        if found != shapes or any(tuple(norm.shape) != (hidden,) for norm in norms):
+            return "a layer's shapes are not those its config gives every layer"
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return "float32 on the CPU only"
     return None
 
 
 class DirectStep:
-    """Runs one token through the model (see the module's docstring); built once per loaded model. Fuses each
-    layer's query/key/value and gate/up packings into one matrix each (the layers keep views of them)."""
+    """Runs one token through the model (see the module's docstring) from the packings its layers hold (nothing
+    copied); built once per engine."""
 
     def __init__(self, model: Any):
         reason = refusal(model)
@@ -89,16 +97,16 @@ class DirectStep:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
-        self._keep: list[Any] = []  # every tensor the C structures point into
+        self._keep: list[Any] = []  # every tensor the C structures point into (the model's own)
         layers = (_Layer * len(inner.layers))()
         for index, layer in enumerate(inner.layers):
             attention, mlp = layer.self_attn, layer.mlp
             layers[index].attn_norm = self._pointer(layer.input_layernorm.weight)
             layers[index].mlp_norm = self._pointer(layer.post_attention_layernorm.weight)
-            layers[index].qkv = self._fused([attention.q_proj, attention.k_proj, attention.v_proj])
-            layers[index].o = self._mat(attention.o_proj)
-            layers[index].gate_up = self._fused([mlp.gate_proj, mlp.up_proj])
-            layers[index].down = self._mat(mlp.down_proj)
+            for field, linear in (("q", attention.q_proj), ("k", attention.k_proj), ("v", attention.v_proj),
+                                  ("o", attention.o_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj),
+                                  ("down", mlp.down_proj)):
+                setattr(layers[index], field, self._mat(linear))
             assert abs(attention.scaling - inner.layers[0].self_attn.scaling) < 1e-12, "one scaling for every layer"
         norms = {layer.input_layernorm.variance_epsilon for layer in inner.layers} | \
             {layer.post_attention_layernorm.variance_epsilon for layer in inner.layers} | {inner.norm.variance_epsilon}
@@ -120,11 +128,6 @@ class DirectStep:
 
     def _mat(self, linear: Any) -> _Mat:
         return self._packing(linear.q, linear.scale, linear.offset)
-
-    def _fused(self, linears: list[Any]) -> _Mat:
-        fused = quant.fuse_rows(linears)
-        assert fused is not None, "matrices of different forms to fuse"
-        return self._packing(*fused)
 
     def _packing(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> _Mat:
         assert q.is_contiguous() and scale.is_contiguous() and offset.is_contiguous(), "a packing not contiguous"

@@ -407,37 +407,6 @@ def _replace(plan: Plan, packed: Packed) -> None:
             setattr(parent, name, PackedEmbedding(q, scale, offset, child.padding_idx))
 
 
-def fuse_rows(linears: list["PackedLinear"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """One packing of the layers' weights stacked by rows (q, scale, offset), each layer's own buffers becoming
-    views of its rows (no second copy of any weight); None, with nothing changed, unless they are all of one form
-    and one input width."""
-    if len({(m.q.dtype, m.in_features) for m in linears}) != 1:
-        return None
-    if all(_stacked([getattr(m, name) for m in linears]) for name in ("q", "scale", "offset")):
-        return tuple(getattr(linears[0], name)._base for name in ("q", "scale", "offset"))  # (fused already)
-    fused = tuple(torch.cat([getattr(m, name) for m in linears]) for name in ("q", "scale", "offset"))
-    start = 0
-    for m in linears:
-        rows = m.q.shape[0]
-        for name, tensor in zip(("q", "scale", "offset"), fused):
-            setattr(m, name, tensor[start:start + rows])
-        start += rows
-    return fused
-
-
-def _stacked(parts: list[torch.Tensor]) -> bool:
-    """Whether `parts` are, in order, all the rows of one tensor (what `fuse_rows` leaves)."""
-    base = parts[0]._base
-    if base is None or not base.is_contiguous() or base.shape[0] != sum(part.shape[0] for part in parts):
-        return False
-    pointer = base.data_ptr()
-    for part in parts:
-        if part._base is not base or part.data_ptr() != pointer:
-            return False
-        pointer += part.shape[0] * base.stride(0) * base.element_size()
-    return True
-
-
 def install(model: nn.Module, packed: Packed) -> set[str]:
     """Put packings read from the model's own weights file (`read_packing`: they are its weights, nothing to
     check against) in place of the layers whose weights they are, in place; those layers' own weights are never

@@ -265,8 +265,7 @@ typedef struct {
 
 typedef struct {
     const float *attn_norm, *mlp_norm;  /* [hidden] */
-    Mat qkv;  /* rows: heads * head_dim queries, then kv_heads * head_dim keys, then as many values */
-    Mat o, gate_up, down;  /* gate_up rows: intermediate gates, then intermediate ups */
+    Mat q, k, v, o, gate, up, down;
     float *keys, *values;  /* the layer's cache: kv head g, slot t at [g * head_stride + t * head_dim] */
     int64_t head_stride;
 } StepLayer;
@@ -362,8 +361,10 @@ int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const
     for (int64_t l = 0; l < m->layers; l++) {
         const StepLayer *L = &m->layer[l];
         rms_norm(x, L->attn_norm, hidden, m->eps, h);
-        product(&L->qkv, h, xsum, qkv, threads);
         float *q = qkv, *k = qkv + heads * dim, *v = k + kv_heads * dim;
+        product(&L->q, h, xsum, q, threads);
+        product(&L->k, h, xsum, k, threads);
+        product(&L->v, h, xsum, v, threads);
         for (int64_t g = 0; g < heads + kv_heads; g++) rope(qkv + g * dim, cos_, sin_, dim);
         for (int64_t g = 0; g < kv_heads; g++) {
             memcpy(L->keys + g * L->head_stride + n * dim, k + g * dim, sizeof(float) * (size_t)dim);
@@ -378,7 +379,8 @@ int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const
         product(&L->o, att, xsum, h, threads);
         for (int64_t i = 0; i < hidden; i++) x[i] += h[i];
         rms_norm(x, L->mlp_norm, hidden, m->eps, h);
-        product(&L->gate_up, h, xsum, gate_up, threads);
+        product(&L->gate, h, xsum, gate_up, threads);
+        product(&L->up, h, xsum, gate_up + inter, threads);
         for (int64_t i = 0; i < inter; i++) {
             const float g = gate_up[i];
             const float silu = g / (1.0f + expf(-g));
