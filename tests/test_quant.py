@@ -296,7 +296,12 @@ def test_a_packed_model_with_tied_embeddings_is_never_packed_again_when_loaded(t
     packed_rows = []
     real = quant.pack
     monkeypatch.setattr(quant, "pack", lambda weight, *a, **k: packed_rows.append(weight.shape[0]) or real(weight, *a, **k))
+    unpacked = []  # a packed weight made whole again while loading (the embedding table: 4 bytes a value)
+    real_dequantize = quant.dequantize
+    monkeypatch.setattr(quant, "dequantize", lambda q, *a: unpacked.append(tuple(q.shape)) or real_dequantize(q, *a))
     again = load_model(str(tmp_path / "m"), "cpu", "float32")
+    assert unpacked == []
+    monkeypatch.setattr(quant, "dequantize", real_dequantize)
     assert again.weight_format == "int8" and again.model.lm_head.q is again.model.model.embed_tokens.q
     assert vocab > quant.PROBE_ROWS and vocab not in packed_rows  # (only the cheap probes of first rows ran)
     assert all(rows <= quant.PROBE_ROWS for rows in packed_rows), packed_rows

@@ -201,7 +201,8 @@ def sampling_cost(loaded: LoadedModel) -> dict[str, Any]:
 
     sampling = Sampling()
     torch.manual_seed(0)
-    logits = torch.randn(loaded.model.get_output_embeddings().weight.shape[0], device=loaded.device) * 4
+    head = loaded.model.get_output_embeddings()  # (a packed one's `.weight` is made on each read)
+    logits = torch.randn(getattr(head, "out_features", None) or head.weight.shape[0], device=loaded.device) * 4
     generator = torch.Generator(device=loaded.device).manual_seed(0)
     times = []
     for _ in range(200):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -386,7 +387,8 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     model.eval()
     if not getattr(tokenizer, "chat_template", None):
         raise KvchatError(f"model '{spec}' has no chat template; kvchat needs an instruction-tuned model")
-    input_device = model.get_input_embeddings().weight.device
+    embeddings = model.get_input_embeddings()  # (a packed one's `.weight` is made on each read: never read here)
+    input_device = next(itertools.chain(embeddings.parameters(), embeddings.buffers())).device
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
                          weights=weight_files(source, extra.get("gguf_file")))
     choose_weights(loaded, weights, progress)
