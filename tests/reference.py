@@ -19,3 +19,26 @@ def greedy_without_cache(model, prompt_ids: list[int], max_new_tokens: int, stop
         ids.append(token)
     return reply
 
+
+
+@torch.inference_mode()
+def greedy_after_prefill(engine, prompt: list[int], max_new_tokens: int, kv_form=None) -> list[int]:
+    """Greedy reply token ids from a cache laid out as the engine's (keys and values in `kv_form`, by default
+    the engine's) filled by one pass over the whole prompt, then transformers' own one-token passes."""
+    from kvchat.cache import layers
+
+    cache = layers.new_cache(engine.model, engine.window_cache, kv_form or engine.kv_form)
+    kwarg = {layers.cache_kwarg(engine.model): cache}
+    logits = engine.model(input_ids=torch.tensor([prompt], device=engine.device),
+                          position_ids=torch.arange(len(prompt), device=engine.device)[None],
+                          use_cache=True, **kwarg).logits[0, -1]
+    reply: list[int] = []
+    for position in range(len(prompt), len(prompt) + max_new_tokens):
+        token = int(logits.argmax())
+        if token in engine.stop_ids:
+            break
+        reply.append(token)
+        logits = engine.model(input_ids=torch.tensor([[token]], device=engine.device),
+                              position_ids=torch.tensor([[position]], device=engine.device),
+                              use_cache=True, **kwarg).logits[0, -1]
+    return reply

@@ -18,6 +18,7 @@ from kvchat.config import ConfigError, Sampling, load_config
 from kvchat.errors import KvchatError
 from kvchat.ui.cli import main
 from kvchat.weights.model import LoadedModel
+from reference import greedy_after_prefill
 from tiny import make_tokenizer
 
 GREEDY = Sampling(temperature=0, max_new_tokens=8)
@@ -69,23 +70,9 @@ def test_the_forms_cost_what_they_promise_per_token():
     assert per_token["q8/q4"] == (per_token["q8"] + per_token["q4"]) / 2  # (keys and values are as wide)
 
 
-@torch.inference_mode()
 def fresh_reply(engine, prompt):
     """Greedy reply from a cache of the engine's form filled in one pass over the whole prompt."""
-    cache = layers.new_cache(engine.model, engine.window_cache, engine.kv_form)
-    kwarg = {layers.cache_kwarg(engine.model): cache}
-    logits = engine.model(input_ids=torch.tensor([prompt]), position_ids=torch.arange(len(prompt))[None],
-                          use_cache=True, **kwarg).logits[0, -1]
-    reply, position = [], len(prompt)
-    for _ in range(GREEDY.max_new_tokens):
-        token = int(logits.argmax())
-        if token in engine.stop_ids:
-            break
-        reply.append(token)
-        logits = engine.model(input_ids=torch.tensor([[token]]), position_ids=torch.tensor([[position]]),
-                              use_cache=True, **kwarg).logits[0, -1]
-        position += 1
-    return reply
+    return greedy_after_prefill(engine, prompt, GREEDY.max_new_tokens)
 
 
 def turn(chat, events=None, text=None):

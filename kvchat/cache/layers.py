@@ -41,7 +41,7 @@ from transformers.cache_utils import (Cache, DummyLayer, DynamicCache, DynamicIn
                                       DynamicSlidingWindowLayer, LinearAttentionAndFullAttentionLayer,
                                       LinearAttentionLayer)
 
-from kvchat.cache.kv_forms import KVForm
+from kvchat.cache.kv_forms import KVForm, block_size
 
 
 class GrowableLayer(DynamicLayer):
@@ -587,11 +587,65 @@ def one_step(cache: Cache) -> Iterator[torch.Tensor]:
         layer._expose()
 
 
-def static_views(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Inside `one_step`: each layer's keys and values [1, kv_heads, n + 1, head_dim] over its buffers, slot n
-    being the new token's, for a step that writes that slot itself instead of calling the layer's `update`."""
-    assert all(layer.static for layer in cache.layers), "static_views() outside one_step()"
-    return [(layer._static_keys, layer._static_values) for layer in cache.layers]
+@dataclass(frozen=True)
+class RowStore:
+    """One side (keys or values) of a layer's cache, for a step that writes and reads its rows itself: the KV
+    form's name ("auto": as computed), its block length, and each part's whole buffer [1, kv_heads, capacity,
+    width of the part] (see `KVForm.stored_shapes`; "v" for values kept as a float type)."""
+
+    form: str
+    block: int
+    parts: dict[str, torch.Tensor]
+
+
+def direct_refusal(cache: Cache) -> str | None:
+    """Why a step that writes the new token's rows itself (`direct_step`) cannot run on this cache, or None: its
+    layers must all be growable attention layers, or all plain encoded ones, holding the same tokens, on the
+    CPU."""
+    if not cache.layers:
+        return "the cache has no layers yet"
+    kinds = {type(layer) for layer in cache.layers}
+    if kinds == {GrowableLayer}:
+        reason = static_refusal(cache)
+        if reason is None and cache.layers[0]._key_buf.device.type != "cpu":
+            return "the cache is not on the CPU"
+        return reason
+    if kinds != {EncodedLayer}:
+        return f"its layers are kept in {', '.join(sorted(kind.__name__ for kind in kinds))}"
+    if not all(layer.is_initialized and layer.rows for layer in cache.layers):
+        return "the cache is empty"
+    if any(rows.device.type != "cpu" for layer in cache.layers for rows in layer.rows.values()):
+        return "the cache is not on the CPU"
+    counts = {rows.n for layer in cache.layers for rows in layer.rows.values()}
+    assert len(counts) == 1, f"attention layers hold different numbers of tokens: {sorted(counts)}"
+    return None
+
+
+@contextmanager
+def direct_step(cache: Cache) -> Iterator[list[tuple[RowStore, RowStore]]]:
+    """Room for one more token in every layer, and each layer's keys and values as `RowStore`s, for a step that
+    writes the token's rows at slot n (the tokens held) and attends over slots 0..n. When the block ends
+    normally every layer holds one more token; when it raises, the cache holds what it held."""
+    assert direct_refusal(cache) is None, f"direct_step() on a cache it cannot take: {direct_refusal(cache)}"
+    n = length(cache)
+    stores = []
+    for layer in cache.layers:
+        if type(layer) is GrowableLayer:
+            layer._reserve(layer._key_buf, layer._value_buf, n + 1)
+            stores.append((RowStore("auto", 1, {"v": layer._key_buf}), RowStore("auto", 1, {"v": layer._value_buf})))
+        else:
+            sides = (layer.rows["keys"], layer.rows["values"])
+            for rows in sides:
+                rows.reserve(n + 1)
+            stores.append(tuple(RowStore(rows.form.name, block_size(rows.width), dict(rows._parts)) for rows in sides))
+    yield stores
+    for layer in cache.layers:
+        if type(layer) is GrowableLayer:
+            layer._n = n + 1
+        else:
+            for rows in layer.rows.values():
+                rows.n = n + 1
+        layer._expose()
 
 
 def _mark(tensor: torch.Tensor, dynamic: bool) -> None:

@@ -164,10 +164,9 @@ class Engine:
         # The engine's compiled one-token step (see kvchat.cache.compiled; `compile`: "on", "off" or "auto" (CUDA);
         # `step`: one already made for this model, shared), compiled in the background unless `warm_up` is
         # False (then on the first token that can use it).
-        # The direct one-token step (kvchat.weights.direct), for the models it covers, with keys and values kept as
-        # computed; `direct` False: never. Where it runs, it is the step: no compiled one is made.
-        self.direct = DirectStep(self.model) if direct and kv_form.exact and direct_refusal(self.model) is None \
-            else None
+        # The direct one-token step (kvchat.weights.direct), for the models it covers, in every KV form; `direct`
+        # False: never. Where it runs, it is the step: no compiled one is made.
+        self.direct = DirectStep(self.model) if direct and direct_refusal(self.model) is None else None
         self.direct_tokens = 0
         wanted = compiled.wanted(compile, self.device) and self.direct is None
         if wanted and not kv_form.exact:  # the compiled step reads keys and values as computed, in place
@@ -226,9 +225,9 @@ class Engine:
                 if logits is not None:
                     self.compiled_tokens += 1
                     return logits
-            if self.direct is not None and len(ids) == 1 and layers.static_refusal(model_cache) is None:
-                with layers.one_step(model_cache):
-                    logits = self.direct(ids[0], start, layers.static_views(model_cache))
+            if self.direct is not None and len(ids) == 1 and layers.direct_refusal(model_cache) is None:
+                with layers.direct_step(model_cache) as stores:
+                    logits = self.direct(ids[0], start, stores)
                 self.direct_tokens += 1
                 return logits
             with self.step.exclusive() if self.step is not None else nullcontext():

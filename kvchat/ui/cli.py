@@ -426,7 +426,6 @@ def info_command(argv: list[str]) -> int:
                                             "window_cache", "kv_dtype", "kv_dtype_k", "kv_dtype_v"))
     from kvchat.cache import compiled, layers
     from kvchat.cache.chat_cache import MAX_CHECKPOINTS
-    from kvchat.cache.kv_forms import KVForm
     from kvchat.weights import direct
     from kvchat.weights.model import weights_label
 
@@ -449,8 +448,7 @@ def info_command(argv: list[str]) -> int:
     if loaded.weight_note:
         print(loaded.weight_note)
     refused = compiled.refusal(loaded.model) if compiled.wanted(settings.compile, loaded.device) else None
-    not_direct = direct.refusal(loaded.model) if KVForm(settings.kv_form).exact else \
-        f"it writes keys and values as computed, not in {settings.kv_form}"
+    not_direct = direct.refusal(loaded.model)
     if not_direct is None:
         print("decode step: direct (one call a token into kvchat's kernel library)")
     elif not compiled.wanted(settings.compile, loaded.device):

@@ -27,10 +27,22 @@ class _Mat(ctypes.Structure):
                 ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("nibbles", ctypes.c_int64)]
 
 
+class _Side(ctypes.Structure):
+    _fields_ = [("form", ctypes.c_int64), ("block", ctypes.c_int64), ("capacity", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q", _Mat), ("k", _Mat),
-                ("v", _Mat), ("o", _Mat), ("gate", _Mat), ("up", _Mat), ("down", _Mat), ("keys", ctypes.c_void_p),
-                ("values", ctypes.c_void_p), ("head_stride", ctypes.c_int64)]
+                ("v", _Mat), ("o", _Mat), ("gate", _Mat), ("up", _Mat), ("down", _Mat), ("keys", _Side),
+                ("values", _Side)]
+
+
+# The KV forms the C step keeps rows in (kernels/packed_matvec.c: FORM_*), with the dtypes of their parts.
+FORMS = {"auto": (0, {"v": torch.float32}), "float32": (0, {"v": torch.float32}),
+         "float16": (1, {"v": torch.float16}), "bfloat16": (2, {"v": torch.bfloat16}),
+         "q8": (3, {"q": torch.int8, "scale": torch.float16}),
+         "q4": (4, {"q": torch.uint8, "scale": torch.float16, "offset": torch.float16})}
 
 
 class _Model(ctypes.Structure):
@@ -69,8 +81,8 @@ def refusal(model: Any) -> str | None:
             return "a layer's matrices are not all packed"
     heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    if head_dim % 2 or heads % kv_heads:
-        return "an odd head size or query heads not a multiple of key/value heads"
+    if head_dim % 2 or head_dim > 512 or heads % kv_heads:
+        return "an odd head size, one over 512, or query heads not a multiple of key/value heads"
     inter = inner.layers[0].mlp.gate_proj.out_features
     shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim),
               "v_proj": (hidden, kv_heads * head_dim), "o_proj": (heads * head_dim, hidden),
@@ -135,15 +147,30 @@ class DirectStep:
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=offset.data_ptr(), rows=q.shape[0],
                     cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
 
-    def __call__(self, token_id: int, n: int, views: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The next-token logits [vocab] after `token_id` at position `n`. `views` are each layer's keys and values
-        [1, kv_heads, n + 1, head_dim] (see `layers.static_views`): the token's rows are written at slot n."""
-        assert len(views) == len(self._layers), "a view of keys and values per layer"
-        for layer, (keys, values) in zip(self._layers, views):
-            assert (keys.dtype == values.dtype == torch.float32 and keys.shape[2] == n + 1
-                    and keys.stride(2) == values.stride(2) == self.head_dim and keys.stride(3) == values.stride(3) == 1
-                    and keys.stride(1) == values.stride(1)), "a cache layer the step cannot write"
-            layer.keys, layer.values, layer.head_stride = keys.data_ptr(), values.data_ptr(), keys.stride(1)
+    def _side(self, side: Any, store: Any, n: int) -> None:
+        """Point `side` at a layer's keys or values (a `layers.RowStore`), checked against what the C step reads."""
+        code, dtypes = FORMS[store.form]
+        parts = store.parts
+        assert {name: t.dtype for name, t in parts.items()} == dtypes, f"parts of a {store.form} side: {parts.keys()}"
+        capacity = parts[next(iter(dtypes))].shape[2]
+        widths = {"v": self.head_dim, "q": self.head_dim if code == 3 else (self.head_dim + 1) // 2,
+                  "scale": self.head_dim // store.block, "offset": self.head_dim // store.block}
+        for name, tensor in parts.items():
+            assert tuple(tensor.shape) == (1, self.kv_heads, capacity, widths[name]) and tensor.is_contiguous(), \
+                f"a {store.form} part {name} of shape {tuple(tensor.shape)}"
+        assert capacity > n and self.head_dim % store.block == 0, "no room for the token, or a partial block"
+        side.form, side.block, side.capacity = code, store.block, capacity
+        side.data = parts["v" if "v" in parts else "q"].data_ptr()
+        side.scale = parts["scale"].data_ptr() if "scale" in parts else None
+        side.offset = parts["offset"].data_ptr() if "offset" in parts else None
+
+    def __call__(self, token_id: int, n: int, stores: list[tuple[Any, Any]]) -> torch.Tensor:
+        """The next-token logits [vocab] after `token_id` at position `n`. `stores` are each layer's keys and
+        values (`layers.direct_step`): the token's rows are written at slot n, in the cache's KV form."""
+        assert len(stores) == len(self._layers), "keys and values for every layer"
+        for layer, (keys, values) in zip(self._layers, stores):
+            self._side(layer.keys, keys, n)
+            self._side(layer.values, values, n)
         self._ids.fill_(token_id)
         x = self._embed(self._ids).reshape(-1).contiguous()
         # The rotary table at n, as transformers' rotary embedding computes it (a float32 product, cos and sin).

@@ -254,7 +254,7 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
 /* ---- One token through a Llama-family decoder whose matrices are all packed (kvchat/weights/direct.py) ----
  * The layer as transformers' LlamaDecoderLayer computes it: x += o(attention(rope(q), rope(k), v)) over the cache,
  * then x += down(silu(gate) * up), each after an RMS norm; the new token's key and value rows are written at slot
- * n of the layer's cache before it attends over slots 0..n. Grouped-query heads: query head h reads kv head
+ * n of the layer's cache (in its KV form) before it attends over slots 0..n (read back from that form). Grouped-query heads: query head h reads kv head
  * h / (heads / kv_heads), as transformers' repeat_kv. */
 
 typedef struct {
@@ -263,11 +263,23 @@ typedef struct {
     int64_t nibbles;  /* 1: the 4-bit form, 0: int8 */
 } Mat;
 
+/* One side (keys or values) of a layer's cache, rows of head_dim values in a KV form (kvchat/cache/kv_forms.py):
+ * FORM_FLOAT32 as computed, FORM_FLOAT16 / FORM_BFLOAT16 rounded to that type, FORM_Q8 int8 values with a float16
+ * scale a block, FORM_Q4 4-bit values two a byte (even index in the low half) with a float16 scale and offset a
+ * block. Each part is [kv_heads, capacity, width of the part]: kv head g, slot t of `data` at
+ * (g * capacity + t) * (its width), of `scale` and `offset` at (g * capacity + t) * (head_dim / block). */
+enum { FORM_FLOAT32, FORM_FLOAT16, FORM_BFLOAT16, FORM_Q8, FORM_Q4 };
+
+typedef struct {
+    int64_t form, block, capacity;
+    void *data;
+    uint16_t *scale, *offset;
+} Side;
+
 typedef struct {
     const float *attn_norm, *mlp_norm;  /* [hidden] */
     Mat q, k, v, o, gate, up, down;
-    float *keys, *values;  /* the layer's cache: kv head g, slot t at [g * head_stride + t * head_dim] */
-    int64_t head_stride;
+    Side keys, values;
 } StepLayer;
 
 typedef struct {
@@ -326,22 +338,183 @@ static float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* One query head over slots 0..n of its kv head: softmax(q.k * scaling) weighted sum of values into out. */
-static void attend(const float *q, const float *keys, const float *values, int64_t n, int64_t dim, float scaling,
-                   float *scores, float *out) {
-    float top = -INFINITY;
-    for (int64_t t = 0; t <= n; t++) {
-        scores[t] = dot(q, keys + t * dim, dim) * scaling;
-        if (scores[t] > top) top = scores[t];
+static uint16_t float_to_half(float f) {  /* round to nearest, ties to even, as torch's .half() */
+#if defined(__F16C__)
+    return _cvtss_sh(f, 0);
+#else
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    const uint32_t sign = (bits >> 16) & 0x8000, magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00);  /* NaN */
+    if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00);  /* rounds past 65504: infinity */
+    if (magnitude < 0x38800000u) {  /* a subnormal half (or zero): in units of 2^-24, rounded to even */
+        if (magnitude < 0x33000000u) return (uint16_t)sign;
+        const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u, shift = 126 - (magnitude >> 23);
+        uint32_t half = mantissa >> shift;
+        const uint32_t rest = mantissa & ((1u << shift) - 1), midway = 1u << (shift - 1);
+        if (rest > midway || (rest == midway && (half & 1))) half++;
+        return (uint16_t)(sign | half);
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t <= n; t++) { scores[t] = expf(scores[t] - top); total += scores[t]; }
+    uint32_t half = ((magnitude >> 13) - (112u << 10));
+    const uint32_t rest = magnitude & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (half & 1))) half++;
+    return (uint16_t)(sign | half);
+#endif
+}
+
+static uint16_t float_to_bfloat16(float f) {  /* round to nearest, ties to even, as torch's .bfloat16() */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    bits += 0x7fffu + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+static float bfloat16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Write row x [dim] at slot t of kv head g, encoded as kvchat.cache.kv_forms.KVForm.encode encodes it. */
+static void put_row(const Side *side, int64_t g, int64_t t, const float *x, int64_t dim) {
+    const int64_t row = g * side->capacity + t, block = side->block, blocks = dim / block;
+    if (side->form == FORM_FLOAT32) {
+        memcpy((float *)side->data + row * dim, x, sizeof(float) * (size_t)dim);
+    } else if (side->form == FORM_FLOAT16 || side->form == FORM_BFLOAT16) {
+        uint16_t *out = (uint16_t *)side->data + row * dim;
+        for (int64_t i = 0; i < dim; i++)
+            out[i] = side->form == FORM_FLOAT16 ? float_to_half(x[i]) : float_to_bfloat16(x[i]);
+    } else if (side->form == FORM_Q8) {
+        int8_t *q = (int8_t *)side->data + row * dim;
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + b * block;
+            float top = 0.0f;
+            for (int64_t j = 0; j < block; j++) top = fmaxf(top, fabsf(xb[j]));
+            const float scale = top / 127.0f, divisor = fmaxf(scale, 1e-30f);
+            for (int64_t j = 0; j < block; j++) q[b * block + j] = (int8_t)nearbyintf(xb[j] / divisor);
+            side->scale[row * blocks + b] = float_to_half(scale);
+        }
+    } else {
+        uint8_t *q = (uint8_t *)side->data + row * ((dim + 1) / 2);
+        memset(q, 0, (size_t)((dim + 1) / 2));
+        for (int64_t b = 0; b < blocks; b++) {
+            const float *xb = x + b * block;
+            float low = xb[0], high = xb[0];
+            for (int64_t j = 1; j < block; j++) { low = fminf(low, xb[j]); high = fmaxf(high, xb[j]); }
+            const float scale = (high - low) / 15.0f, divisor = fmaxf(scale, 1e-30f);
+            for (int64_t j = 0; j < block; j++) {
+                float level = nearbyintf((xb[j] - low) / divisor);
+                level = level < 0.0f ? 0.0f : level > 15.0f ? 15.0f : level;
+                const int64_t i = b * block + j;
+                q[i / 2] |= (uint8_t)((uint8_t)level << (4 * (i & 1)));
+            }
+            side->scale[row * blocks + b] = float_to_half(scale);
+            side->offset[row * blocks + b] = float_to_half(low);
+        }
+    }
+}
+
+/* Values [lo, hi) of row t of kv head g as float32, as KVForm.decode gives them (lo and hi on block bounds): a
+ * pointer into the cache (float32), or `tmp` [hi - lo]. */
+static const float *get_row(const Side *side, int64_t g, int64_t t, int64_t dim, int64_t lo, int64_t hi,
+                            float *tmp) {
+    const int64_t row = g * side->capacity + t, block = side->block, blocks = dim / block;
+    if (side->form == FORM_FLOAT32) return (const float *)side->data + row * dim + lo;
+    if (side->form == FORM_FLOAT16 || side->form == FORM_BFLOAT16) {
+        const uint16_t *in = (const uint16_t *)side->data + row * dim;
+        for (int64_t i = lo; i < hi; i++)
+            tmp[i - lo] = side->form == FORM_FLOAT16 ? half_to_float(in[i]) : bfloat16_to_float(in[i]);
+    } else if (side->form == FORM_Q8) {
+        const int8_t *q = (const int8_t *)side->data + row * dim;
+        for (int64_t b = lo / block; b < hi / block; b++) {
+            const float scale = half_to_float(side->scale[row * blocks + b]);
+            float *out = tmp + b * block - lo;
+            for (int64_t j = 0; j < block; j++) out[j] = (float)q[b * block + j] * scale;
+        }
+    } else {
+        const uint8_t *q = (const uint8_t *)side->data + row * ((dim + 1) / 2);
+        for (int64_t b = lo / block; b < hi / block; b++) {  /* (a block's length is even: 32, or 16, 8, 4, 2) */
+            const float scale = half_to_float(side->scale[row * blocks + b]);
+            const float offset = half_to_float(side->offset[row * blocks + b]);
+            const uint8_t *qb = q + b * block / 2;
+            float *out = tmp + b * block - lo;
+            for (int64_t j = 0; j < block / 2; j++) {
+                float low = (float)(qb[j] & 15) * scale, high = (float)(qb[j] >> 4) * scale;
+                out[2 * j] = low + offset;
+                out[2 * j + 1] = high + offset;
+            }
+        }
+    }
+    return tmp;
+}
+
+/* One query head over slots 0..n of float32 keys and values [slots, dim] (the cache as computed): the same sums,
+ * in the same order, as `attend` gives that head; with nothing to decode, heads split over the threads best. */
+static void attend_head(const float *q, const float *keys, const float *values, int64_t n, int64_t dim,
+                        float scaling, float *s, float *out) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t <= n; t++) {
+        s[t] = dot(q, keys + t * dim, dim) * scaling;
+        if (s[t] > top) top = s[t];
+    }
+    for (int64_t t = 0; t <= n; t++) { s[t] = expf(s[t] - top); total += s[t]; }
     const float inverse = 1.0f / total;
+    for (int64_t t = 0; t <= n; t++) s[t] *= inverse;
     for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
     for (int64_t t = 0; t <= n; t++) {
-        const float p = scores[t] * inverse;
-        const float *v = values + t * dim;
+        const float p = s[t], *v = values + t * dim;
         for (int64_t i = 0; i < dim; i++) { float term = p * v[i]; out[i] += term; }
+    }
+}
+
+#define MAX_HEAD_DIM 512  /* (kvchat/weights/direct.py refuses wider heads) */
+
+/* Every query head over slots 0..n of its kv head (head h reads kv head h / groups): softmax(q.k * scaling)
+ * weighted sum of values, q and out [heads, dim], scores [heads, n + 1]. Three passes, each split evenly over
+ * the threads (kv heads are few: 3 on 2 threads would leave one idle a third of the time): the scores by
+ * ranges of slots (each key row read and decoded once for its heads), the softmax by head, the weighted sums by
+ * kv head and half of the values (each value row decoded once a half). Each head's sums run in slot order. */
+static void attend(const float *q, const Side *keys, const Side *values, int64_t heads, int64_t kv_heads, int64_t n,
+                   int64_t dim, float scaling, float *scores, float *out, int threads) {
+    const int64_t length = n + 1, groups = heads / kv_heads, ranges = 4 * (int64_t)threads;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < ranges; c++) {
+        float tmp[MAX_HEAD_DIM];
+        for (int64_t g = 0; g < kv_heads; g++)
+            for (int64_t t = c * length / ranges; t < (c + 1) * length / ranges; t++) {
+                const float *k = get_row(keys, g, t, dim, 0, dim, tmp);
+                for (int64_t r = 0; r < groups; r++) {
+                    const int64_t head = g * groups + r;
+                    scores[head * length + t] = dot(q + head * dim, k, dim) * scaling;
+                }
+            }
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t head = 0; head < heads; head++) {
+        float *s = scores + head * length, top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t <= n; t++) if (s[t] > top) top = s[t];
+        for (int64_t t = 0; t <= n; t++) { s[t] = expf(s[t] - top); total += s[t]; }
+        const float inverse = 1.0f / total;
+        for (int64_t t = 0; t <= n; t++) s[t] *= inverse;
+    }
+    const int64_t halves = (dim / 2) % values->block == 0 ? 2 : 1, width = dim / halves;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < kv_heads * halves; task++) {
+        float tmp[MAX_HEAD_DIM];
+        const int64_t g = task / halves, lo = (task % halves) * width;
+        for (int64_t r = 0; r < groups; r++)
+            for (int64_t i = 0; i < width; i++) out[(g * groups + r) * dim + lo + i] = 0.0f;
+        for (int64_t t = 0; t <= n; t++) {
+            const float *v = get_row(values, g, t, dim, lo, lo + width, tmp);
+            for (int64_t r = 0; r < groups; r++) {
+                const int64_t head = g * groups + r;
+                const float p = scores[head * length + t];
+                float *o = out + head * dim + lo;
+                for (int64_t i = 0; i < width; i++) { float term = p * v[i]; o[i] += term; }
+            }
+        }
     }
 }
 
@@ -350,7 +523,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
 int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const float *sin_, float *logits,
                int threads) {
     const int64_t hidden = m->hidden, dim = m->head_dim, heads = m->heads, kv_heads = m->kv_heads;
-    const int64_t groups = heads / kv_heads, inter = m->intermediate;
+    const int64_t inter = m->intermediate;
     int64_t widest = hidden > inter ? hidden : inter;
     if (heads * dim > widest) widest = heads * dim;
     float *h = malloc(sizeof(float) * (size_t)(hidden + (heads + 2 * kv_heads) * dim + heads * dim + 2 * inter
@@ -367,14 +540,20 @@ int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const
         product(&L->v, h, xsum, v, threads);
         for (int64_t g = 0; g < heads + kv_heads; g++) rope(qkv + g * dim, cos_, sin_, dim);
         for (int64_t g = 0; g < kv_heads; g++) {
-            memcpy(L->keys + g * L->head_stride + n * dim, k + g * dim, sizeof(float) * (size_t)dim);
-            memcpy(L->values + g * L->head_stride + n * dim, v + g * dim, sizeof(float) * (size_t)dim);
+            put_row(&L->keys, g, n, k + g * dim, dim);
+            put_row(&L->values, g, n, v + g * dim, dim);
         }
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t head = 0; head < heads; head++) {
-            const int64_t g = head / groups;
-            attend(q + head * dim, L->keys + g * L->head_stride, L->values + g * L->head_stride, n, dim, m->scaling,
-                   scores + head * (n + 1), att + head * dim);
+        if (L->keys.form == FORM_FLOAT32 && L->values.form == FORM_FLOAT32) {
+            const int64_t groups = heads / kv_heads;
+            #pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t head = 0; head < heads; head++) {
+                const int64_t g = head / groups;
+                attend_head(q + head * dim, (const float *)L->keys.data + g * L->keys.capacity * dim,
+                            (const float *)L->values.data + g * L->values.capacity * dim, n, dim, m->scaling,
+                            scores + head * (n + 1), att + head * dim);
+            }
+        } else {
+            attend(q, &L->keys, &L->values, heads, kv_heads, n, dim, m->scaling, scores, att, threads);
         }
         product(&L->o, att, xsum, h, threads);
         for (int64_t i = 0; i < hidden; i++) x[i] += h[i];
