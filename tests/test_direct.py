@@ -123,6 +123,9 @@ def test_models_the_step_does_not_cover_decode_through_transformers(model, tiny)
                                                                         "rope_theta": 10000.0}).model)
     assert "biases" in direct.refusal(packed(attention_bias=True).model)
     assert Engine(model, direct=False).direct is None
+    uneven = packed()
+    uneven.model.model.layers[1].post_attention_layernorm.variance_epsilon = 1e-3  # one norm unlike the others
+    assert "RMS-norm epsilon" in direct.refusal(uneven.model) and Engine(uneven).direct is None
 
 
 def test_the_step_reads_the_models_own_packings_and_takes_one_in_either_form(model):

@@ -447,8 +447,9 @@ def info_command(argv: list[str]) -> int:
         print(line)
     if loaded.weight_note:
         print(loaded.weight_note)
-    refused = compiled.refusal(loaded.model) if compiled.wanted(settings.compile, loaded.device) else None
     not_direct = direct.refusal(loaded.model)
+    refused = compiled.refusal(loaded.model) if not_direct is not None and compiled.wanted(settings.compile,
+                                                                                           loaded.device) else None
     if not_direct is None:
         print("decode step: direct (one call a token into kvchat's kernel library)")
     elif not compiled.wanted(settings.compile, loaded.device):

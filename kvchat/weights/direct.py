@@ -56,6 +56,10 @@ def _of(module: Any, name: str) -> bool:
     return type(module).__name__ == name and type(module).__module__ == MODULE
 
 
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def refusal(model: Any) -> str | None:
     """Why the direct step cannot run `model` (a reason for people), or None when it can."""
     if quant.KERNEL.step is None and not (quant.KERNEL.build() and quant.KERNEL.step is not None):
@@ -80,7 +84,7 @@ def refusal(model: Any) -> str | None:
         if any(type(m) is not quant.PackedLinear or m.bias is not None for m in linears):
             return "a layer's matrices are not all packed"
     heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    head_dim = _head_dim(config)
     if head_dim % 2 or head_dim > 512 or heads % kv_heads:
         return "an odd head size, one over 512, or query heads not a multiple of key/value heads"
     inter = inner.layers[0].mlp.gate_proj.out_features
@@ -93,9 +97,17 @@ def refusal(model: Any) -> str | None:
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if found != shapes or any(tuple(norm.shape) != (hidden,) for norm in norms):
             return "a layer's shapes are not those its config gives every layer"
+    if len({layer.self_attn.scaling for layer in inner.layers}) != 1 or len(_epsilons(inner)) != 1:
+        return "its layers differ in attention scaling or RMS-norm epsilon"
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         return "float32 on the CPU only"
     return None
+
+
+def _epsilons(inner: Any) -> set[float]:
+    """The RMS-norm epsilons of every norm of the decoder (`inner`: the model's `model`)."""
+    norms = [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return {norm.variance_epsilon for norm in [*norms, inner.norm]}
 
 
 class DirectStep:
@@ -107,7 +119,7 @@ class DirectStep:
         assert reason is None, f"a direct step for a model it cannot run: {reason}"
         config, inner = model.config, model.model
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.head_dim = _head_dim(config)
         self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
         self._keep: list[Any] = []  # every tensor the C structures point into (the model's own)
         layers = (_Layer * len(inner.layers))()
@@ -119,14 +131,10 @@ class DirectStep:
                                   ("o", attention.o_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj),
                                   ("down", mlp.down_proj)):
                 setattr(layers[index], field, self._mat(linear))
-            assert abs(attention.scaling - inner.layers[0].self_attn.scaling) < 1e-12, "one scaling for every layer"
-        norms = {layer.input_layernorm.variance_epsilon for layer in inner.layers} | \
-            {layer.post_attention_layernorm.variance_epsilon for layer in inner.layers} | {inner.norm.variance_epsilon}
-        assert len(norms) == 1, "one RMS-norm epsilon for every norm"
         self._layers = layers
         self._model = _Model(layers=len(inner.layers), hidden=config.hidden_size, heads=self.heads,
                              kv_heads=self.kv_heads, head_dim=self.head_dim,
-                             intermediate=inner.layers[0].mlp.gate_proj.out_features, eps=norms.pop(),
+                             intermediate=inner.layers[0].mlp.gate_proj.out_features, eps=_epsilons(inner).pop(),
                              scaling=inner.layers[0].self_attn.scaling,
                              layer=ctypes.cast(layers, ctypes.POINTER(_Layer)),
                              final_norm=self._pointer(inner.norm.weight), head=self._mat(model.lm_head))
@@ -139,9 +147,7 @@ class DirectStep:
         return tensor.data_ptr()
 
     def _mat(self, linear: Any) -> _Mat:
-        return self._packing(linear.q, linear.scale, linear.offset)
-
-    def _packing(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> _Mat:
+        q, scale, offset = linear.q, linear.scale, linear.offset
         assert q.is_contiguous() and scale.is_contiguous() and offset.is_contiguous(), "a packing not contiguous"
         self._keep += [q, scale, offset]
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=offset.data_ptr(), rows=q.shape[0],

@@ -450,18 +450,21 @@ static const float *get_row(const Side *side, int64_t g, int64_t t, int64_t dim,
     return tmp;
 }
 
+/* s[0..n] = softmax(s[0..n]), in place. */
+static void softmax(float *s, int64_t n) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t t = 0; t <= n; t++) if (s[t] > top) top = s[t];
+    for (int64_t t = 0; t <= n; t++) { s[t] = expf(s[t] - top); total += s[t]; }
+    const float inverse = 1.0f / total;
+    for (int64_t t = 0; t <= n; t++) s[t] *= inverse;
+}
+
 /* One query head over slots 0..n of float32 keys and values [slots, dim] (the cache as computed): the same sums,
  * in the same order, as `attend` gives that head; with nothing to decode, heads split over the threads best. */
 static void attend_head(const float *q, const float *keys, const float *values, int64_t n, int64_t dim,
                         float scaling, float *s, float *out) {
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t t = 0; t <= n; t++) {
-        s[t] = dot(q, keys + t * dim, dim) * scaling;
-        if (s[t] > top) top = s[t];
-    }
-    for (int64_t t = 0; t <= n; t++) { s[t] = expf(s[t] - top); total += s[t]; }
-    const float inverse = 1.0f / total;
-    for (int64_t t = 0; t <= n; t++) s[t] *= inverse;
+    for (int64_t t = 0; t <= n; t++) s[t] = dot(q, keys + t * dim, dim) * scaling;
+    softmax(s, n);
     for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
     for (int64_t t = 0; t <= n; t++) {
         const float p = s[t], *v = values + t * dim;
@@ -492,13 +495,7 @@ static void attend(const float *q, const Side *keys, const Side *values, int64_t
             }
     }
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t head = 0; head < heads; head++) {
-        float *s = scores + head * length, top = -INFINITY, total = 0.0f;
-        for (int64_t t = 0; t <= n; t++) if (s[t] > top) top = s[t];
-        for (int64_t t = 0; t <= n; t++) { s[t] = expf(s[t] - top); total += s[t]; }
-        const float inverse = 1.0f / total;
-        for (int64_t t = 0; t <= n; t++) s[t] *= inverse;
-    }
+    for (int64_t head = 0; head < heads; head++) softmax(scores + head * length, n);
     const int64_t halves = (dim / 2) % values->block == 0 ? 2 : 1, width = dim / halves;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < kv_heads * halves; task++) {
