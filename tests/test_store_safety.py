@@ -186,20 +186,17 @@ def test_prune_in_a_shared_folder_removes_only_kvchats_own_leftovers(monkeypatch
     assert sorted(p.name for p in sessions.iterdir() if p.name != ".kv") == sorted(theirs)
 
 
-HOME_LEVELS = ["home", "home/packed", "home/kernels", "home/sessions"]
+HOME_LEVELS = ["home", "home/packed", "home/sessions"]
 
 
 def home_chat(monkeypatch, capsys, model_dir, message):
     """A chat that writes in every folder of $KVCHAT_HOME it can: the store (no config: sessions in the home),
-    the kernel, the packed weights, the digests."""
-    from kvchat.weights import quant
-
-    monkeypatch.setattr(quant, "KERNEL", quant.Kernel())  # built (or found) in this home
+    the packed weights, the digests."""
     return run(monkeypatch, capsys, chat_args(model_dir, "--weights", "int8", "--session", "s", "-p", message))
 
 
 def test_every_file_and_folder_kvchat_home_gets_is_private(monkeypatch, capsys, tiny_model_dir, tmp_path):
-    """Under umask 022: $KVCHAT_HOME and all it holds after a chat (sessions, kernel, packed weights, digests)
+    """Under umask 022: $KVCHAT_HOME and all it holds after a chat (sessions, packed weights, digests)
     are 0700 folders and 0600 files."""
     old_umask = os.umask(0o022)
     try:
@@ -209,7 +206,7 @@ def test_every_file_and_folder_kvchat_home_gets_is_private(monkeypatch, capsys, 
         os.umask(old_umask)
     home = tmp_path / "home"
     found = modes(home)
-    assert {"kernels", "packed", "sessions", "sessions/s.json"} <= set(found), sorted(found)
+    assert {"packed", "sessions", "sessions/s.json"} <= set(found), sorted(found)
     loose = {name: oct(mode) for name, mode in found.items()
              if mode != (0o700 if (home / name).is_dir() else 0o600)}
     assert loose == {}, loose

@@ -426,7 +426,7 @@ def info_command(argv: list[str]) -> int:
                                             "window_cache", "kv_dtype", "kv_dtype_k", "kv_dtype_v"))
     from kvchat.cache import compiled, layers
     from kvchat.cache.chat_cache import MAX_CHECKPOINTS
-    from kvchat.weights import direct
+    from kvchat.weights import direct, quant
     from kvchat.weights.model import weights_label
 
     loaded = load(settings)
@@ -450,6 +450,8 @@ def info_command(argv: list[str]) -> int:
     not_direct = direct.refusal(loaded.model)
     refused = compiled.refusal(loaded.model) if not_direct is not None and compiled.wanted(settings.compile,
                                                                                            loaded.device) else None
+    if loaded.device.type == "cpu":
+        print(quant.KERNEL.describe())
     if not_direct is None:
         print("decode step: direct (one call a token into kvchat's kernel library)")
     elif not compiled.wanted(settings.compile, loaded.device):

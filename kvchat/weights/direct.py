@@ -63,7 +63,7 @@ def _head_dim(config: Any) -> int:
 def refusal(model: Any) -> str | None:
     """Why the direct step cannot run `model` (a reason for people), or None when it can."""
     if quant.KERNEL.step is None and not (quant.KERNEL.build() and quant.KERNEL.step is not None):
-        return f"the kernel could not be built ({quant.KERNEL.failure})"
+        return f"no kernel ({quant.KERNEL.failure})"
     if not _of(model, "LlamaForCausalLM"):
         return f"only Llama-family models ({type(model).__name__} is not one)"
     config, inner = model.config, model.model

@@ -443,7 +443,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         return
     if not quant.KERNEL.build():
         if weights == "int8":
-            raise KvchatError(f"int8 weights need their kernel, which could not be built: {quant.KERNEL.failure}")
+            raise KvchatError(f"int8 weights need their kernel, which cannot be used: {quant.KERNEL.failure}")
         loaded.weight_note = f"full float32 weights: {quant.KERNEL.failure}"
         if loaded.name == DEFAULT_MODEL_NAME or any(path.suffix == ".gguf" for path in loaded.weights or []):
             loaded.weight_warning = ("decoding on float32 weights, about 2.5x slower than on int8 ones: "

@@ -13,21 +13,19 @@ blocks (Q4_0, Q4_1, Q8_0): `pack` finds each block's scale and offset and checks
 bit for bit, so the model computes with exactly the weights of its float32 form. Blocks that do not come back
 exactly are quantized (symmetric int8, the scale in float32); `Packing.exact` says whether any were.
 
-A token's products run through a small C kernel (kernels/packed_matvec.c, built once with the machine's C
-compiler) that reads the packed weights and computes in float32; a prompt's chunks dequantize the weight and
-use the float32 matrix product.
+A token's products run through a small C kernel (kernels/packed_matvec.c, built when kvchat is installed,
+with a portable path and, on x86-64, an AVX2 path that compute the same bits) that reads the packed weights and
+computes in float32; a prompt's chunks dequantize the weight and use the float32 matrix product.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
 import json
 import os
-import platform
-import shutil
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvchat.config import home_dir, private_dir, read_regular, write_private
+from kvchat.config import read_regular
 from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
@@ -139,55 +137,107 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> to
     return KERNEL.weight(q, scale, offset) if KERNEL.expand is not None else unpack(q, scale, offset)
 
 
-# No contraction of a * b + c into one fused rounding: the unpacked weights must be the very numbers of float32.
-BUILD_FLAGS = ("-O3", "-ffp-contract=off", "-shared", "-fPIC")
+KERNEL_SOURCES = ("packed_matvec.c", "module.c")  # what setup.py builds the library from, in its digest's order
+PATHS = ("avx2", "scalar")  # the kernel's code paths, the one to prefer first; every one computes the same bits
 
 
 class Kernel:
-    """The one-token product (kernels/packed_matvec.c), built once per machine with its C compiler and kept in
-    $KVCHAT_HOME/kernels; `build` says why not when it cannot be (no compiler, a failed build)."""
+    """The kernel library (kernels/packed_matvec.c), built when kvchat was installed (setup.py) and kept beside
+    this module: the one-token product, unpacking, and the direct decode step, in the code path this CPU runs.
+    `build` loads it, or says why it cannot be used (installed without a C compiler, built from other sources,
+    a path this library or CPU lacks). Nothing is compiled, or loaded from anywhere else, at run time."""
 
-    SOURCE = Path(__file__).with_name("kernels") / "packed_matvec.c"
+    SOURCES = Path(__file__).with_name("kernels")
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path | None = None, path: str | None = None) -> None:
+        self.directory = directory if directory is not None else Path(__file__).parent
+        self.wanted = path  # a code path to use (tests); None: the best this CPU runs
+        self.path: str | None = None  # the path in use, once built
         self.function: Any = None  # packed_matvec
         self.expand: Any = None  # packed_unpack
         self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form
         self.expand4: Any = None  # packed4_unpack
         self.step: Any = None  # llama_step (see kvchat.weights.direct)
         self.failure: str | None = None
+        self._library: Any = None
 
     def build(self) -> bool:
-        """Build (or find) and load the kernel, and check both forms on a small weight; False with `failure` set
-        when that cannot be done."""
+        """Load the kernel in its path and check it on small weights; False with `failure` set when it cannot be
+        used. (The name stays from when it was compiled here: nothing is built now.)"""
         if self.function is not None or self.failure is not None:
             return self.function is not None
+        try:
+            self._library = library = self._load()
+            available = library.kvchat_kernel_paths().decode().split()
+            runs = {"scalar"} | ({"avx2"} if library.kvchat_kernel_avx2() else set())
+            if self.wanted is not None:
+                if self.wanted not in available or self.wanted not in runs:
+                    raise KvchatError(f"the kernel's {self.wanted} path is not "
+                                      + ("in this build" if self.wanted not in available else "run by this CPU"))
+                self.path = self.wanted
+            else:
+                self.path = next(path for path in PATHS if path in available and path in runs)
+            self._bind(self.path)
+            self._check()
+        except (OSError, AttributeError, KvchatError) as exc:
+            self.function = self.expand = self.function4 = self.expand4 = self.step = None
+            self.path = None
+            self.failure = one_line(exc, 200)
+        return self.function is not None
+
+    def describe(self) -> str:
+        """One line for `kvchat info`: the path in use and those built, or why there is no kernel."""
+        if not self.build():
+            return f"kernel: none, weights stay float32 ({self.failure})"
+        built = self._library.kvchat_kernel_paths().decode()
+        return f"kernel: the {self.path} path (built at install with: {built}; every path computes the same bits)"
+
+    def _load(self) -> Any:
+        """The built library beside this module, checked to come from this kvchat's kernel sources."""
+        candidates = [self.directory / f"_kernel{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+        found = [path for path in candidates if os.path.lexists(path)]
+        if not found:
+            raise KvchatError("kvchat was installed without its C kernel (no working C compiler at install); "
+                              "reinstall it where gcc or clang runs")
+        library_path = found[0]
+        if not stat.S_ISREG(os.lstat(library_path).st_mode):
+            raise KvchatError(f"the kernel library {library_path.name} is not a regular file")
+        library = ctypes.CDLL(str(library_path))
+        for name in ("kvchat_kernel_paths", "kvchat_kernel_source"):
+            getattr(library, name).restype = ctypes.c_char_p
+            getattr(library, name).argtypes = []
+        library.kvchat_kernel_avx2.restype, library.kvchat_kernel_avx2.argtypes = ctypes.c_int, []
+        digest = hashlib.sha256()
+        for name in KERNEL_SOURCES:
+            source = read_regular(self.SOURCES / name)
+            if source is None:
+                raise KvchatError(f"kvchat's kernel source {name} is missing; reinstall kvchat")
+            digest.update(source)
+        if library.kvchat_kernel_source().decode() != digest.hexdigest():
+            raise KvchatError("the kernel library was built from other sources than this kvchat's; "
+                              "reinstall kvchat (pip install -e . in a checkout)")
+        return library
+
+    def _bind(self, path: str) -> None:
         product = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int]
-        try:
-            library = ctypes.CDLL(str(self._library()))
-            functions = []
-            for name, argtypes in (("packed_matvec", product), ("packed_unpack", expansion),
-                                   ("packed4_matvec", product), ("packed4_unpack", expansion)):
-                function = getattr(library, name)
-                function.argtypes, function.restype = argtypes, None
-                functions.append(function)
-            self.function, self.expand, self.function4, self.expand4 = functions
-            self.step = library.llama_step
-            self.step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                  ctypes.c_void_p, ctypes.c_int]
-            self.step.restype = ctypes.c_int
-            self._check()
-        except (OSError, AttributeError, KvchatError, subprocess.SubprocessError) as exc:
-            self.function = self.expand = self.function4 = self.expand4 = self.step = None
-            self.failure = one_line(exc, 200)
-        return self.function is not None
+        functions = []
+        for name, argtypes in (("packed_matvec", product), ("packed_unpack", expansion),
+                               ("packed4_matvec", product), ("packed4_unpack", expansion)):
+            function = getattr(self._library, f"{name}_{path}")
+            function.argtypes, function.restype = argtypes, None
+            functions.append(function)
+        self.function, self.expand, self.function4, self.expand4 = functions
+        self.step = getattr(self._library, f"llama_step_{path}")
+        self.step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_void_p, ctypes.c_int]
+        self.step.restype = ctypes.c_int
 
     def _check(self) -> None:
-        """Raise KvchatError unless the built functions compute what `unpack` says, in both forms and to the same
-        bits in both (a weight of Q4_1-like blocks: values 0..15, float16 scales and offsets)."""
+        """Raise KvchatError unless the path computes what `unpack` says, in both forms and to the same bits in
+        both (a weight of Q4_1-like blocks: values 0..15, float16 scales and offsets)."""
         generator = torch.Generator().manual_seed(0)
         q = torch.randint(0, 16, (40, 3 * BLOCK), dtype=torch.int8, generator=generator)
         scale = (torch.rand(40, 3, generator=generator) * 0.01).half().float()
@@ -197,41 +247,12 @@ class Kernel:
         x = torch.randn(2, 3 * BLOCK, generator=generator)
         product = self(x, q, scale, offset)
         if not torch.allclose(product, x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
-            raise KvchatError("the built kernel computes wrong products")
+            raise KvchatError(f"the kernel's {self.path} path computes wrong products")
         if not torch.equal(self(x, *nibbles), product):
-            raise KvchatError("the built kernel computes 4-bit products unlike int8 ones")
+            raise KvchatError(f"the kernel's {self.path} path computes 4-bit products unlike int8 ones")
         if not (torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset))
                 and torch.equal(self.weight(*nibbles), unpack(q, scale, offset))):
-            raise KvchatError("the built kernel unpacks wrong weights")
-
-    def _library(self) -> Path:
-        source = self.SOURCE.read_bytes()
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if not compiler:
-            raise KvchatError("no C compiler (cc, gcc or clang) to build kvchat's int8 kernel")
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(source + version.encode() + _cpu().encode() + platform.machine().encode()
-                             + " ".join(BUILD_FLAGS).encode()).hexdigest()
-        directory = home_dir("kernels")
-        library = directory / f"packed_matvec-{key[:16]}.so"
-        digest = library.with_name(f"{library.name}.sha256")  # what was built: a damaged library is never loaded
-        have, recorded = _sha256(library), read_regular(digest)
-        if have is not None and recorded is not None and recorded.decode(errors="replace").strip() == have:
-            return library
-        private_dir(directory)
-        staging = directory / f".build-{os.getpid()}-{library.name}"
-        errors = ""
-        for flags in (["-march=native", "-fopenmp"], ["-march=native"], []):  # OpenMP and -march where they exist
-            command = [compiler, *BUILD_FLAGS, *flags, str(self.SOURCE), "-o", str(staging), "-lm"]
-            built = subprocess.run(command, capture_output=True, text=True, timeout=300)
-            if built.returncode == 0:
-                staging.chmod(0o600)  # (dlopen maps it without the execute bit)
-                write_private(digest, str(_sha256(staging)).encode())
-                os.replace(staging, library)
-                return library
-            errors = built.stderr
-        staging.unlink(missing_ok=True)
-        raise KvchatError(f"{Path(compiler).name} could not build kvchat's int8 kernel: {one_line(errors, 160)}")
+            raise KvchatError(f"the kernel's {self.path} path unpacks wrong weights")
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """x [vectors, in] float32 times the packed weight (either form): [vectors, out]."""
@@ -254,21 +275,6 @@ class Kernel:
         expand = self.expand4 if is_nibbles(q) else self.expand
         expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(), torch.get_num_threads())
         return weight
-
-
-def _sha256(path: Path) -> str | None:
-    """SHA-256 of a regular file (see `read_regular`); None when there is none."""
-    data = read_regular(path)
-    return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def _cpu() -> str:
-    """What identifies this CPU's instruction set (a kernel built with -march=native runs only there)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return "".join(sorted({line for line in info if line.startswith(("flags", "model name"))}))
-    except OSError:
-        return platform.processor()
 
 
 KERNEL = Kernel()

@@ -1,16 +1,42 @@
-/* kvchat's one-token product with block-packed weights, in float32 (see kvchat/weights/quant.py).
+/* kvchat's one-token product with block-packed weights, in float32 (see kvchat/weights/quant.py), and the direct
+ * decode step (kvchat/weights/direct.py).
  *
  * The weight [rows, cols] is w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32], so
  *   y[v, r] = sum_b scale[r, b] * (sum_j x[v, 32b + j] * q[r, 32b + j]) + offset[r, b] * (sum_j x[v, 32b + j]).
  * Two forms: int8 q with float32 scales and offsets (packed_*), and 4-bit q (0..15, two to a byte: byte j of a
  * block holds q[32b + j] in its low half and q[32b + 16 + j] in its high half) with float16 scales and offsets
  * (packed4_*). Both compute in the same order of operations, so the same weights give the same float32 bits.
- * Built at run time by kvchat with the machine's compiler (-O3 -march=native, OpenMP when it has it). */
+ *
+ * Built when kvchat is installed (setup.py), once per code path, into one library: this file is compiled with
+ * -DKVCHAT_PATH=scalar (portable C) and, on x86-64, again with -DKVCHAT_PATH=avx2 -mavx2 -mfma -mf16c; each
+ * exported function carries its path's name (packed_matvec_avx2) and kvchat picks the path the CPU runs
+ * (module.c says which). Every path computes the same bits, in one defined order (no contraction of a * b + c
+ * but where written as a fused multiply-add, -ffp-contract=off):
+ * - a row of a product: block b's dot product in 8 lanes, lane l = fma(x[24 + l], w[24 + l], fma(x[16 + l],
+ *   w[16 + l], fma(x[8 + l], w[8 + l], x[l] * w[l]))); blocks alternate between two accumulators of 8 lanes
+ *   (even blocks, odd blocks; an odd last block goes to the even one), acc[l] = fma(dot[l], scale[b], acc[l]);
+ *   the row is lanes(even + odd) + shift, where lanes(e) = ((e0 + e4) + (e2 + e6)) + ((e1 + e5) + (e3 + e7))
+ *   and shift = sum_b offset[b] * (sum_j x[32b + j]) in 8 lanes of plain products and sums, added up in order;
+ * - a dot product in attention: 8 lanes of plain products and sums, then lanes(.) (in order where the length
+ *   is no multiple of 8);
+ * - everything else in plain C, the same statements on every path. */
+#if !defined(KVCHAT_PATH)
+#error "compile with -DKVCHAT_PATH=scalar (or avx2, with -mavx2 -mfma -mf16c): see setup.py"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+
+#define KVCHAT_JOIN2(name, path) name##_##path
+#define KVCHAT_JOIN(name, path) KVCHAT_JOIN2(name, path)
+#define packed_matvec KVCHAT_JOIN(packed_matvec, KVCHAT_PATH)
+#define packed4_matvec KVCHAT_JOIN(packed4_matvec, KVCHAT_PATH)
+#define packed_unpack KVCHAT_JOIN(packed_unpack, KVCHAT_PATH)
+#define packed4_unpack KVCHAT_JOIN(packed4_unpack, KVCHAT_PATH)
+#define llama_step KVCHAT_JOIN(llama_step, KVCHAT_PATH)
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define VECTORS 1
 /* Weights stream from memory once per token: asking for them 4 KiB ahead keeps more reads in flight than the
@@ -19,10 +45,18 @@
 #define PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 /* Scales and offsets are asked for twice as many blocks ahead; LINE is how many blocks of q share a cache line. */
 #define SCALES_AHEAD(LINE) (2 * AHEAD * (LINE) / 64)
+#else
+#define VECTORS 0
 #endif
 
+/* lanes(e): the defined sum of 8 lanes (see the top of this file), as the vector path's shuffles add them. */
+static inline float sum8(const float *e) {
+    const float h0 = e[0] + e[4], h1 = e[1] + e[5], h2 = e[2] + e[6], h3 = e[3] + e[7];
+    return (h0 + h2) + (h1 + h3);
+}
+
 static float half_to_float(uint16_t h) {  /* exact: every float16 is a float32 */
-#if defined(__F16C__)
+#if VECTORS  /* (F16C comes with the AVX2 path; the conversion is exact either way) */
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 31, mantissa = h & 1023, bits;
@@ -53,19 +87,6 @@ static void block_sums(const float *x, int64_t vectors, int64_t cols, float *xsu
 
 /* sum_b offset[b] * xsum[b], with offsets given as float32 (offset) or float16 (offset16), in vector lanes, the
  * same sum for both. */
-#if defined(__AVX512F__)
-static float shift_of(const float *offset, const uint16_t *offset16, const float *xs, int64_t blocks) {
-    __m512 lanes = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 16 <= blocks; b += 16) {
-        __m512 o = offset ? _mm512_loadu_ps(offset + b) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(offset16 + b)));
-        lanes = _mm512_fmadd_ps(o, _mm512_loadu_ps(xs + b), lanes);
-    }
-    float shift = _mm512_reduce_add_ps(lanes);
-    for (; b < blocks; b++) shift += (offset ? offset[b] : half_to_float(offset16[b])) * xs[b];
-    return shift;
-}
-#else
 static float shift_of(const float *offset, const uint16_t *offset16, const float *xs, int64_t blocks) {
     float lanes[8] = {0};
     int64_t b = 0;
@@ -77,36 +98,15 @@ static float shift_of(const float *offset, const uint16_t *offset16, const float
     for (; b < blocks; b++) shift += (offset ? offset[b] : half_to_float(offset16[b])) * xs[b];
     return shift;
 }
-#endif
 
 /* One row's sum_b scale[b] * dot_b, with the block dot products in two accumulators (even and odd blocks) so
  * that consecutive blocks do not wait for each other. WEIGHTS(b, ...) yields block b's 32 weights as floats,
  * BLOCK_INTO adds scale[b] * dot_b into a vector of lanes, and sum_lanes adds a vector's lanes up. */
-#if defined(__AVX512F__)
-typedef __m512 lanes_t;
-#define ZERO_LANES _mm512_setzero_ps
-#define ADD_LANES _mm512_add_ps
-static inline float sum_lanes(__m512 v) { return _mm512_reduce_add_ps(v); }
-#define BLOCK_INTO(acc, b, WEIGHTS, SCALE) do { \
-        __m512 w0, w1; \
-        WEIGHTS(b, w0, w1); \
-        __m512 dot = _mm512_fmadd_ps(_mm512_loadu_ps(xv + (b) * 32), w0, _mm512_mul_ps(_mm512_loadu_ps(xv + (b) * 32 + 16), w1)); \
-        acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(SCALE(b)), acc); \
-    } while (0)
-#define INT8_WEIGHTS(b, w0, w1) do { \
-        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 32)))); \
-        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 32 + 16)))); \
-    } while (0)
-#define NIBBLE_WEIGHTS(b, w0, w1) do { \
-        __m512i n = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + (b) * 16))); \
-        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(n, _mm512_set1_epi32(15))); \
-        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(n, 4)); \
-    } while (0)
-#elif VECTORS
+#if VECTORS
 typedef __m256 lanes_t;
 #define ZERO_LANES _mm256_setzero_ps
 #define ADD_LANES _mm256_add_ps
-static inline float sum_lanes(__m256 v) {
+static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6, e3+e7), then (h0+h2) + (h1+h3) */
     __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     half = _mm_add_ps(half, _mm_movehl_ps(half, half));
     half = _mm_add_ss(half, _mm_shuffle_ps(half, half, 1));
@@ -153,13 +153,15 @@ static inline float sum_lanes(__m256 v) {
         for (int64_t b = 0; b < blocks; b++) { \
             float w[32], dot[8]; \
             WEIGHTS(b, w); \
-            for (int l = 0; l < 8; l++) dot[l] = xv[b * 32 + l] * w[l]; \
-            for (int k = 1; k < 4; k++) for (int l = 0; l < 8; l++) dot[l] += xv[b * 32 + 8 * k + l] * w[8 * k + l]; \
-            for (int l = 0; l < 8; l++) acc[b & 1][l] += dot[l] * SCALE(b); \
+            const float *xb = xv + b * 32; \
+            for (int l = 0; l < 8; l++) dot[l] = xb[l] * w[l]; \
+            for (int k = 1; k < 4; k++) for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 * k + l], w[8 * k + l], dot[l]); \
+            const float s_ = SCALE(b); \
+            for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
         } \
-        float total = 0.0f; \
-        for (int l = 0; l < 8; l++) total += acc[0][l] + acc[1][l]; \
-        y[v * rows + r] = total + shift; \
+        float even_odd[8]; \
+        for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
+        y[v * rows + r] = sum8(even_odd) + shift; \
     } while (0)
 #define INT8_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = (float)qr[(b) * 32 + j]; } while (0)
 #define NIBBLE_WEIGHTS(b, w) do { \
@@ -207,14 +209,7 @@ void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uin
 /* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product.
  * Two roundings (a product, then a sum: no fused multiply-add), as quant.unpack computes it. UNPACK_BLOCK(wb, WEIGHTS,
  * b, s, o) writes block b's 32 weights at wb. */
-#if defined(__AVX512F__)
-#define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
-        __m512 w0, w1, scale_ = _mm512_set1_ps(s), offset_ = _mm512_set1_ps(o); \
-        WEIGHTS(b, w0, w1); \
-        _mm512_storeu_ps((wb), _mm512_add_ps(_mm512_mul_ps(w0, scale_), offset_)); \
-        _mm512_storeu_ps((wb) + 16, _mm512_add_ps(_mm512_mul_ps(w1, scale_), offset_)); \
-    } while (0)
-#elif VECTORS
+#if VECTORS
 #define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
         __m256 w[4], scale_ = _mm256_set1_ps(s), offset_ = _mm256_set1_ps(o); \
         WEIGHTS(b, w); \
@@ -320,28 +315,24 @@ static void rope(float *v, const float *cos_, const float *sin_, int64_t dim) {
 }
 
 static float dot(const float *a, const float *b, int64_t n) {
-#if VECTORS && !defined(__AVX512F__)
     if (n % 8 == 0) {
+#if VECTORS
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i += 8) acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
         return sum_lanes(acc);
-    }
-#elif defined(__AVX512F__)
-    if (n % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i)));
-        return _mm512_reduce_add_ps(acc);
-    }
+#else
+        float acc[8] = {0};
+        for (int64_t i = 0; i < n; i += 8)
+            for (int l = 0; l < 8; l++) { float p = a[i + l] * b[i + l]; acc[l] = acc[l] + p; }
+        return sum8(acc);
 #endif
+    }
     float s = 0.0f;
     for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
-static uint16_t float_to_half(float f) {  /* round to nearest, ties to even, as torch's .half() */
-#if defined(__F16C__)
-    return _cvtss_sh(f, 0);
-#else
+static uint16_t float_to_half(float f) {  /* round to nearest, ties to even, as torch's .half() (NaN: 0x7e00) */
     uint32_t bits;
     memcpy(&bits, &f, 4);
     const uint32_t sign = (bits >> 16) & 0x8000, magnitude = bits & 0x7fffffffu;
@@ -359,7 +350,6 @@ static uint16_t float_to_half(float f) {  /* round to nearest, ties to even, as 
     const uint32_t rest = magnitude & 0x1fffu;
     if (rest > 0x1000u || (rest == 0x1000u && (half & 1))) half++;
     return (uint16_t)(sign | half);
-#endif
 }
 
 static uint16_t float_to_bfloat16(float f) {  /* round to nearest, ties to even, as torch's .bfloat16() */
