@@ -14,7 +14,8 @@ from kvchat.chat.saving import Persister, open_chat
 from kvchat.config import Sampling
 from kvchat.weights import direct, quant
 from reference import greedy_after_prefill
-from test_quant import gguf_like
+from test_quant import gguf_like, through_gguf
+from tiny import make_tokenizer
 
 GREEDY = Sampling(temperature=0, max_new_tokens=12)
 SYSTEM = "You are a helpful assistant."
@@ -35,6 +36,76 @@ def model():
     return packed()
 
 
+def packed_family(model_type, **overrides):
+    """A tiny float32 model of another family the step covers, its matrices in Q4_1 (embeddings Q8_0) and packed;
+    biases and head norms random, so that a step which skipped them would be seen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvchat.weights.model import LoadedModel
+
+    tok = make_tokenizer()
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
+                                  eos_token_id=2, pad_token_id=0, initializer_range=0.2, **overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    model.generation_config.eos_token_id = 2
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                kind = "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"
+                parameter.copy_(through_gguf(parameter, kind))
+            elif name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                parameter.copy_(torch.randn_like(parameter) * 0.5 + (1.0 if "norm" in name else 0.0))
+    loaded = LoadedModel(model=model, tokenizer=tok, name=f"tiny-{model_type}", device=torch.device("cpu"),
+                         dtype=torch.float32)
+    assert quant.pack_model(loaded.model, allow_approximate=False).exact
+    loaded.weight_format = "int8"
+    return loaded
+
+
+OTHER_FAMILIES = {"qwen2": {}, "qwen3": {}, "mistral": {"sliding_window": None}}
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_FAMILIES))
+def test_qwen2_qwen3_and_mistral_go_direct_and_keep_the_promise(model_type, tmp_path):
+    """Qwen2's query/key/value biases and Qwen3's head norms in the C step: its logits are transformers' one-token
+    pass's, and reuse, /retry, /undo and a resume through it equal a fresh prefill."""
+    loaded = packed_family(model_type, **OTHER_FAMILIES[model_type])
+    assert direct.refusal(loaded.model) is None
+    engine = Engine(loaded)
+    assert engine.direct is not None
+    prompt = engine.render([{"role": "user", "content": MESSAGES[2]}])
+    kwarg = layers.cache_kwarg(engine.model)
+    with torch.inference_mode():
+        ours, theirs = (layers.new_cache(engine.model) for _ in range(2))
+        for cache in (ours, theirs):
+            engine.model(input_ids=torch.tensor([prompt]), use_cache=True, **{kwarg: cache})
+        for n in range(len(prompt), len(prompt) + 4):
+            with layers.direct_step(ours) as stores:
+                mine = engine.direct(5 + 17 * n % 200, n, stores)
+            want = engine.model(input_ids=torch.tensor([[5 + 17 * n % 200]]), position_ids=torch.tensor([[n]]),
+                                use_cache=True, **{kwarg: theirs}).logits[0, -1]
+            assert torch.allclose(mine, want, rtol=1e-4, atol=1e-4), float((mine - want).abs().max())
+    engine, store = engine_with_store(loaded, tmp_path)
+    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
+    persister = Persister(store, "s")
+    for text in MESSAGES[:2]:
+        stats = turn(chat, text=text)
+        persister.after_turn(chat)
+    assert stats.reused > 0
+    turn(chat, chat.retry())
+    chat.undo()
+    turn(chat, text=MESSAGES[3])
+    persister.after_turn(chat)
+    store.close()
+    engine2, store2 = engine_with_store(loaded, tmp_path)
+    opened = open_chat(engine2, store2, "s", sampling=GREEDY)
+    stats = turn(opened.chat, text=MESSAGES[4])
+    assert stats.loaded == stats.reused > 0
+
+
 def transformers_reply(engine, prompt, max_new_tokens=GREEDY.max_new_tokens):
     """Greedy reply from a fresh prefill of `prompt` then transformers' own one-token passes."""
     return greedy_after_prefill(engine, prompt, max_new_tokens)
@@ -44,7 +115,8 @@ def turn(chat, events=None, text=None):
     chat.sampling = GREEDY
     end = [e for e in (events if events is not None else chat.send(text)) if isinstance(e, TurnEnd)][0]
     assert end.token_ids == transformers_reply(chat.engine, chat.engine.render(chat.conversation.view()[:-1]))
-    assert end.stats.direct == max(0, len(end.token_ids) - 1), end.stats  # every token fed alone went direct
+    fed = len(end.token_ids) - (1 if end.stats.stop == "length" else 0)  # (the last is fed with the next turn)
+    assert end.stats.direct == max(0, fed), end.stats  # every token fed alone went direct
     chat.cache.check()
     return end.stats
 
@@ -145,7 +217,14 @@ def test_a_reply_that_outgrows_the_cache_buffers_stays_exact(model):
 def test_models_the_step_does_not_cover_decode_through_transformers(model, tiny):
     assert direct.refusal(tiny.model) == "the embedding and output layers are not packed"  # float64, unpacked
     assert Engine(tiny).direct is None
-    assert "only Llama-family" in direct.refusal(make_family("mistral").model)
+    assert "sliding window" in direct.refusal(make_family("mistral").model)
+    assert "only Llama, Mistral, Qwen2 and Qwen3" in direct.refusal(make_family("gemma3").model)
+    no_norms = packed_family("qwen3")
+    no_norms.model.model.layers[2].self_attn.k_norm = None  # a head norm missing where the family has them
+    assert "head norms" in direct.refusal(no_norms.model)
+    one_bias = packed_family("qwen2")
+    one_bias.model.model.layers[0].self_attn.k_proj.bias = None  # biases on some products only
+    assert "biases" in direct.refusal(one_bias.model)
     assert "rotary positions" in direct.refusal(packed(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                         "rope_theta": 10000.0}).model)
     assert "biases" in direct.refusal(packed(attention_bias=True).model)

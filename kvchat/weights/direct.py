@@ -4,9 +4,11 @@ operations a token.
 
 It computes what transformers' LlamaForCausalLM computes for one token (RMS norms, rotary positions, grouped-query
 attention over the cache, SiLU MLP, the packed output layer), with the packed kernel's products: the same numbers
-up to the order of float32 sums. It is offered only for models it can prove it covers (`refusal`: the exact
-transformers classes, plain SiLU, no biases, a static rotary table, every matrix packed); any other model decodes
-through transformers as before.
+up to the order of float32 sums. The same structure covers Mistral without a sliding window, Qwen2 (biases on the
+query, key and value products) and Qwen3 (each query and key head RMS-normed before its rotation). It is offered
+only for models it can prove it covers (`refusal`: the exact transformers classes, plain SiLU, only those biases,
+full attention in every layer, a static rotary table, every matrix packed); any other model decodes through
+transformers as before.
 """
 
 from __future__ import annotations
@@ -18,7 +20,23 @@ import torch
 
 from kvchat.weights import quant
 
-MODULE = "transformers.models.llama.modeling_llama"
+
+
+class _Family:
+    """What the direct step accepts of one transformers family: its module and class-name prefix, whether the
+    query, key and value products may carry biases, and whether its heads are RMS-normed (q_norm, k_norm)."""
+
+    def __init__(self, module: str, prefix: str, qkv_bias: bool = False, head_norms: bool = False):
+        self.module, self.prefix, self.qkv_bias, self.head_norms = module, prefix, qkv_bias, head_norms
+
+
+# Model class name -> its family. Qwen3's biases follow its config's attention_bias, like Llama's (refused).
+FAMILIES = {
+    "LlamaForCausalLM": _Family("transformers.models.llama.modeling_llama", "Llama"),
+    "MistralForCausalLM": _Family("transformers.models.mistral.modeling_mistral", "Mistral"),
+    "Qwen2ForCausalLM": _Family("transformers.models.qwen2.modeling_qwen2", "Qwen2", qkv_bias=True),
+    "Qwen3ForCausalLM": _Family("transformers.models.qwen3.modeling_qwen3", "Qwen3", head_norms=True),
+}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # a rotary table that does not change with the length
 
 
@@ -35,7 +53,8 @@ class _Side(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("q", _Mat), ("k", _Mat),
                 ("v", _Mat), ("o", _Mat), ("gate", _Mat), ("up", _Mat), ("down", _Mat), ("keys", _Side),
-                ("values", _Side)]
+                ("values", _Side), ("q_bias", ctypes.c_void_p), ("k_bias", ctypes.c_void_p),
+                ("v_bias", ctypes.c_void_p), ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p)]
 
 
 # The KV forms the C step keeps rows in (kernels/packed_matvec.c: FORM_*), with the dtypes of their parts.
@@ -52,8 +71,8 @@ class _Model(ctypes.Structure):
                 ("final_norm", ctypes.c_void_p), ("head", _Mat)]
 
 
-def _of(module: Any, name: str) -> bool:
-    return type(module).__name__ == name and type(module).__module__ == MODULE
+def _of(module: Any, family: _Family, name: str) -> bool:
+    return type(module).__name__ == family.prefix + name and type(module).__module__ == family.module
 
 
 def _head_dim(config: Any) -> int:
@@ -64,25 +83,38 @@ def refusal(model: Any) -> str | None:
     """Why the direct step cannot run `model` (a reason for people), or None when it can."""
     if quant.KERNEL.step is None and not (quant.KERNEL.build() and quant.KERNEL.step is not None):
         return f"no kernel ({quant.KERNEL.failure})"
-    if not _of(model, "LlamaForCausalLM"):
-        return f"only Llama-family models ({type(model).__name__} is not one)"
+    family = FAMILIES.get(type(model).__name__)
+    if family is None or not _of(model, family, "ForCausalLM"):
+        return f"only Llama, Mistral, Qwen2 and Qwen3 models ({type(model).__name__} is none of them)"
     config, inner = model.config, model.model
     if (getattr(config, "hidden_act", None) != "silu" or getattr(config, "attention_bias", False)
             or getattr(config, "mlp_bias", False) or getattr(config, "pretraining_tp", 1) > 1):
         return "the model's activation, biases or tensor-parallel split are not plain Llama's"
+    if getattr(config, "sliding_window", None) is not None or any(
+            getattr(layer.self_attn, "sliding_window", None) for layer in inner.layers) or any(
+            kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "a layer attends over a sliding window"
     if getattr(inner.rotary_emb, "rope_type", None) not in ROPE_TYPES:
         return f"rotary positions of type {getattr(inner.rotary_emb, 'rope_type', None)!r}"
     if not isinstance(inner.embed_tokens, quant.PackedEmbedding) or type(model.lm_head) is not quant.PackedLinear:
         return "the embedding and output layers are not packed"
     for layer in inner.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        if not (_of(layer, "LlamaDecoderLayer") and _of(attention, "LlamaAttention") and _of(mlp, "LlamaMLP")
-                and _of(layer.input_layernorm, "LlamaRMSNorm") and _of(layer.post_attention_layernorm, "LlamaRMSNorm")):
-            return "a layer is not transformers' own Llama layer"
+        if not (_of(layer, family, "DecoderLayer") and _of(attention, family, "Attention") and _of(mlp, family, "MLP")
+                and _of(layer.input_layernorm, family, "RMSNorm")
+                and _of(layer.post_attention_layernorm, family, "RMSNorm")):
+            return f"a layer is not transformers' own {family.prefix} layer"
         linears = (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj, mlp.up_proj,
                    mlp.down_proj)
-        if any(type(m) is not quant.PackedLinear or m.bias is not None for m in linears):
+        if any(type(m) is not quant.PackedLinear for m in linears):
             return "a layer's matrices are not all packed"
+        biased = [m.bias is not None for m in linears]
+        if any(biased[3:]) or (any(biased[:3]) and not (family.qkv_bias and all(biased[:3]))):
+            return "a layer's products carry biases the step does not add"
+        norms = [getattr(attention, name, None) for name in ("q_norm", "k_norm")]
+        if family.head_norms != all(norm is not None for norm in norms) or (
+                family.head_norms and not all(_of(norm, family, "RMSNorm") for norm in norms)):
+            return "a layer's query and key head norms are not its family's"
     heads, kv_heads, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
     head_dim = _head_dim(config)
     if head_dim % 2 or head_dim > 512 or heads % kv_heads:
@@ -95,7 +127,11 @@ def refusal(model: Any) -> str | None:
         found = {name: (m.in_features, m.out_features) for name, m in
                  [*layer.self_attn.named_children(), *layer.mlp.named_children()] if name in shapes}
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if found != shapes or any(tuple(norm.shape) != (hidden,) for norm in norms):
+        head_norms = [getattr(layer.self_attn, name).weight for name in ("q_norm", "k_norm") if family.head_norms]
+        biases = {name: getattr(layer.self_attn, name).bias for name in ("q_proj", "k_proj", "v_proj")}
+        if (found != shapes or any(tuple(norm.shape) != (hidden,) for norm in norms)
+                or any(tuple(norm.shape) != (head_dim,) for norm in head_norms)
+                or any(bias is not None and tuple(bias.shape) != (shapes[name][1],) for name, bias in biases.items())):
             return "a layer's shapes are not those its config gives every layer"
     if len({layer.self_attn.scaling for layer in inner.layers}) != 1 or len(_epsilons(inner)) != 1:
         return "its layers differ in attention scaling or RMS-norm epsilon"
@@ -106,7 +142,9 @@ def refusal(model: Any) -> str | None:
 
 def _epsilons(inner: Any) -> set[float]:
     """The RMS-norm epsilons of every norm of the decoder (`inner`: the model's `model`)."""
-    norms = [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    norms = [norm for layer in inner.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm,
+                                                         getattr(layer.self_attn, "q_norm", None),
+                                                         getattr(layer.self_attn, "k_norm", None)) if norm is not None]
     return {norm.variance_epsilon for norm in [*norms, inner.norm]}
 
 
@@ -131,6 +169,11 @@ class DirectStep:
                                   ("o", attention.o_proj), ("gate", mlp.gate_proj), ("up", mlp.up_proj),
                                   ("down", mlp.down_proj)):
                 setattr(layers[index], field, self._mat(linear))
+                if field in ("q", "k", "v") and linear.bias is not None:
+                    setattr(layers[index], f"{field}_bias", self._pointer(linear.bias))
+            for field in ("q_norm", "k_norm"):
+                if getattr(attention, field, None) is not None:
+                    setattr(layers[index], field, self._pointer(getattr(attention, field).weight))
         self._layers = layers
         self._model = _Model(layers=len(inner.layers), hidden=config.hidden_size, heads=self.heads,
                              kv_heads=self.kv_heads, head_dim=self.head_dim,

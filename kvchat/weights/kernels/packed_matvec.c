@@ -248,7 +248,8 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
 
 /* ---- One token through a Llama-family decoder whose matrices are all packed (kvchat/weights/direct.py) ----
  * The layer as transformers' LlamaDecoderLayer computes it: x += o(attention(rope(q), rope(k), v)) over the cache,
- * then x += down(silu(gate) * up), each after an RMS norm; the new token's key and value rows are written at slot
+ * then x += down(silu(gate) * up), each after an RMS norm (Qwen2: q, k and v with biases; Qwen3: each query and
+ * key head RMS-normed before its rotation); the new token's key and value rows are written at slot
  * n of the layer's cache (in its KV form) before it attends over slots 0..n (read back from that form). Grouped-query heads: query head h reads kv head
  * h / (heads / kv_heads), as transformers' repeat_kv. */
 
@@ -275,6 +276,8 @@ typedef struct {
     const float *attn_norm, *mlp_norm;  /* [hidden] */
     Mat q, k, v, o, gate, up, down;
     Side keys, values;
+    const float *q_bias, *k_bias, *v_bias;  /* [heads * head_dim], [kv_heads * head_dim] twice; or NULL */
+    const float *q_norm, *k_norm;  /* [head_dim], each head's RMS norm before its rotation; or NULL */
 } StepLayer;
 
 typedef struct {
@@ -525,7 +528,19 @@ int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const
         product(&L->q, h, xsum, q, threads);
         product(&L->k, h, xsum, k, threads);
         product(&L->v, h, xsum, v, threads);
-        for (int64_t g = 0; g < heads + kv_heads; g++) rope(qkv + g * dim, cos_, sin_, dim);
+        const float *biases[3] = {L->q_bias, L->k_bias, L->v_bias};
+        float *outputs[3] = {q, k, v};
+        const int64_t widths[3] = {heads * dim, kv_heads * dim, kv_heads * dim};
+        for (int i = 0; i < 3; i++)
+            if (biases[i]) for (int64_t j = 0; j < widths[i]; j++) outputs[i][j] += biases[i][j];
+        for (int64_t g = 0; g < heads + kv_heads; g++) {
+            const float *norm = g < heads ? L->q_norm : L->k_norm;
+            if (norm) {
+                memcpy(att, qkv + g * dim, sizeof(float) * (size_t)dim);  /* (att is free until the attention) */
+                rms_norm(att, norm, dim, m->eps, qkv + g * dim);
+            }
+            rope(qkv + g * dim, cos_, sin_, dim);
+        }
         for (int64_t g = 0; g < kv_heads; g++) {
             put_row(&L->keys, g, n, k + g * dim, dim);
             put_row(&L->values, g, n, v + g * dim, dim);
