@@ -1,3 +1,3 @@
-from kvchat.ui.cli import main
+from kvchat.ui.warm import main
 
 raise SystemExit(main())

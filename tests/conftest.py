@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_loaded  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# No warm process behind the `kvchat` runs tests start (tests/test_warm.py turns it on where it is tested).
+os.environ["KVCHAT_WARM"] = "0"
 # One compile cache for the whole run (kvchat's own default is under $KVCHAT_HOME, which each test points elsewhere):
 # tests that compile the same tiny model share what inductor built.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

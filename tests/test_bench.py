@@ -159,11 +159,14 @@ def test_bench_startup_quick_times_a_one_shot_run_and_its_steps(monkeypatch, cap
     out, err = capsys.readouterr()
     assert code == 0, err
     results = json.loads((tmp_path / "s.json").read_text())
-    ours = results["sides"]["kvchat"]
-    assert list(results["sides"]) == ["kvchat"] and 0 < ours["first_byte_s"] <= ours["total_s"]
-    assert 50 * 2**20 < ours["peak_rss"] < 8 * 2**30
+    assert list(results["sides"]) == ["kvchat", "warm"]  # cold, and served by a warm process
+    for ours in results["sides"].values():
+        assert 0 < ours["first_byte_s"] <= ours["total_s"]
+        assert 50 * 2**20 < ours["peak_rss"] < 8 * 2**30  # (warm: the child that ran it, not the small client)
+    assert not list((tmp_path / "home" / "warm").glob("*.sock"))  # the bench's warm process was stopped
     steps = dict(results["phases"])
     assert list(steps)[0] == "python started" and list(steps)[-1] == "the prompt and the first token"
     assert all(seconds >= 0 for seconds in steps.values()) and steps["import torch"] > 0
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| one-shot `-p`, one reply token | kvchat |") and len(table) == 1 + 3 + 1 + 6
+    assert table[0].startswith("| one-shot `-p`, one reply token | kvchat, cold | kvchat, warm |")
+    assert len(table) == 1 + 3 + 1 + 6

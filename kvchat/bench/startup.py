@@ -1,7 +1,10 @@
 """kvchat bench --startup: a one-shot run as a user starts it (`kvchat -p hi`), process start to the first reply
 byte and the process's peak resident memory, side by side with llama.cpp (llama-cpp-python on the same GGUF,
-the same threads) when it is importable; the two sides alternate. And where kvchat's start-up goes, phase by
-phase, timed inside a child process. Every run is a fresh process; nothing here prints.
+the same threads) when it is importable; the sides alternate. kvchat is measured twice: cold (no warm process,
+`KVCHAT_WARM=0`: everything imported by the run) and warm (served by a warm process, see kvchat.ui.warm, which
+a first run leaves and which is stopped at the end; its peak memory is that of the child that ran the command).
+And where kvchat's cold start-up goes, phase by phase, timed inside a child process. Every run is a fresh
+process; nothing here prints.
 """
 
 from __future__ import annotations
@@ -91,6 +94,33 @@ def _timed(argv: list[str], env: dict[str, str], cwd: str) -> dict[str, Any]:
             "rc": process.returncode, "out": out.decode("utf-8", "replace"), "stderr": tail}
 
 
+def _warm_socket(env: dict[str, str], primed: Path) -> Path | None:
+    """The socket of the warm process that served a run (its report at `primed`), or None."""
+    folder = Path(env.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat") / "warm"
+    if not primed.is_file():
+        return None
+    server = str(json.loads(primed.read_text()).get("server"))
+    for lock in folder.glob("*.lock"):
+        if lock.read_text().strip() == server and lock.with_suffix(".sock").exists():
+            return lock.with_suffix(".sock")
+    return None
+
+
+def _start_warm(argv: list[str], env: dict[str, str], cwd: str, report: Path) -> Path:
+    """Leave a warm process for runs in `env` (a first run starts it) and wait until it serves; its socket."""
+    report.unlink(missing_ok=True)
+    _timed(argv, env, cwd)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        report.unlink(missing_ok=True)
+        probe = _timed(argv, env, cwd)
+        socket = _warm_socket(env, report)
+        if probe["rc"] == 0 and socket is not None:
+            return socket
+        time.sleep(1)
+    raise RuntimeError("no warm process served a one-shot run after a first one")
+
+
 def _phases(model: str, prompt: str, env: dict[str, str], cwd: str) -> list[tuple[str, float]]:
     """kvchat's start-up steps in a fresh process, as (step, seconds it took); the first is the interpreter's
     own start."""
@@ -118,15 +148,30 @@ def run(model: str, gguf: Path | None, threads: int, plan: StartupPlan, progress
     ours = [sys.executable, "-m", "kvchat", "--model", model, "--device", "cpu", "-p", plan.prompt,
             "--max-new-tokens", "1", "--temperature", "0", "--plain"]
     theirs = [sys.executable, "-c", _PEER, str(gguf), str(threads), plan.prompt] if peer and gguf else None
-    runs: dict[str, list[dict[str, Any]]] = {"kvchat": [], "peer": []}
+    runs: dict[str, list[dict[str, Any]]] = {"kvchat": [], "warm": [], "peer": []}
     phases: list[list[tuple[str, float]]] = []
+    cold_env = {**env, "KVCHAT_WARM": "0"}
     with tempfile.TemporaryDirectory(prefix="kvchat-startup-") as cwd:
-        for rep in range(plan.repeat):
-            progress("startup: one-shot runs", rep, plan.repeat)
-            runs["kvchat"].append(_timed(ours, env, cwd))
-            if theirs:
-                runs["peer"].append(_timed(theirs, env, cwd))
-            phases.append(_phases(model, plan.prompt, env, cwd))
+        report = Path(cwd) / "warm-report.json"
+        warm_env = {**env, "KVCHAT_WARM": "300", "KVCHAT_WARM_REPORT": str(report)}
+        progress("startup: a warm process", 0, 1)
+        socket = _start_warm(ours, warm_env, cwd, report)
+        try:
+            for rep in range(plan.repeat):
+                progress("startup: one-shot runs", rep, plan.repeat)
+                runs["kvchat"].append(_timed(ours, cold_env, cwd))
+                report.unlink(missing_ok=True)
+                warm = _timed(ours, warm_env, cwd)
+                if warm["rc"] == 0 and _warm_socket(warm_env, report) != socket:
+                    raise RuntimeError("a warm one-shot run was not served by the warm process")
+                if warm["rc"] == 0:
+                    warm["peak_rss"] = json.loads(report.read_text())["peak_rss"]  # the child that ran it
+                runs["warm"].append(warm)
+                if theirs:
+                    runs["peer"].append(_timed(theirs, env, cwd))
+                phases.append(_phases(model, plan.prompt, cold_env, cwd))
+        finally:
+            socket.unlink(missing_ok=True)  # (the warm process sees it gone and ends)
     for side, done in runs.items():
         failed = [run for run in done if run["rc"] or run["first_byte_s"] is None]
         if failed:
@@ -142,16 +187,17 @@ def markdown(results: dict[str, Any]) -> str:
     """The one-shot table (kvchat, and llama.cpp with kvchat's figure over its when it ran) and the phases."""
     sides = results["sides"]
     peer = "peer" in sides
-    head = "| one-shot `-p`, one reply token | kvchat |" + (" llama.cpp | kvchat / llama.cpp |" if peer else "")
-    lines = [head, "|---|---|" + ("---|---|" if peer else "")]
+    head = "| one-shot `-p`, one reply token | kvchat, cold | kvchat, warm |" + (
+        " llama.cpp | cold / llama.cpp | warm / llama.cpp |" if peer else "")
+    lines = [head, "|---|---|---|" + ("---|---|---|" if peer else "")]
     for key, what, unit in (("first_byte_s", "process start to first reply byte", "s"),
                             ("total_s", "process start to exit", "s"), ("peak_rss", "peak RSS", "MiB")):
         scale = 1 / 2**20 if unit == "MiB" else 1
-        ours = sides["kvchat"][key] * scale
-        row = f"| {what} ({unit}) | {ours:.2f} |"
+        cold, warm = sides["kvchat"][key] * scale, sides["warm"][key] * scale
+        row = f"| {what} ({unit}) | {cold:.2f} | {warm:.2f} |"
         if peer:
             theirs = sides["peer"][key] * scale
-            row += f" {theirs:.2f} | {ours / theirs if theirs else 0:.1f}x |"
+            row += f" {theirs:.2f} | {cold / theirs if theirs else 0:.1f}x | {warm / theirs if theirs else 0:.1f}x |"
         lines.append(row)
     lines += ["", "| kvchat's start-up, step by step (median) | s |", "|---|---|"]
     lines += [f"| {name} | {seconds:.2f} |" for name, seconds in results["phases"]]

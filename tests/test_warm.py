@@ -1,0 +1,216 @@
+"""Issue 23: one-shot and piped runs served by a warm process (torch and transformers already imported) give what
+a fresh process gives (output, errors, exit status, files, signals), and the warm process serves no one else."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvchat.ui import warm
+
+ARGS = ["--temperature", "0", "--max-new-tokens", "6"]
+
+
+def kvchat(env, cwd, *argv, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "kvchat", *argv], env=env, cwd=cwd, capture_output=True, text=True,
+                          input=stdin, timeout=timeout, stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def sockets(home: Path) -> list[Path]:
+    folder = home / "warm"
+    return sorted(folder.glob("*.sock")) if folder.is_dir() else []
+
+
+def servers(home: Path) -> list[int]:
+    pids = []
+    for lock in (home / "warm").glob("*.lock"):
+        text = lock.read_text().strip()
+        if text.isdigit() and Path(f"/proc/{text}").exists():
+            pids.append(int(text))
+    return pids
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def saved(path: Path) -> dict:
+    """A saved session's file, but for when it was written."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("created", "updated")}
+
+
+def wait_for(condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir):
+    """A home with a warm process, left by a first (cold) one-shot run; stopped at the end."""
+    root = tmp_path_factory.mktemp("warm")
+    home, cwd = root / "home", root / "work"
+    cwd.mkdir()
+    env = {**os.environ, "KVCHAT_HOME": str(home), "KVCHAT_WARM": "120", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    env.pop("KVCHAT_CONFIG", None)
+    first = kvchat(env, cwd, "--model", str(tiny_model_dir), *ARGS, "-p", "Hello!")
+    assert first.returncode == 0, first.stderr
+    assert wait_for(lambda: sockets(home)), "no warm process came up after a one-shot run"
+    yield env, home, cwd, first
+    for pid in servers(home):
+        os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="warm runs are Linux only")
+def test_runs_served_warm_give_what_a_fresh_process_gives(served, tiny_model_dir, tmp_path):
+    env, home, cwd, first = served
+    report = tmp_path / "report.json"
+    cold_home = tmp_path / "cold-home"  # (sessions live in the home: each side its own)
+    cold_env = {**env, "KVCHAT_WARM": "0", "KVCHAT_HOME": str(cold_home)}
+    runs = [("--model", str(tiny_model_dir), *ARGS, "-p", "Hello!"),
+            ("--model", str(tiny_model_dir), *ARGS, "--session", "kept", "-p", "What is 2+2?"),
+            ("--model", str(tiny_model_dir), "--max-new-tokens", "0", "-p", "x")]  # a user's error
+    hot_cwd, cold_cwd = tmp_path / "hot", tmp_path / "cold"
+    hot_cwd.mkdir()
+    cold_cwd.mkdir()
+    for argv in runs:
+        report.unlink(missing_ok=True)
+        hot = kvchat({**env, "KVCHAT_WARM_REPORT": str(report)}, hot_cwd, *argv)
+        assert report.is_file(), f"not served warm: {hot.stderr}"
+        served_by = json.loads(report.read_text())
+        assert served_by["server"] in servers(home) and served_by["exit"] == hot.returncode
+        cold = kvchat(cold_env, cold_cwd, *argv)
+        assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr), argv
+    assert hot.returncode == 2 and "max-new-tokens" in hot.stderr
+    kept = home / "sessions" / "kept.json"
+    assert saved(kept) == saved(cold_home / "sessions" / "kept.json")
+    assert oct(kept.stat().st_mode & 0o777) == oct(0o600)
+    (hot_cwd / "config.toml").write_text('sessions_dir = "here"\n')  # a project's config, found in the client's cwd
+    (cold_cwd / "config.toml").write_text('sessions_dir = "here"\n')
+    argv = ("--model", str(tiny_model_dir), *ARGS, "--session", "local", "-p", "Hi")
+    hot, cold = kvchat(env, hot_cwd, *argv), kvchat(cold_env, cold_cwd, *argv)
+    assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr)
+    assert saved(hot_cwd / "here" / "local.json") == saved(cold_cwd / "here" / "local.json")
+    piped = "Hello!\nWhat is 2+2?\n"
+    report.unlink()
+    hot = kvchat({**env, "KVCHAT_WARM_REPORT": str(report)}, hot_cwd, "--model", str(tiny_model_dir), *ARGS,
+                 stdin=piped)
+    cold = kvchat(cold_env, cold_cwd, "--model", str(tiny_model_dir), *ARGS, stdin=piped)
+    assert report.is_file() and hot.returncode == 0 and hot.stdout == cold.stdout and hot.stdout.strip()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="warm runs are Linux only")
+def test_ctrl_c_reaches_the_run_and_a_killed_client_takes_its_run_along(served, tiny_model_dir, tmp_path):
+    env, home, cwd, _ = served
+    (server,) = servers(home)
+    waiting = [sys.executable, "-m", "kvchat", "--model", str(tiny_model_dir), *ARGS]  # reads stdin to its end
+    report = tmp_path / "report.json"
+    client = subprocess.Popen(waiting, env={**env, "KVCHAT_WARM_REPORT": str(report)}, cwd=cwd,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert wait_for(lambda: children_of(server)), "the run did not start in the warm process"
+    (child,) = children_of(server)
+    time.sleep(0.5)
+    client.send_signal(signal.SIGINT)
+    client.wait(timeout=60)  # (its stdin still open: the run was waiting for it)
+    err = client.stderr.read()
+    client.stdin.close()
+    client.stdout.close()
+    client.stderr.close()
+    assert client.returncode == 130, err
+    assert json.loads(report.read_text())["exit"] == 130
+    assert wait_for(lambda: not Path(f"/proc/{child}").exists(), 10)
+    client = subprocess.Popen(waiting, env=env, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: children_of(server))
+    (child,) = children_of(server)
+    client.kill()
+    client.wait()
+    client.stdin.close()
+    assert wait_for(lambda: not children_of(server), 10), "a run outlived its killed client"
+    assert servers(home) == [server]  # and the warm process goes on serving
+
+
+def test_another_environment_gets_a_warm_process_of_its_own_which_ends_when_its_socket_goes(served,
+                                                                                          tiny_model_dir):
+    env, home, cwd, _ = served
+    before = sockets(home)
+    other = kvchat({**env, "SOME_SETTING": "1"}, cwd, "--model", str(tiny_model_dir), *ARGS, "-p", "Hello!")
+    assert other.returncode == 0
+    assert warm.key({**env, "SOME_SETTING": "1"}) != warm.key(env)
+    assert wait_for(lambda: len(sockets(home)) > len(before))
+    (new,) = set(sockets(home)) - set(before)
+    pid = int(new.with_suffix(".lock").read_text())
+    new.unlink()  # how a warm process is stopped by hand
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists() or
+                    Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", 10)
+
+
+def test_the_warm_folder_and_socket_are_private_and_a_planted_link_is_not_followed(served, tiny_model_dir,
+                                                                                  tmp_path):
+    env, home, cwd, _ = served
+    folder = home / "warm"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    for path in folder.iterdir():
+        assert oct(path.stat().st_mode & 0o777) == oct(0o600), path
+    other_home, outside = tmp_path / "home", tmp_path / "outside"
+    outside.mkdir()
+    other_home.mkdir()
+    (other_home / "warm").symlink_to(outside)
+    run = kvchat({**env, "KVCHAT_HOME": str(other_home)}, cwd, "--model", str(tiny_model_dir), *ARGS, "-p", "Hi")
+    assert run.returncode == 0, run.stderr  # answered by a process of its own, nothing left through the link
+    time.sleep(1)
+    assert list(outside.iterdir()) == []
+
+
+def test_an_idle_warm_process_ends(tmp_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        listener.bind("k.sock")
+        listener.listen(1)
+        started = time.monotonic()
+        warm._serve(listener, "k", 0.3, os.stat("k.sock").st_ino, os.open("k.sock.lock", os.O_CREAT | os.O_RDWR))
+        assert 0.3 <= time.monotonic() - started < 5
+    finally:
+        os.chdir(here)
+        listener.close()
+
+
+def test_which_runs_go_warm(monkeypatch):
+    from kvchat.ui import cli
+
+    assert warm.SUBCOMMANDS == set(cli.COMMANDS)
+    monkeypatch.setattr(warm.sys, "platform", "linux")
+    monkeypatch.setattr(warm.os, "isatty", lambda fd: True)  # a terminal: only -p runs go warm
+    monkeypatch.setenv("KVCHAT_WARM", "on")
+    assert warm.eligible(["-p", "hi"]) and warm.eligible(["--prompt=hi"]) and not warm.eligible([])
+    assert not warm.eligible(["info", "-p", "x"]) and not warm.eligible(["-p", "x", "--help"])
+    monkeypatch.setattr(warm.os, "isatty", lambda fd: False)  # piped
+    assert warm.eligible([]) and not warm.eligible(["bench"])
+    for off in ("0", "off", "no", "-5", "soon"):
+        monkeypatch.setenv("KVCHAT_WARM", off)
+        assert not warm.eligible(["-p", "hi"]) and warm.idle_seconds() is None
+    monkeypatch.setenv("KVCHAT_WARM", "30")
+    assert warm.idle_seconds() == 30.0
+
+
+def test_the_key_changes_with_the_installed_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    before = warm.key({"A": "1"})
+    assert warm.key({"A": "1", "PWD": "/elsewhere"}) == before  # (a volatile variable)
+    time.sleep(0.01)
+    (tmp_path / "newly_installed.py").write_text("")
+    assert warm.key({"A": "1"}) != before
