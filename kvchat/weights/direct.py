@@ -175,6 +175,7 @@ class DirectStep:
                 if getattr(attention, field, None) is not None:
                     setattr(layers[index], field, self._pointer(getattr(attention, field).weight))
         self._layers = layers
+        self._seen: list[tuple[Any, ...] | None] = [None] * (2 * len(layers))  # what each side points at
         self._model = _Model(layers=len(inner.layers), hidden=config.hidden_size, heads=self.heads,
                              kv_heads=self.kv_heads, head_dim=self.head_dim,
                              intermediate=inner.layers[0].mlp.gate_proj.out_features, eps=_epsilons(inner).pop(),
@@ -196,7 +197,7 @@ class DirectStep:
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=offset.data_ptr(), rows=q.shape[0],
                     cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
 
-    def _side(self, side: Any, store: Any, n: int) -> None:
+    def _side(self, side: Any, store: Any) -> None:
         """Point `side` at a layer's keys or values (a `layers.RowStore`), checked against what the C step reads."""
         code, dtypes = FORMS[store.form]
         parts = store.parts
@@ -207,7 +208,7 @@ class DirectStep:
         for name, tensor in parts.items():
             assert tuple(tensor.shape) == (1, self.kv_heads, capacity, widths[name]) and tensor.is_contiguous(), \
                 f"a {store.form} part {name} of shape {tuple(tensor.shape)}"
-        assert capacity > n and self.head_dim % store.block == 0, "no room for the token, or a partial block"
+        assert self.head_dim % store.block == 0, "a partial block"
         side.form, side.block, side.capacity = code, store.block, capacity
         side.data = parts["v" if "v" in parts else "q"].data_ptr()
         side.scale = parts["scale"].data_ptr() if "scale" in parts else None
@@ -217,9 +218,16 @@ class DirectStep:
         """The next-token logits [vocab] after `token_id` at position `n`. `stores` are each layer's keys and
         values (`layers.direct_step`): the token's rows are written at slot n, in the cache's KV form."""
         assert len(stores) == len(self._layers), "keys and values for every layer"
-        for layer, (keys, values) in zip(self._layers, stores):
-            self._side(layer.keys, keys, n)
-            self._side(layer.values, values, n)
+        for index, (layer, (keys, values)) in enumerate(zip(self._layers, stores)):
+            for slot, side, store in ((2 * index, layer.keys, keys), (2 * index + 1, layer.values, values)):
+                # The same buffers as last token (addresses and capacity; the form fixes the rest): already
+                # checked and pointed at. New ones (the cache grew, another cache) are checked again.
+                seen = (store.form, store.block, *(t.data_ptr() for t in store.parts.values()),
+                        next(iter(store.parts.values())).shape[2])
+                if self._seen[slot] != seen:
+                    self._side(side, store)
+                    self._seen[slot] = seen
+                assert seen[-1] > n, "no room for the token"
         self._ids.fill_(token_id)
         x = self._embed(self._ids).reshape(-1).contiguous()
         # The rotary table at n, as transformers' rotary embedding computes it (a float32 product, cos and sin).
