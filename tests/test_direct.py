@@ -88,22 +88,7 @@ def test_qwen2_qwen3_and_mistral_go_direct_and_keep_the_promise(model_type, tmp_
             want = engine.model(input_ids=torch.tensor([[5 + 17 * n % 200]]), position_ids=torch.tensor([[n]]),
                                 use_cache=True, **{kwarg: theirs}).logits[0, -1]
             assert torch.allclose(mine, want, rtol=1e-4, atol=1e-4), float((mine - want).abs().max())
-    engine, store = engine_with_store(loaded, tmp_path)
-    chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
-    persister = Persister(store, "s")
-    for text in MESSAGES[:2]:
-        stats = turn(chat, text=text)
-        persister.after_turn(chat)
-    assert stats.reused > 0
-    turn(chat, chat.retry())
-    chat.undo()
-    turn(chat, text=MESSAGES[3])
-    persister.after_turn(chat)
-    store.close()
-    engine2, store2 = engine_with_store(loaded, tmp_path)
-    opened = open_chat(engine2, store2, "s", sampling=GREEDY)
-    stats = turn(opened.chat, text=MESSAGES[4])
-    assert stats.loaded == stats.reused > 0
+    keeps_the_promise(loaded, tmp_path, "auto", turns=2)
 
 
 def transformers_reply(engine, prompt, max_new_tokens=GREEDY.max_new_tokens):
@@ -155,11 +140,17 @@ def test_the_direct_step_computes_transformers_one_token_pass(tied, form):
 @pytest.mark.parametrize("form", ["auto", "q8", "q4", "float16", "q8/q4"])
 def test_reuse_retry_undo_and_resume_through_the_direct_step_equal_a_fresh_prefill(model, tmp_path, form):
     """The promise per KV form, with every token fed alone going through the direct step."""
-    engine, store = engine_with_store(model, tmp_path, kv_form=KVForm(form))
+    keeps_the_promise(model, tmp_path, form)
+
+
+def keeps_the_promise(loaded, tmp_path, form, turns=3):
+    """`turns` turns, /retry, /undo, a turn, then a resume in a new engine and a turn: every reply is a fresh
+    prefill's (see `turn`), and the turns after the first reuse the cache, the last one loaded from disk."""
+    engine, store = engine_with_store(loaded, tmp_path, kv_form=KVForm(form))
     assert engine.direct is not None
     chat = Chat.start(engine, SYSTEM, sampling=GREEDY)
     persister = Persister(store, "s")
-    for text in MESSAGES[:3]:
+    for text in MESSAGES[:turns]:
         stats = turn(chat, text=text)
         persister.after_turn(chat)
     assert stats.reused > 0
@@ -168,7 +159,7 @@ def test_reuse_retry_undo_and_resume_through_the_direct_step_equal_a_fresh_prefi
     assert turn(chat, text=MESSAGES[3]).reused > 0
     persister.after_turn(chat)
     store.close()
-    engine2, store2 = engine_with_store(model, tmp_path, kv_form=KVForm(form))
+    engine2, store2 = engine_with_store(loaded, tmp_path, kv_form=KVForm(form))
     opened = open_chat(engine2, store2, "s", sampling=GREEDY)
     assert opened.loaded_tokens == chat.cache.tokens
     stats = turn(opened.chat, text=MESSAGES[4])
