@@ -1,6 +1,7 @@
 """Issue 23: one-shot and piped runs served by a warm process (torch and transformers already imported) give what
 a fresh process gives (output, errors, exit status, files, signals), and the warm process serves no one else."""
 
+import io
 import json
 import os
 import signal
@@ -74,41 +75,42 @@ def served(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="warm runs are Linux only")
-def test_runs_served_warm_give_what_a_fresh_process_gives(served, tiny_model_dir, tmp_path):
-    env, home, cwd, first = served
+def test_runs_served_warm_give_what_a_fresh_process_gives(served, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    env, home, _, first = served
+    model = str(tiny_model_dir)
     report = tmp_path / "report.json"
-    cold_home = tmp_path / "cold-home"  # (sessions live in the home: each side its own)
-    cold_env = {**env, "KVCHAT_WARM": "0", "KVCHAT_HOME": str(cold_home)}
-    runs = [("--model", str(tiny_model_dir), *ARGS, "-p", "Hello!"),
-            ("--model", str(tiny_model_dir), *ARGS, "--session", "kept", "-p", "What is 2+2?"),
-            ("--model", str(tiny_model_dir), "--max-new-tokens", "0", "-p", "x")]  # a user's error
+    cold_env = {**env, "KVCHAT_WARM": "0", "KVCHAT_HOME": str(tmp_path / "cold-home")}
     hot_cwd, cold_cwd = tmp_path / "hot", tmp_path / "cold"
-    hot_cwd.mkdir()
-    cold_cwd.mkdir()
-    for argv in runs:
+    for folder in (hot_cwd, cold_cwd):  # a project's config in the client's folder: its sessions go there
+        folder.mkdir()
+        (folder / "config.toml").write_text('sessions_dir = "here"\n')
+
+    def hot(*argv, stdin=None):
         report.unlink(missing_ok=True)
-        hot = kvchat({**env, "KVCHAT_WARM_REPORT": str(report)}, hot_cwd, *argv)
-        assert report.is_file(), f"not served warm: {hot.stderr}"
+        done = kvchat({**env, "KVCHAT_WARM_REPORT": str(report)}, hot_cwd, *argv, stdin=stdin)
+        assert report.is_file(), f"not served warm: {done.stderr}"
         served_by = json.loads(report.read_text())
-        assert served_by["server"] in servers(home) and served_by["exit"] == hot.returncode
-        cold = kvchat(cold_env, cold_cwd, *argv)
-        assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr), argv
-    assert hot.returncode == 2 and "max-new-tokens" in hot.stderr
-    kept = home / "sessions" / "kept.json"
-    assert saved(kept) == saved(cold_home / "sessions" / "kept.json")
+        assert served_by["server"] in servers(home) and served_by["exit"] == done.returncode
+        return done
+
+    plain = hot("--model", model, *ARGS, "-p", "Hello!")  # as the fixture's first run, which was cold
+    assert (plain.returncode, plain.stdout, plain.stderr) == (first.returncode, first.stdout, first.stderr)
+    wrong = hot("--model", model, "--max-new-tokens", "0", "-p", "x")  # a user's error
+    from kvchat.ui.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b""), encoding="utf-8"))
+    code = main(["--model", model, "--max-new-tokens", "0", "-p", "x"])
+    out, err = capsys.readouterr()
+    assert (wrong.returncode, wrong.stdout, wrong.stderr) == (code, out, err) and code == 2 and "max-new-tokens" in err
+    for argv, stdin in ((("--model", model, *ARGS, "--session", "kept", "-p", "What is 2+2?"), None),
+                        (("--model", model, *ARGS), "Hello!\nWhat is 2+2?\n")):  # a session; a piped run
+        warm_run, cold_run = hot(*argv, stdin=stdin), kvchat(cold_env, cold_cwd, *argv, stdin=stdin)
+        assert (warm_run.returncode, warm_run.stdout, warm_run.stderr) == \
+            (cold_run.returncode, cold_run.stdout, cold_run.stderr), argv
+        assert warm_run.returncode == 0 and warm_run.stdout.strip()
+    kept = hot_cwd / "here" / "kept.json"
+    assert saved(kept) == saved(cold_cwd / "here" / "kept.json")
     assert oct(kept.stat().st_mode & 0o777) == oct(0o600)
-    (hot_cwd / "config.toml").write_text('sessions_dir = "here"\n')  # a project's config, found in the client's cwd
-    (cold_cwd / "config.toml").write_text('sessions_dir = "here"\n')
-    argv = ("--model", str(tiny_model_dir), *ARGS, "--session", "local", "-p", "Hi")
-    hot, cold = kvchat(env, hot_cwd, *argv), kvchat(cold_env, cold_cwd, *argv)
-    assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr)
-    assert saved(hot_cwd / "here" / "local.json") == saved(cold_cwd / "here" / "local.json")
-    piped = "Hello!\nWhat is 2+2?\n"
-    report.unlink()
-    hot = kvchat({**env, "KVCHAT_WARM_REPORT": str(report)}, hot_cwd, "--model", str(tiny_model_dir), *ARGS,
-                 stdin=piped)
-    cold = kvchat(cold_env, cold_cwd, "--model", str(tiny_model_dir), *ARGS, stdin=piped)
-    assert report.is_file() and hot.returncode == 0 and hot.stdout == cold.stdout and hot.stdout.strip()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="warm runs are Linux only")
