@@ -118,6 +118,20 @@ def test_every_path_computes_the_defined_order_bit_for_bit(rows, blocks, vectors
     assert not torch.equal(want, x @ quant.unpack(q, scale, offset).T)  # (an order of its own, not torch's)
 
 
+def test_zero_offsets_not_given_are_the_same_product():
+    """A symmetric packing (Q8_0, Q4_0: every offset zero) goes to the kernel without its offsets, which are then
+    never read: the same bits as with them, and the defined order's."""
+    q, scale, _ = weights(6, 9, seed=5)
+    wide = torch.randint(-127, 128, q.shape, dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    zero = torch.zeros_like(scale)
+    x = torch.randn(2, q.shape[1], generator=torch.Generator().manual_seed(6))
+    want = defined_product(x, wide, scale, zero)
+    for path in paths():
+        assert torch.equal(path(x, wide, scale, None), want) and torch.equal(path(x, wide, scale, zero), want)
+        four = quant.narrow(q, scale, zero)
+        assert torch.equal(path(x, four[0], four[1], None), path(x, *four))
+
+
 def test_the_paths_agree_bit_for_bit_on_the_default_models_shapes():
     scalar, avx2 = paths()
     for rows, cols, vectors, seed in ((576, 576, 1, 1), (1536, 576, 2, 2), (576, 1536, 1, 3), (192, 576, 3, 4)):

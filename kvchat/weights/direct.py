@@ -194,8 +194,9 @@ class DirectStep:
         q, scale, offset = linear.q, linear.scale, linear.offset
         assert q.is_contiguous() and scale.is_contiguous() and offset.is_contiguous(), "a packing not contiguous"
         self._keep += [q, scale, offset]
-        return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=offset.data_ptr(), rows=q.shape[0],
-                    cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
+        symmetric = not bool(offset.any())  # (Q8_0, Q4_0: the kernel skips offsets it is not given)
+        return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=None if symmetric else offset.data_ptr(),
+                    rows=q.shape[0], cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
 
     def _side(self, side: Any, store: Any) -> None:
         """Point `side` at a layer's keys or values (a `layers.RowStore`), checked against what the C step reads."""

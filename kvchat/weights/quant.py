@@ -254,16 +254,19 @@ class Kernel:
                 and torch.equal(self.weight(*nibbles), unpack(q, scale, offset))):
             raise KvchatError(f"the kernel's {self.path} path unpacks wrong weights")
 
-    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """x [vectors, in] float32 times the packed weight (either form): [vectors, out]."""
+    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 offset: torch.Tensor | None) -> torch.Tensor:
+        """x [vectors, in] float32 times the packed weight (either form): [vectors, out]. `offset` None: every
+        offset is zero (the kernel then never reads them)."""
         assert self.function is not None, "the kernel is used before it is built"
         x = x.contiguous()
         rows, cols = q.shape[0], scale.shape[1] * BLOCK
         y = x.new_empty((x.shape[0], rows))
         block_sums = x.new_empty((x.shape[0], cols // BLOCK))
         function = self.function4 if is_nibbles(q) else self.function
-        function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols,
-                 block_sums.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(),
+                 None if offset is None else offset.data_ptr(), rows, cols, block_sums.data_ptr(), y.data_ptr(),
+                 torch.get_num_threads())
         return y
 
     def weight(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

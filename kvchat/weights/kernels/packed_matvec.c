@@ -16,7 +16,8 @@
  *   w[16 + l], fma(x[8 + l], w[8 + l], x[l] * w[l]))); blocks alternate between two accumulators of 8 lanes
  *   (even blocks, odd blocks; an odd last block goes to the even one), acc[l] = fma(dot[l], scale[b], acc[l]);
  *   the row is lanes(even + odd) + shift, where lanes(e) = ((e0 + e4) + (e2 + e6)) + ((e1 + e5) + (e3 + e7))
- *   and shift = sum_b offset[b] * (sum_j x[32b + j]) in 8 lanes of plain products and sums, added up in order;
+ *   and shift = sum_b offset[b] * (sum_j x[32b + j]) in 8 lanes of plain products and sums, added up in order
+ *   (0 where the offsets are all zero and not given);
  * - a dot product in attention: 8 lanes of plain products and sums, then lanes(.) (in order where the length
  *   is no multiple of 8);
  * - everything else in plain C, the same statements on every path. */
@@ -140,7 +141,7 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         int64_t b = 0; \
         for (; b + 1 < blocks; b += 2) { \
             if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
-            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
+            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); if (or_) PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
             BLOCK_INTO(even, b, WEIGHTS, SCALE); \
             BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
         } \
@@ -174,17 +175,19 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
 #define FLOAT_SCALE(b) (sr[b])
 #define HALF_SCALE(b) half_to_float(sr[b])
 
+/* offset NULL: every offset is zero (a symmetric format, as GGUF's Q8_0 and Q4_0): the shift is 0 and the offsets
+ * are never read (the memory a token reads is the weights and scales alone). */
 void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                    int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     const int64_t blocks = cols / 32;
-    block_sums(x, vectors, cols, xsum);
+    if (offset) block_sums(x, vectors, cols, xsum);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *qr = q + r * cols;
-        const float *sr = scale + r * blocks, *or_ = offset + r * blocks;
+        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
         for (int64_t v = 0; v < vectors; v++) {
             const float *xv = x + v * cols;
-            const float shift = shift_of(or_, 0, xsum + v * blocks, blocks);
+            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
             ROW(INT8_AT, INT8_WEIGHTS, FLOAT_SCALE, 2);
         }
     }
@@ -193,14 +196,14 @@ void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float
 void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uint16_t *scale, const uint16_t *offset,
                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     const int64_t blocks = cols / 32;
-    block_sums(x, vectors, cols, xsum);
+    if (offset) block_sums(x, vectors, cols, xsum);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * (cols / 2);
-        const uint16_t *sr = scale + r * blocks, *or_ = offset + r * blocks;
+        const uint16_t *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
         for (int64_t v = 0; v < vectors; v++) {
             const float *xv = x + v * cols;
-            const float shift = shift_of(0, or_, xsum + v * blocks, blocks);
+            const float shift = or_ ? shift_of(0, or_, xsum + v * blocks, blocks) : 0.0f;
             ROW(NIBBLE_AT, NIBBLE_WEIGHTS, HALF_SCALE, 4);
         }
     }
@@ -254,7 +257,7 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
  * h / (heads / kv_heads), as transformers' repeat_kv. */
 
 typedef struct {
-    const void *q, *scale, *offset;  /* a packing in either form (see the top of this file) */
+    const void *q, *scale, *offset;  /* a packing in either form (see the top of this file); offset NULL: all zero */
     int64_t rows, cols;
     int64_t nibbles;  /* 1: the 4-bit form, 0: int8 */
 } Mat;
