@@ -194,7 +194,7 @@ def test_an_idle_warm_process_ends(tmp_path):
 def test_which_runs_go_warm(monkeypatch):
     from kvchat.ui import cli
 
-    assert warm.SUBCOMMANDS == set(cli.COMMANDS)
+    assert warm.SUBCOMMANDS == set(cli.COMMANDS) | {"warm"}  # (`kvchat warm` is the entry's own)
     monkeypatch.setattr(warm.sys, "platform", "linux")
     monkeypatch.setattr(warm.os, "isatty", lambda fd: True)  # a terminal: only -p runs go warm
     monkeypatch.setenv("KVCHAT_WARM", "on")
@@ -216,3 +216,19 @@ def test_the_key_changes_with_the_installed_code(tmp_path, monkeypatch):
     time.sleep(0.01)
     (tmp_path / "newly_installed.py").write_text("")
     assert warm.key({"A": "1"}) != before
+
+
+def test_kvchat_warm_lists_and_stops_the_warm_processes(served, monkeypatch, capsys):
+    """(Last in this file: it stops the module's warm process.)"""
+    env, home, _, _ = served
+    (server,) = servers(home)
+    monkeypatch.setenv("KVCHAT_HOME", str(home))
+    monkeypatch.setenv("KVCHAT_WARM", "120")
+    assert warm.command([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"warm process {server}: ") and "MiB resident" in out and out.count("\n") == 1
+    assert warm.command(["stop"]) == 0 and capsys.readouterr().out == "stopped 1 warm process\n"
+    assert not Path(f"/proc/{server}").exists() or Path(f"/proc/{server}/stat").read_text().split()[2] == "Z"
+    assert warm.command([]) == 0
+    assert capsys.readouterr().out == "no warm process: the next one-shot or piped run leaves one\n"
+    assert warm.command(["now"]) == 2 and "usage: kvchat warm [stop]" in capsys.readouterr().err

@@ -42,7 +42,7 @@ from kvchat.config import home_dir, kvchat_home
 from kvchat.errors import KvchatError
 
 IDLE_S = 600  # how long a warm process waits for a run, unless KVCHAT_WARM says otherwise
-SUBCOMMANDS = frozenset({"sessions", "cache", "info", "bench", "models"})  # kvchat.ui.cli.COMMANDS: never run warm
+SUBCOMMANDS = frozenset({"sessions", "cache", "info", "bench", "models", "warm"})  # kvchat.ui.cli.COMMANDS: never run warm
 VOLATILE = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "KVCHAT_WARM_REPORT"})  # left out of the environment's digest
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 MAX_HEADER = 4 * 1024 * 1024
@@ -264,6 +264,8 @@ def main() -> int:
     if argv[:1] == ["--serve"] and len(argv) == 2:
         sys.path[:] = json.loads(argv[1])  # the client's: the same modules, and the same key
         return serve()
+    if argv[:1] == ["warm"]:
+        return command(argv[1:])
     warm, environment = eligible(argv), dict(os.environ)
     if warm:
         code = run_warm(argv)
@@ -278,6 +280,59 @@ def main() -> int:
         except OSError:
             pass  # (no warm process: the next run is a cold one, as this was)
     return code
+
+
+def command(argv: list[str]) -> int:
+    """`kvchat warm`: this user's warm processes (in $KVCHAT_HOME), a line each; `kvchat warm stop` ends them."""
+    if argv not in ([], ["stop"]):
+        print("kvchat: error: usage: kvchat warm [stop]", file=sys.stderr)
+        return 2
+    folder = kvchat_home() / "warm"
+    running = []
+    if folder.is_dir() and not folder.is_symlink():
+        for lock in sorted(folder.glob("*.lock")):
+            name = lock.name[:-len(".lock")]
+            free = _lock(folder, name)
+            if free is not None:  # nobody holds it: no process (a stale socket goes)
+                os.close(free)
+                (folder / f"{name}.sock").unlink(missing_ok=True)
+                continue
+            pid = lock.read_text(errors="replace").strip()
+            running.append((name, pid if pid.isdigit() else "?"))
+    if argv == ["stop"]:
+        for name, _ in running:
+            (folder / f"{name}.sock").unlink(missing_ok=True)  # (it sees its socket gone and ends)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_held(folder, name) for name, _ in running):
+            time.sleep(0.1)
+        print(f"stopped {len(running)} warm process{'es' if len(running) != 1 else ''}")
+        return 0
+    if not running:
+        print("no warm process (warm runs are off: KVCHAT_WARM)" if idle_seconds() is None
+              else "no warm process: the next one-shot or piped run leaves one")
+        return 0
+    for name, pid in running:
+        print(f"warm process {pid}: {_resident(pid)}, for runs of key {name}")
+    return 0
+
+
+def _held(folder: Path, name: str) -> bool:
+    free = _lock(folder, name)
+    if free is None:
+        return True
+    os.close(free)
+    return False
+
+
+def _resident(pid: str) -> str:
+    """A process's resident memory, in words."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return f"{int(line.split()[1]) / 1024:.0f} MiB resident"
+    except (OSError, ValueError):
+        pass
+    return "memory unknown"
 
 
 # ---- the warm process ----
