@@ -20,7 +20,6 @@ def greedy_without_cache(model, prompt_ids: list[int], max_new_tokens: int, stop
     return reply
 
 
-
 @torch.inference_mode()
 def greedy_after_prefill(engine, prompt: list[int], max_new_tokens: int, kv_form=None) -> list[int]:
     """Greedy reply token ids from a cache laid out as the engine's (keys and values in `kv_form`, by default

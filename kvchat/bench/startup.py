@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvchat.bench.common import Progress, median
+from kvchat.config import kvchat_home
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,9 @@ def _timed(argv: list[str], env: dict[str, str], cwd: str) -> dict[str, Any]:
             "rc": process.returncode, "out": out.decode("utf-8", "replace"), "stderr": tail}
 
 
-def _warm_socket(env: dict[str, str], primed: Path) -> Path | None:
+def _warm_socket(primed: Path) -> Path | None:
     """The socket of the warm process that served a run (its report at `primed`), or None."""
-    folder = Path(env.get("KVCHAT_HOME") or Path.home() / ".cache" / "kvchat") / "warm"
+    folder = kvchat_home() / "warm"  # (the runs' home is this process's)
     if not primed.is_file():
         return None
     server = str(json.loads(primed.read_text()).get("server"))
@@ -114,7 +115,7 @@ def _start_warm(argv: list[str], env: dict[str, str], cwd: str, report: Path) ->
     while time.monotonic() < deadline:
         report.unlink(missing_ok=True)
         probe = _timed(argv, env, cwd)
-        socket = _warm_socket(env, report)
+        socket = _warm_socket(report)
         if probe["rc"] == 0 and socket is not None:
             return socket
         time.sleep(1)
@@ -162,7 +163,7 @@ def run(model: str, gguf: Path | None, threads: int, plan: StartupPlan, progress
                 runs["kvchat"].append(_timed(ours, cold_env, cwd))
                 report.unlink(missing_ok=True)
                 warm = _timed(ours, warm_env, cwd)
-                if warm["rc"] == 0 and _warm_socket(warm_env, report) != socket:
+                if warm["rc"] == 0 and _warm_socket(report) != socket:
                     raise RuntimeError("a warm one-shot run was not served by the warm process")
                 if warm["rc"] == 0:
                     warm["peak_rss"] = json.loads(report.read_text())["peak_rss"]  # the child that ran it

@@ -198,10 +198,9 @@ def run_warm(argv: list[str]) -> int | None:
                        for stream in (sys.stdin, sys.stdout, sys.stderr)]
             umask = os.umask(0o077)
             os.umask(umask)
-            header = json.dumps({"key": name, "argv0": sys.argv[0], "path0": sys.path[0], "argv": argv, "cwd": os.getcwd(),
-                                 "env": environment, "umask": umask, "streams": streams}).encode()
-            socket.send_fds(connection, [struct.pack("<I", len(header))], [0, 1, 2])
-            connection.sendall(header)
+            socket.send_fds(connection, [b"\0"], [0, 1, 2])  # (the streams ride on one byte of their own)
+            _send(connection, {"key": name, "argv0": sys.argv[0], "path0": sys.path[0], "argv": argv,
+                               "cwd": os.getcwd(), "env": environment, "umask": umask, "streams": streams})
             started = _receive(connection)
         except (OSError, ValueError):
             return None
@@ -241,9 +240,9 @@ def start_warm(environment: dict[str, str]) -> None:
     if lock is None:
         return  # one is running (or starting)
     os.close(lock)
-    subprocess.Popen([sys.executable, "-m", "kvchat.ui.warm", "--serve", json.dumps(sys.path)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder, start_new_session=True,
-                     close_fds=True, env=environment)
+    subprocess.Popen([sys.executable, "-m", "kvchat.ui.warm", "--serve", json.dumps(sys.path)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder,
+                     start_new_session=True, close_fds=True, env=environment)
 
 
 def _lock(folder: Path, name: str) -> int | None:
@@ -287,18 +286,15 @@ def command(argv: list[str]) -> int:
     if argv not in ([], ["stop"]):
         print("kvchat: error: usage: kvchat warm [stop]", file=sys.stderr)
         return 2
-    folder = kvchat_home() / "warm"
+    folder = _folder()
     running = []
-    if folder.is_dir() and not folder.is_symlink():
-        for lock in sorted(folder.glob("*.lock")):
-            name = lock.name[:-len(".lock")]
-            free = _lock(folder, name)
-            if free is not None:  # nobody holds it: no process (a stale socket goes)
-                os.close(free)
-                (folder / f"{name}.sock").unlink(missing_ok=True)
-                continue
-            pid = lock.read_text(errors="replace").strip()
-            running.append((name, pid if pid.isdigit() else "?"))
+    for lock in sorted(folder.glob("*.lock")) if folder is not None else []:
+        name = lock.name[:-len(".lock")]
+        if not _held(folder, name):  # nobody holds it: no process (a stale socket goes)
+            (folder / f"{name}.sock").unlink(missing_ok=True)
+            continue
+        pid = lock.read_text(errors="replace").strip()
+        running.append((name, pid if pid.isdigit() else "?"))
     if argv == ["stop"]:
         for name, _ in running:
             (folder / f"{name}.sock").unlink(missing_ok=True)  # (it sees its socket gone and ends)
@@ -317,6 +313,7 @@ def command(argv: list[str]) -> int:
 
 
 def _held(folder: Path, name: str) -> bool:
+    """Whether a warm process holds the lock for `name` (it is running, or starting)."""
     free = _lock(folder, name)
     if free is None:
         return True
@@ -452,18 +449,15 @@ def _start(connection: socket.socket, name: str, inherited: list[Any], lock: int
     connection.settimeout(10)
     fds: list[int] = []
     try:
-        data, fds, _, _ = socket.recv_fds(connection, 4, 3)
-        rest = _exactly(connection, 4 - len(data)) if 0 < len(data) < 4 else b""
-        if len(fds) != 3 or rest is None or len(data + rest) != 4:
-            raise ValueError("no header")
-        length = struct.unpack("<I", data + rest)[0]
-        body = _exactly(connection, length) if length <= MAX_HEADER else None
-        if body is None:
-            raise ValueError("a short or oversized header")
-        run = json.loads(body)
+        data, fds, _, _ = socket.recv_fds(connection, 1, 3)
+        if data != b"\0" or len(fds) != 3:
+            raise ValueError("no streams")
+        run = _receive(connection)
+        if run is None:
+            raise ValueError("a short or oversized run")
         if run.get("key") != name or key(run["env"]) != name or _shadows(run["path0"]):
             raise ValueError("another environment or other code")
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # (a run not a JSON object: refused)
         for fd in fds:
             os.close(fd)
         return None

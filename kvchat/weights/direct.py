@@ -21,7 +21,6 @@ import torch
 from kvchat.weights import quant
 
 
-
 class _Family:
     """What the direct step accepts of one transformers family: its module and class-name prefix, whether the
     query, key and value products may carry biases, and whether its heads are RMS-normed (q_norm, k_norm)."""
