@@ -66,12 +66,13 @@ def lanes(e):
 def defined_product(x, q, scale, offset):
     """y = x @ w.T for a packed weight, in the order kernels/packed_matvec.c defines (see its top comment)."""
     rows, blocks = scale.shape
+    size = q.shape[1] // blocks  # 32, or 16 (the form of GGUF's Q6_K)
     y = torch.empty(x.shape[0], rows)
     for v, xv in enumerate(x.tolist()):
         sums = []
         for b in range(blocks):
             total = 0.0
-            for value in xv[32 * b:32 * b + 32]:
+            for value in xv[size * b:size * b + size]:
                 total = add(total, value)
             sums.append(total)
         for r in range(rows):
@@ -79,9 +80,9 @@ def defined_product(x, q, scale, offset):
             s, o = scale[r].tolist(), offset[r].tolist()
             acc = [[0.0] * 8, [0.0] * 8]
             for b in range(blocks):
-                xb, wb = xv[32 * b:32 * b + 32], w[32 * b:32 * b + 32]
+                xb, wb = xv[size * b:size * b + size], w[size * b:size * b + size]
                 dot = [mul(xb[l], wb[l]) for l in range(8)]
-                for k in range(1, 4):
+                for k in range(1, size // 8):
                     dot = [fma(xb[8 * k + l], wb[8 * k + l], dot[l]) for l in range(8)]
                 acc[b & 1] = [fma(dot[l], s[b], acc[b & 1][l]) for l in range(8)]
             shift_lanes, b = [0.0] * 8, 0
@@ -116,6 +117,30 @@ def test_every_path_computes_the_defined_order_bit_for_bit(rows, blocks, vectors
         assert torch.equal(path(x, q, scale, offset), want), path.path
         assert torch.equal(path(x, *nibbles), want), path.path  # the 4-bit form: the same bits
     assert not torch.equal(want, x @ quant.unpack(q, scale, offset).T)  # (an order of its own, not torch's)
+
+
+@pytest.mark.parametrize("rows,blocks,vectors", [(3, 1, 1), (4, 9, 1), (3, 17, 2)])
+def test_the_forms_of_k_quants_compute_the_defined_order_bit_for_bit(rows, blocks, vectors):
+    """Q4_K's form (4 bits, float32 scales and offsets: a float16 times a 6-bit integer) and Q6_K's (int8 values
+    in 16-input blocks, with and without offsets)."""
+    generator = torch.Generator().manual_seed(rows * 10 + blocks)
+    q, _, _ = weights(rows, blocks, seed=blocks)
+    d = (torch.rand(rows, 1, generator=generator) * 0.002).half().float()
+    scale = d * torch.randint(0, 64, (rows, blocks), generator=generator).float()
+    offset = -(d * torch.randint(0, 64, (rows, blocks), generator=generator).float())
+    x = torch.randn(vectors, blocks * quant.BLOCK, generator=generator)
+    want = defined_product(x, q, scale, offset)
+    nibbles = quant.narrow(q, scale, offset)
+    assert nibbles is not None and nibbles[1].dtype == torch.float32
+    q16 = torch.randint(-32, 32, (rows, blocks * quant.BLOCK), dtype=torch.int8, generator=generator)
+    scale16 = d * torch.randint(-128, 128, (rows, 2 * blocks), generator=generator).float()
+    offset16 = torch.randn(rows, 2 * blocks, generator=generator) * 0.05
+    for path in paths():
+        assert torch.equal(path(x, q, scale, offset), want), path.path
+        assert torch.equal(path(x, *nibbles), want), path.path
+        for offsets in (offset16, torch.zeros_like(offset16)):
+            assert torch.equal(path(x, q16, scale16, offsets), defined_product(x, q16, scale16, offsets)), path.path
+            assert torch.equal(path.weight(q16, scale16, offsets), quant.unpack(q16, scale16, offsets)), path.path
 
 
 def test_zero_offsets_not_given_are_the_same_product():

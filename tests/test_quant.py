@@ -127,6 +127,19 @@ def test_packed_and_full_weights_are_other_models_to_the_store(kernel):
     assert fingerprint(exact_packed()) == fingerprint(packed)
 
 
+def test_weights_packed_at_load_by_another_packing_version_are_another_model_to_the_store(kernel):
+    """A packing made as the model loads depends on kvchat's packing code (PACK_VERSION): KV made with another
+    version's packings is not reused (Q4_0 blocks moved from int8 to 4 bits in version 2, other bits)."""
+    from kvchat.weights.model import PACK_VERSION
+
+    loaded = gguf_like()
+    choose_weights(loaded, "auto", lambda *_: None)
+    assert loaded.weight_format == "int8" and loaded.packed_by == PACK_VERSION
+    now = fingerprint(loaded)
+    loaded.packed_by = "1"
+    assert fingerprint(loaded) != now
+
+
 # bfloat16 is not among them: its rounding differs with the number of tokens in a pass, so a cached turn and a
 # fresh prefill of the same tokens differ on these random models from the first token (measured); the levers
 # benchmark reports how often it agrees with float32 on the real model.
@@ -349,11 +362,19 @@ def test_q4_blocks_are_kept_in_4_bits_and_come_back_bit_for_bit():
     assert nibbles.shape == (48, 2 * quant.BLOCK) and quant.is_nibbles(nibbles)
     assert nibbles.nbytes + scale16.nbytes + offset16.nbytes == weight.numel() * 5 // 8  # 0.625 bytes a weight
     assert torch.equal(quant.unpack(nibbles, scale16, offset16), weight)
+    zero = through_gguf(torch.randn(48, 4 * quant.BLOCK) * 0.05, "Q4_0")  # (negative d where the largest is > 0)
+    q0, scale0, offset0, missing0 = quant.pack(zero)
+    four = quant.narrow(q0, scale0, offset0)
+    assert missing0 == 0 and four is not None and four[1].dtype == torch.float16  # Q4_0: 4 bits, float16 too
+    assert torch.equal(quant.unpack(*four), zero)
     eight = through_gguf(torch.randn(48, 4 * quant.BLOCK) * 0.05, "Q8_0")
     assert quant.narrow(*quant.pack(eight)[:3]) is None  # values beyond 0..15 stay int8
     off = q.clone(), scale.clone(), offset.clone()
-    off[2][0, 0] += 1e-6  # an offset that is no float16
-    assert quant.narrow(*off) is None
+    off[2][0, 0] += 1e-6  # an offset that is no float16: the 4-bit form keeps float32 scales and offsets (Q4_K's)
+    wide = quant.narrow(*off)
+    assert (wide[1].dtype, wide[2].dtype) == (torch.float32, torch.float32)
+    assert wide[0].nbytes + wide[1].nbytes + wide[2].nbytes == weight.numel() * 6 // 8  # 0.75 bytes a weight
+    assert torch.equal(quant.unpack(*wide), quant.unpack(*off))
 
 
 @pytest.mark.parametrize("rows", [1, 3])

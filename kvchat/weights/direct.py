@@ -41,7 +41,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # a rotary table that does
 
 class _Mat(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
-                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("nibbles", ctypes.c_int64)]
+                ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("form", ctypes.c_int64)]
 
 
 class _Side(ctypes.Structure):
@@ -195,7 +195,7 @@ class DirectStep:
         self._keep += [q, scale, offset]
         symmetric = not bool(offset.any())  # (Q8_0, Q4_0: the kernel skips offsets it is not given)
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=None if symmetric else offset.data_ptr(),
-                    rows=q.shape[0], cols=scale.shape[1] * quant.BLOCK, nibbles=int(quant.is_nibbles(q)))
+                    rows=q.shape[0], cols=quant.columns(q), form=quant.kernel_form(q, scale))
 
     def _side(self, side: Any, store: Any) -> None:
         """Point `side` at a layer's keys or values (a `layers.RowStore`), checked against what the C step reads."""

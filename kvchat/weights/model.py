@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -10,7 +12,6 @@ import re
 import shutil
 import struct
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +42,7 @@ class LoadedModel:
     weight_label: str | None = None  # what packed weights are kept as, for people: "4-bit and int8"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
+    packed_by: str | None = None  # PACK_VERSION, when kvchat packed the weights as it loaded them (see choose_weights)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,37 +78,45 @@ def default_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf: Path, out_dir: Path, progress: Progress) -> Path:
+def convert_gguf(gguf: Path, out_dir: Path, progress: Progress, keep_unpacked: bool = True) -> Path:
     """Dequantize a GGUF model once into a safetensors model directory (loads in ~2 s instead of ~20 s); when
-    another kvchat is converting it, wait for that one and use its result."""
+    another kvchat is converting it, wait for that one and use its result. With `keep_unpacked` False a model
+    whose weights are not all exact blocks is not kept: `out_dir` then holds only a note (NOT_PACKED) saying
+    so, and the file is loaded as it is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     with conversion_folder(out_dir.parent) as staging:
-        if (out_dir / "config.json").is_file():
+        if (out_dir / "config.json").is_file() or (not keep_unpacked and _noted(out_dir)):
             return out_dir  # converted meanwhile
         hf_logging.disable_progress_bar()  # one bar, the caller's, rather than three of transformers'
         what = f"converting {gguf.name} (once)"
-        progress(f"{what}: tokenizer", 0, 3)
+        progress(f"{what}: tokenizer", 0, 4)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        progress(f"{what}: dequantizing the weights", 1, 3)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        progress(f"{what}: writing safetensors to {out_dir}", 2, 3)
+        progress(f"{what}: dequantizing the weights", 1, 4)
+        with contextlib.redirect_stderr(io.StringIO()):  # (transformers' GGUF reader draws a bar of its own there)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        progress(f"{what}: writing safetensors to {out_dir}", 2, 4)
         # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are dequantized.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        pack_directory(staging)
+        del model  # (its float32 weights: the packing reads them back from the file, one at a time)
+        progress(f"{what}: packing the weights as exact blocks", 3, 4)
+        if not pack_directory(staging, gguf) and not keep_unpacked:
+            for path in list(staging.iterdir()):
+                path.unlink()
+            write_private(staging / NOT_PACKED, PACKING_SUPPORT.encode())
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
-    progress(f"{what}: done", 3, 3)
+    progress(f"{what}: done", 4, 4)
     return out_dir
 
 
-@contextmanager
+@contextlib.contextmanager
 def conversion_folder(parent: Path) -> Iterator[Path]:
     """A new folder in `parent` (made private) to convert a model into, removed afterwards unless it was moved
     away. One conversion at a time per `parent` (a lock held throughout): a `.convert-*` folder found there then
@@ -134,31 +144,60 @@ def conversion_folder(parent: Path) -> Iterator[Path]:
 
 
 PACKED_WEIGHTS = "packed.safetensors"  # a converted model's weights as exact blocks (see pack_directory)
+NOT_PACKED = "not-packed"  # in a GGUF file's folder: its weights are not exact blocks kvchat reads (its content says
+PACKING_SUPPORT = "Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K"  # which block types kvchat read then: a later one tries again)
 
 
-def pack_directory(directory: Path) -> bool:
+def gguf_model_dir(gguf: Path, progress: Progress) -> Path | None:
+    """The converted and packed form of a GGUF file (see `convert_gguf`), converted on its first use and found
+    again by the file's SHA-256; None when its weights are not all exact blocks of the types kvchat reads (the
+    file is then loaded as it is, each time)."""
+    out_dir = home_dir("models") / f"gguf-{file_digest(gguf)[:32]}"
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    if _noted(out_dir):
+        return None
+    from gguf import GGUFReader
+
+    GGUFReader(str(gguf))  # (a damaged file fails here, before a conversion is begun and said)
+    convert_gguf(gguf, out_dir, progress, keep_unpacked=False)
+    return out_dir if (out_dir / "config.json").is_file() else None
+
+
+def _noted(out_dir: Path) -> bool:
+    """Whether a GGUF file's folder notes that its weights are not blocks this kvchat packs."""
+    return read_regular(out_dir / NOT_PACKED) == PACKING_SUPPORT.encode()
+
+
+def pack_directory(directory: Path, gguf: Path | None = None) -> bool:
     """Replace the float32 weights that save_pretrained wrote in `directory` by their integer blocks (see
     `kvchat.weights.quant`: 4-bit where they fit, else int8) when every matrix comes back bit for bit, as a GGUF's do:
     the default model takes 102 MB on disk instead of 538, and loads as the same float32 numbers. The file is in
     the form `quant.pack_model` keeps packings in (so packed weights are read from it as they are), plus the
-    tensors left unpacked."""
-    from safetensors.torch import load_file
+    tensors left unpacked. `gguf` is the file the weights were converted from: its K-quant blocks' scales are
+    read from it (see `kvchat.weights.kquants`)."""
+    from safetensors import safe_open
 
     from kvchat.weights import quant
+    from kvchat.weights.kquants import RowIndex
 
     files = list(directory.glob("*.safetensors"))
     if [f.name for f in files] != ["model.safetensors"]:
         return False  # sharded, or nothing to pack
+    index = RowIndex.of(gguf) if gguf is not None else RowIndex()
     others: dict[str, torch.Tensor] = {}
     packed: quant.Packed = {}
-    for name, tensor in load_file(str(files[0])).items():
-        if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
-                and tensor.shape[1] % quant.BLOCK == 0:
-            packed[name[: -len(".weight")]] = entry = quant.pack(tensor, allow_approximate=False)
-            if entry[3]:
-                return False
-        else:
-            others[name] = tensor
+    with safe_open(str(files[0]), "pt") as handle:  # (one float32 weight read at a time)
+        for name in handle.keys():
+            tensor = handle.get_tensor(name)
+            if name.endswith(".weight") and tensor.dim() == 2 and tensor.dtype == torch.float32 \
+                    and tensor.shape[1] % quant.BLOCK == 0:
+                hint = index.hint(tensor) if index.rows else None
+                packed[name[: -len(".weight")]] = entry = quant.pack(tensor, allow_approximate=False, hint=hint)
+                if entry[3]:
+                    return False
+            else:
+                others[name] = tensor
     quant.narrow_all(packed)
     if not quant.write_packing(directory / PACKED_WEIGHTS, packed, others):
         return False
@@ -183,7 +222,7 @@ def packed_state(directory: Path, placeholders: bool = False) -> tuple[dict[str,
         if any(entry[3] for entry in packed.values()):
             raise ValueError("it holds approximate packings, which kvchat never writes there")
         for key, (q, scale, offset, _) in packed.items():
-            state[f"{key}.weight"] = zero.expand(q.shape[0], scale.shape[1] * quant.BLOCK) if placeholders else \
+            state[f"{key}.weight"] = zero.expand(q.shape[0], quant.columns(q)) if placeholders else \
                 quant.dequantize(q, scale, offset)
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise KvchatError(f"the converted model in {directory} is damaged ({one_line(exc, 80)}): delete that "
@@ -338,7 +377,11 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
         source, name = default_model_dir(progress), DEFAULT_MODEL_NAME
     elif spec.endswith(".gguf") and Path(spec).is_file():
         source, name = Path(spec).parent, Path(spec).name
-        extra["gguf_file"] = Path(spec).name
+        converted = _converted(Path(spec), spec, progress) if weights != "full" and device.type == "cpu" else None
+        if converted is not None:
+            source = converted
+        else:
+            extra["gguf_file"] = Path(spec).name
     elif Path(spec).is_file():
         raise ConfigError(f"{spec} is a file, not a model: give a model directory, a .gguf file, 'default' "
                           "or a Hugging Face id")
@@ -366,8 +409,17 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
             config = AutoConfig.from_pretrained(source)
-            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                None, config=config, state_dict=found[0], dtype=dtype, **placement)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # (its report of missing weights: kvchat says it in one line below)
+            try:
+                model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+                    None, config=config, state_dict=found[0], dtype=dtype, output_loading_info=True, **placement)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            if info.get("missing_keys"):  # (transformers would give those weights random values, and only warn)
+                missing = sorted(info["missing_keys"])
+                raise KvchatError(f"the converted model in {source} is damaged ({len(missing)} weights missing, "
+                                  f"{missing[0]} among them): delete that folder and kvchat converts it again")
             if direct:
                 _install(model, found[1])
             if (source / "generation_config.json").is_file():
@@ -395,6 +447,16 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     return loaded
 
 
+def _converted(gguf: Path, spec: str, progress: Progress) -> Path | None:
+    """`gguf_model_dir`, with a file that cannot be converted reported as one that cannot be loaded."""
+    try:
+        return gguf_model_dir(gguf, progress)
+    except (ValueError, KeyError, struct.error, IndexError, TypeError) as exc:  # a damaged .gguf raises any of these
+        raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
+    except OSError as exc:
+        raise KvchatError(f"cannot load {spec}: {one_line(exc)}") from None
+
+
 def _install(model: Any, packed: Any) -> None:
     """Pack the model's layers from its own file's packings; a packed weight no layer took gets its float32
     values in place of its placeholder."""
@@ -420,7 +482,7 @@ def weights_label(loaded: LoadedModel) -> str:
     return loaded.weight_format.replace("int8", loaded.weight_label)
 
 
-PACK_VERSION = "1"  # changes when quant.pack's output would
+PACK_VERSION = "2"  # changes when quant.pack's output would (2: Q4_0 blocks kept in 4 bits)
 
 
 def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> None:
@@ -465,6 +527,7 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
         return
     # (one format for the fingerprint: both forms of packed weights compute the same bits, see kvchat.weights.quant)
     loaded.weight_format = "int8" if packing.exact else "int8 (approximate)"
+    loaded.packed_by = PACK_VERSION  # (packings of another version may compute other bits: told apart)
     loaded.weight_label = quant.forms(loaded.model)
 
 
@@ -550,6 +613,8 @@ def fingerprint(loaded: LoadedModel) -> str:
     digest.update(str(loaded.dtype).encode())
     if loaded.weight_format != "full":  # (full weights hash as before, so existing sessions keep matching)
         digest.update(loaded.weight_format.encode())
+    if loaded.packed_by is not None:  # (weights packed from their own file hash by that file, below)
+        digest.update(f"packed by {loaded.packed_by}".encode())
     digest.update((loaded.tokenizer.chat_template or "").encode())
     backend = getattr(loaded.tokenizer, "backend_tokenizer", None)
     digest.update(backend.to_str().encode() if backend is not None else

@@ -2,16 +2,20 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is the speed of reading the weights. Here
 each linear layer (and the embedding) keeps its weight as integers with a scale and offset per block of 32
-inputs (w = q * scale + offset), in one of two forms: int8 values with float32 scales and offsets (1.25 bytes
-per weight instead of 4), or, where every value is 0..15 and every scale and offset a float16, as a GGUF's
-Q4_1 and Q4_0 blocks are, 4-bit values two to a byte with float16 scales and offsets (0.625 bytes per weight,
-what llama.cpp reads for Q4_1). Both stand for the same float32 weights, and the kernel computes both in the
-same order, to the same bits. Activations, attention and the KV cache stay float32.
+inputs (w = q * scale + offset), in one of these forms: int8 values with float32 scales and offsets (1.25 bytes
+per weight instead of 4), or, where every value is 0..15, 4-bit values two to a byte with float16 scales and
+offsets where every one is a float16, as a GGUF's Q4_1 and Q4_0 blocks are (0.625 bytes per weight, what
+llama.cpp reads for Q4_1), else float32 ones, as Q4_K's (0.75). All stand for the same float32 weights, and the
+kernel computes them in the same order, to the same bits. A weight made of GGUF's Q6_K blocks (a scale every 16
+inputs) keeps int8 values with a float32 scale and offset per 16 inputs. Activations, attention and the KV cache
+stay float32.
 
 Models converted from a GGUF file (the default model among them) carry weights that were quantized in such
 blocks (Q4_0, Q4_1, Q8_0): `pack` finds each block's scale and offset and checks that every weight comes back
-bit for bit, so the model computes with exactly the weights of its float32 form. Blocks that do not come back
-exactly are quantized (symmetric int8, the scale in float32); `Packing.exact` says whether any were.
+bit for bit, so the model computes with exactly the weights of its float32 form. K-quant blocks (Q4_K, Q5_K,
+Q6_K) are packed from the scales read from the file (see `kvchat.weights.kquants`), checked the same way. Blocks
+that do not come back exactly are quantized (symmetric int8, the scale in float32); `Packing.exact` says whether
+any were.
 
 A token's products run through a small C kernel (kernels/packed_matvec.c, built when kvchat is installed,
 with a portable path and, on x86-64, an AVX2 path that compute the same bits) that reads the packed weights and
@@ -38,9 +42,11 @@ from kvchat.errors import KvchatError, one_line
 
 BLOCK = 32  # inputs per scale, as in GGUF's Q4_0/Q4_1/Q8_0
 
-# (levels, asymmetric): the block formats `pack` recognises, tried in order. Q4_1 is v = d*q + m with q in
+# (levels, asymmetric, shift): the block formats `pack` recognises, tried in order. Q4_1 is v = d*q + m with q in
 # 0..15 and m the block's minimum; Q8_0 and Q4_0 are v = d*q with |q| at most 127 and 8. d and m are float16.
-FORMATS = ((15, True), (127, False), (8, False))
+# A shift keeps a Q4_0 block as q + 8 (0..15) with the offset -8d (a float16 too, and every value the same
+# number), so that it has the 4-bit form (see `narrow`).
+FORMATS = ((15, True, 0), (127, False, 0), (8, False, 8))
 
 
 Packed = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]  # weight key -> (q, scale, offset, missing)
@@ -59,27 +65,39 @@ class Packing:
         return self.approximate == 0
 
 
-def pack(weight: torch.Tensor, allow_approximate: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def pack(weight: torch.Tensor, allow_approximate: bool = True,
+         hint: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Split `weight` [out, in] into q int8 [out, in], scale and offset float32 [out, in // BLOCK].
 
     Returns them and how many blocks were quantized rather than recovered. With `allow_approximate` False the
-    count is returned without quantizing (q is then meaningless where it is non-zero)."""
+    count is returned without quantizing (q is then meaningless where it is non-zero). `hint` is a scale and
+    offset [out, in // 32 or in // 16] that the weight's blocks may have been made with (a GGUF K-quant's, see
+    `kvchat.weights.kquants`): when every value comes back from them bit for bit, they are the packing (in
+    blocks of 16 inputs where they are)."""
     rows, cols = weight.shape
     assert cols % BLOCK == 0, f"a packed weight needs a multiple of {BLOCK} inputs, not {cols}"
+    if hint is not None:
+        found = _from_scales(weight, *hint)
+        if found is not None:
+            return (*found, 0)
     blocks = weight.detach().to(torch.float32).reshape(-1, BLOCK)  # [out * in/B, B]
     q = torch.zeros(blocks.shape, dtype=torch.int8)
     scale = torch.zeros(blocks.shape[0])
     offset = torch.zeros(blocks.shape[0])
     left = torch.arange(blocks.shape[0])  # blocks no format has reproduced yet
-    for levels, asymmetric in FORMATS:
+    for levels, asymmetric, shift in FORMATS:
         if not len(left):
             break
         part = blocks[left]
         base = part.amin(-1, keepdim=True) if asymmetric else torch.zeros(len(left), 1)
         spread = part.amax(-1, keepdim=True) - base if asymmetric else part.abs().amax(-1, keepdim=True)
+        base = base.half().float()  # (Q4_1's m is a float16: a Q4_0 block whose minimum is none is left to Q4_0)
+        if shift:  # (Q4_0's d is the value of largest magnitude over -8: negative where that value is positive)
+            spread = -part.gather(-1, part.abs().argmax(-1, keepdim=True))
         step = (spread / levels).half().float()
-        trial = torch.round((part - base) / torch.where(step == 0, 1.0, step)).clamp(-128, 127)
-        exact = ((trial * step + base) == part).all(-1)
+        trial = torch.round((part - base) / torch.where(step == 0, 1.0, step)).clamp(-128, 127) + shift
+        base = base - shift * step
+        exact = ((trial * step + base) == part).all(-1) & ((trial >= -128) & (trial <= 127)).all(-1)
         hit = left[exact]
         q[hit], scale[hit], offset[hit] = trial[exact].to(torch.int8), step[exact, 0], base[exact, 0]
         left = left[~exact]
@@ -91,19 +109,37 @@ def pack(weight: torch.Tensor, allow_approximate: bool = True) -> tuple[torch.Te
     return q.reshape(rows, cols), scale.reshape(rows, -1), offset.reshape(rows, -1), len(left)
 
 
+def _from_scales(weight: torch.Tensor, scale: torch.Tensor,
+                 offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The int8 values that give `weight` exactly from these scales and offsets (blocks of in // scale columns
+    inputs, 32 or 16), with them; None where any value does not come back bit for bit."""
+    rows, cols = weight.shape
+    if scale.shape != offset.shape or scale.dim() != 2 or scale.shape[0] != rows or not scale.shape[1] \
+            or cols % scale.shape[1] or cols // scale.shape[1] not in (BLOCK, 16):
+        return None
+    scale, offset = scale.to(torch.float32).contiguous(), offset.to(torch.float32).contiguous()
+    blocks = weight.detach().to(torch.float32).reshape(rows, scale.shape[1], -1)
+    step = torch.where(scale == 0, 1.0, scale)[..., None]
+    trial = torch.round((blocks - offset[..., None]) / step).clamp(-128, 127)
+    if not torch.equal(trial * scale[..., None] + offset[..., None], blocks):
+        return None
+    return trial.to(torch.int8).reshape(rows, cols), scale, offset
+
+
 def narrow(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """The 4-bit form of a packing from `pack`: q uint8 [out, in / 2] (byte j of a block holds value j in its
-    low four bits and value j + 16 in its high four), scale and offset float16 [out, in / BLOCK]; None when some
-    value is outside 0..15 or some scale or offset is no float16."""
-    if q.dtype != torch.int8 or not len(q) or int(q.min()) < 0 or int(q.max()) > 15:
+    """The 4-bit form of a packing of 32-input blocks from `pack`: q uint8 [out, in / 2] (byte j of a block
+    holds value j in its low four bits and value j + 16 in its high four), scale and offset [out, in / BLOCK] as
+    float16 where every one is a float16 (as GGUF's Q4_0 and Q4_1 blocks), else float32 (as Q4_K's); None when
+    some value is outside 0..15, or the blocks are not of 32 inputs."""
+    if q.dtype != torch.int8 or not len(q) or block_of(q, scale) != BLOCK or int(q.min()) < 0 or int(q.max()) > 15:
         return None
     scale16, offset16 = scale.half(), offset.half()
-    if not (torch.equal(scale16.float(), scale) and torch.equal(offset16.float(), offset)):
-        return None
+    if torch.equal(scale16.float(), scale) and torch.equal(offset16.float(), offset):
+        scale, offset = scale16, offset16
     rows, cols = q.shape
     halves = q.reshape(rows, cols // BLOCK, 2, BLOCK // 2).to(torch.uint8)
     nibbles = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(rows, cols // 2)
-    return nibbles, scale16, offset16
+    return nibbles, scale, offset
 
 
 def narrow_all(packed: "Packed") -> bool:
@@ -121,6 +157,24 @@ def is_nibbles(q: torch.Tensor) -> bool:
     return q.dtype == torch.uint8
 
 
+def columns(q: torch.Tensor) -> int:
+    """The inputs of a packed weight whose values are `q` (either form)."""
+    return q.shape[1] * 2 if is_nibbles(q) else q.shape[1]
+
+
+def kernel_form(q: torch.Tensor, scale: torch.Tensor) -> int:
+    """The number the kernel's direct step knows a packed weight's form by (MAT_* in kernels/packed_matvec.c):
+    0 int8, 1 4-bit with float16 scales, 2 4-bit with float32 scales, 3 int8 in blocks of 16 inputs."""
+    if is_nibbles(q):
+        return 1 if scale.dtype == torch.float16 else 2
+    return 0 if block_of(q, scale) == BLOCK else 3
+
+
+def block_of(q: torch.Tensor, scale: torch.Tensor) -> int:
+    """The inputs a scale of a packed weight covers: BLOCK, or 16 (GGUF's K-quants Q6_K, Q3_K and Q2_K)."""
+    return columns(q) // scale.shape[1]
+
+
 def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] that `pack` (or `narrow`) split."""
     if is_nibbles(q):
@@ -128,7 +182,7 @@ def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.
         bytes_ = q.reshape(rows, -1, 1, BLOCK // 2)
         q = torch.cat([bytes_ & 15, bytes_ >> 4], dim=2).to(torch.int8).reshape(rows, -1)
     rows, cols = q.shape
-    blocks = q.reshape(rows, cols // BLOCK, BLOCK).to(torch.float32)
+    blocks = q.reshape(rows, scale.shape[1], cols // scale.shape[1]).to(torch.float32)
     return (blocks * scale.float()[..., None] + offset.float()[..., None]).reshape(rows, cols)
 
 
@@ -155,8 +209,12 @@ class Kernel:
         self.path: str | None = None  # the path in use, once built
         self.function: Any = None  # packed_matvec
         self.expand: Any = None  # packed_unpack
-        self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form
+        self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form (float16 scales)
         self.expand4: Any = None  # packed4_unpack
+        self.function4f: Any = None  # packed4f_matvec: the 4-bit form with float32 scales
+        self.expand4f: Any = None  # packed4f_unpack
+        self.function16: Any = None  # packed16_matvec: int8 values in blocks of 16 inputs
+        self.expand16: Any = None  # packed16_unpack
         self.step: Any = None  # llama_step (see kvchat.weights.direct)
         self.failure: str | None = None
         self._library: Any = None
@@ -181,6 +239,7 @@ class Kernel:
             self._check()
         except (OSError, AttributeError, KvchatError) as exc:
             self.function = self.expand = self.function4 = self.expand4 = self.step = None
+            self.function4f = self.expand4f = self.function16 = self.expand16 = None
             self.path = None
             self.failure = one_line(exc, 200)
         return self.function is not None
@@ -224,35 +283,52 @@ class Kernel:
         expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int]
         functions = []
-        for name, argtypes in (("packed_matvec", product), ("packed_unpack", expansion),
-                               ("packed4_matvec", product), ("packed4_unpack", expansion)):
-            function = getattr(self._library, f"{name}_{path}")
-            function.argtypes, function.restype = argtypes, None
-            functions.append(function)
-        self.function, self.expand, self.function4, self.expand4 = functions
+        for name in ("packed", "packed4", "packed4f", "packed16"):
+            for kind, argtypes in (("matvec", product), ("unpack", expansion)):
+                function = getattr(self._library, f"{name}_{kind}_{path}")
+                function.argtypes, function.restype = argtypes, None
+                functions.append(function)
+        (self.function, self.expand, self.function4, self.expand4, self.function4f, self.expand4f,
+         self.function16, self.expand16) = functions
         self.step = getattr(self._library, f"llama_step_{path}")
         self.step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int]
         self.step.restype = ctypes.c_int
 
     def _check(self) -> None:
-        """Raise KvchatError unless the path computes what `unpack` says, in both forms and to the same bits in
-        both (a weight of Q4_1-like blocks: values 0..15, float16 scales and offsets)."""
+        """Raise KvchatError unless the path computes what `unpack` says, in every form, and to the same bits in
+        the forms of 32-input blocks (weights of Q4_1-like blocks: values 0..15, float16 scales and offsets; of
+        Q4_K-like ones: float32 scales; and of 16-input blocks, as Q6_K's)."""
         generator = torch.Generator().manual_seed(0)
         q = torch.randint(0, 16, (40, 3 * BLOCK), dtype=torch.int8, generator=generator)
-        scale = (torch.rand(40, 3, generator=generator) * 0.01).half().float()
-        offset = (torch.randn(40, 3, generator=generator) * 0.05).half().float()
-        nibbles = narrow(q, scale, offset)
-        assert nibbles is not None, "the check's weight has no 4-bit form"
         x = torch.randn(2, 3 * BLOCK, generator=generator)
-        product = self(x, q, scale, offset)
-        if not torch.allclose(product, x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
-            raise KvchatError(f"the kernel's {self.path} path computes wrong products")
-        if not torch.equal(self(x, *nibbles), product):
-            raise KvchatError(f"the kernel's {self.path} path computes 4-bit products unlike int8 ones")
-        if not (torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset))
-                and torch.equal(self.weight(*nibbles), unpack(q, scale, offset))):
-            raise KvchatError(f"the kernel's {self.path} path unpacks wrong weights")
+        for rounding in (torch.float16, torch.float32):
+            scale = (torch.rand(40, 3, generator=generator) * 0.01).to(rounding).float()
+            offset = (torch.randn(40, 3, generator=generator) * 0.05).to(rounding).float()
+            nibbles = narrow(q, scale, offset)
+            assert nibbles is not None and nibbles[1].dtype == rounding, "the check's weight has no 4-bit form"
+            product = self(x, q, scale, offset)
+            if not torch.allclose(product, x @ unpack(q, scale, offset).T, rtol=1e-4, atol=1e-4):
+                raise KvchatError(f"the kernel's {self.path} path computes wrong products")
+            if not torch.equal(self(x, *nibbles), product):
+                raise KvchatError(f"the kernel's {self.path} path computes 4-bit products unlike int8 ones")
+            if not (torch.equal(self.weight(q, scale, offset), unpack(q, scale, offset))
+                    and torch.equal(self.weight(*nibbles), unpack(q, scale, offset))):
+                raise KvchatError(f"the kernel's {self.path} path unpacks wrong weights")
+        q16 = torch.randint(-32, 32, (40, 3 * BLOCK), dtype=torch.int8, generator=generator)
+        scale16 = torch.rand(40, 6, generator=generator) * 0.01
+        offset16 = torch.randn(40, 6, generator=generator) * 0.05
+        for offsets in (offset16, torch.zeros_like(offset16)):
+            if not (torch.allclose(self(x, q16, scale16, offsets), x @ unpack(q16, scale16, offsets).T,
+                                   rtol=1e-4, atol=1e-4)
+                    and torch.equal(self.weight(q16, scale16, offsets), unpack(q16, scale16, offsets))):
+                raise KvchatError(f"the kernel's {self.path} path computes wrong products of 16-input blocks")
+
+    def _functions(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[Any, Any]:
+        """The product and the unpacking of a packed weight's form."""
+        if is_nibbles(q):
+            return (self.function4, self.expand4) if scale.dtype == torch.float16 else (self.function4f, self.expand4f)
+        return (self.function, self.expand) if block_of(q, scale) == BLOCK else (self.function16, self.expand16)
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> torch.Tensor:
@@ -260,10 +336,10 @@ class Kernel:
         offset is zero (the kernel then never reads them)."""
         assert self.function is not None, "the kernel is used before it is built"
         x = x.contiguous()
-        rows, cols = q.shape[0], scale.shape[1] * BLOCK
+        rows, cols = q.shape[0], columns(q)
         y = x.new_empty((x.shape[0], rows))
-        block_sums = x.new_empty((x.shape[0], cols // BLOCK))
-        function = self.function4 if is_nibbles(q) else self.function
+        block_sums = x.new_empty((x.shape[0], scale.shape[1]))
+        function = self._functions(q, scale)[0]
         function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(),
                  None if offset is None else offset.data_ptr(), rows, cols, block_sums.data_ptr(), y.data_ptr(),
                  torch.get_num_threads())
@@ -273,9 +349,9 @@ class Kernel:
         """The float32 weight [out, in] of a packed one (either form), in one pass over it (what `unpack`
         computes)."""
         assert self.expand is not None, "the kernel is used before it is built"
-        rows, cols = q.shape[0], scale.shape[1] * BLOCK
+        rows, cols = q.shape[0], columns(q)
         weight = torch.empty((rows, cols), dtype=torch.float32)
-        expand = self.expand4 if is_nibbles(q) else self.expand
+        expand = self._functions(q, scale)[1]
         expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(), torch.get_num_threads())
         return weight
 
@@ -316,7 +392,7 @@ class PackedLinear(_Packed):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(q, scale, offset)
-        self.in_features, self.out_features = scale.shape[1] * BLOCK, q.shape[0]
+        self.in_features, self.out_features = columns(q), q.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [..., in] -> [..., out]
@@ -336,7 +412,7 @@ class PackedEmbedding(_Packed):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, padding_idx: int | None):
         super().__init__(q, scale, offset)
-        self.num_embeddings, self.embedding_dim = q.shape[0], scale.shape[1] * BLOCK
+        self.num_embeddings, self.embedding_dim = q.shape[0], columns(q)
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [...] -> [..., dim]
@@ -445,16 +521,19 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
     packed = {key: (tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale"), tensors.pop(f"{key}.offset"),
                     int(missing[key])) for key in missing}
     for key, (q, scale, offset, _) in packed.items():
-        if scale.dim() != 2 or not _well_formed(q, scale, offset, scale.shape[0], scale.shape[1] * BLOCK):
+        if q.dim() != 2 or scale.dim() != 2 or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
             raise ValueError(f"the packing of {key} is of no form kvchat writes")
     return packed, tensors
 
 
 def _well_formed(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, rows: int, cols: int) -> bool:
-    """Whether a packing has one of the two forms `pack` makes, for a weight of `rows` x `cols`."""
-    forms = ((torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // BLOCK), (rows, cols // BLOCK)),
-             (torch.uint8, torch.float16, torch.float16, (rows, cols // 2), (rows, cols // BLOCK),
-              (rows, cols // BLOCK)))
+    """Whether a packing has one of the forms `pack` and `narrow` make, for a weight of `rows` x `cols`."""
+    if cols % BLOCK:
+        return False
+    forms = [(torch.int8, torch.float32, torch.float32, (rows, cols), (rows, cols // size), (rows, cols // size))
+             for size in (BLOCK, 16)]
+    forms += [(torch.uint8, kind, kind, (rows, cols // 2), (rows, cols // BLOCK), (rows, cols // BLOCK))
+              for kind in (torch.float16, torch.float32)]
     return (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) in forms
 
 
@@ -504,7 +583,7 @@ def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
     restored = dequantize(q, scale, offset)
     if missing == 0:
         return torch.equal(restored, weight.detach())
-    bound = scale.float().abs().repeat_interleave(BLOCK, dim=1) * 0.5 + 1e-6 * weight.detach().abs()
+    bound = scale.float().abs().repeat_interleave(block_of(q, scale), dim=1) * 0.5 + 1e-6 * weight.detach().abs()
     return bool(((restored - weight.detach()).abs() <= bound).all())
 
 

@@ -3,9 +3,11 @@
  *
  * The weight [rows, cols] is w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32], so
  *   y[v, r] = sum_b scale[r, b] * (sum_j x[v, 32b + j] * q[r, 32b + j]) + offset[r, b] * (sum_j x[v, 32b + j]).
- * Two forms: int8 q with float32 scales and offsets (packed_*), and 4-bit q (0..15, two to a byte: byte j of a
- * block holds q[32b + j] in its low half and q[32b + 16 + j] in its high half) with float16 scales and offsets
- * (packed4_*). Both compute in the same order of operations, so the same weights give the same float32 bits.
+ * Forms of 32-input blocks: int8 q with float32 scales and offsets (packed_*), and 4-bit q (0..15, two to a
+ * byte: byte j of a block holds q[32b + j] in its low half and q[32b + 16 + j] in its high half) with float16
+ * (packed4_*) or float32 (packed4f_*) scales and offsets. All compute in the same order of operations, so the
+ * same weights give the same float32 bits in each. And one form of 16-input blocks (GGUF's K-quants with 16
+ * inputs a scale: Q6_K, Q3_K, Q2_K): int8 q with float32 scales and offsets a 16-input block (packed16_*).
  *
  * Built when kvchat is installed (setup.py), once per code path, into one library: this file is compiled with
  * -DKVCHAT_PATH=scalar (portable C) and, on x86-64, again with -DKVCHAT_PATH=avx2 -mavx2 -mfma -mf16c; each
@@ -18,6 +20,8 @@
  *   the row is lanes(even + odd) + shift, where lanes(e) = ((e0 + e4) + (e2 + e6)) + ((e1 + e5) + (e3 + e7))
  *   and shift = sum_b offset[b] * (sum_j x[32b + j]) in 8 lanes of plain products and sums, added up in order
  *   (0 where the offsets are all zero and not given);
+ * - a row of 16-input blocks likewise, but block b's dot product is lane l = fma(x[8 + l], w[8 + l], x[l] * w[l])
+ *   and the shift's block sums are over 16 inputs;
  * - a dot product in attention: 8 lanes of plain products and sums, then lanes(.) (in order where the length
  *   is no multiple of 8);
  * - everything else in plain C, the same statements on every path. */
@@ -35,6 +39,10 @@
 #define packed4_matvec KVCHAT_JOIN(packed4_matvec, KVCHAT_PATH)
 #define packed_unpack KVCHAT_JOIN(packed_unpack, KVCHAT_PATH)
 #define packed4_unpack KVCHAT_JOIN(packed4_unpack, KVCHAT_PATH)
+#define packed4f_matvec KVCHAT_JOIN(packed4f_matvec, KVCHAT_PATH)
+#define packed4f_unpack KVCHAT_JOIN(packed4f_unpack, KVCHAT_PATH)
+#define packed16_matvec KVCHAT_JOIN(packed16_matvec, KVCHAT_PATH)
+#define packed16_unpack KVCHAT_JOIN(packed16_unpack, KVCHAT_PATH)
 #define llama_step KVCHAT_JOIN(llama_step, KVCHAT_PATH)
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -75,13 +83,14 @@ static float half_to_float(uint16_t h) {  /* exact: every float16 is a float32 *
 #endif
 }
 
-/* The block sums of x [vectors, cols]: xsum [vectors, cols / 32], shared by every row. */
-static void block_sums(const float *x, int64_t vectors, int64_t cols, float *xsum) {
-    const int64_t blocks = cols / 32;
+/* The block sums of x [vectors, cols] over blocks of `size` inputs: xsum [vectors, cols / size], shared by every
+ * row. */
+static void block_sums(const float *x, int64_t vectors, int64_t cols, int size, float *xsum) {
+    const int64_t blocks = cols / size;
     for (int64_t v = 0; v < vectors; v++)
         for (int64_t b = 0; b < blocks; b++) {
             float s = 0.0f;
-            for (int j = 0; j < 32; j++) s += x[v * cols + b * 32 + j];
+            for (int j = 0; j < size; j++) s += x[v * cols + b * size + j];
             xsum[v * blocks + b] = s;
         }
 }
@@ -125,6 +134,14 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         for (int k = 0; k < 4; k++) \
             w[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 32 + 8 * k)))); \
     } while (0)
+#define BLOCK16_INTO(acc, b) do { \
+        const int8_t *qb_ = qr + (b) * 16; \
+        const float *xb = xv + (b) * 16; \
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)qb_))); \
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb_ + 8)))); \
+        __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
+        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(sr[b]), acc); \
+    } while (0)
 #define NIBBLE_WEIGHTS(b, w) do { \
         __m256i n0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16))); \
         __m256i n1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16 + 8))); \
@@ -148,6 +165,18 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         if (b < blocks) BLOCK_INTO(even, b, WEIGHTS, SCALE); \
         y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
     } while (0)
+#define ROW16() do { \
+        lanes_t even = ZERO_LANES(), odd = ZERO_LANES(); \
+        int64_t b = 0; \
+        for (; b + 1 < blocks; b += 2) { \
+            if (!(b & 3)) PREFETCH(qr + b * 16 + AHEAD); \
+            if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(4)); if (or_) PREFETCH(or_ + b + SCALES_AHEAD(4)); } \
+            BLOCK16_INTO(even, b); \
+            BLOCK16_INTO(odd, b + 1); \
+        } \
+        if (b < blocks) BLOCK16_INTO(even, b); \
+        y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
+    } while (0)
 #else
 #define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
         float acc[2][8] = {{0}}; \
@@ -159,6 +188,19 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
             for (int k = 1; k < 4; k++) for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 * k + l], w[8 * k + l], dot[l]); \
             const float s_ = SCALE(b); \
             for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
+        } \
+        float even_odd[8]; \
+        for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
+        y[v * rows + r] = sum8(even_odd) + shift; \
+    } while (0)
+#define ROW16() do { \
+        float acc[2][8] = {{0}}; \
+        for (int64_t b = 0; b < blocks; b++) { \
+            const int8_t *qb_ = qr + b * 16; \
+            const float *xb = xv + b * 16; \
+            float dot[8]; \
+            for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 + l], (float)qb_[8 + l], xb[l] * (float)qb_[l]); \
+            for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], sr[b], acc[b & 1][l]); \
         } \
         float even_odd[8]; \
         for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
@@ -180,7 +222,7 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
 void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                    int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     const int64_t blocks = cols / 32;
-    if (offset) block_sums(x, vectors, cols, xsum);
+    if (offset) block_sums(x, vectors, cols, 32, xsum);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *qr = q + r * cols;
@@ -196,7 +238,7 @@ void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float
 void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uint16_t *scale, const uint16_t *offset,
                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     const int64_t blocks = cols / 32;
-    if (offset) block_sums(x, vectors, cols, xsum);
+    if (offset) block_sums(x, vectors, cols, 32, xsum);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * (cols / 2);
@@ -205,6 +247,38 @@ void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uin
             const float *xv = x + v * cols;
             const float shift = or_ ? shift_of(0, or_, xsum + v * blocks, blocks) : 0.0f;
             ROW(NIBBLE_AT, NIBBLE_WEIGHTS, HALF_SCALE, 4);
+        }
+    }
+}
+
+void packed4f_matvec(const float *x, int64_t vectors, const uint8_t *q, const float *scale, const float *offset,
+                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    const int64_t blocks = cols / 32;
+    if (offset) block_sums(x, vectors, cols, 32, xsum);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (cols / 2);
+        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
+        for (int64_t v = 0; v < vectors; v++) {
+            const float *xv = x + v * cols;
+            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
+            ROW(NIBBLE_AT, NIBBLE_WEIGHTS, FLOAT_SCALE, 4);
+        }
+    }
+}
+
+void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
+                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    const int64_t blocks = cols / 16;
+    if (offset) block_sums(x, vectors, cols, 16, xsum);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int8_t *qr = q + r * cols;
+        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
+        for (int64_t v = 0; v < vectors; v++) {
+            const float *xv = x + v * cols;
+            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
+            ROW16();
         }
     }
 }
@@ -249,6 +323,32 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
     }
 }
 
+void packed4f_unpack(const uint8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols,
+                     float *out, int threads) {
+    const int64_t blocks = cols / 32;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (cols / 2);
+        for (int64_t b = 0; b < blocks; b++)
+            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, scale[r * blocks + b], offset[r * blocks + b]);
+    }
+}
+
+/* The same for 16-input blocks: w[r, c] = q[r, c] * scale[r, c / 16] + offset[r, c / 16]. */
+void packed16_unpack(const int8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols, float *out,
+                     int threads) {
+    const int64_t blocks = cols / 16;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const float s = scale[r * blocks + b], o = offset[r * blocks + b];
+            for (int j = 0; j < 16; j++) {
+                const float product = (float)q[r * cols + b * 16 + j] * s;
+                out[r * cols + b * 16 + j] = product + o;
+            }
+        }
+}
+
 /* ---- One token through a Llama-family decoder whose matrices are all packed (kvchat/weights/direct.py) ----
  * The layer as transformers' LlamaDecoderLayer computes it: x += o(attention(rope(q), rope(k), v)) over the cache,
  * then x += down(silu(gate) * up), each after an RMS norm (Qwen2: q, k and v with biases; Qwen3: each query and
@@ -257,10 +357,12 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
  * h / (heads / kv_heads), as transformers' repeat_kv. */
 
 typedef struct {
-    const void *q, *scale, *offset;  /* a packing in either form (see the top of this file); offset NULL: all zero */
+    const void *q, *scale, *offset;  /* a packing in one of the forms (see the top of this file); offset NULL: all zero */
     int64_t rows, cols;
-    int64_t nibbles;  /* 1: the 4-bit form, 0: int8 */
+    int64_t form;  /* one of the MAT_* forms */
 } Mat;
+
+enum { MAT_INT8, MAT_NIBBLES_HALF, MAT_NIBBLES_FLOAT, MAT_INT8_16 };
 
 /* One side (keys or values) of a layer's cache, rows of head_dim values in a KV form (kvchat/cache/kv_forms.py):
  * FORM_FLOAT32 as computed, FORM_FLOAT16 / FORM_BFLOAT16 rounded to that type, FORM_Q8 int8 values with a float16
@@ -292,12 +394,23 @@ typedef struct {
 } StepModel;
 
 static void product(const Mat *m, const float *x, float *xsum, float *y, int threads) {
-    if (m->nibbles)
+    switch (m->form) {
+    case MAT_NIBBLES_HALF:
         packed4_matvec(x, 1, (const uint8_t *)m->q, (const uint16_t *)m->scale, (const uint16_t *)m->offset, m->rows,
                        m->cols, xsum, y, threads);
-    else
+        break;
+    case MAT_NIBBLES_FLOAT:
+        packed4f_matvec(x, 1, (const uint8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
+                        m->cols, xsum, y, threads);
+        break;
+    case MAT_INT8_16:
+        packed16_matvec(x, 1, (const int8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
+                        m->cols, xsum, y, threads);
+        break;
+    default:
         packed_matvec(x, 1, (const int8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
                       m->cols, xsum, y, threads);
+    }
 }
 
 /* out = weight * (x / sqrt(mean(x^2) + eps)), as LlamaRMSNorm (x * rsqrt(variance + eps), then the weight). */
@@ -520,10 +633,10 @@ int llama_step(const StepModel *m, float *x, int64_t n, const float *cos_, const
     int64_t widest = hidden > inter ? hidden : inter;
     if (heads * dim > widest) widest = heads * dim;
     float *h = malloc(sizeof(float) * (size_t)(hidden + (heads + 2 * kv_heads) * dim + heads * dim + 2 * inter
-                                                + widest / 32 + 1 + heads * (n + 1)));
+                                                + widest / 16 + 1 + heads * (n + 1)));
     if (!h) return -1;
     float *qkv = h + hidden, *att = qkv + (heads + 2 * kv_heads) * dim, *gate_up = att + heads * dim;
-    float *xsum = gate_up + 2 * inter, *scores = xsum + widest / 32 + 1;
+    float *xsum = gate_up + 2 * inter, *scores = xsum + widest / 16 + 1;
     for (int64_t l = 0; l < m->layers; l++) {
         const StepLayer *L = &m->layer[l];
         rms_norm(x, L->attn_norm, hidden, m->eps, h);

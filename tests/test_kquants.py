@@ -1,0 +1,172 @@
+"""Issue 23, real model files: GGUF's K-quants (Q4_K, Q5_K, Q6_K: what Q4_K_M, Q5_K_M and Q6_K files hold, and
+the Q6_K output layer llama.cpp gives most files of 2,048-wide models) are packed exactly from the scales in the
+file's blocks, a GGUF file is converted and packed once, and every exactness property holds with them."""
+
+import numpy as np
+import pytest
+import torch
+
+from families import make_family
+from kvchat.bench.sizes import SUPER_BLOCK, Shape, random_blocks, write_random_gguf
+from kvchat.chat.chat import Chat
+from kvchat.chat.engine import Engine
+from kvchat.weights import model as model_module
+from kvchat.weights import quant
+from kvchat.weights.kquants import RowIndex, block_scales
+from kvchat.weights.model import NOT_PACKED, PACKED_WEIGHTS, load_model
+from reference import greedy_without_cache
+from test_direct import keeps_the_promise
+from test_quant import GREEDY, MESSAGES, run_turn
+
+TINY = Shape("tiny", 256, 512, 2, 4, 2, 512)
+MIX = {"token_embd": "Q6_K", "attn_v": "Q5_K", "ffn_down": "Q6_K", "*": "Q4_K"}
+
+
+@pytest.fixture
+def kvchat_home(tmp_path):
+    return tmp_path / "home"  # (where conftest points KVCHAT_HOME)
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    return write_random_gguf(tmp_path_factory.mktemp("kq") / "tiny-mix.gguf", TINY, None, seed=3,
+                             block_types=MIX)
+
+
+def dequantized(type_name, raw):
+    from gguf import GGMLQuantizationType, dequantize
+
+    return torch.from_numpy(np.ascontiguousarray(dequantize(raw, GGMLQuantizationType[type_name]),
+                                                 dtype=np.float32))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quant_blocks_come_back_bit_for_bit_from_the_files_scales_and_from_nothing_else(type_name):
+    raw = random_blocks(type_name, 6, 512, np.random.default_rng(1))
+    weight = dequantized(type_name, raw)
+    scale, offset = (torch.from_numpy(part.reshape(6, -1)) for part in block_scales(type_name, raw.reshape(-1, SUPER_BLOCK[type_name])))
+    q, s, o, missing = quant.pack(weight, allow_approximate=False, hint=(scale, offset))
+    assert missing == 0 and torch.equal(quant.unpack(q, s, o), weight)
+    assert quant.block_of(q, s) == (16 if type_name == "Q6_K" else 32)
+    assert quant.pack(weight, allow_approximate=False)[3] > 0  # the values alone do not give them
+    wrong = scale.clone()
+    wrong[2, 1] *= 1.5
+    assert quant.pack(weight, allow_approximate=False, hint=(wrong, offset))[3] > 0  # a wrong scale is refused
+
+
+def test_a_row_index_finds_reordered_rows_and_nothing_for_rows_it_lacks(mixed_gguf):
+    index = RowIndex.of(mixed_gguf)
+    from gguf import GGUFReader
+
+    tensor = next(t for t in GGUFReader(str(mixed_gguf)).tensors if t.name == "blk.0.ffn_up.weight")
+    weight = dequantized("Q4_K", np.asarray(tensor.data))
+    order = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))
+    scale, offset = index.hint(weight[order])
+    q, s, o, missing = quant.pack(weight[order], allow_approximate=False, hint=(scale, offset))
+    assert missing == 0 and torch.equal(quant.unpack(q, s, o), weight[order])
+    other = weight.clone()
+    other[3, 7] += 1e-3
+    assert index.hint(other) is None
+
+
+def test_a_k_quant_gguf_is_converted_once_packed_exactly_and_decoded_by_the_direct_step(mixed_gguf, kvchat_home,
+                                                                                        monkeypatch):
+    full = load_model(str(mixed_gguf), "cpu", "float32", weights="full")
+    loaded = load_model(str(mixed_gguf), "cpu", "float32")
+    assert loaded.weight_format == "int8" and quant.is_packed(loaded.model)
+    assert [path.name for path in loaded.weights] == [PACKED_WEIGHTS]
+    reference = full.model.state_dict()
+    kinds = {}
+    for name, module in loaded.model.named_modules():
+        if isinstance(module, quant._Packed):
+            assert torch.equal(module.weight, reference[f"{name}.weight"]), name  # the same float32 numbers
+            kinds[name.split(".")[-1]] = (module.q.dtype, module.scale.dtype, quant.block_of(module.q, module.scale))
+    assert kinds["q_proj"] == (torch.uint8, torch.float32, 32)  # Q4_K: 4 bits, float32 scales and offsets
+    assert kinds["v_proj"] == (torch.int8, torch.float32, 32)  # Q5_K: int8
+    assert kinds["down_proj"] == kinds["embed_tokens"] == (torch.int8, torch.float32, 16)  # Q6_K
+    engine = Engine(loaded)
+    assert engine.direct is not None
+    ids = engine.render([{"role": "user", "content": MESSAGES[0]}])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(torch.tensor([ids])).logits, full.model(torch.tensor([ids])).logits)
+    monkeypatch.setattr(model_module, "convert_gguf", lambda *a, **k: pytest.fail("converted a second time"))
+    again = load_model(str(mixed_gguf), "cpu", "float32")
+    assert again.weights == loaded.weights
+
+
+def test_with_k_quant_weights_the_direct_step_keeps_the_promise(mixed_gguf, kvchat_home, tmp_path):
+    keeps_the_promise(load_model(str(mixed_gguf), "cpu", "float32"), tmp_path, "auto")
+
+
+def test_a_gguf_of_weights_kvchat_cannot_pack_is_noted_once_and_loaded_from_the_file(kvchat_home, tmp_path,
+                                                                                      monkeypatch):
+    path = write_random_gguf(tmp_path / "tiny-f16.gguf", TINY, None, seed=4)  # float16 weights
+    loaded = load_model(str(path), "cpu", "float32")
+    assert loaded.weight_format == "full" and loaded.weights == [path]
+    notes = list((kvchat_home / "models").glob(f"gguf-*/{NOT_PACKED}"))
+    assert len(notes) == 1 and [p.name for p in notes[0].parent.iterdir()] == [NOT_PACKED]  # no float32 copy
+    monkeypatch.setattr(model_module, "convert_gguf", lambda *a, **k: pytest.fail("converted a second time"))
+    assert load_model(str(path), "cpu", "float32").weights == [path]
+
+
+def kquant_like(loaded, seed):
+    """Give every matrix of `loaded` K-quant-like blocks (scales that are a float16 times a small integer, as
+    d * sc; 16-input blocks without offsets for some, as Q6_K's), pack them with those scales and put the
+    packings in place (`quant.install`)."""
+    generator = torch.Generator().manual_seed(seed)
+    packed = {}
+    with torch.no_grad():
+        for name, parameter in loaded.model.named_parameters():
+            if parameter.dim() != 2 or parameter.shape[1] % quant.BLOCK:
+                continue
+            rows, cols = parameter.shape
+            size = 16 if len(packed) % 2 else 32
+            blocks = cols // size
+            d = (torch.rand(rows, 1, generator=generator) * 0.002 + 0.0004).half().float()
+            scale = d * torch.randint(1, 64, (rows, blocks), generator=generator).float()
+            offset = torch.zeros(rows, blocks) if size == 16 else \
+                -(d * torch.randint(0, 64, (rows, blocks), generator=generator).float())
+            q = torch.randint(0 if size == 32 else -32, 16 if size == 32 else 32, (rows, cols), generator=generator)
+            weight = quant.unpack(q.to(torch.int8), scale, offset)
+            parameter.copy_(weight)
+            entry = quant.pack(parameter, allow_approximate=False, hint=(scale, offset))
+            assert entry[3] == 0, name
+            packed[name[: -len(".weight")]] = entry
+    quant.narrow_all(packed)
+    assert packed and not quant.install(loaded.model, packed)
+    loaded.weight_format = "int8"
+    return loaded
+
+
+@pytest.mark.parametrize("family", ["mistral", "lfm2"])
+def test_k_quant_packings_reuse_undo_and_continue_exactly_on_other_families(family):
+    """A sliding-window family and a hybrid one (convolution layers) through transformers' own step."""
+    assert quant.KERNEL.build(), quant.KERNEL.failure
+    loaded = kquant_like(make_family(family, dtype=torch.float32), seed=5)
+    assert any(quant.block_of(m.q, m.scale) == 16 for m in loaded.model.modules() if isinstance(m, quant._Packed))
+    engine = Engine(loaded, prefill_chunk=5)
+    chat = Chat.start(engine, "Be brief.")
+    for text in MESSAGES[:3]:
+        end = run_turn(chat, text)
+        fresh = greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), GREEDY.max_new_tokens,
+                                     engine.stop_ids)
+        assert end.token_ids == fresh, f"{family}: a reused turn diverged from a fresh prefill"
+    chat.undo()
+    redo = run_turn(chat, MESSAGES[3])
+    assert redo.stats.reused > 0
+    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(chat.messages[:-1]),
+                                                  GREEDY.max_new_tokens, engine.stop_ids)
+
+
+def test_a_converted_model_missing_a_weight_is_refused_in_one_line_not_filled_with_random_values(mixed_gguf,
+                                                                                                kvchat_home):
+    from kvchat.errors import KvchatError
+
+    load_model(str(mixed_gguf), "cpu", "float32")
+    path = next((kvchat_home / "models").glob(f"gguf-*/{PACKED_WEIGHTS}"))
+    packed, others = quant.read_packing(path)
+    del packed["model.layers.1.mlp.up_proj"]
+    assert quant.write_packing(path, packed, others)
+    with pytest.raises(KvchatError, match=r"is damaged \(1 weights missing, model.layers.1.mlp.up_proj.weight "
+                                          r"among them\): delete that folder"):
+        load_model(str(mixed_gguf), "cpu", "float32")
