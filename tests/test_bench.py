@@ -170,3 +170,30 @@ def test_bench_startup_quick_times_a_one_shot_run_and_its_steps(monkeypatch, cap
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| one-shot `-p`, one reply token | kvchat, cold | kvchat, warm |")
     assert len(table) == 1 + 3 + 1 + 6
+
+
+def test_bench_sizes_without_llama_cpp_is_one_clear_line(monkeypatch, capsys):
+    """Issue 23: the real-size files are made by llama.cpp's quantizer and compared with it: without it, one line."""
+    from kvchat.bench import peer
+
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    code = main(["bench", "--sizes", "--quick"])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""
+    assert err.strip().count("\n") == 0 and "--sizes needs llama.cpp" in err
+
+
+def test_bench_sizes_table_gives_each_file_kvchat_llama_cpp_and_their_ratio():
+    from kvchat.bench import sizes
+
+    side = {"first_byte_s": 2.0, "total_s": 3.0, "peak_rss": 1000 * 2**20}
+    row = {"file_type": "Q4_K_M", "file_bytes": 800 * 2**20, "weights": "int8 (4-bit and int8)",
+           "prompt_tokens": 513, "kvchat_decode": 20.0, "peer_decode": 25.0, "kvchat_prefill": 100.0,
+           "peer_prefill": 50.0, "first_8_tokens_agree": True,
+           "startup": {"kvchat": side, "warm": {**side, "first_byte_s": 1.0}, "peer": {**side, "peak_rss": 800 * 2**20,
+                                                                                       "first_byte_s": 0.5}}}
+    table = sizes.markdown({"shape": "llama-3.2-1b", "parameters": sizes.SHAPES["llama-3.2-1b"].parameters,
+                            "threads": 2, "rows": [row]})
+    assert "(1.24B parameters)" in table
+    assert "| Q4_K_M | 800 | int8 (4-bit and int8) | 20.0 / 25.0 (0.80x) | 100.0 / 50.0 (2.00x) | " \
+           "1000 / 800 (1.25x) | 2.00 / 0.50 (4.00x) (1.00) |" in table

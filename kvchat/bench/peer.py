@@ -52,7 +52,8 @@ def unavailable() -> str | None:
     return None
 
 
-def _llama(gguf: Path, threads: int) -> Any:
+def llama(gguf: Path, threads: int) -> Any:
+    """llama.cpp's model of `gguf` with `threads` threads, as every scenario here uses it."""
     import llama_cpp
 
     return llama_cpp.Llama(str(gguf), n_ctx=4096, n_batch=512, n_threads=threads, n_threads_batch=threads,
@@ -81,34 +82,42 @@ def _kvchat_reply(chat: Chat, text: str, new_tokens: int) -> TurnEnd:
             if isinstance(e, TurnEnd)][-1]
 
 
-def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> dict[str, Any]:
-    """Every scenario on both sides; medians of `plan.repeat` runs."""
-
-    threads = torch.get_num_threads()
-    llm = _llama(gguf, threads)
-    engine = Engine(loaded, compile=plan.compile)
-    engine.stop_ids = frozenset()  # equal work: replies of exactly the asked length on both sides
+def speeds(engine: Engine, llm: Any, contexts: tuple[int, ...], new_tokens: int, repeat: int,
+           progress: Progress) -> list[dict[str, Any]]:
+    """Prefill and decode tokens/s at a prompt of about each of `contexts` tokens on both sides (the same ids),
+    `repeat` times each, alternating; medians, and whether the first 8 greedy tokens agreed every time."""
     rows: list[dict[str, Any]] = []
-    for context in plan.contexts:
+    for context in contexts:
         text = levers.prompts(engine, context, 1)[0][-1]["content"]
         ids = engine.render([{"role": "user", "content": text}])
         figures: dict[str, list[float]] = {"kvchat_prefill": [], "kvchat_decode": [], "peer_prefill": [],
                                            "peer_decode": []}
         same = True
-        for rep in range(plan.repeat):
-            progress(f"peer: prompt of {len(ids)} tokens", rep, plan.repeat)
-            end = _kvchat_reply(Chat(engine), text, plan.new_tokens)
+        for rep in range(repeat):
+            progress(f"peer: prompt of {len(ids)} tokens", rep, repeat)
+            end = _kvchat_reply(Chat(engine), text, new_tokens)
             figures["kvchat_prefill"].append(len(ids) / (end.stats.prefill_ms / 1000))
             figures["kvchat_decode"].append(end.stats.decode_tok_s)
             llm.reset()
             started = time.perf_counter()
             llm.eval(ids)
             figures["peer_prefill"].append(len(ids) / (time.perf_counter() - started))
-            tokens, _, rate = _peer_reply(llm, [], plan.new_tokens, reset=False)
+            tokens, _, rate = _peer_reply(llm, [], new_tokens, reset=False)
             figures["peer_decode"].append(rate)
             same = same and tokens[:8] == end.token_ids[:8]
         rows.append({"prompt_tokens": len(ids), **{k: median(v) for k, v in figures.items()},
                      "first_8_tokens_agree": same})
+    return rows
+
+
+def run(loaded: LoadedModel, gguf: Path, plan: PeerPlan, progress: Progress) -> dict[str, Any]:
+    """Every scenario on both sides; medians of `plan.repeat` runs."""
+
+    threads = torch.get_num_threads()
+    llm = llama(gguf, threads)
+    engine = Engine(loaded, compile=plan.compile)
+    engine.stop_ids = frozenset()  # equal work: replies of exactly the asked length on both sides
+    rows = speeds(engine, llm, plan.contexts, plan.new_tokens, plan.repeat, progress)
 
     ttft: dict[str, list[float]] = {"kvchat": [], "peer": []}
     for rep in range(plan.repeat):

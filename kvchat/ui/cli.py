@@ -511,6 +511,11 @@ def bench_command(argv: list[str]) -> int:
     parser.add_argument("--startup", action="store_true",
                         help="only start-up: a one-shot `kvchat -p` run, process start to first reply byte and peak "
                              "memory, beside llama.cpp's when it is installed, and kvchat's start-up step by step")
+    parser.add_argument("--sizes", action="store_true",
+                        help="only real model sizes: random models in Llama-3.2-1B's shape as GGUF files of four "
+                             "block types (made once by llama.cpp's quantizer, in $KVCHAT_HOME/bench-models), "
+                             "decode, prefill, start-up and peak memory beside llama.cpp's (needs "
+                             "llama-cpp-python; --quick: a tiny model of one type)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)
@@ -537,6 +542,8 @@ def bench_command(argv: list[str]) -> int:
         return _kv_forms(settings, args)
     if args.startup:
         return _startup(settings, args, plan.repeat)
+    if args.sizes:
+        return _sizes(settings, args)
     loaded = load(settings)
     bar = ProgressBar(sys.stderr)
     try:
@@ -587,6 +594,28 @@ def _kv_forms(settings: Settings, args: argparse.Namespace) -> int:
         bar.close()
     return _bench_report(f"kvchat bench --kv · {settings.model} · {loaded.device}", kv.markdown(results), results,
                          args)
+
+
+def _sizes(settings: Settings, args: argparse.Namespace) -> int:
+    """kvchat bench --sizes: models of real sizes as GGUF files, side by side with llama.cpp."""
+    from kvchat.bench import peer, sizes
+    from kvchat.config import home_dir
+
+    if peer.unavailable():
+        raise KvchatError(f"--sizes needs llama.cpp to make its files and to compare: {peer.unavailable()}")
+    plan = sizes.SizesPlan.quick() if args.quick else sizes.SizesPlan()
+    if args.repeat:
+        plan = dataclasses.replace(plan, repeat=args.repeat)
+    bar = ProgressBar(sys.stderr)
+    try:
+        results = sizes.run(home_dir("bench-models"), plan,
+                            lambda path: load(dataclasses.replace(settings, model=str(path), device="cpu"), bar),
+                            torch_threads(), bar)
+    except RuntimeError as exc:
+        raise KvchatError(one_line(str(exc))) from None
+    finally:
+        bar.close()
+    return _bench_report("kvchat bench --sizes · cpu", sizes.markdown(results), results, args)
 
 
 def _startup(settings: Settings, args: argparse.Namespace, repeat: int) -> int:
