@@ -186,12 +186,12 @@ def test_bench_sizes_without_llama_cpp_is_one_clear_line(monkeypatch, capsys):
 def test_bench_sizes_table_gives_each_file_kvchat_llama_cpp_and_their_ratio():
     from kvchat.bench import sizes
 
-    side = {"first_byte_s": 2.0, "total_s": 3.0, "peak_rss": 1000 * 2**20}
+    side = {"first_byte_s": None, "total_s": 2.0, "peak_rss": 1000 * 2**20}
     row = {"file_type": "Q4_K_M", "file_bytes": 800 * 2**20, "weights": "int8 (4-bit and int8)",
            "prompt_tokens": 513, "kvchat_decode": 20.0, "peer_decode": 25.0, "kvchat_prefill": 100.0,
            "peer_prefill": 50.0, "first_8_tokens_agree": True,
-           "startup": {"kvchat": side, "warm": {**side, "first_byte_s": 1.0}, "peer": {**side, "peak_rss": 800 * 2**20,
-                                                                                       "first_byte_s": 0.5}}}
+           "startup": {"kvchat": side, "warm": {**side, "total_s": 1.0}, "peer": {**side, "peak_rss": 800 * 2**20,
+                                                                                  "total_s": 0.5}}}
     table = sizes.markdown({"shape": "llama-3.2-1b", "parameters": sizes.SHAPES["llama-3.2-1b"].parameters,
                             "threads": 2, "rows": [row]})
     assert "(1.24B parameters)" in table

@@ -27,6 +27,7 @@ from kvchat.config import kvchat_home
 class StartupPlan:
     repeat: int = 3
     prompt: str = "hi"
+    first_byte: bool = True  # False: a run whose one token prints nothing (a random model's may not) is not failed
 
     @classmethod
     def quick(cls) -> "StartupPlan":
@@ -73,24 +74,40 @@ print(json.dumps(stamps))
 """
 
 
+# Runs a command and writes its peak RSS (ru_maxrss) to a file: started from this small process rather than from
+# the bench's, because a process's ru_maxrss counts the memory of the process it was forked from (kept across
+# exec on Linux), and the bench may hold a model.
+_MEASURED = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
 def _timed(argv: list[str], env: dict[str, str], cwd: str) -> dict[str, Any]:
-    """Run `argv`; seconds to its first stdout byte and to its end, its peak RSS in bytes, its exit status and
-    the tail of its stderr."""
-    with tempfile.TemporaryFile() as errors:
+    """Run `argv` (its first item a path); seconds to its first stdout byte and to its end, its peak RSS in
+    bytes, its exit status and the tail of its stderr."""
+    with tempfile.TemporaryFile() as errors, tempfile.TemporaryDirectory(prefix="kvchat-rss-") as folder:
+        report = Path(folder) / "peak"
         started = time.perf_counter()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, env=env,
-                                   cwd=cwd)
+        process = subprocess.Popen([sys.executable, "-S", "-c", _MEASURED, str(report), *argv],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors, env=env, cwd=cwd)
         first = process.stdout.read(1)
         first_at = time.perf_counter()
         out = first + process.stdout.read()
-        _, status, usage = os.wait4(process.pid, 0)
+        process.wait()
         ended = time.perf_counter()
-        process.returncode = os.waitstatus_to_exitcode(status)
         process.stdout.close()
         errors.seek(0)
         tail = errors.read().decode("utf-8", "replace")[-300:]
+        measured = report.read_text() if report.is_file() else "0"
     # (ru_maxrss is in KiB on Linux, in bytes on macOS)
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = int(measured) * (1 if sys.platform == "darwin" else 1024)
     return {"first_byte_s": first_at - started if first else None, "total_s": ended - started, "peak_rss": peak,
             "rc": process.returncode, "out": out.decode("utf-8", "replace"), "stderr": tail}
 
@@ -174,10 +191,11 @@ def run(model: str, gguf: Path | None, threads: int, plan: StartupPlan, progress
         finally:
             socket.unlink(missing_ok=True)  # (the warm process sees it gone and ends)
     for side, done in runs.items():
-        failed = [run for run in done if run["rc"] or run["first_byte_s"] is None]
+        failed = [run for run in done if run["rc"] or (plan.first_byte and run["first_byte_s"] is None)]
         if failed:
             raise RuntimeError(f"a {side} one-shot run failed (exit {failed[0]['rc']}): {failed[0]['stderr']}")
-    figures = {side: {key: median([run[key] for run in done]) for key in ("first_byte_s", "total_s", "peak_rss")}
+    figures = {side: {key: median([run[key] for run in done]) if all(run[key] is not None for run in done) else None
+                      for key in ("first_byte_s", "total_s", "peak_rss")}
                for side, done in runs.items() if done}
     steps = [(name, median([run[i][1] for run in phases])) for i, (name, _) in enumerate(phases[0])]
     return {"model": model, "gguf": gguf.name if theirs else None, "threads": threads, "repeat": plan.repeat,
