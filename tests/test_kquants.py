@@ -170,3 +170,22 @@ def test_a_converted_model_missing_a_weight_is_refused_in_one_line_not_filled_wi
     with pytest.raises(KvchatError, match=r"is damaged \(1 weights missing, model.layers.1.mlp.up_proj.weight "
                                           r"among them\): delete that folder"):
         load_model(str(mixed_gguf), "cpu", "float32")
+
+
+def test_offsets_that_are_all_zero_are_neither_kept_on_disk_nor_held_and_compute_the_same_bits(mixed_gguf,
+                                                                                             kvchat_home):
+    """Q6_K and Q8_0 blocks have no offsets: a quarter and a ninth of their packing's bytes, not kept."""
+    from safetensors import safe_open
+
+    loaded = load_model(str(mixed_gguf), "cpu", "float32")
+    with safe_open(str(loaded.weights[0]), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.0.mlp.down_proj.offset" not in keys  # Q6_K
+    assert "model.layers.0.self_attn.q_proj.offset" in keys  # Q4_K: offsets of their own
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert quant.no_offset(down.offset) and down.offset.untyped_storage().nbytes() <= 4
+    zeros = torch.zeros(down.offset.shape)
+    x = torch.randn(3, quant.columns(down.q), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(quant.KERNEL(x, down.q, down.scale, down.offset), quant.KERNEL(x, down.q, down.scale, zeros))
+    assert torch.equal(down.weight, quant.KERNEL.weight(down.q, down.scale, zeros))
+    assert torch.equal(down.weight, quant.unpack(down.q, down.scale, zeros))

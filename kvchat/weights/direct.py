@@ -191,9 +191,10 @@ class DirectStep:
 
     def _mat(self, linear: Any) -> _Mat:
         q, scale, offset = linear.q, linear.scale, linear.offset
-        assert q.is_contiguous() and scale.is_contiguous() and offset.is_contiguous(), "a packing not contiguous"
+        symmetric = quant.no_offset(offset) or not bool(offset.any())  # (Q8_0, Q6_K: offsets not given, not read)
+        assert q.is_contiguous() and scale.is_contiguous() and (symmetric or offset.is_contiguous()), \
+            "a packing not contiguous"
         self._keep += [q, scale, offset]
-        symmetric = not bool(offset.any())  # (Q8_0, Q4_0: the kernel skips offsets it is not given)
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=None if symmetric else offset.data_ptr(),
                     rows=q.shape[0], cols=quant.columns(q), form=quant.kernel_form(q, scale))
 

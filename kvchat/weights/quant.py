@@ -157,6 +157,20 @@ def is_nibbles(q: torch.Tensor) -> bool:
     return q.dtype == torch.uint8
 
 
+def no_offset(offset: torch.Tensor | None) -> bool:
+    """Whether a packing's offsets are all zero and kept as a stand-in that takes no memory (see `zero_offsets`);
+    the kernel is then given none."""
+    return offset is None or (offset.dim() == 2 and offset.stride() == (0, 0))
+
+
+def zero_offsets(offset: torch.Tensor) -> torch.Tensor:
+    """`offset` as a stand-in of no memory (one zero, expanded) when every offset is zero (symmetric blocks: Q8_0,
+    Q6_K), else as it is."""
+    if no_offset(offset) or offset.any():
+        return offset
+    return torch.zeros((), dtype=offset.dtype).expand(offset.shape)
+
+
 def columns(q: torch.Tensor) -> int:
     """The inputs of a packed weight whose values are `q` (either form)."""
     return q.shape[1] * 2 if is_nibbles(q) else q.shape[1]
@@ -332,8 +346,8 @@ class Kernel:
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> torch.Tensor:
-        """x [vectors, in] float32 times the packed weight (either form): [vectors, out]. `offset` None: every
-        offset is zero (the kernel then never reads them)."""
+        """x [vectors, in] float32 times the packed weight (any form): [vectors, out]. `offset` None or a
+        stand-in (see `no_offset`): every offset is zero (the kernel then never reads them)."""
         assert self.function is not None, "the kernel is used before it is built"
         x = x.contiguous()
         rows, cols = q.shape[0], columns(q)
@@ -341,7 +355,7 @@ class Kernel:
         block_sums = x.new_empty((x.shape[0], scale.shape[1]))
         function = self._functions(q, scale)[0]
         function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(),
-                 None if offset is None else offset.data_ptr(), rows, cols, block_sums.data_ptr(), y.data_ptr(),
+                 None if no_offset(offset) else offset.data_ptr(), rows, cols, block_sums.data_ptr(), y.data_ptr(),
                  torch.get_num_threads())
         return y
 
@@ -352,7 +366,8 @@ class Kernel:
         rows, cols = q.shape[0], columns(q)
         weight = torch.empty((rows, cols), dtype=torch.float32)
         expand = self._functions(q, scale)[1]
-        expand(q.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, cols, weight.data_ptr(), torch.get_num_threads())
+        expand(q.data_ptr(), scale.data_ptr(), None if no_offset(offset) else offset.data_ptr(), rows, cols,
+               weight.data_ptr(), torch.get_num_threads())
         return weight
 
 
@@ -379,7 +394,7 @@ class _Packed(nn.Module):
         super().__init__()
         self.register_buffer("q", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("offset", offset)
+        self.register_buffer("offset", zero_offsets(offset))  # (all zero: kept as a stand-in, never read)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -451,7 +466,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
         q, scale, offset, missing = packed[key]
         packing.approximate += missing
         packing.bytes_before += weight.numel() * 4
-        packing.bytes_after += q.nbytes + scale.nbytes + offset.nbytes
+        packing.bytes_after += q.nbytes + scale.nbytes + (0 if no_offset(zero_offsets(offset)) else offset.nbytes)
     if not allow_approximate and not packing.exact:
         return packing
     _replace(plan, packed)
@@ -518,8 +533,12 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
     with safe_open(str(path), "pt") as handle:
         missing = json.loads((handle.metadata() or {})["missing"])
     tensors = load_file(str(path))
-    packed = {key: (tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale"), tensors.pop(f"{key}.offset"),
-                    int(missing[key])) for key in missing}
+    packed = {}
+    for key in missing:
+        q, scale = tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale")
+        offset = tensors.pop(f"{key}.offset", None)  # (not kept when all zero: see `write_packing`)
+        packed[key] = q, scale, torch.zeros((), dtype=scale.dtype).expand(scale.shape) if offset is None else offset, \
+            int(missing[key])
     for key, (q, scale, offset, _) in packed.items():
         if q.dim() != 2 or scale.dim() != 2 or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
             raise ValueError(f"the packing of {key} is of no form kvchat writes")
@@ -544,7 +563,9 @@ def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | 
 
     tensors = dict(others or {})
     for key, (q, scale, offset, _) in packed.items():
-        tensors.update({f"{key}.q": q, f"{key}.scale": scale, f"{key}.offset": offset})
+        tensors.update({f"{key}.q": q, f"{key}.scale": scale})
+        if not no_offset(zero_offsets(offset)):  # (offsets all zero are not kept: `read_packing` makes them)
+            tensors[f"{key}.offset"] = offset
     metadata = {"missing": json.dumps({key: entry[3] for key, entry in packed.items()})}
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -284,7 +284,8 @@ void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const flo
 }
 
 /* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product.
- * Two roundings (a product, then a sum: no fused multiply-add), as quant.unpack computes it. UNPACK_BLOCK(wb, WEIGHTS,
+ * Two roundings (a product, then a sum: no fused multiply-add), as quant.unpack computes it; offset NULL: every
+ * offset is zero (0 is still added, as to a stored zero). UNPACK_BLOCK(wb, WEIGHTS,
  * b, s, o) writes block b's 32 weights at wb. */
 #if VECTORS
 #define UNPACK_BLOCK(wb, WEIGHTS, b, s, o) do { \
@@ -307,7 +308,8 @@ void packed_unpack(const int8_t *q, const float *scale, const float *offset, int
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *qr = q + r * cols;
         for (int64_t b = 0; b < blocks; b++)
-            UNPACK_BLOCK(out + r * cols + b * 32, INT8_WEIGHTS, b, scale[r * blocks + b], offset[r * blocks + b]);
+            UNPACK_BLOCK(out + r * cols + b * 32, INT8_WEIGHTS, b, scale[r * blocks + b],
+                         offset ? offset[r * blocks + b] : 0.0f);
     }
 }
 
@@ -319,7 +321,7 @@ void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *off
         const uint8_t *qr = q + r * (cols / 2);
         for (int64_t b = 0; b < blocks; b++)
             UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, half_to_float(scale[r * blocks + b]),
-                         half_to_float(offset[r * blocks + b]));
+                         offset ? half_to_float(offset[r * blocks + b]) : 0.0f);
     }
 }
 
@@ -330,7 +332,8 @@ void packed4f_unpack(const uint8_t *q, const float *scale, const float *offset, 
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *qr = q + r * (cols / 2);
         for (int64_t b = 0; b < blocks; b++)
-            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, scale[r * blocks + b], offset[r * blocks + b]);
+            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, scale[r * blocks + b],
+                         offset ? offset[r * blocks + b] : 0.0f);
     }
 }
 
@@ -341,7 +344,7 @@ void packed16_unpack(const int8_t *q, const float *scale, const float *offset, i
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t b = 0; b < blocks; b++) {
-            const float s = scale[r * blocks + b], o = offset[r * blocks + b];
+            const float s = scale[r * blocks + b], o = offset ? offset[r * blocks + b] : 0.0f;
             for (int j = 0; j < 16; j++) {
                 const float product = (float)q[r * cols + b * 16 + j] * s;
                 out[r * cols + b * 16 + j] = product + o;
