@@ -8,15 +8,13 @@ import torch
 
 from families import make_family
 from kvchat.bench.sizes import SUPER_BLOCK, Shape, random_blocks, write_random_gguf
-from kvchat.chat.chat import Chat
 from kvchat.chat.engine import Engine
 from kvchat.weights import model as model_module
 from kvchat.weights import quant
 from kvchat.weights.kquants import RowIndex, block_scales
 from kvchat.weights.model import NOT_PACKED, PACKED_WEIGHTS, load_model
-from reference import greedy_without_cache
 from test_direct import keeps_the_promise
-from test_quant import GREEDY, MESSAGES, run_turn
+from test_quant import MESSAGES, reuses_undoes_and_continues_exactly
 
 TINY = Shape("tiny", 256, 512, 2, 4, 2, 512)
 MIX = {"token_embd": "Q6_K", "attn_v": "Q5_K", "ffn_down": "Q6_K", "*": "Q4_K"}
@@ -144,18 +142,7 @@ def test_k_quant_packings_reuse_undo_and_continue_exactly_on_other_families(fami
     assert quant.KERNEL.build(), quant.KERNEL.failure
     loaded = kquant_like(make_family(family, dtype=torch.float32), seed=5)
     assert any(quant.block_of(m.q, m.scale) == 16 for m in loaded.model.modules() if isinstance(m, quant._Packed))
-    engine = Engine(loaded, prefill_chunk=5)
-    chat = Chat.start(engine, "Be brief.")
-    for text in MESSAGES[:3]:
-        end = run_turn(chat, text)
-        fresh = greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), GREEDY.max_new_tokens,
-                                     engine.stop_ids)
-        assert end.token_ids == fresh, f"{family}: a reused turn diverged from a fresh prefill"
-    chat.undo()
-    redo = run_turn(chat, MESSAGES[3])
-    assert redo.stats.reused > 0
-    assert redo.token_ids == greedy_without_cache(engine.model, engine.render(chat.messages[:-1]),
-                                                  GREEDY.max_new_tokens, engine.stop_ids)
+    reuses_undoes_and_continues_exactly(loaded, family)
 
 
 def test_a_converted_model_missing_a_weight_is_refused_in_one_line_not_filled_with_random_values(mixed_gguf,

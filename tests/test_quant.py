@@ -145,14 +145,18 @@ def test_weights_packed_at_load_by_another_packing_version_are_another_model_to_
 # benchmark reports how often it agrees with float32 on the real model.
 @pytest.mark.parametrize("form", ["float32", "int8"])
 def test_each_weight_form_reuses_undoes_and_continues_exactly(kernel, form):
-    loaded = exact_packed() if form == "int8" else gguf_like()
+    reuses_undoes_and_continues_exactly(exact_packed() if form == "int8" else gguf_like(), form)
+
+
+def reuses_undoes_and_continues_exactly(loaded, label):
+    """Three turns, each reusing the cache, an /undo and a turn: every reply that of a fresh prefill."""
     engine = Engine(loaded, prefill_chunk=5)
     chat = Chat.start(engine, "Be brief.")
     for text in MESSAGES[:3]:
         end = run_turn(chat, text)
         fresh = greedy_without_cache(engine.model, engine.render(chat.messages[:-1]), GREEDY.max_new_tokens,
                                      engine.stop_ids)
-        assert end.token_ids == fresh, f"{form}: a reused turn diverged from a fresh prefill"
+        assert end.token_ids == fresh, f"{label}: a reused turn diverged from a fresh prefill"
     chat.undo()
     redo = run_turn(chat, MESSAGES[3])
     assert redo.stats.reused > 0 and chat.cache.tokens == len(chat.cache.ids)

@@ -217,70 +217,44 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
 #define FLOAT_SCALE(b) (sr[b])
 #define HALF_SCALE(b) half_to_float(sr[b])
 
-/* offset NULL: every offset is zero (a symmetric format, as GGUF's Q8_0 and Q4_0): the shift is 0 and the offsets
- * are never read (the memory a token reads is the weights and scales alone). */
+/* The body of every product: each row of each vector, in the order defined at the top. QT and ST are the types
+ * of q and of the scales and offsets (HALF: float16 ones), ROW_BYTES the bytes of q a row, SIZE the inputs a
+ * block. offset NULL: every offset is zero (symmetric blocks, as GGUF's Q8_0 and Q6_K): the shift is 0 and the
+ * offsets are never read (the memory a token reads is the weights and scales alone). */
+#define MATVEC(QT, ST, HALF, ROW_BYTES, SIZE, ROW_STATEMENT) do { \
+        const int64_t blocks = cols / (SIZE); \
+        if (offset) block_sums(x, vectors, cols, (SIZE), xsum); \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+        for (int64_t r = 0; r < rows; r++) { \
+            const QT *qr = q + r * (ROW_BYTES); \
+            const ST *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0; \
+            for (int64_t v = 0; v < vectors; v++) { \
+                const float *xv = x + v * cols; \
+                const float shift = !or_ ? 0.0f : (HALF) ? shift_of(0, (const uint16_t *)or_, xsum + v * blocks, blocks) \
+                                                         : shift_of((const float *)or_, 0, xsum + v * blocks, blocks); \
+                ROW_STATEMENT; \
+            } \
+        } \
+    } while (0)
+
 void packed_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                    int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
-    const int64_t blocks = cols / 32;
-    if (offset) block_sums(x, vectors, cols, 32, xsum);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int8_t *qr = q + r * cols;
-        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
-        for (int64_t v = 0; v < vectors; v++) {
-            const float *xv = x + v * cols;
-            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
-            ROW(INT8_AT, INT8_WEIGHTS, FLOAT_SCALE, 2);
-        }
-    }
+    MATVEC(int8_t, float, 0, cols, 32, ROW(INT8_AT, INT8_WEIGHTS, FLOAT_SCALE, 2));
 }
 
 void packed4_matvec(const float *x, int64_t vectors, const uint8_t *q, const uint16_t *scale, const uint16_t *offset,
                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
-    const int64_t blocks = cols / 32;
-    if (offset) block_sums(x, vectors, cols, 32, xsum);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *qr = q + r * (cols / 2);
-        const uint16_t *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
-        for (int64_t v = 0; v < vectors; v++) {
-            const float *xv = x + v * cols;
-            const float shift = or_ ? shift_of(0, or_, xsum + v * blocks, blocks) : 0.0f;
-            ROW(NIBBLE_AT, NIBBLE_WEIGHTS, HALF_SCALE, 4);
-        }
-    }
+    MATVEC(uint8_t, uint16_t, 1, cols / 2, 32, ROW(NIBBLE_AT, NIBBLE_WEIGHTS, HALF_SCALE, 4));
 }
 
 void packed4f_matvec(const float *x, int64_t vectors, const uint8_t *q, const float *scale, const float *offset,
                      int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
-    const int64_t blocks = cols / 32;
-    if (offset) block_sums(x, vectors, cols, 32, xsum);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *qr = q + r * (cols / 2);
-        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
-        for (int64_t v = 0; v < vectors; v++) {
-            const float *xv = x + v * cols;
-            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
-            ROW(NIBBLE_AT, NIBBLE_WEIGHTS, FLOAT_SCALE, 4);
-        }
-    }
+    MATVEC(uint8_t, float, 0, cols / 2, 32, ROW(NIBBLE_AT, NIBBLE_WEIGHTS, FLOAT_SCALE, 4));
 }
 
 void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                      int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
-    const int64_t blocks = cols / 16;
-    if (offset) block_sums(x, vectors, cols, 16, xsum);
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int8_t *qr = q + r * cols;
-        const float *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0;
-        for (int64_t v = 0; v < vectors; v++) {
-            const float *xv = x + v * cols;
-            const float shift = or_ ? shift_of(or_, 0, xsum + v * blocks, blocks) : 0.0f;
-            ROW16();
-        }
-    }
+    MATVEC(int8_t, float, 0, cols, 16, ROW16());
 }
 
 /* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product.
@@ -301,40 +275,33 @@ void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const flo
     } while (0)
 #endif
 
+/* The body of the unpacking of 32-input blocks: QT the type of q, ROW_BYTES its bytes a row, VALUE what makes a
+ * stored scale or offset a float. */
+#define AS_IS(v) (v)
+#define UNPACK(QT, ROW_BYTES, WEIGHTS, VALUE) do { \
+        const int64_t blocks = cols / 32; \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+        for (int64_t r = 0; r < rows; r++) { \
+            const QT *qr = q + r * (ROW_BYTES); \
+            for (int64_t b = 0; b < blocks; b++) \
+                UNPACK_BLOCK(out + r * cols + b * 32, WEIGHTS, b, VALUE(scale[r * blocks + b]), \
+                             offset ? VALUE(offset[r * blocks + b]) : 0.0f); \
+        } \
+    } while (0)
+
 void packed_unpack(const int8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols, float *out,
                    int threads) {
-    const int64_t blocks = cols / 32;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const int8_t *qr = q + r * cols;
-        for (int64_t b = 0; b < blocks; b++)
-            UNPACK_BLOCK(out + r * cols + b * 32, INT8_WEIGHTS, b, scale[r * blocks + b],
-                         offset ? offset[r * blocks + b] : 0.0f);
-    }
+    UNPACK(int8_t, cols, INT8_WEIGHTS, AS_IS);
 }
 
 void packed4_unpack(const uint8_t *q, const uint16_t *scale, const uint16_t *offset, int64_t rows, int64_t cols,
                     float *out, int threads) {
-    const int64_t blocks = cols / 32;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *qr = q + r * (cols / 2);
-        for (int64_t b = 0; b < blocks; b++)
-            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, half_to_float(scale[r * blocks + b]),
-                         offset ? half_to_float(offset[r * blocks + b]) : 0.0f);
-    }
+    UNPACK(uint8_t, cols / 2, NIBBLE_WEIGHTS, half_to_float);
 }
 
 void packed4f_unpack(const uint8_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols,
                      float *out, int threads) {
-    const int64_t blocks = cols / 32;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *qr = q + r * (cols / 2);
-        for (int64_t b = 0; b < blocks; b++)
-            UNPACK_BLOCK(out + r * cols + b * 32, NIBBLE_WEIGHTS, b, scale[r * blocks + b],
-                         offset ? offset[r * blocks + b] : 0.0f);
-    }
+    UNPACK(uint8_t, cols / 2, NIBBLE_WEIGHTS, AS_IS);
 }
 
 /* The same for 16-input blocks: w[r, c] = q[r, c] * scale[r, c / 16] + offset[r, c / 16]. */
