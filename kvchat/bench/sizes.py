@@ -2,8 +2,8 @@
 CPUs, written as GGUF files the way users get them (float16, then llama.cpp's own quantizer for each block type),
 so that kvchat and llama.cpp can be measured side by side on the same files without downloading anything.
 
-The tokenizer is the default model's (its GGUF metadata), with reserved control tokens added up to the shape's
-vocabulary size, so the embedding and output layers have their published sizes. Weights are drawn from a seeded
+The tokenizer is the default model's (its GGUF metadata), with reserved tokens added up to the shape's
+vocabulary size (as normal tokens: tens of thousands of special ones would make the tokenizer slow to load), so the embedding and output layers have their published sizes. Weights are drawn from a seeded
 normal distribution (norm weights are ones): the same seed gives the same file. Nothing here prints.
 """
 
@@ -127,7 +127,7 @@ def write_random_gguf(path: Path, shape: Shape, tokenizer_from: Path | None, see
     assert shape.vocab >= len(tokens), "a vocabulary smaller than the tokenizer's"
     extra = shape.vocab - len(tokens)
     writer.add_token_list(tokens + [f"<|reserved_{i}|>" for i in range(extra)])
-    writer.add_token_types(kinds + [3] * extra)  # 3: a control token
+    writer.add_token_types(kinds + [1] * extra)  # 1: a normal token (as many special ones would slow the tokenizer)
 
     def normal(*dims: int) -> np.ndarray:
         return (rng.standard_normal(dims, dtype=np.float32) * 0.02).astype(np.float16)
