@@ -191,7 +191,7 @@ class DirectStep:
 
     def _mat(self, linear: Any) -> _Mat:
         q, scale, offset = linear.q, linear.scale, linear.offset
-        symmetric = quant.no_offset(offset) or not bool(offset.any())  # (Q8_0, Q6_K: offsets not given, not read)
+        symmetric = quant.all_zero(offset)  # (Q8_0, Q6_K: offsets not given, not read)
         assert q.is_contiguous() and scale.is_contiguous() and (symmetric or offset.is_contiguous()), \
             "a packing not contiguous"
         self._keep += [q, scale, offset]

@@ -429,7 +429,7 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     except (OSError, ValueError, KeyError, struct.error) as exc:  # a damaged .gguf raises any of these
         hf_logging.enable_progress_bar()
         if "gguf_file" in extra:
-            raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
+            raise _unusable_gguf(spec, exc) from None
         if not isinstance(exc, OSError):
             raise
         raise KvchatError(f"cannot load model from {spec}: {exc}") from None
@@ -452,9 +452,13 @@ def _converted(gguf: Path, spec: str, progress: Progress) -> Path | None:
     try:
         return gguf_model_dir(gguf, progress)
     except (ValueError, KeyError, struct.error, IndexError, TypeError) as exc:  # a damaged .gguf raises any of these
-        raise KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})") from None
+        raise _unusable_gguf(spec, exc) from None
     except OSError as exc:
         raise KvchatError(f"cannot load {spec}: {one_line(exc)}") from None
+
+
+def _unusable_gguf(spec: str, exc: Exception) -> KvchatError:
+    return KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})")
 
 
 def _install(model: Any, packed: Any) -> None:

@@ -158,17 +158,24 @@ def is_nibbles(q: torch.Tensor) -> bool:
 
 
 def no_offset(offset: torch.Tensor | None) -> bool:
-    """Whether a packing's offsets are all zero and kept as a stand-in that takes no memory (see `zero_offsets`);
+    """Whether a packing's offsets are all zero and kept as a stand-in that takes no memory (see `zero_stand_in`);
     the kernel is then given none."""
     return offset is None or (offset.dim() == 2 and offset.stride() == (0, 0))
 
 
+def all_zero(offset: torch.Tensor) -> bool:
+    """Whether every offset of a packing is zero (symmetric blocks: Q8_0, Q6_K), kept as a stand-in or not."""
+    return no_offset(offset) or not bool(offset.any())
+
+
+def zero_stand_in(scale: torch.Tensor) -> torch.Tensor:
+    """Offsets that are all zero for a packing with these scales, as a stand-in of no memory (one zero, expanded)."""
+    return torch.zeros((), dtype=scale.dtype).expand(scale.shape)
+
+
 def zero_offsets(offset: torch.Tensor) -> torch.Tensor:
-    """`offset` as a stand-in of no memory (one zero, expanded) when every offset is zero (symmetric blocks: Q8_0,
-    Q6_K), else as it is."""
-    if no_offset(offset) or offset.any():
-        return offset
-    return torch.zeros((), dtype=offset.dtype).expand(offset.shape)
+    """`offset` as a stand-in (see `zero_stand_in`) when every offset is zero, else as it is."""
+    return zero_stand_in(offset) if all_zero(offset) else offset
 
 
 def columns(q: torch.Tensor) -> int:
@@ -177,8 +184,9 @@ def columns(q: torch.Tensor) -> int:
 
 
 def kernel_form(q: torch.Tensor, scale: torch.Tensor) -> int:
-    """The number the kernel's direct step knows a packed weight's form by (MAT_* in kernels/packed_matvec.c):
-    0 int8, 1 4-bit with float16 scales, 2 4-bit with float32 scales, 3 int8 in blocks of 16 inputs."""
+    """The number the kernel knows a packed weight's form by (MAT_* in kernels/packed_matvec.c, and the index of
+    its functions in `Kernel.forms`): 0 int8, 1 4-bit with float16 scales, 2 4-bit with float32 scales, 3 int8 in
+    blocks of 16 inputs."""
     if is_nibbles(q):
         return 1 if scale.dtype == torch.float16 else 2
     return 0 if block_of(q, scale) == BLOCK else 3
@@ -223,12 +231,7 @@ class Kernel:
         self.path: str | None = None  # the path in use, once built
         self.function: Any = None  # packed_matvec
         self.expand: Any = None  # packed_unpack
-        self.function4: Any = None  # packed4_matvec, for weights in the 4-bit form (float16 scales)
-        self.expand4: Any = None  # packed4_unpack
-        self.function4f: Any = None  # packed4f_matvec: the 4-bit form with float32 scales
-        self.expand4f: Any = None  # packed4f_unpack
-        self.function16: Any = None  # packed16_matvec: int8 values in blocks of 16 inputs
-        self.expand16: Any = None  # packed16_unpack
+        self.forms: list[tuple[Any, Any]] = []  # (product, unpacking) of each form, by `kernel_form`
         self.step: Any = None  # llama_step (see kvchat.weights.direct)
         self.failure: str | None = None
         self._library: Any = None
@@ -252,8 +255,8 @@ class Kernel:
             self._bind(self.path)
             self._check()
         except (OSError, AttributeError, KvchatError) as exc:
-            self.function = self.expand = self.function4 = self.expand4 = self.step = None
-            self.function4f = self.expand4f = self.function16 = self.expand16 = None
+            self.function = self.expand = self.step = None
+            self.forms = []
             self.path = None
             self.failure = one_line(exc, 200)
         return self.function is not None
@@ -296,14 +299,15 @@ class Kernel:
                    ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int]
-        functions = []
-        for name in ("packed", "packed4", "packed4f", "packed16"):
+        self.forms = []
+        for name in ("packed", "packed4", "packed4f", "packed16"):  # (in `kernel_form`'s order)
+            functions = []
             for kind, argtypes in (("matvec", product), ("unpack", expansion)):
                 function = getattr(self._library, f"{name}_{kind}_{path}")
                 function.argtypes, function.restype = argtypes, None
                 functions.append(function)
-        (self.function, self.expand, self.function4, self.expand4, self.function4f, self.expand4f,
-         self.function16, self.expand16) = functions
+            self.forms.append((functions[0], functions[1]))
+        self.function, self.expand = self.forms[0]
         self.step = getattr(self._library, f"llama_step_{path}")
         self.step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_void_p, ctypes.c_int]
@@ -338,12 +342,6 @@ class Kernel:
                     and torch.equal(self.weight(q16, scale16, offsets), unpack(q16, scale16, offsets))):
                 raise KvchatError(f"the kernel's {self.path} path computes wrong products of 16-input blocks")
 
-    def _functions(self, q: torch.Tensor, scale: torch.Tensor) -> tuple[Any, Any]:
-        """The product and the unpacking of a packed weight's form."""
-        if is_nibbles(q):
-            return (self.function4, self.expand4) if scale.dtype == torch.float16 else (self.function4f, self.expand4f)
-        return (self.function, self.expand) if block_of(q, scale) == BLOCK else (self.function16, self.expand16)
-
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> torch.Tensor:
         """x [vectors, in] float32 times the packed weight (any form): [vectors, out]. `offset` None or a
@@ -353,7 +351,7 @@ class Kernel:
         rows, cols = q.shape[0], columns(q)
         y = x.new_empty((x.shape[0], rows))
         block_sums = x.new_empty((x.shape[0], scale.shape[1]))
-        function = self._functions(q, scale)[0]
+        function = self.forms[kernel_form(q, scale)][0]
         function(x.data_ptr(), x.shape[0], q.data_ptr(), scale.data_ptr(),
                  None if no_offset(offset) else offset.data_ptr(), rows, cols, block_sums.data_ptr(), y.data_ptr(),
                  torch.get_num_threads())
@@ -365,7 +363,7 @@ class Kernel:
         assert self.expand is not None, "the kernel is used before it is built"
         rows, cols = q.shape[0], columns(q)
         weight = torch.empty((rows, cols), dtype=torch.float32)
-        expand = self._functions(q, scale)[1]
+        expand = self.forms[kernel_form(q, scale)][1]
         expand(q.data_ptr(), scale.data_ptr(), None if no_offset(offset) else offset.data_ptr(), rows, cols,
                weight.data_ptr(), torch.get_num_threads())
         return weight
@@ -466,7 +464,7 @@ def pack_model(model: nn.Module, allow_approximate: bool = True, stored: Path | 
         q, scale, offset, missing = packed[key]
         packing.approximate += missing
         packing.bytes_before += weight.numel() * 4
-        packing.bytes_after += q.nbytes + scale.nbytes + (0 if no_offset(zero_offsets(offset)) else offset.nbytes)
+        packing.bytes_after += q.nbytes + scale.nbytes + (0 if all_zero(offset) else offset.nbytes)
     if not allow_approximate and not packing.exact:
         return packing
     _replace(plan, packed)
@@ -537,8 +535,7 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
     for key in missing:
         q, scale = tensors.pop(f"{key}.q"), tensors.pop(f"{key}.scale")
         offset = tensors.pop(f"{key}.offset", None)  # (not kept when all zero: see `write_packing`)
-        packed[key] = q, scale, torch.zeros((), dtype=scale.dtype).expand(scale.shape) if offset is None else offset, \
-            int(missing[key])
+        packed[key] = q, scale, zero_stand_in(scale) if offset is None else offset, int(missing[key])
     for key, (q, scale, offset, _) in packed.items():
         if q.dim() != 2 or scale.dim() != 2 or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
             raise ValueError(f"the packing of {key} is of no form kvchat writes")
@@ -564,7 +561,7 @@ def write_packing(path: Path, packed: Packed, others: dict[str, torch.Tensor] | 
     tensors = dict(others or {})
     for key, (q, scale, offset, _) in packed.items():
         tensors.update({f"{key}.q": q, f"{key}.scale": scale})
-        if not no_offset(zero_offsets(offset)):  # (offsets all zero are not kept: `read_packing` makes them)
+        if not all_zero(offset):  # (offsets all zero are not kept: `read_packing` makes them)
             tensors[f"{key}.offset"] = offset
     metadata = {"missing": json.dumps({key: entry[3] for key, entry in packed.items()})}
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")

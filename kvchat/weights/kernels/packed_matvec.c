@@ -230,8 +230,9 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
             const ST *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0; \
             for (int64_t v = 0; v < vectors; v++) { \
                 const float *xv = x + v * cols; \
-                const float shift = !or_ ? 0.0f : (HALF) ? shift_of(0, (const uint16_t *)or_, xsum + v * blocks, blocks) \
-                                                         : shift_of((const float *)or_, 0, xsum + v * blocks, blocks); \
+                const float *xs = xsum + v * blocks; \
+                const float shift = !or_ ? 0.0f : (HALF) ? shift_of(0, (const uint16_t *)or_, xs, blocks) \
+                                                         : shift_of((const float *)or_, 0, xs, blocks); \
                 ROW_STATEMENT; \
             } \
         } \
@@ -327,7 +328,7 @@ void packed16_unpack(const int8_t *q, const float *scale, const float *offset, i
  * h / (heads / kv_heads), as transformers' repeat_kv. */
 
 typedef struct {
-    const void *q, *scale, *offset;  /* a packing in one of the forms (see the top of this file); offset NULL: all zero */
+    const void *q, *scale, *offset;  /* a packing in one of the forms (the top of this file); offset NULL: all zero */
     int64_t rows, cols;
     int64_t form;  /* one of the MAT_* forms */
 } Mat;
