@@ -70,8 +70,8 @@ def private_home() -> Path:
 
 
 def home_dir(name: str) -> Path:
-    """`name`, a directory of kvchat's own in its home (models, packed weights, compiled code, warm sockets, bench models), checked
-    as the home is; made (0700) when it can be."""
+    """`name`, a directory of kvchat's own in its home (models, packed weights, compiled code, warm sockets, bench
+    models), checked as the home is; made (0700) when it can be."""
     path = private_home() / name
     check_own_dir(path, f"its home's {name} folder")
     try:

@@ -42,7 +42,8 @@ def dequantized(type_name, raw):
 def test_k_quant_blocks_come_back_bit_for_bit_from_the_files_scales_and_from_nothing_else(type_name):
     raw = random_blocks(type_name, 6, 512, np.random.default_rng(1))
     weight = dequantized(type_name, raw)
-    scale, offset = (torch.from_numpy(part.reshape(6, -1)) for part in block_scales(type_name, raw.reshape(-1, SUPER_BLOCK[type_name])))
+    found = block_scales(type_name, raw.reshape(-1, SUPER_BLOCK[type_name]))
+    scale, offset = (torch.from_numpy(part.reshape(6, -1)) for part in found)
     q, s, o, missing = quant.pack(weight, allow_approximate=False, hint=(scale, offset))
     assert missing == 0 and torch.equal(quant.unpack(q, s, o), weight)
     assert quant.block_of(q, s) == (16 if type_name == "Q6_K" else 32)

@@ -3,7 +3,8 @@ CPUs, written as GGUF files the way users get them (float16, then llama.cpp's ow
 so that kvchat and llama.cpp can be measured side by side on the same files without downloading anything.
 
 The tokenizer is the default model's (its GGUF metadata), with reserved tokens added up to the shape's
-vocabulary size (as normal tokens: tens of thousands of special ones would make the tokenizer slow to load), so the embedding and output layers have their published sizes. Weights are drawn from a seeded
+vocabulary size (as normal tokens: tens of thousands of special ones would make the tokenizer slow to load),
+so the embedding and output layers have their published sizes. Weights are drawn from a seeded
 normal distribution (norm weights are ones): the same seed gives the same file. Nothing here prints.
 """
 

@@ -42,7 +42,8 @@ from kvchat.config import home_dir, kvchat_home
 from kvchat.errors import KvchatError
 
 IDLE_S = 600  # how long a warm process waits for a run, unless KVCHAT_WARM says otherwise
-SUBCOMMANDS = frozenset({"sessions", "cache", "info", "bench", "models", "warm"})  # kvchat.ui.cli.COMMANDS: never run warm
+# kvchat.ui.cli.COMMANDS and `kvchat warm`: never run warm
+SUBCOMMANDS = frozenset({"sessions", "cache", "info", "bench", "models", "warm"})
 VOLATILE = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "KVCHAT_WARM_REPORT"})  # left out of the environment's digest
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 MAX_HEADER = 4 * 1024 * 1024
