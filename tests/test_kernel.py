@@ -143,6 +143,24 @@ def test_the_forms_of_k_quants_compute_the_defined_order_bit_for_bit(rows, block
             assert torch.equal(path.weight(q16, scale16, offsets), quant.unpack(q16, scale16, offsets)), path.path
 
 
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,blocks,vectors", [(3, 1, 1), (4, 9, 1), (3, 17, 2)])
+def test_16_bit_float_weights_compute_the_defined_order_bit_for_bit(kind, rows, blocks, vectors):
+    """A bfloat16 or float16 model's matrices kept as they are: the 32-input form with scales of 1 and no
+    offsets, and widened exactly (a negative zero and a float16 subnormal among them)."""
+    generator = torch.Generator().manual_seed(rows * 7 + blocks)
+    weight = (torch.randn(rows, blocks * quant.BLOCK, generator=generator) * 0.1).to(kind)
+    weight[0, 0], weight[-1, -1] = -0.0, 6e-8
+    x = torch.randn(vectors, blocks * quant.BLOCK, generator=generator)
+    want = defined_product(x, weight.float(), torch.ones(rows, blocks), torch.zeros(rows, blocks))
+    packing = quant.wide(weight)[:3]
+    for path in paths():
+        assert torch.equal(path(x, *packing), want), path.path
+        widened = path.weight(*packing)
+        assert torch.equal(widened, weight.float()) and torch.equal(widened.signbit(), weight.signbit()), path.path
+    assert not torch.equal(want, x @ weight.float().T)  # (an order of its own, not torch's)
+
+
 def test_zero_offsets_not_given_are_the_same_product():
     """A symmetric packing (Q8_0, Q4_0: every offset zero) goes to the kernel without its offsets, which are then
     never read: the same bits as with them, and the defined order's."""

@@ -7,8 +7,9 @@ per weight instead of 4), or, where every value is 0..15, 4-bit values two to a 
 offsets where every one is a float16, as a GGUF's Q4_1 and Q4_0 blocks are (0.625 bytes per weight, what
 llama.cpp reads for Q4_1), else float32 ones, as Q4_K's (0.75). All stand for the same float32 weights, and the
 kernel computes them in the same order, to the same bits. A weight made of GGUF's Q6_K blocks (a scale every 16
-inputs) keeps int8 values with a float32 scale and offset per 16 inputs. Activations, attention and the KV cache
-stay float32.
+inputs) keeps int8 values with a float32 scale and offset per 16 inputs. A bfloat16 or float16 model's weights
+are kept as they are, 16-bit floats (`wide`: 2 bytes a weight instead of 4; each widens to float32 exactly, so
+they are the same numbers as the float32 upcast). Activations, attention and the KV cache stay float32.
 
 Models converted from a GGUF file (the default model among them) carry weights that were quantized in such
 blocks (Q4_0, Q4_1, Q8_0): `pack` finds each block's scale and offset and checks that every weight comes back
@@ -152,6 +153,24 @@ def narrow_all(packed: "Packed") -> bool:
     return narrowed
 
 
+WIDE = (torch.bfloat16, torch.float16)  # the 16-bit float weights kept as they are (see `wide`)
+
+
+def wide(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A bfloat16 or float16 weight [out, in] (in a multiple of BLOCK) as a packing of its own: its values as
+    they are (not copied), with scales of 1 and offsets of 0 as stand-ins that take no memory (the kernel reads
+    neither)."""
+    assert weight.dtype in WIDE and weight.dim() == 2 and weight.shape[1] % BLOCK == 0, \
+        f"a {weight.dtype} weight of shape {tuple(weight.shape)} kept as it is"
+    scale = torch.ones((), dtype=torch.float32).expand(weight.shape[0], weight.shape[1] // BLOCK)
+    return weight, scale, zero_stand_in(scale), 0
+
+
+def is_wide(q: torch.Tensor) -> bool:
+    """Whether a packed weight's values are 16-bit floats kept as they are (see `wide`)."""
+    return q.dtype in WIDE
+
+
 def is_nibbles(q: torch.Tensor) -> bool:
     """Whether a packed weight's values are in the 4-bit form (see `narrow`)."""
     return q.dtype == torch.uint8
@@ -186,7 +205,9 @@ def columns(q: torch.Tensor) -> int:
 def kernel_form(q: torch.Tensor, scale: torch.Tensor) -> int:
     """The number the kernel knows a packed weight's form by (MAT_* in kernels/packed_matvec.c, and the index of
     its functions in `Kernel.forms`): 0 int8, 1 4-bit with float16 scales, 2 4-bit with float32 scales, 3 int8 in
-    blocks of 16 inputs."""
+    blocks of 16 inputs, 4 bfloat16, 5 float16."""
+    if is_wide(q):
+        return 4 if q.dtype == torch.bfloat16 else 5
     if is_nibbles(q):
         return 1 if scale.dtype == torch.float16 else 2
     return 0 if block_of(q, scale) == BLOCK else 3
@@ -198,7 +219,9 @@ def block_of(q: torch.Tensor, scale: torch.Tensor) -> int:
 
 
 def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The float32 weight [out, in] that `pack` (or `narrow`) split."""
+    """The float32 weight [out, in] that `pack` (or `narrow`, or `wide`) split."""
+    if is_wide(q):
+        return q.to(torch.float32)  # (exact; its scales are 1 and its offsets 0)
     if is_nibbles(q):
         rows = q.shape[0]
         bytes_ = q.reshape(rows, -1, 1, BLOCK // 2)
@@ -300,7 +323,7 @@ class Kernel:
         expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int]
         self.forms = []
-        for name in ("packed", "packed4", "packed4f", "packed16"):  # (in `kernel_form`'s order)
+        for name in ("packed", "packed4", "packed4f", "packed16", "wide_bf16", "wide_f16"):  # (`kernel_form`'s order)
             functions = []
             for kind, argtypes in (("matvec", product), ("unpack", expansion)):
                 function = getattr(self._library, f"{name}_{kind}_{path}")
@@ -341,6 +364,12 @@ class Kernel:
                                    rtol=1e-4, atol=1e-4)
                     and torch.equal(self.weight(q16, scale16, offsets), unpack(q16, scale16, offsets))):
                 raise KvchatError(f"the kernel's {self.path} path computes wrong products of 16-input blocks")
+        ones = torch.ones(40, 3)
+        for kind in WIDE:  # small integers: 16-bit floats computed as int8 values with scales of 1, to the bit
+            values = q16.to(kind)
+            if not (torch.equal(self(x, *wide(values)[:3]), self(x, q16, ones, None))
+                    and torch.equal(self.weight(*wide(values)[:3]), values.float())):
+                raise KvchatError(f"the kernel's {self.path} path computes wrong products of {kind} weights")
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  offset: torch.Tensor | None) -> torch.Tensor:
@@ -606,9 +635,11 @@ def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
 
 
 def forms(model: nn.Module) -> str:
-    """The forms the model's packed weights are kept in, for people: 'int8', '4-bit' or '4-bit and int8'."""
-    kept = {"4-bit" if is_nibbles(m.q) else "int8" for m in model.modules() if isinstance(m, _Packed)}
-    return " and ".join(form for form in ("4-bit", "int8") if form in kept)
+    """The forms the model's packed weights are kept in, for people: 'int8', '4-bit', '4-bit and int8',
+    'bfloat16'."""
+    kept = {str(m.q.dtype).replace("torch.", "") if is_wide(m.q) else "4-bit" if is_nibbles(m.q) else "int8"
+            for m in model.modules() if isinstance(m, _Packed)}
+    return " and ".join(form for form in ("bfloat16", "float16", "4-bit", "int8") if form in kept)
 
 
 def is_packed(model: nn.Module) -> bool:

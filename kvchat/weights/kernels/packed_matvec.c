@@ -8,6 +8,9 @@
  * (packed4_*) or float32 (packed4f_*) scales and offsets. All compute in the same order of operations, so the
  * same weights give the same float32 bits in each. And one form of 16-input blocks (GGUF's K-quants with 16
  * inputs a scale: Q6_K, Q3_K, Q2_K): int8 q with float32 scales and offsets a 16-input block (packed16_*).
+ * Weights kept as 16-bit floats (a bfloat16 or float16 model's own numbers: wide_bf16_*, wide_f16_*) are the
+ * 32-input form with every scale 1 and no offsets: each widens to float32 exactly, and the row is computed in
+ * the same order (acc[l] = fma(dot[l], 1, acc[l]), which is acc[l] + dot[l]).
  *
  * Built when kvchat is installed (setup.py), once per code path, into one library: this file is compiled with
  * -DKVCHAT_PATH=scalar (portable C) and, on x86-64, again with -DKVCHAT_PATH=avx2 -mavx2 -mfma -mf16c; each
@@ -44,6 +47,10 @@
 #define packed16_matvec KVCHAT_JOIN(packed16_matvec, KVCHAT_PATH)
 #define packed16_unpack KVCHAT_JOIN(packed16_unpack, KVCHAT_PATH)
 #define llama_step KVCHAT_JOIN(llama_step, KVCHAT_PATH)
+#define wide_bf16_matvec KVCHAT_JOIN(wide_bf16_matvec, KVCHAT_PATH)
+#define wide_bf16_unpack KVCHAT_JOIN(wide_bf16_unpack, KVCHAT_PATH)
+#define wide_f16_matvec KVCHAT_JOIN(wide_f16_matvec, KVCHAT_PATH)
+#define wide_f16_unpack KVCHAT_JOIN(wide_f16_unpack, KVCHAT_PATH)
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -81,6 +88,13 @@ static float half_to_float(uint16_t h) {  /* exact: every float16 is a float32 *
     memcpy(&f, &bits, 4);
     return f;
 #endif
+}
+
+static float bfloat16_to_float(uint16_t h) {  /* exact: a bfloat16 is a float32's upper half */
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 /* The block sums of x [vectors, cols] over blocks of `size` inputs: xsum [vectors, cols / size], shared by every
@@ -142,6 +156,14 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
         acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(sr[b]), acc); \
     } while (0)
+#define BF16_WEIGHTS(b, w) do { \
+        for (int k = 0; k < 4; k++) \
+            w[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+                _mm_loadu_si128((const __m128i *)(qr + (b) * 32 + 8 * k))), 16)); \
+    } while (0)
+#define F16_WEIGHTS(b, w) do { \
+        for (int k = 0; k < 4; k++) w[k] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(qr + (b) * 32 + 8 * k))); \
+    } while (0)
 #define NIBBLE_WEIGHTS(b, w) do { \
         __m256i n0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16))); \
         __m256i n1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qr + (b) * 16 + 8))); \
@@ -158,6 +180,7 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         int64_t b = 0; \
         for (; b + 1 < blocks; b += 2) { \
             if (!(b & (LINE - 1))) PREFETCH(qb_of(b) + AHEAD); \
+            if ((LINE) == 1) PREFETCH(qb_of(b + 1) + AHEAD); \
             if (!(b & 15)) { PREFETCH(sr + b + SCALES_AHEAD(LINE)); if (or_) PREFETCH(or_ + b + SCALES_AHEAD(LINE)); } \
             BLOCK_INTO(even, b, WEIGHTS, SCALE); \
             BLOCK_INTO(odd, b + 1, WEIGHTS, SCALE); \
@@ -207,6 +230,8 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         y[v * rows + r] = sum8(even_odd) + shift; \
     } while (0)
 #define INT8_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = (float)qr[(b) * 32 + j]; } while (0)
+#define BF16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = bfloat16_to_float(qr[(b) * 32 + j]); } while (0)
+#define F16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = half_to_float(qr[(b) * 32 + j]); } while (0)
 #define NIBBLE_WEIGHTS(b, w) do { \
         for (int j = 0; j < 16; j++) { w[j] = (float)(qr[(b) * 16 + j] & 15); w[j + 16] = (float)(qr[(b) * 16 + j] >> 4); } \
     } while (0)
@@ -214,7 +239,9 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
 
 #define INT8_AT(b) (qr + (b) * 32)
 #define NIBBLE_AT(b) (qr + (b) * 16)
+#define WIDE_AT(b) ((const char *)(qr + (b) * 32))
 #define FLOAT_SCALE(b) (sr[b])
+#define ONE_SCALE(b) 1.0f
 #define HALF_SCALE(b) half_to_float(sr[b])
 
 /* The body of every product: each row of each vector, in the order defined at the top. QT and ST are the types
@@ -256,6 +283,17 @@ void packed4f_matvec(const float *x, int64_t vectors, const uint8_t *q, const fl
 void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                      int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     MATVEC(int8_t, float, 0, cols, 16, ROW16());
+}
+
+/* 16-bit float weights: `scale` is never read (any address), `offset` must be NULL. A block is a cache line. */
+void wide_bf16_matvec(const float *x, int64_t vectors, const uint16_t *q, const float *scale, const float *offset,
+                      int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    MATVEC(uint16_t, float, 0, cols, 32, ROW(WIDE_AT, BF16_WEIGHTS, ONE_SCALE, 1));
+}
+
+void wide_f16_matvec(const float *x, int64_t vectors, const uint16_t *q, const float *scale, const float *offset,
+                     int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    MATVEC(uint16_t, float, 0, cols, 32, ROW(WIDE_AT, F16_WEIGHTS, ONE_SCALE, 1));
 }
 
 /* w[r, c] = q[r, c] * scale[r, c / 32] + offset[r, c / 32]: the float32 weight, for a prompt's matrix product.
@@ -320,6 +358,23 @@ void packed16_unpack(const int8_t *q, const float *scale, const float *offset, i
         }
 }
 
+/* The float32 weight of 16-bit float ones: each widened, exactly. */
+#define WIDEN(TO_FLOAT) do { \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)") \
+        for (int64_t r = 0; r < rows; r++) \
+            for (int64_t c = 0; c < cols; c++) out[r * cols + c] = TO_FLOAT(q[r * cols + c]); \
+    } while (0)
+
+void wide_bf16_unpack(const uint16_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols,
+                      float *out, int threads) {
+    WIDEN(bfloat16_to_float);
+}
+
+void wide_f16_unpack(const uint16_t *q, const float *scale, const float *offset, int64_t rows, int64_t cols,
+                     float *out, int threads) {
+    WIDEN(half_to_float);
+}
+
 /* ---- One token through a Llama-family decoder whose matrices are all packed (kvchat/weights/direct.py) ----
  * The layer as transformers' LlamaDecoderLayer computes it: x += o(attention(rope(q), rope(k), v)) over the cache,
  * then x += down(silu(gate) * up), each after an RMS norm (Qwen2: q, k and v with biases; Qwen3: each query and
@@ -333,7 +388,7 @@ typedef struct {
     int64_t form;  /* one of the MAT_* forms */
 } Mat;
 
-enum { MAT_INT8, MAT_NIBBLES_HALF, MAT_NIBBLES_FLOAT, MAT_INT8_16 };
+enum { MAT_INT8, MAT_NIBBLES_HALF, MAT_NIBBLES_FLOAT, MAT_INT8_16, MAT_BFLOAT16, MAT_FLOAT16 };
 
 /* One side (keys or values) of a layer's cache, rows of head_dim values in a KV form (kvchat/cache/kv_forms.py):
  * FORM_FLOAT32 as computed, FORM_FLOAT16 / FORM_BFLOAT16 rounded to that type, FORM_Q8 int8 values with a float16
@@ -373,6 +428,12 @@ static void product(const Mat *m, const float *x, float *xsum, float *y, int thr
     case MAT_NIBBLES_FLOAT:
         packed4f_matvec(x, 1, (const uint8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
                         m->cols, xsum, y, threads);
+        break;
+    case MAT_BFLOAT16:
+        wide_bf16_matvec(x, 1, (const uint16_t *)m->q, (const float *)m->scale, 0, m->rows, m->cols, xsum, y, threads);
+        break;
+    case MAT_FLOAT16:
+        wide_f16_matvec(x, 1, (const uint16_t *)m->q, (const float *)m->scale, 0, m->rows, m->cols, xsum, y, threads);
         break;
     case MAT_INT8_16:
         packed16_matvec(x, 1, (const int8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
@@ -448,13 +509,6 @@ static uint16_t float_to_bfloat16(float f) {  /* round to nearest, ties to even,
     if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     bits += 0x7fffu + ((bits >> 16) & 1);
     return (uint16_t)(bits >> 16);
-}
-
-static float bfloat16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 /* Write row x [dim] at slot t of kv head g, encoded as kvchat.cache.kv_forms.KVForm.encode encodes it. */
