@@ -192,8 +192,8 @@ class DirectStep:
     def _mat(self, linear: Any) -> _Mat:
         q, scale, offset = linear.q, linear.scale, linear.offset
         symmetric = quant.all_zero(offset)  # (Q8_0, Q6_K: offsets not given, not read)
-        assert q.is_contiguous() and scale.is_contiguous() and (symmetric or offset.is_contiguous()), \
-            "a packing not contiguous"
+        assert q.is_contiguous() and (quant.is_wide(q) or scale.is_contiguous()) \
+            and (symmetric or offset.is_contiguous()), "a packing not contiguous"  # (16-bit floats: no scales read)
         self._keep += [q, scale, offset]
         return _Mat(q=q.data_ptr(), scale=scale.data_ptr(), offset=None if symmetric else offset.data_ptr(),
                     rows=q.shape[0], cols=quant.columns(q), form=quant.kernel_form(q, scale))

@@ -38,7 +38,8 @@ class LoadedModel:
     device: torch.device  # where input ids go (the embedding's device)
     dtype: torch.dtype
     weights: list[Path] | None = None  # the files the weights were read from (None: built in memory)
-    weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact) or "int8 (approximate)"
+    weight_format: str = "full"  # "full" (as `dtype`), "int8" (packed, exact), "int8 (approximate)", or "bfloat16"
+    # or "float16" (a 16-bit model's matrices kept as they are, computed in `dtype`)
     weight_label: str | None = None  # what packed weights are kept as, for people: "4-bit and int8"
     weight_note: str | None = None  # why 'auto' kept full weights, when it could have packed them
     weight_warning: str | None = None  # for the chat's start: int8 weights were meant to be, and could not be
@@ -230,6 +231,39 @@ def packed_state(directory: Path, placeholders: bool = False) -> tuple[dict[str,
     return state, packed
 
 
+def wide_state(directory: Path) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """The state dict of a model directory whose matrices are bfloat16 or float16 safetensors, with those matrices
+    kept as they are (`quant.wide`: views of the files mapped into memory, see `kvchat.weights.mapped`) and
+    placeholders of no memory in the state (as `packed_state` gives them), the other tensors in float32; None for
+    any other directory (sharded files are read by their index)."""
+    from kvchat.weights import mapped, quant
+
+    index = directory / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            names = sorted(set(json.loads(read_regular(index) or b"")["weight_map"].values()))
+        else:
+            names = [path.name for path in directory.glob("*.safetensors")]
+        if not names or any(not isinstance(name, str) or "/" in name for name in names):
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        for name in names:
+            tensors.update(mapped.map_file(directory / name))
+    except (mapped.NotMappable, ValueError, KeyError, TypeError, AttributeError):
+        return None  # (loaded as before, by transformers, which says what is wrong with it)
+    state: dict[str, torch.Tensor] = {}
+    packed: quant.Packed = {}
+    zero = torch.zeros(1)
+    for key, tensor in tensors.items():
+        if key.endswith(".weight") and tensor.dim() == 2 and tensor.dtype in quant.WIDE \
+                and tensor.shape[1] % quant.BLOCK == 0:
+            packed[key[: -len(".weight")]] = quant.wide(tensor)
+            state[key] = zero.expand(tensor.shape)
+        else:
+            state[key] = tensor.to(torch.float32) if tensor.is_floating_point() else tensor.clone()
+    return (state, packed) if packed else None
+
+
 def _packed_load(weights: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a packed model is loaded with its packings put straight in its layers (no float32 weights made):
     when its weights will be packed anyway (see `choose_weights`)."""
@@ -367,6 +401,7 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
                progress: Progress = lambda _what, _step, _steps: None, weights: str = "auto") -> LoadedModel:
     """Load `spec`: 'default', a local model directory, a .gguf file, or a Hugging Face id (from the local
     Hugging Face cache, else downloaded). `weights` is 'full', 'int8' or 'auto' (see `choose_weights`)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device_name)
@@ -403,36 +438,28 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
         direct = _packed_load(weights, device, dtype)
-        found = packed_state(source, placeholders=direct) if isinstance(source, Path) and not extra else None
-        if found is not None:  # a model kvchat converted and packed: built from its config, given its weights
-            from transformers import AutoConfig, GenerationConfig
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-            config = AutoConfig.from_pretrained(source)
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # (its report of missing weights: kvchat says it in one line below)
-            try:
-                model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                    None, config=config, state_dict=found[0], dtype=dtype, output_loading_info=True, **placement)
-            finally:
-                hf_logging.set_verbosity(verbosity)
-            if info.get("missing_keys"):  # (transformers would give those weights random values, and only warn)
-                missing = sorted(info["missing_keys"])
-                raise KvchatError(f"the converted model in {source} is damaged ({len(missing)} weights missing, "
-                                  f"{missing[0]} among them): delete that folder and kvchat converts it again")
-            if direct:
-                _install(model, found[1])
-            if (source / "generation_config.json").is_file():
-                model.generation_config = GenerationConfig.from_pretrained(source)
-        else:
+        model: Any = None
+        unmapped = None  # why a 16-bit model's matrices could not be kept as they are
+        if isinstance(source, Path) and not extra:
+            found = packed_state(source, placeholders=direct)
+            if found is not None:  # a model kvchat converted and packed
+                model = _from_state(source, found, dtype, placement, install=direct)
+                if isinstance(model, str):
+                    raise KvchatError(f"the converted model in {source} is damaged ({model}): delete that folder "
+                                      "and kvchat converts it again")
+            elif direct and weights == "auto":  # a bfloat16 or float16 model: matrices kept, read as used
+                found = wide_state(source)
+                model = _from_state(source, found, dtype, placement, install=True) if found else None
+                unmapped = model if isinstance(model, str) else None
+        if model is None or isinstance(model, str):  # (a mapped load that does not fit: loaded as before)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **extra)
-    except (OSError, ValueError, KeyError, struct.error) as exc:  # a damaged .gguf raises any of these
+    except (OSError, ValueError, KeyError, struct.error, SafetensorError) as exc:  # (a damaged .gguf: any of these)
         hf_logging.enable_progress_bar()
         if "gguf_file" in extra:
             raise _unusable_gguf(spec, exc) from None
-        if not isinstance(exc, OSError):
+        if not isinstance(exc, (OSError, SafetensorError)):
             raise
-        raise KvchatError(f"cannot load model from {spec}: {exc}") from None
+        raise KvchatError(f"cannot load model from {spec}: {one_line(exc)}") from None
     hf_logging.enable_progress_bar()
     if not placement:
         model.to(device)
@@ -444,7 +471,39 @@ def load_model(spec: str, device_name: str = "auto", dtype_name: str = "auto",
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, device=input_device, dtype=dtype,
                          weights=weight_files(source, extra.get("gguf_file")))
     choose_weights(loaded, weights, progress)
+    if unmapped and loaded.weight_format == "full":
+        loaded.weight_note = f"full float32 weights: its 16-bit matrices cannot be kept as they are ({unmapped})"
     return loaded
+
+
+def _from_state(source: Path, found: tuple[dict[str, torch.Tensor], Any], dtype: torch.dtype,
+                placement: dict[str, Any], install: bool) -> Any | str:
+    """The model of `source`'s config built with the state dict and packings of `packed_state` or `wide_state`
+    (with `install`, the packings put in its layers); or what is wrong, when they are not exactly its weights (a
+    weight missing, one it has no place for, or one kept under a name transformers changes)."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(source)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return f"no causal language model of type {type(config).__name__}"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # (its report of missing weights: the caller says it in one line)
+    try:
+        model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=found[0], dtype=dtype, output_loading_info=True, **placement)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    for kind in ("missing", "unexpected", "mismatched"):  # (a missing one transformers gives random values)
+        keys = sorted(str(key) for key in info.get(f"{kind}_keys") or [])
+        if keys:
+            return f"{len(keys)} weights {kind}, {keys[0]} among them"
+    if install and not _install(model, found[1]):
+        return "a packed weight has no place in the model"
+    if (source / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    return model
 
 
 def _converted(gguf: Path, spec: str, progress: Progress) -> Path | None:
@@ -461,16 +520,22 @@ def _unusable_gguf(spec: str, exc: Exception) -> KvchatError:
     return KvchatError(f"cannot load {spec}: not a usable GGUF file ({one_line(exc)})")
 
 
-def _install(model: Any, packed: Any) -> None:
+def _install(model: Any, packed: Any) -> bool:
     """Pack the model's layers from its own file's packings; a packed weight no layer took gets its float32
-    values in place of its placeholder."""
+    values in place of its placeholder. False when such a weight has no place of that name in the model."""
     from kvchat.weights import quant
 
     for key in quant.install(model, packed):
         module, _, name = f"{key}.weight".rpartition(".")
+        try:
+            parent = model.get_submodule(module)
+        except AttributeError:
+            return False
+        if not isinstance(getattr(parent, name, None), torch.nn.Parameter):
+            return False
         q, scale, offset, _ = packed[key]
-        setattr(model.get_submodule(module), name,
-                torch.nn.Parameter(quant.dequantize(q, scale, offset), requires_grad=False))
+        setattr(parent, name, torch.nn.Parameter(quant.dequantize(q, scale, offset), requires_grad=False))
+    return True
 
 
 def precision(loaded: LoadedModel) -> str:
@@ -505,7 +570,8 @@ def choose_weights(loaded: LoadedModel, weights: str, progress: Progress) -> Non
     if not usable:
         return
     if quant.is_packed(loaded.model):  # packed as it was loaded, from its own file (see `_install`)
-        loaded.weight_format, loaded.weight_label = "int8", quant.forms(loaded.model)
+        label = quant.forms(loaded.model)  # (16-bit floats kept as they are: the model's own numbers)
+        loaded.weight_format, loaded.weight_label = (label if label in ("bfloat16", "float16") else "int8"), label
         return
     if not quant.KERNEL.build():
         if weights == "int8":
