@@ -192,8 +192,11 @@ def test_bench_sizes_table_gives_each_file_kvchat_llama_cpp_and_their_ratio():
            "peer_prefill": 50.0, "first_8_tokens_agree": True,
            "startup": {"kvchat": side, "warm": {**side, "total_s": 1.0}, "peer": {**side, "peak_rss": 800 * 2**20,
                                                                                   "total_s": 0.5}}}
+    bf16 = {**row, "file_type": "BF16", "file_bytes": 2100 * 2**20, "model_bytes": 800 * 2**20, "weights": "bfloat16"}
     table = sizes.markdown({"shape": "llama-3.2-1b", "parameters": sizes.SHAPES["llama-3.2-1b"].parameters,
-                            "threads": 2, "rows": [row]})
+                            "threads": 2, "rows": [row, bf16]})
     assert "(1.24B parameters)" in table
+    # kvchat's BF16 model is a safetensors one: its size, and the peak RSS over it (the goal: at most 1.2x)
+    assert "| BF16 | 800 safetensors (RSS 1.25x it), 2100 GGUF | bfloat16 | 20.0 / 25.0 (0.80x) |" in table
     assert "| Q4_K_M | 800 | int8 (4-bit and int8) | 20.0 / 25.0 (0.80x) | 100.0 / 50.0 (2.00x) | " \
            "1000 / 800 (1.25x) | 2.00 / 0.50 (4.00x) (1.00) |" in table

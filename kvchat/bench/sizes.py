@@ -48,8 +48,9 @@ class Shape:
 SHAPES = {"llama-3.2-1b": Shape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256),
           "tiny": Shape("tiny", 256, 512, 2, 4, 2, 49152 + 64)}
 
-# The block types measured, as llama.cpp's quantizer names them (its LLAMA_FTYPE_MOSTLY_* numbers).
-FILE_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q6_K": 18}
+# The block types measured, as llama.cpp's quantizer names them (its LLAMA_FTYPE_MOSTLY_* numbers). BF16 is also
+# written as a bfloat16 safetensors model (`safetensors_model`): what kvchat loads for that row.
+FILE_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q6_K": 18, "BF16": 32}
 
 
 # Bytes of a 256-input super-block of the K-quant types `random_blocks` makes.
@@ -186,10 +187,37 @@ def quantize(source: Path, path: Path, file_type: str, threads: int) -> Path:
     return path
 
 
+def safetensors_model(gguf: Path, directory: Path) -> Path:
+    """A GGUF file's model as a bfloat16 safetensors model directory (what a Hugging Face download holds), written
+    by transformers in a child process (its float32 copy of the weights is freed with it)."""
+    staging = directory.with_name(f".{directory.name}.partial")
+    result = subprocess.run([sys.executable, "-c", _AS_SAFETENSORS, str(gguf), str(staging)], capture_output=True,
+                            text=True)
+    if result.returncode:
+        raise RuntimeError(f"writing {gguf.name} as bfloat16 safetensors failed: {result.stderr.strip()[-200:]}")
+    os.replace(staging, directory)
+    return directory
+
+
+_AS_SAFETENSORS = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+source, out = sys.argv[1], sys.argv[2]
+folder, name = source.rsplit("/", 1)
+AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out)
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+model.hf_quantizer = None
+if hasattr(model.config, "quantization_config"):
+    del model.config.quantization_config
+model.save_pretrained(out)
+"""
+
+
 def model_files(folder: Path, shape: Shape, file_types: tuple[str, ...], tokenizer_from: Path, threads: int,
                 seed: int = 0) -> dict[str, Path]:
     """The GGUF files of `shape` in each of `file_types`, written into `folder` unless they are there already
-    (the float16 source is kept beside them, as `F16`)."""
+    (the float16 source is kept beside them, as `F16`; BF16 comes with its safetensors model, as `BF16 model`)."""
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / f"{shape.name}-seed{seed}.F16.gguf"
     if not source.is_file():
@@ -198,13 +226,17 @@ def model_files(folder: Path, shape: Shape, file_types: tuple[str, ...], tokeniz
     for file_type in file_types:
         target = folder / f"{shape.name}-seed{seed}.{file_type}.gguf"
         files[file_type] = target if target.is_file() else quantize(source, target, file_type, threads)
+        if file_type == "BF16":
+            directory = folder / f"{shape.name}-seed{seed}.bf16-safetensors"
+            files["BF16 model"] = directory if (directory / "config.json").is_file() else \
+                safetensors_model(source, directory)
     return files
 
 
 @dataclass(frozen=True)
 class SizesPlan:
     shape: str = "llama-3.2-1b"
-    file_types: tuple[str, ...] = ("Q4_0", "Q8_0", "Q4_K_M", "Q6_K")
+    file_types: tuple[str, ...] = ("Q4_0", "Q8_0", "Q4_K_M", "Q6_K", "BF16")
     context: int = 512
     new_tokens: int = 32
     repeat: int = 3
@@ -228,9 +260,10 @@ def run(folder: Path, plan: SizesPlan, load: Callable[[Path], Any], threads: int
     files = model_files(folder, shape, plan.file_types, default_gguf_path(), threads)
     rows = []
     for file_type in plan.file_types:
-        path = files[file_type]
-        progress(f"sizes: {path.name}", 0, 1)
-        loaded = load(path)
+        path = files[file_type]  # (llama.cpp's file; kvchat's own for BF16 is the safetensors model)
+        model = files.get(f"{file_type} model", path)
+        progress(f"sizes: {model.name}", 0, 1)
+        loaded = load(model)
         engine = Engine(loaded)
         engine.stop_ids = frozenset()  # equal work: replies of exactly the asked length on both sides
         llm = peer.llama(path, threads)
@@ -238,10 +271,11 @@ def run(folder: Path, plan: SizesPlan, load: Callable[[Path], Any], threads: int
         kept = weights_label(loaded)
         del llm, engine, loaded
         gc.collect()
-        started = startup.run(str(path), path, threads,  # (a random model's one token may print nothing)
+        started = startup.run(str(model), path, threads,  # (a random model's one token may print nothing)
                               startup.StartupPlan(repeat=plan.startup_repeat, first_byte=False), progress)
+        weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) if model.is_dir() else None
         rows.append({"file_type": file_type, "file_bytes": path.stat().st_size, "weights": kept, **speed,
-                     "startup": started["sides"]})
+                     "startup": started["sides"], **({"model_bytes": weights} if weights else {})})
     return {"shape": shape.name, "parameters": shape.parameters, "threads": threads, "rows": rows}
 
 
@@ -260,7 +294,11 @@ def markdown(results: dict[str, Any]) -> str:
             return f"{a:.{digits}f} / {b:.{digits}f} ({a / b:.2f}x)" if b else f"{a:.{digits}f}"
 
         mib = 1 / 2**20
-        lines.append(f"| {row['file_type']} | {row['file_bytes'] * mib:.0f} | {row['weights']} | "
+        size = f"{row['file_bytes'] * mib:.0f}"
+        if row.get("model_bytes"):  # (kvchat's is a safetensors model: its size, and peak RSS over it)
+            size = (f"{row['model_bytes'] * mib:.0f} safetensors (RSS {ours['peak_rss'] / row['model_bytes']:.2f}x "
+                    f"it), {size} GGUF")
+        lines.append(f"| {row['file_type']} | {size} | {row['weights']} | "
                      f"{pair(row['kvchat_decode'], row['peer_decode'])} | "
                      f"{pair(row['kvchat_prefill'], row['peer_prefill'])} | "
                      f"{pair(ours['peak_rss'] * mib, theirs.get('peak_rss', 0) * mib, 0)} | "
