@@ -161,6 +161,28 @@ def test_16_bit_float_weights_compute_the_defined_order_bit_for_bit(kind, rows, 
     assert not torch.equal(want, x @ weight.float().T)  # (an order of its own, not torch's)
 
 
+@pytest.mark.parametrize("rows,supers,vectors", [(3, 1, 1), (2, 2, 2)])
+def test_the_6_bit_form_of_q6_k_computes_the_defined_order_bit_for_bit(rows, supers, vectors):
+    """Q6_K's own layout (6-bit values, an int8 sub-scale per 16 inputs and a float16 per 256): the defined order
+    of 16-input blocks, as its int8 form computes it, to the bit."""
+    generator = torch.Generator().manual_seed(rows * 3 + supers)
+    q = torch.randint(-32, 32, (rows, supers * 256), dtype=torch.int8, generator=generator)
+    q[0, :8], q[-1, -8:] = -32, 31
+    d = (torch.rand(rows, supers, 1, generator=generator) * 0.002 + 1e-4).half().float()
+    sub = torch.randint(-128, 128, (rows, supers, 16), generator=generator).float()
+    sub[..., 0] = -128
+    scale = (d * sub).reshape(rows, supers * 16)
+    zero = torch.zeros_like(scale)
+    six = quant.narrow6(q, scale, zero)
+    assert six is not None
+    x = torch.randn(vectors, supers * 256, generator=generator)
+    want = defined_product(x, q, scale, zero)
+    for path in paths():
+        assert torch.equal(path(x, *six), want), path.path
+        assert torch.equal(path(x, q, scale, None), want), path.path  # (its int8 form: the same bits)
+        assert torch.equal(path.weight(*six), quant.unpack(q, scale, zero)), path.path
+
+
 def test_zero_offsets_not_given_are_the_same_product():
     """A symmetric packing (Q8_0, Q4_0: every offset zero) goes to the kernel without its offsets, which are then
     never read: the same bits as with them, and the defined order's."""

@@ -82,7 +82,9 @@ def test_a_k_quant_gguf_is_converted_once_packed_exactly_and_decoded_by_the_dire
             kinds[name.split(".")[-1]] = (module.q.dtype, module.scale.dtype, quant.block_of(module.q, module.scale))
     assert kinds["q_proj"] == (torch.uint8, torch.float32, 32)  # Q4_K: 4 bits, float32 scales and offsets
     assert kinds["v_proj"] == (torch.int8, torch.float32, 32)  # Q5_K: int8
-    assert kinds["down_proj"] == kinds["embed_tokens"] == (torch.int8, torch.float32, 16)  # Q6_K
+    assert kinds["down_proj"] == kinds["embed_tokens"] == (torch.uint8, torch.uint8, 16)  # Q6_K: its own 6 bits
+    down = loaded.model.model.layers[0].mlp.down_proj
+    assert quant.is_six(down.q) and (down.q.nbytes + down.scale.nbytes) / down.q.shape[0] / 512 == 210 / 256
     engine = Engine(loaded)
     assert engine.direct is not None
     ids = engine.render([{"role": "user", "content": MESSAGES[0]}])
@@ -177,3 +179,64 @@ def test_offsets_that_are_all_zero_are_neither_kept_on_disk_nor_held_and_compute
     assert torch.equal(quant.KERNEL(x, down.q, down.scale, down.offset), quant.KERNEL(x, down.q, down.scale, zeros))
     assert torch.equal(down.weight, quant.KERNEL.weight(down.q, down.scale, zeros))
     assert torch.equal(down.weight, quant.unpack(down.q, down.scale, zeros))
+
+
+def q6_k_like(rows, supers, seed):
+    """Int8 values in -32..31 and float32 scales a 16-input block that are a float16 d (one per 256 inputs) times
+    an int8 sub-scale, as a Q6_K weight's packing of 16-input blocks; the largest sub-scale -128, as llama.cpp's."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(-32, 32, (rows, supers * 256), dtype=torch.int8, generator=generator)
+    d = (torch.rand(rows, supers, 1, generator=generator) * 0.002 + 1e-4).half().float()
+    sub = torch.randint(-127, 128, (rows, supers, 16), generator=generator).float()
+    sub[..., 3] = -128
+    return q, (d * sub).reshape(rows, supers * 16)
+
+
+def test_q6_k_packings_take_the_files_size_in_their_6_bit_form_and_come_back_bit_for_bit(tmp_path):
+    q, scale = q6_k_like(5, 3, seed=1)
+    q[0, :16], q[1, -16:] = -32, 31  # the ends of the range
+    scale[2, :16] = 0.0  # a super-block of zero scales (d = 0)
+    zero = torch.zeros_like(scale)
+    six = quant.narrow6(q, scale, zero)
+    assert six is not None and quant.is_six(six[0]) and quant.kernel_form(six[0], six[1]) == 6
+    assert (six[0].nbytes + six[1].nbytes) / q.numel() == 210 / 256 and quant.no_offset(six[2])
+    assert quant.columns(six[0]) == q.shape[1] and quant.block_of(six[0], six[1]) == 16
+    assert torch.equal(quant.unpack(*six), quant.unpack(q, scale, zero))
+    path = tmp_path / "six.safetensors"
+    assert quant.write_packing(path, {"w": (*six, 0)})
+    read, _ = quant.read_packing(path)  # (offsets all zero: not kept)
+    assert all(torch.equal(a, b) for a, b in zip(read["w"][:2], six[:2])) and quant.no_offset(read["w"][2])
+    packed = {"w": (q, scale, zero, 0)}
+    assert quant.narrow_all(packed) and quant.is_six(packed["w"][0])  # (what a conversion keeps)
+
+
+@pytest.mark.parametrize("damage", ["value", "scale", "offset", "width"])
+def test_a_packing_that_is_not_q6_k_like_keeps_its_int8_form(damage):
+    q, scale = q6_k_like(4, 2, seed=2)
+    offset = torch.zeros_like(scale)
+    if damage == "value":
+        q[1, 5] = 40  # outside -32..31
+    elif damage == "scale":
+        scale[2, 7] = scale[2, 7] * (1 + 2 ** -20)  # no float16 times an integer
+    elif damage == "offset":
+        offset[0, 0] = 0.5
+    else:
+        q, scale, offset = q[:, :384], scale[:, :24], offset[:, :24]  # not whole super-blocks
+    assert quant.narrow6(q, scale, offset) is None
+
+
+def test_a_conversion_kept_before_the_6_bit_form_is_repacked_in_it_once(mixed_gguf, kvchat_home):
+    loaded = load_model(str(mixed_gguf), "cpu", "float32")
+    path = loaded.weights[0]
+    packed, others = quant.read_packing(path)
+    for key, (q, scale, offset, missing) in packed.items():  # as kvchat kept Q6_K weights before: int8 values
+        if quant.is_six(q):
+            q, scale = quant.widen6(q, scale)
+            packed[key] = q, scale, quant.zero_stand_in(scale), missing
+    assert quant.write_packing(path, packed, others) and model_module._has_int8_sixteens(path)
+    before = load_model(str(mixed_gguf), "cpu", "float32")  # (repacks, and loads the 6-bit form)
+    assert not model_module._has_int8_sixteens(path)
+    assert quant.is_six(before.model.model.layers[0].mlp.down_proj.q)
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        assert torch.equal(before.model(ids).logits, loaded.model(ids).logits)

@@ -155,6 +155,9 @@ def gguf_model_dir(gguf: Path, progress: Progress) -> Path | None:
     file is then loaded as it is, each time)."""
     out_dir = home_dir("models") / f"gguf-{file_digest(gguf)[:32]}"
     if (out_dir / "config.json").is_file():
+        if _has_int8_sixteens(out_dir / PACKED_WEIGHTS):  # converted before kvchat had Q6_K's 6-bit form
+            progress(f"repacking {gguf.name}'s Q6_K weights in 6 bits (once)", 0, 1)
+            narrow_directory(out_dir)
         return out_dir
     if _noted(out_dir):
         return None
@@ -297,9 +300,26 @@ def _has_nibbles(path: Path) -> bool:
         return True  # (a damaged file is reported where it is loaded)
 
 
+def _has_int8_sixteens(path: Path) -> bool:
+    """Whether a packed weights file holds a weight as int8 values in 16-input blocks over whole 256-input
+    super-blocks, which may have the 6-bit form (see `quant.narrow6`); read from its header only."""
+    from kvchat.weights import mapped
+
+    try:
+        entries, _ = mapped.header(path)
+    except mapped.NotMappable:
+        return False  # (reported where it is loaded)
+    for name, (dtype, shape, _) in entries.items():
+        scale = entries.get(name[: -len(".q")] + ".scale") if name.endswith(".q") else None
+        if dtype == torch.int8 and scale is not None and len(shape) == 2 and len(scale[1]) == 2 \
+                and shape[1] == 16 * scale[1][1] and shape[1] % 256 == 0:
+            return True
+    return False
+
+
 def narrow_directory(directory: Path) -> bool:
-    """Rewrite a directory's packed weights with the 4-bit form of every weight that has one (see
-    `quant.narrow`); False when nothing was rewritten."""
+    """Rewrite a directory's packed weights with the 4-bit or 6-bit form of every weight that has one (see
+    `quant.narrow`, `quant.narrow6`); False when nothing was rewritten."""
     from safetensors import SafetensorError
 
     from kvchat.weights import quant

@@ -7,7 +7,9 @@ per weight instead of 4), or, where every value is 0..15, 4-bit values two to a 
 offsets where every one is a float16, as a GGUF's Q4_1 and Q4_0 blocks are (0.625 bytes per weight, what
 llama.cpp reads for Q4_1), else float32 ones, as Q4_K's (0.75). All stand for the same float32 weights, and the
 kernel computes them in the same order, to the same bits. A weight made of GGUF's Q6_K blocks (a scale every 16
-inputs) keeps int8 values with a float32 scale and offset per 16 inputs. A bfloat16 or float16 model's weights
+inputs) keeps its 6-bit values with the file's own scales, an int8 per 16 inputs and a float16 per 256 (0.82 bytes
+per weight, as the file; `narrow6`), or, where the scales are not of that shape, int8 values with a float32 scale
+and offset per 16 inputs (1.25). A bfloat16 or float16 model's weights
 are kept as they are, 16-bit floats (`wide`: 2 bytes a weight instead of 4; each widens to float32 exactly, so
 they are the same numbers as the float32 upcast). Activations, attention and the KV cache stay float32.
 
@@ -144,12 +146,15 @@ def narrow(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[
 
 
 def narrow_all(packed: "Packed") -> bool:
-    """Put every entry of `packed` that has a 4-bit form (see `narrow`) in it, in place; whether any was."""
+    """Put every entry of `packed` that has a 4-bit or 6-bit form (see `narrow`, `narrow6`) in it, in place;
+    whether any was."""
     narrowed = False
     for key, (q, scale, offset, missing) in packed.items():
-        nibbles = narrow(q, scale, offset)
-        if nibbles is not None:
-            packed[key], narrowed = (*nibbles, missing), True
+        smaller = narrow(q, scale, offset)
+        if smaller is None:
+            smaller = narrow6(q, scale, offset)
+        if smaller is not None:
+            packed[key], narrowed = (*smaller, missing), True
     return narrowed
 
 
@@ -173,13 +178,71 @@ def is_wide(q: torch.Tensor) -> bool:
 
 def is_nibbles(q: torch.Tensor) -> bool:
     """Whether a packed weight's values are in the 4-bit form (see `narrow`)."""
-    return q.dtype == torch.uint8
+    return q.dtype == torch.uint8 and q.dim() == 2
+
+
+def is_six(q: torch.Tensor) -> bool:
+    """Whether a packed weight's values are in the 6-bit form (see `narrow6`): [out, in / 16, 12 bytes]."""
+    return q.dim() == 3
+
+
+SUPER = 256  # inputs of a super-block of the 6-bit form: one float16 d (GGUF's Q6_K's)
+SIX_SCALE_BYTES = 18  # a super-block's 16 int8 sub-scales and its float16 d, in the 6-bit form
+
+
+def narrow6(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The 6-bit form of a packing of 16-input blocks without offsets (as GGUF's Q6_K): q uint8 [out, in / 16,
+    12] (per block, bytes 0..7 hold value j + 32's low four bits in byte j's low half and value j + 8's in its
+    high half, bytes 8..11 a little-endian word with value j's two high bits at bit 2j), scale uint8 [out,
+    in / 256, 18] (per 256 inputs, 16 int8 sub-scales and a float16 d: a block's scale is d * sub-scale, exact),
+    and a zero stand-in for the offsets. None when some value is outside -32..31, the inputs are no multiple of
+    256, an offset is not zero, or the scales of some 256 inputs are not one float16 times integers of int8."""
+    if q.dtype != torch.int8 or q.dim() != 2 or not len(q) or block_of(q, scale) != 16 or not all_zero(offset):
+        return None
+    rows, cols = q.shape
+    if cols % SUPER or int(q.min()) < -32 or int(q.max()) > 31:
+        return None
+    scales = scale.to(torch.float32).reshape(rows, cols // SUPER, 16)
+    largest = scales.gather(-1, scales.abs().argmax(-1, keepdim=True))  # [rows, supers, 1]
+    d = torch.zeros_like(largest)
+    left = ~(scales == 0).all(-1, keepdim=True)  # (a super-block of zero scales: d = 0)
+    # The sub-scale of largest magnitude is -128 in llama.cpp's quantizer (d = 1 / (-128 / max)); others tried too.
+    for k in (-128, 127, -127, *[sign * n for n in range(126, 0, -1) for sign in (1, -1)]):
+        if not bool(left.any()):
+            break
+        trial = (largest / k).half().float()
+        ints = torch.round(scales / torch.where(trial == 0, 1.0, trial))
+        good = left & (trial != 0) & ((ints * trial == scales) & (ints >= -128) & (ints <= 127)).all(-1, keepdim=True)
+        d = torch.where(good, trial, d)
+        left = left & ~good
+    if bool(left.any()):
+        return None
+    sub = torch.round(scales / torch.where(d == 0, 1.0, d)).to(torch.int8)
+    values = (q.to(torch.int16) + 32).to(torch.uint8).reshape(rows, cols // 16, 16)
+    low = (values[..., :8] & 15) | ((values[..., 8:] & 15) << 4)
+    high = (values >> 4).reshape(rows, cols // 16, 4, 4).to(torch.int32)
+    high = (high << torch.tensor([0, 2, 4, 6], dtype=torch.int32)).sum(-1).to(torch.uint8)  # (no bits overlap)
+    six = torch.cat([low, high], dim=-1).contiguous()
+    packed_scales = torch.cat([sub.view(torch.uint8), d.half().view(torch.uint8)], dim=-1).contiguous()
+    return six, packed_scales, zero_stand_in(packed_scales)
+
+
+def widen6(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 values [out, in] and float32 scales [out, in / 16] of a packing in the 6-bit form (`narrow6`)."""
+    rows, blocks = q.shape[0], q.shape[1]
+    low = torch.cat([q[..., :8] & 15, q[..., :8] >> 4], dim=-1).to(torch.int16)  # [rows, blocks, 16]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16)
+    high = ((q[..., 8:].to(torch.int16)[..., None] >> shifts) & 3).reshape(rows, blocks, 16)
+    values = ((low | (high << 4)) - 32).to(torch.int8).reshape(rows, blocks * 16)
+    sub = scale[..., :16].contiguous().view(torch.int8).to(torch.float32)
+    d = scale[..., 16:].contiguous().view(torch.float16).to(torch.float32)
+    return values, (d * sub).reshape(rows, blocks)
 
 
 def no_offset(offset: torch.Tensor | None) -> bool:
     """Whether a packing's offsets are all zero and kept as a stand-in that takes no memory (see `zero_stand_in`);
     the kernel is then given none."""
-    return offset is None or (offset.dim() == 2 and offset.stride() == (0, 0))
+    return offset is None or (offset.dim() >= 2 and not any(offset.stride()))
 
 
 def all_zero(offset: torch.Tensor) -> bool:
@@ -198,14 +261,16 @@ def zero_offsets(offset: torch.Tensor) -> torch.Tensor:
 
 
 def columns(q: torch.Tensor) -> int:
-    """The inputs of a packed weight whose values are `q` (either form)."""
-    return q.shape[1] * 2 if is_nibbles(q) else q.shape[1]
+    """The inputs of a packed weight whose values are `q` (any form)."""
+    return q.shape[1] * 16 if is_six(q) else q.shape[1] * 2 if is_nibbles(q) else q.shape[1]
 
 
 def kernel_form(q: torch.Tensor, scale: torch.Tensor) -> int:
     """The number the kernel knows a packed weight's form by (MAT_* in kernels/packed_matvec.c, and the index of
     its functions in `Kernel.forms`): 0 int8, 1 4-bit with float16 scales, 2 4-bit with float32 scales, 3 int8 in
-    blocks of 16 inputs, 4 bfloat16, 5 float16."""
+    blocks of 16 inputs, 4 bfloat16, 5 float16, 6 6-bit in blocks of 16."""
+    if is_six(q):
+        return 6
     if is_wide(q):
         return 4 if q.dtype == torch.bfloat16 else 5
     if is_nibbles(q):
@@ -215,13 +280,16 @@ def kernel_form(q: torch.Tensor, scale: torch.Tensor) -> int:
 
 def block_of(q: torch.Tensor, scale: torch.Tensor) -> int:
     """The inputs a scale of a packed weight covers: BLOCK, or 16 (GGUF's K-quants Q6_K, Q3_K and Q2_K)."""
-    return columns(q) // scale.shape[1]
+    return 16 if is_six(q) else columns(q) // scale.shape[1]
 
 
 def unpack(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The float32 weight [out, in] that `pack` (or `narrow`, or `wide`) split."""
     if is_wide(q):
         return q.to(torch.float32)  # (exact; its scales are 1 and its offsets 0)
+    if is_six(q):
+        q, scale = widen6(q, scale)
+        offset = zero_stand_in(scale)
     if is_nibbles(q):
         rows = q.shape[0]
         bytes_ = q.reshape(rows, -1, 1, BLOCK // 2)
@@ -323,7 +391,7 @@ class Kernel:
         expansion = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                      ctypes.c_void_p, ctypes.c_int]
         self.forms = []
-        for name in ("packed", "packed4", "packed4f", "packed16", "wide_bf16", "wide_f16"):  # (`kernel_form`'s order)
+        for name in ("packed", "packed4", "packed4f", "packed16", "wide_bf16", "wide_f16", "packed6"):  # (by form)
             functions = []
             for kind, argtypes in (("matvec", product), ("unpack", expansion)):
                 function = getattr(self._library, f"{name}_{kind}_{path}")
@@ -364,6 +432,14 @@ class Kernel:
                                    rtol=1e-4, atol=1e-4)
                     and torch.equal(self.weight(q16, scale16, offsets), unpack(q16, scale16, offsets))):
                 raise KvchatError(f"the kernel's {self.path} path computes wrong products of 16-input blocks")
+        q6 = torch.randint(-32, 32, (3, 2 * SUPER), dtype=torch.int8, generator=generator)
+        d6 = (torch.rand(3, 2, 1, generator=generator) * 0.002).half().float()
+        scale6 = (d6 * torch.randint(-128, 128, (3, 2, 16), generator=generator).float()).reshape(3, 32)
+        six = narrow6(q6, scale6, torch.zeros_like(scale6))
+        x6 = torch.randn(2, 2 * SUPER, generator=generator)
+        if six is None or not (torch.equal(self(x6, *six), self(x6, q6, scale6, None))
+                               and torch.equal(self.weight(*six), unpack(q6, scale6, torch.zeros_like(scale6)))):
+            raise KvchatError(f"the kernel's {self.path} path computes wrong products of 6-bit weights")
         ones = torch.ones(40, 3)
         for kind in WIDE:  # small integers: 16-bit floats computed as int8 values with scales of 1, to the bit
             values = q16.to(kind)
@@ -566,7 +642,7 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
         offset = tensors.pop(f"{key}.offset", None)  # (not kept when all zero: see `write_packing`)
         packed[key] = q, scale, zero_stand_in(scale) if offset is None else offset, int(missing[key])
     for key, (q, scale, offset, _) in packed.items():
-        if q.dim() != 2 or scale.dim() != 2 or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
+        if q.dim() not in (2, 3) or scale.dim() != q.dim() or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
             raise ValueError(f"the packing of {key} is of no form kvchat writes")
     return packed, tensors
 
@@ -579,6 +655,9 @@ def _well_formed(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, row
              for size in (BLOCK, 16)]
     forms += [(torch.uint8, kind, kind, (rows, cols // 2), (rows, cols // BLOCK), (rows, cols // BLOCK))
               for kind in (torch.float16, torch.float32)]
+    if cols % SUPER == 0:
+        supers = (rows, cols // SUPER, SIX_SCALE_BYTES)
+        forms.append((torch.uint8, torch.uint8, torch.uint8, (rows, cols // 16, 12), supers, supers))
     return (q.dtype, scale.dtype, offset.dtype, tuple(q.shape), tuple(scale.shape), tuple(offset.shape)) in forms
 
 
@@ -637,9 +716,9 @@ def _matches(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset:
 def forms(model: nn.Module) -> str:
     """The forms the model's packed weights are kept in, for people: 'int8', '4-bit', '4-bit and int8',
     'bfloat16'."""
-    kept = {str(m.q.dtype).replace("torch.", "") if is_wide(m.q) else "4-bit" if is_nibbles(m.q) else "int8"
-            for m in model.modules() if isinstance(m, _Packed)}
-    return " and ".join(form for form in ("bfloat16", "float16", "4-bit", "int8") if form in kept)
+    kept = {str(m.q.dtype).replace("torch.", "") if is_wide(m.q) else "4-bit" if is_nibbles(m.q) else
+            "6-bit" if is_six(m.q) else "int8" for m in model.modules() if isinstance(m, _Packed)}
+    return " and ".join(form for form in ("bfloat16", "float16", "4-bit", "6-bit", "int8") if form in kept)
 
 
 def is_packed(model: nn.Module) -> bool:

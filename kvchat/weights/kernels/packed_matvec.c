@@ -8,6 +8,11 @@
  * (packed4_*) or float32 (packed4f_*) scales and offsets. All compute in the same order of operations, so the
  * same weights give the same float32 bits in each. And one form of 16-input blocks (GGUF's K-quants with 16
  * inputs a scale: Q6_K, Q3_K, Q2_K): int8 q with float32 scales and offsets a 16-input block (packed16_*).
+ * GGUF's Q6_K also has a form of its own, the file's size (packed6_*): 6-bit values, a 16-input block in 12 bytes
+ * (bytes 0..7: value j's low four bits in byte j's low half, value j + 8's in its high half; bytes 8..11, a
+ * little-endian 32-bit word: value j's two high bits at bits 2j and 2j + 1), each value 32 above the weight's
+ * integer; and per super-block of 256 inputs 18 bytes: 16 int8 sub-scales, then a float16 d. The block's scale
+ * is d * sub-scale, exact in float32, so the products are those of the int8 form of 16-input blocks, to the bit.
  * Weights kept as 16-bit floats (a bfloat16 or float16 model's own numbers: wide_bf16_*, wide_f16_*) are the
  * 32-input form with every scale 1 and no offsets: each widens to float32 exactly, and the row is computed in
  * the same order (acc[l] = fma(dot[l], 1, acc[l]), which is acc[l] + dot[l]).
@@ -47,6 +52,8 @@
 #define packed16_matvec KVCHAT_JOIN(packed16_matvec, KVCHAT_PATH)
 #define packed16_unpack KVCHAT_JOIN(packed16_unpack, KVCHAT_PATH)
 #define llama_step KVCHAT_JOIN(llama_step, KVCHAT_PATH)
+#define packed6_matvec KVCHAT_JOIN(packed6_matvec, KVCHAT_PATH)
+#define packed6_unpack KVCHAT_JOIN(packed6_unpack, KVCHAT_PATH)
 #define wide_bf16_matvec KVCHAT_JOIN(wide_bf16_matvec, KVCHAT_PATH)
 #define wide_bf16_unpack KVCHAT_JOIN(wide_bf16_unpack, KVCHAT_PATH)
 #define wide_f16_matvec KVCHAT_JOIN(wide_f16_matvec, KVCHAT_PATH)
@@ -95,6 +102,20 @@ static float bfloat16_to_float(uint16_t h) {  /* exact: a bfloat16 is a float32'
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+/* The scale of 16-input block b of a row of 6-bit values (see the top of this file): d * sub-scale, exact. */
+static inline float six_scale(const uint8_t *sr, int64_t b) {
+    const uint8_t *super = sr + (b >> 4) * 18;
+    uint16_t d;
+    memcpy(&d, super + 16, 2);
+    return half_to_float(d) * (float)(int8_t)super[b & 15];
+}
+
+/* Value j (0..15) of a 16-input block of 6-bit values, as the weight's integer. */
+static inline float six_value(const uint8_t *qb, uint32_t high, int j) {
+    const int low = j < 8 ? (qb[j] & 15) : (qb[j - 8] >> 4);
+    return (float)((low | (int)(((high >> (2 * j)) & 3) << 4)) - 32);
 }
 
 /* The block sums of x [vectors, cols] over blocks of `size` inputs: xsum [vectors, cols / size], shared by every
@@ -156,6 +177,22 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
         acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(sr[b]), acc); \
     } while (0)
+#define SIX_BLOCK_INTO(acc, b) do { \
+        const uint8_t *qb_ = qr + (b) * 12; \
+        const float *xb = xv + (b) * 16; \
+        uint32_t high_; \
+        memcpy(&high_, qb_ + 8, 4); \
+        const __m256i low_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qb_)); \
+        const __m256i pairs_ = _mm256_set1_epi32((int)high_), three_ = _mm256_set1_epi32(3); \
+        const __m256i v0_ = _mm256_or_si256(_mm256_and_si256(low_, _mm256_set1_epi32(15)), _mm256_slli_epi32( \
+            _mm256_and_si256(_mm256_srlv_epi32(pairs_, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), three_), 4)); \
+        const __m256i v1_ = _mm256_or_si256(_mm256_srli_epi32(low_, 4), _mm256_slli_epi32( \
+            _mm256_and_si256(_mm256_srlv_epi32(pairs_, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), three_), 4)); \
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(v0_, _mm256_set1_epi32(32))); \
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(v1_, _mm256_set1_epi32(32))); \
+        __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
+        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(six_scale(sr, b)), acc); \
+    } while (0)
 #define BF16_WEIGHTS(b, w) do { \
         for (int k = 0; k < 4; k++) \
             w[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
@@ -200,6 +237,18 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         if (b < blocks) BLOCK16_INTO(even, b); \
         y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
     } while (0)
+#define ROW6() do { \
+        lanes_t even = ZERO_LANES(), odd = ZERO_LANES(); \
+        int64_t b = 0; \
+        for (; b + 1 < blocks; b += 2) { \
+            if (!(b & 3)) PREFETCH(qr + b * 12 + AHEAD); \
+            if (!(b & 15)) PREFETCH(sr + (b >> 4) * 18 + SCALES_AHEAD(4)); \
+            SIX_BLOCK_INTO(even, b); \
+            SIX_BLOCK_INTO(odd, b + 1); \
+        } \
+        if (b < blocks) SIX_BLOCK_INTO(even, b); \
+        y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
+    } while (0)
 #else
 #define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
         float acc[2][8] = {{0}}; \
@@ -224,6 +273,23 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
             float dot[8]; \
             for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 + l], (float)qb_[8 + l], xb[l] * (float)qb_[l]); \
             for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], sr[b], acc[b & 1][l]); \
+        } \
+        float even_odd[8]; \
+        for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
+        y[v * rows + r] = sum8(even_odd) + shift; \
+    } while (0)
+#define ROW6() do { \
+        float acc[2][8] = {{0}}; \
+        for (int64_t b = 0; b < blocks; b++) { \
+            const uint8_t *qb_ = qr + b * 12; \
+            const float *xb = xv + b * 16; \
+            uint32_t high_; \
+            memcpy(&high_, qb_ + 8, 4); \
+            float dot[8]; \
+            for (int l = 0; l < 8; l++) \
+                dot[l] = fmaf(xb[8 + l], six_value(qb_, high_, 8 + l), xb[l] * six_value(qb_, high_, l)); \
+            const float s_ = six_scale(sr, b); \
+            for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
         } \
         float even_odd[8]; \
         for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
@@ -283,6 +349,47 @@ void packed4f_matvec(const float *x, int64_t vectors, const uint8_t *q, const fl
 void packed16_matvec(const float *x, int64_t vectors, const int8_t *q, const float *scale, const float *offset,
                      int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
     MATVEC(int8_t, float, 0, cols, 16, ROW16());
+}
+
+/* 6-bit values (see the top of this file): q [rows, cols / 16, 12 bytes], scale [rows, cols / 256, 18 bytes]; the
+ * offsets are all zero (`offset` is not read). sr is the row's super-block bytes. */
+void packed6_matvec(const float *x, int64_t vectors, const uint8_t *q, const uint8_t *scale, const float *offset,
+                    int64_t rows, int64_t cols, float *xsum, float *y, int threads) {
+    const int64_t row_scale_bytes = cols / 256 * 18;
+    (void)offset;
+    const int64_t blocks = cols / 16;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (cols / 16 * 12);
+        const uint8_t *sr = scale + r * row_scale_bytes;
+        for (int64_t v = 0; v < vectors; v++) {
+            const float *xv = x + v * cols;
+            const float shift = 0.0f;
+            ROW6();
+        }
+    }
+    (void)xsum;
+}
+
+/* w = (value - 32) * (d * sub-scale) + 0, as the int8 form of 16-input blocks unpacks its weights. */
+void packed6_unpack(const uint8_t *q, const uint8_t *scale, const float *offset, int64_t rows, int64_t cols,
+                    float *out, int threads) {
+    (void)offset;
+    const int64_t blocks = cols / 16;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * (blocks * 12), *sr = scale + r * (cols / 256 * 18);
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *qb = qr + b * 12;
+            uint32_t high;
+            memcpy(&high, qb + 8, 4);
+            const float s = six_scale(sr, b);
+            for (int j = 0; j < 16; j++) {
+                const float product = six_value(qb, high, j) * s;
+                out[r * cols + b * 16 + j] = product + 0.0f;
+            }
+        }
+    }
 }
 
 /* 16-bit float weights: `scale` is never read (any address), `offset` must be NULL. A block is a cache line. */
@@ -388,7 +495,7 @@ typedef struct {
     int64_t form;  /* one of the MAT_* forms */
 } Mat;
 
-enum { MAT_INT8, MAT_NIBBLES_HALF, MAT_NIBBLES_FLOAT, MAT_INT8_16, MAT_BFLOAT16, MAT_FLOAT16 };
+enum { MAT_INT8, MAT_NIBBLES_HALF, MAT_NIBBLES_FLOAT, MAT_INT8_16, MAT_BFLOAT16, MAT_FLOAT16, MAT_SIX };
 
 /* One side (keys or values) of a layer's cache, rows of head_dim values in a KV form (kvchat/cache/kv_forms.py):
  * FORM_FLOAT32 as computed, FORM_FLOAT16 / FORM_BFLOAT16 rounded to that type, FORM_Q8 int8 values with a float16
@@ -428,6 +535,9 @@ static void product(const Mat *m, const float *x, float *xsum, float *y, int thr
     case MAT_NIBBLES_FLOAT:
         packed4f_matvec(x, 1, (const uint8_t *)m->q, (const float *)m->scale, (const float *)m->offset, m->rows,
                         m->cols, xsum, y, threads);
+        break;
+    case MAT_SIX:
+        packed6_matvec(x, 1, (const uint8_t *)m->q, (const uint8_t *)m->scale, 0, m->rows, m->cols, xsum, y, threads);
         break;
     case MAT_BFLOAT16:
         wide_bf16_matvec(x, 1, (const uint16_t *)m->q, (const float *)m->scale, 0, m->rows, m->cols, xsum, y, threads);
