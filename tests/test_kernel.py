@@ -198,15 +198,20 @@ def test_zero_offsets_not_given_are_the_same_product():
 
 
 def test_the_paths_agree_bit_for_bit_on_the_default_models_shapes():
+    """Both paths on real shapes, every 32-input form (4 bits with float16 and float32 scales, int8 with and
+    without offsets, bfloat16 and float16 values)."""
     scalar, avx2 = paths()
-    for rows, cols, vectors, seed in ((576, 576, 1, 1), (1536, 576, 2, 2), (576, 1536, 1, 3), (192, 576, 3, 4)):
+    for rows, cols, vectors, seed in ((576, 576, 1, 1), (1536, 576, 2, 2), (577, 1536, 1, 3), (193, 576, 3, 4)):
         q, scale, offset = weights(rows, cols // quant.BLOCK, seed)
         x = torch.randn(vectors, cols, generator=torch.Generator().manual_seed(seed)) * 3
-        for form in ((q, scale, offset), quant.narrow(q, scale, offset)):
+        floats = (torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05).to(torch.bfloat16)
+        for form in ((q, scale, offset), quant.narrow(q, scale, offset), quant.narrow(q, scale, offset + 1e-3),
+                     quant.wide(floats)[:3], quant.wide(floats.half())[:3]):
             assert torch.equal(scalar(x, *form), avx2(x, *form)), (rows, cols)
             assert torch.equal(scalar.weight(*form), avx2.weight(*form))
         wide = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(scalar(x, wide, scale, offset), avx2(x, wide, scale, offset))  # int8 values beyond 4 bits
+        assert torch.equal(scalar(x, wide, scale, None), avx2(x, wide, scale, None))
 
 
 def test_info_names_the_path_in_use(monkeypatch, capsys, tiny_model_dir, tmp_path):
