@@ -177,22 +177,36 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
         acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(sr[b]), acc); \
     } while (0)
-#define SIX_BLOCK_INTO(acc, b) do { \
-        const uint8_t *qb_ = qr + (b) * 12; \
+/* A 16-input block of 6-bit values as 16 int8 weights in one register: the low nibbles spread to bytes 0..15, the
+ * high pairs moved to bits 4 and 5 of each value's byte (the word shifted by 4, 2, 0 and -2 in four lanes, so
+ * that byte m of lane k holds value 4m + k's pair there; a shuffle puts them in order), less 32. */
+#define SIX_VALUES(qb_) __extension__ ({ \
+        const __m128i packed_ = _mm_loadl_epi64((const __m128i *)(qb_)); \
+        const __m128i low_ = _mm_and_si128(_mm_unpacklo_epi64(packed_, _mm_srli_epi16(packed_, 4)), _mm_set1_epi8(15)); \
+        uint32_t word_; \
+        memcpy(&word_, (qb_) + 8, 4); \
+        const __m128i pairs_ = _mm_and_si128(_mm_srlv_epi32(_mm_sllv_epi32(_mm_set1_epi32((int)word_), \
+            _mm_setr_epi32(4, 2, 0, 0)), _mm_setr_epi32(0, 0, 0, 2)), _mm_set1_epi8(0x30)); \
+        _mm_sub_epi8(_mm_or_si128(low_, _mm_shuffle_epi8(pairs_, \
+            _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15))), _mm_set1_epi8(32)); \
+    })
+#define SIX_BLOCK_INTO(acc, b, s) do { \
+        const __m128i values_ = SIX_VALUES(qr + (b) * 12); \
         const float *xb = xv + (b) * 16; \
-        uint32_t high_; \
-        memcpy(&high_, qb_ + 8, 4); \
-        const __m256i low_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)qb_)); \
-        const __m256i pairs_ = _mm256_set1_epi32((int)high_), three_ = _mm256_set1_epi32(3); \
-        const __m256i v0_ = _mm256_or_si256(_mm256_and_si256(low_, _mm256_set1_epi32(15)), _mm256_slli_epi32( \
-            _mm256_and_si256(_mm256_srlv_epi32(pairs_, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)), three_), 4)); \
-        const __m256i v1_ = _mm256_or_si256(_mm256_srli_epi32(low_, 4), _mm256_slli_epi32( \
-            _mm256_and_si256(_mm256_srlv_epi32(pairs_, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30)), three_), 4)); \
-        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(v0_, _mm256_set1_epi32(32))); \
-        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(v1_, _mm256_set1_epi32(32))); \
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(values_)); \
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(values_, values_))); \
         __m256 dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), w1, _mm256_mul_ps(_mm256_loadu_ps(xb), w0)); \
-        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(six_scale(sr, b)), acc); \
+        acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(s), acc); \
     } while (0)
+/* The 16 block scales of a super-block of 6-bit values: d * sub-scale, exact (as six_scale). */
+static inline void six_scales(const uint8_t *super, float *out) {
+    uint16_t d;
+    memcpy(&d, super + 16, 2);
+    const __m256 d_ = _mm256_set1_ps(half_to_float(d));
+    const __m128i sub = _mm_loadu_si128((const __m128i *)super);
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sub)), d_));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sub, 8))), d_));
+}
 #define BF16_WEIGHTS(b, w) do { \
         for (int k = 0; k < 4; k++) \
             w[k] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
@@ -239,14 +253,17 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
     } while (0)
 #define ROW6() do { \
         lanes_t even = ZERO_LANES(), odd = ZERO_LANES(); \
-        int64_t b = 0; \
-        for (; b + 1 < blocks; b += 2) { \
-            if (!(b & 3)) PREFETCH(qr + b * 12 + AHEAD); \
-            if (!(b & 15)) PREFETCH(sr + (b >> 4) * 18 + SCALES_AHEAD(4)); \
-            SIX_BLOCK_INTO(even, b); \
-            SIX_BLOCK_INTO(odd, b + 1); \
+        for (int64_t super = 0; super < blocks / 16; super++) { \
+            float scales_[16]; \
+            PREFETCH(sr + super * 18 + SCALES_AHEAD(4)); \
+            six_scales(sr + super * 18, scales_); \
+            for (int i = 0; i < 16; i += 2) { \
+                const int64_t b = super * 16 + i; \
+                if (!(i & 3)) PREFETCH(qr + b * 12 + AHEAD); \
+                SIX_BLOCK_INTO(even, b, scales_[i]); \
+                SIX_BLOCK_INTO(odd, b + 1, scales_[i + 1]); \
+            } \
         } \
-        if (b < blocks) SIX_BLOCK_INTO(even, b); \
         y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
     } while (0)
 #else
@@ -321,6 +338,7 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
         for (int64_t r = 0; r < rows; r++) { \
             const QT *qr = q + r * (ROW_BYTES); \
             const ST *sr = scale + r * blocks, *or_ = offset ? offset + r * blocks : 0; \
+            (void)sr; /* (16-bit floats: no scales read) */ \
             for (int64_t v = 0; v < vectors; v++) { \
                 const float *xv = x + v * cols; \
                 const float *xs = xsum + v * blocks; \
