@@ -513,9 +513,9 @@ def bench_command(argv: list[str]) -> int:
                              "memory, beside llama.cpp's when it is installed, and kvchat's start-up step by step")
     parser.add_argument("--sizes", action="store_true",
                         help="only real model sizes: random models in Llama-3.2-1B's shape as GGUF files of four "
-                             "block types (made once by llama.cpp's quantizer, in $KVCHAT_HOME/bench-models), "
-                             "decode, prefill, start-up and peak memory beside llama.cpp's (needs "
-                             "llama-cpp-python; --quick: a tiny model of one type)")
+                             "block types and as bfloat16 safetensors (made once, by llama.cpp's quantizer and "
+                             "transformers, in $KVCHAT_HOME/bench-models), decode, prefill, start-up and peak "
+                             "memory beside llama.cpp's (needs llama-cpp-python; --quick: a tiny model of one type)")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG figure here (needs matplotlib: pip install kvchat[plot])")
     args = parser.parse_args(argv)

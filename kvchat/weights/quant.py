@@ -642,7 +642,8 @@ def read_packing(path: Path) -> tuple[Packed, dict[str, torch.Tensor]]:
         offset = tensors.pop(f"{key}.offset", None)  # (not kept when all zero: see `write_packing`)
         packed[key] = q, scale, zero_stand_in(scale) if offset is None else offset, int(missing[key])
     for key, (q, scale, offset, _) in packed.items():
-        if q.dim() not in (2, 3) or scale.dim() != q.dim() or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
+        if q.dim() not in (2, 3) or scale.dim() != q.dim() \
+                or not _well_formed(q, scale, offset, q.shape[0], columns(q)):
             raise ValueError(f"the packing of {key} is of no form kvchat writes")
     return packed, tensors
 

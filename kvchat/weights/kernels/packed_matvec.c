@@ -182,7 +182,8 @@ static inline float sum_lanes(__m256 v) {  /* sum8's order: (e0+e4, e1+e5, e2+e6
  * that byte m of lane k holds value 4m + k's pair there; a shuffle puts them in order), less 32. */
 #define SIX_VALUES(qb_) __extension__ ({ \
         const __m128i packed_ = _mm_loadl_epi64((const __m128i *)(qb_)); \
-        const __m128i low_ = _mm_and_si128(_mm_unpacklo_epi64(packed_, _mm_srli_epi16(packed_, 4)), _mm_set1_epi8(15)); \
+        const __m128i low_ = _mm_and_si128(_mm_unpacklo_epi64(packed_, _mm_srli_epi16(packed_, 4)), \
+                                           _mm_set1_epi8(15)); \
         uint32_t word_; \
         memcpy(&word_, (qb_) + 8, 4); \
         const __m128i pairs_ = _mm_and_si128(_mm_srlv_epi32(_mm_sllv_epi32(_mm_set1_epi32((int)word_), \
