@@ -1,3 +1,3 @@
-from kvchat.ui.warm import main
+from kvchat.ui.warm import end_process, main
 
-raise SystemExit(main())
+end_process(main())

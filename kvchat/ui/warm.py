@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kvchat.config import home_dir, kvchat_home
 from kvchat.errors import KvchatError
@@ -511,13 +511,21 @@ def _child(connection: socket.socket, run: dict[str, Any], fds: list[int]) -> No
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            atexit._run_exitfuncs()
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-        except BaseException:  # noqa: BLE001 - (an output gone away: nothing left to tell)
-            pass
-        os._exit(code)
+        end_process(code)
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process with `code` once its work is done: the exit handlers run and the output is flushed, but
+    the interpreter's teardown of torch and of every object (most of a second with a 1B model loaded) is
+    skipped. Everything kvchat keeps is written before this (the store is crash-safe: a process killed at any
+    point loses nothing saved)."""
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except BaseException:  # noqa: BLE001 - (an output gone away: nothing left to tell)
+        pass
+    os._exit(code)
 
 
 def _streams(streams: list[list[str | None]]) -> None:
