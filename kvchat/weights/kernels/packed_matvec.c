@@ -283,36 +283,29 @@ static inline void six_scales(const uint8_t *super, float *out) {
         for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
         y[v * rows + r] = sum8(even_odd) + shift; \
     } while (0)
-#define ROW16() do { \
+/* A row of 16-input blocks: PREPARE(b) readies block b, VALUE(b, j) is its weight j, SCALE16(b) its scale. */
+#define ROW16_OF(PREPARE, VALUE, SCALE16) do { \
         float acc[2][8] = {{0}}; \
         for (int64_t b = 0; b < blocks; b++) { \
-            const int8_t *qb_ = qr + b * 16; \
             const float *xb = xv + b * 16; \
+            PREPARE(b); \
             float dot[8]; \
-            for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 + l], (float)qb_[8 + l], xb[l] * (float)qb_[l]); \
-            for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], sr[b], acc[b & 1][l]); \
-        } \
-        float even_odd[8]; \
-        for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
-        y[v * rows + r] = sum8(even_odd) + shift; \
-    } while (0)
-#define ROW6() do { \
-        float acc[2][8] = {{0}}; \
-        for (int64_t b = 0; b < blocks; b++) { \
-            const uint8_t *qb_ = qr + b * 12; \
-            const float *xb = xv + b * 16; \
-            uint32_t high_; \
-            memcpy(&high_, qb_ + 8, 4); \
-            float dot[8]; \
-            for (int l = 0; l < 8; l++) \
-                dot[l] = fmaf(xb[8 + l], six_value(qb_, high_, 8 + l), xb[l] * six_value(qb_, high_, l)); \
-            const float s_ = six_scale(sr, b); \
+            for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 + l], VALUE(b, 8 + l), xb[l] * VALUE(b, l)); \
+            const float s_ = SCALE16(b); \
             for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
         } \
         float even_odd[8]; \
         for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
         y[v * rows + r] = sum8(even_odd) + shift; \
     } while (0)
+#define NOTHING_TO_PREPARE(b) (void)0
+#define INT8_16_VALUE(b, j) ((float)qr[(b) * 16 + (j)])
+#define SCALE_OF(b) (sr[b])
+#define SIX_PREPARE(b) uint32_t high_; memcpy(&high_, qr + (b) * 12 + 8, 4)
+#define SIX_VALUE(b, j) six_value(qr + (b) * 12, high_, (j))
+#define SIX_SCALE(b) six_scale(sr, (b))
+#define ROW16() ROW16_OF(NOTHING_TO_PREPARE, INT8_16_VALUE, SCALE_OF)
+#define ROW6() ROW16_OF(SIX_PREPARE, SIX_VALUE, SIX_SCALE)
 #define INT8_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = (float)qr[(b) * 32 + j]; } while (0)
 #define BF16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = bfloat16_to_float(qr[(b) * 32 + j]); } while (0)
 #define F16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = half_to_float(qr[(b) * 32 + j]); } while (0)
