@@ -240,3 +240,27 @@ def test_a_conversion_kept_before_the_6_bit_form_is_repacked_in_it_once(mixed_gg
     ids = torch.tensor([[3, 9, 27, 81]])
     with torch.no_grad():
         assert torch.equal(before.model(ids).logits, loaded.model(ids).logits)
+
+
+def test_a_gguf_is_converted_tensor_by_tensor_without_a_float32_model(kvchat_home, tmp_path, monkeypatch):
+    """Each weight is dequantized, packed and dropped in turn (transformers' loader, which makes the whole model in
+    float32 first, is not used): a K-quant file packs, with the same numbers as transformers' own loading of it;
+    a file of other blocks is noted without it too."""
+    import transformers
+
+    path = write_random_gguf(tmp_path / "tiny-mix.gguf", TINY, None, seed=3, block_types=MIX)
+    full = load_model(str(path), "cpu", "float32", weights="full")  # (transformers' loading, for the numbers)
+    loader = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("a float32 model was made to convert the file"))
+    loaded = load_model(str(path), "cpu", "float32")
+    assert loaded.weight_format == "int8" and [p.name for p in loaded.weights] == [PACKED_WEIGHTS]
+    reference = full.model.state_dict()
+    for name, module in loaded.model.named_modules():
+        if isinstance(module, quant._Packed):
+            assert torch.equal(module.weight, reference[f"{name}.weight"]), name
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loader)  # (a file not packed loads so)
+    monkeypatch.setattr(model_module, "pack_directory", lambda *a, **k: pytest.fail("converted through float32"))
+    plain = write_random_gguf(tmp_path / "tiny-f16.gguf", TINY, None, seed=4)
+    assert load_model(str(plain), "cpu", "float32").weight_format == "full"
+    assert list((kvchat_home / "models").glob(f"gguf-*/{NOT_PACKED}"))

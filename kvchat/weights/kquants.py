@@ -67,7 +67,7 @@ class RowIndex:
 
         index = cls()
         for tensor in GGUFReader(str(gguf)).tensors:
-            size = _size(tensor.tensor_type.name)
+            size = block_size(tensor.tensor_type.name)
             raw = np.asarray(tensor.data)
             if not size or raw.dtype != np.uint8 or raw.ndim < 2 or raw.shape[-1] % size:
                 continue
@@ -98,6 +98,6 @@ class RowIndex:
         return torch.from_numpy(scale), torch.from_numpy(offset)
 
 
-def _size(type_name: str) -> int:
+def block_size(type_name: str) -> int:
     """Bytes of a super-block of 256 inputs of a type read here; 0 for others."""
     return {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}.get(type_name, 0)

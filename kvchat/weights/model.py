@@ -94,19 +94,20 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress, keep_unpacked: b
         what = f"converting {gguf.name} (once)"
         progress(f"{what}: tokenizer", 0, 4)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        progress(f"{what}: dequantizing the weights", 1, 4)
-        with contextlib.redirect_stderr(io.StringIO()):  # (transformers' GGUF reader draws a bar of its own there)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        progress(f"{what}: writing safetensors to {out_dir}", 2, 4)
-        # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are dequantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        del model  # (its float32 weights: the packing reads them back from the file, one at a time)
-        progress(f"{what}: packing the weights as exact blocks", 3, 4)
-        if not pack_directory(staging, gguf) and not keep_unpacked:
+        progress(f"{what}: packing the weights as exact blocks, one at a time", 1, 4)
+        done = _convert_by_tensor(gguf, staging)
+        if done is None or (keep_unpacked and not done):  # (transformers' loader: see _convert_by_tensor)
+            progress(f"{what}: dequantizing the weights", 2, 4)
+            with contextlib.redirect_stderr(io.StringIO()):  # (transformers' GGUF reader draws a bar of its own)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            progress(f"{what}: writing safetensors to {out_dir}", 3, 4)
+            _without_quantizer(model.config)
+            model.hf_quantizer = None  # (save_pretrained refuses a model that still carries the GGUF quantizer)
+            model.save_pretrained(staging)
+            del model  # (its float32 weights: the packing reads them back from the file, one at a time)
+            done = pack_directory(staging, gguf)
+        if not done and not keep_unpacked:
             for path in list(staging.iterdir()):
                 path.unlink()
             write_private(staging / NOT_PACKED, PACKING_SUPPORT.encode())
@@ -115,6 +116,84 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: Progress, keep_unpacked: b
         os.replace(staging, out_dir)
     progress(f"{what}: done", 4, 4)
     return out_dir
+
+
+def _without_quantizer(config: Any) -> None:
+    """A config from a GGUF file without its GGUF quantization entry (the weights written are dequantized)."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+def _convert_by_tensor(gguf: Path, staging: Path) -> bool | None:
+    """Write `gguf`'s model into `staging` in kvchat's packed form (config, generation config and PACKED_WEIGHTS; the
+    tokenizer is the caller's) one tensor at a time: each weight dequantized, named and ordered as transformers
+    loads it (its own GGUF name map and row order), packed exactly (K-quants from the file's own scales) and
+    dropped, so that no float32 model is ever made. False, with nothing written, when a weight is not exact
+    blocks; None when the architecture's tensors are rearranged in ways this does not follow (transformers'
+    loader is then the way)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, LlamaTensorProcessor, TensorProcessor,
+                                                          get_gguf_hf_weights_map, load_gguf_checkpoint, read_field)
+
+    from kvchat.weights import quant
+    from kvchat.weights.kquants import block_scales, block_size
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    reader = GGUFReader(str(gguf))
+    processor = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)(
+        config=parsed["config"])
+    if type(processor) not in (TensorProcessor, LlamaTensorProcessor):
+        return None  # (others split, merge or rename tensors)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    packed: quant.Packed = {}
+    others: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        if tensor.name not in names:
+            continue
+        name = names[tensor.name]
+
+        def ordered(values: np.ndarray) -> torch.Tensor:  # (Llama's query and key rows, as transformers orders them)
+            done = processor.process(weights=values, name=tensor.name, tensor_key_mapping=names,
+                                     parsed_parameters=parsed)
+            return torch.from_numpy(np.require(done.weights, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+        raw = np.asarray(tensor.data)
+        cols = int(tensor.shape[0]) if len(tensor.shape) else 0  # (GGUF lists a weight's inputs first)
+        if not (name.endswith(".weight") and raw.ndim == 2 and len(tensor.shape) == 2 and cols % quant.BLOCK == 0):
+            others[name] = ordered(dequantize(raw, tensor.tensor_type))
+            continue
+        # Rows in parts of about 64 MiB of float32 (packing makes a few copies of what it packs), but where the
+        # processor reorders rows (Llama's query and key weights, small): those whole.
+        whole = type(processor) is LlamaTensorProcessor and (".attn_q." in tensor.name or ".attn_k." in tensor.name)
+        step = len(raw) if whole else max(1, (64 << 20) // (4 * cols))
+        parts = []
+        for start in range(0, len(raw), step):
+            rows = raw[start:start + step]
+            weight = ordered(dequantize(rows, tensor.tensor_type))
+            hint = None
+            size = block_size(tensor.tensor_type.name)
+            if size:  # a K-quant: its scales and offsets from its blocks, in the weight's row order
+                scale, offset = block_scales(tensor.tensor_type.name, rows.reshape(-1, size))
+                hint = ordered(scale.reshape(weight.shape[0], -1)), ordered(offset.reshape(weight.shape[0], -1))
+            parts.append(quant.pack(weight, allow_approximate=False, hint=hint))
+            if parts[-1][3]:
+                return False
+        packing = (torch.cat([part[i] for part in parts]) for i in range(3))
+        packed[name[: -len(".weight")]] = (*quant.narrowest(*packing), 0)  # (now: not all int8 at once)
+    wanted = set(skeleton.state_dict()) - {f"{key}.weight" for key in packed} - set(others)
+    tied = {key for key in wanted if key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)}
+    if wanted - tied:
+        return None  # (a weight transformers would find elsewhere)
+    _without_quantizer(config)
+    config.architectures, config.dtype = [type(skeleton).__name__], torch.float32  # (as the model's save writes)
+    config.save_pretrained(staging)
+    GenerationConfig.from_model_config(config).save_pretrained(staging)
+    return quant.write_packing(staging / PACKED_WEIGHTS, packed, others)
 
 
 @contextlib.contextmanager

@@ -145,15 +145,20 @@ def narrow(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[
     return nibbles, scale, offset
 
 
+def narrowest(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A packing in its smallest form: 4-bit (see `narrow`), 6-bit (`narrow6`), or as it is."""
+    smaller = narrow(q, scale, offset)
+    if smaller is None:
+        smaller = narrow6(q, scale, offset)
+    return (q, scale, offset) if smaller is None else smaller
+
+
 def narrow_all(packed: "Packed") -> bool:
-    """Put every entry of `packed` that has a 4-bit or 6-bit form (see `narrow`, `narrow6`) in it, in place;
-    whether any was."""
+    """Put every entry of `packed` in its smallest form (see `narrowest`), in place; whether any changed."""
     narrowed = False
     for key, (q, scale, offset, missing) in packed.items():
-        smaller = narrow(q, scale, offset)
-        if smaller is None:
-            smaller = narrow6(q, scale, offset)
-        if smaller is not None:
+        smaller = narrowest(q, scale, offset)
+        if smaller[0] is not q:
             packed[key], narrowed = (*smaller, missing), True
     return narrowed
 
@@ -218,10 +223,10 @@ def narrow6(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple
     if bool(left.any()):
         return None
     sub = torch.round(scales / torch.where(d == 0, 1.0, d)).to(torch.int8)
-    values = (q.to(torch.int16) + 32).to(torch.uint8).reshape(rows, cols // 16, 16)
+    values = (q + 32).view(torch.uint8).reshape(rows, cols // 16, 16)  # (0..63: no int8 overflow)
     low = (values[..., :8] & 15) | ((values[..., 8:] & 15) << 4)
-    high = (values >> 4).reshape(rows, cols // 16, 4, 4).to(torch.int32)
-    high = (high << torch.tensor([0, 2, 4, 6], dtype=torch.int32)).sum(-1).to(torch.uint8)  # (no bits overlap)
+    pairs = (values >> 4).reshape(rows, cols // 16, 4, 4)  # byte m of the word: values 4m..4m+3's high pairs
+    high = pairs[..., 0] | (pairs[..., 1] << 2) | (pairs[..., 2] << 4) | (pairs[..., 3] << 6)
     six = torch.cat([low, high], dim=-1).contiguous()
     packed_scales = torch.cat([sub.view(torch.uint8), d.half().view(torch.uint8)], dim=-1).contiguous()
     return six, packed_scales, zero_stand_in(packed_scales)
