@@ -44,8 +44,9 @@ class Shape:
         return self.vocab * self.hidden + self.layers * (attention + 3 * self.hidden * self.intermediate)
 
 
-# Llama-3.2-1B's shape (tied embeddings); what fits a test: a shape small enough to build in a second.
+# Llama-3.2-1B's and -3B's shapes (tied embeddings); what fits a test: a shape small enough to build in a second.
 SHAPES = {"llama-3.2-1b": Shape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 128256),
+          "llama-3.2-3b": Shape("llama-3.2-3b", 3072, 8192, 28, 24, 8, 128256),
           "tiny": Shape("tiny", 256, 512, 2, 4, 2, 49152 + 64)}
 
 # The block types measured, as llama.cpp's quantizer names them (its LLAMA_FTYPE_MOSTLY_* numbers). BF16 is also
