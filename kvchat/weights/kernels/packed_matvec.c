@@ -268,14 +268,17 @@ static inline void six_scales(const uint8_t *super, float *out) {
         y[v * rows + r] = sum_lanes(ADD_LANES(even, odd)) + shift; \
     } while (0)
 #else
-#define ROW(qb_of, WEIGHTS, SCALE, LINE) do { \
+/* A row in the defined order, blocks of SIZE inputs (32 or 16): WEIGHTS(b, w) writes block b's weights into w,
+ * SCALE(b) is its scale. */
+#define ROW_OF(SIZE, WEIGHTS, SCALE) do { \
         float acc[2][8] = {{0}}; \
         for (int64_t b = 0; b < blocks; b++) { \
-            float w[32], dot[8]; \
+            float w[SIZE], dot[8]; \
             WEIGHTS(b, w); \
-            const float *xb = xv + b * 32; \
+            const float *xb = xv + b * (SIZE); \
             for (int l = 0; l < 8; l++) dot[l] = xb[l] * w[l]; \
-            for (int k = 1; k < 4; k++) for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 * k + l], w[8 * k + l], dot[l]); \
+            for (int k = 1; k < (SIZE) / 8; k++) \
+                for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 * k + l], w[8 * k + l], dot[l]); \
             const float s_ = SCALE(b); \
             for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
         } \
@@ -283,29 +286,16 @@ static inline void six_scales(const uint8_t *super, float *out) {
         for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
         y[v * rows + r] = sum8(even_odd) + shift; \
     } while (0)
-/* A row of 16-input blocks: PREPARE(b) readies block b, VALUE(b, j) is its weight j, SCALE16(b) its scale. */
-#define ROW16_OF(PREPARE, VALUE, SCALE16) do { \
-        float acc[2][8] = {{0}}; \
-        for (int64_t b = 0; b < blocks; b++) { \
-            const float *xb = xv + b * 16; \
-            PREPARE(b); \
-            float dot[8]; \
-            for (int l = 0; l < 8; l++) dot[l] = fmaf(xb[8 + l], VALUE(b, 8 + l), xb[l] * VALUE(b, l)); \
-            const float s_ = SCALE16(b); \
-            for (int l = 0; l < 8; l++) acc[b & 1][l] = fmaf(dot[l], s_, acc[b & 1][l]); \
-        } \
-        float even_odd[8]; \
-        for (int l = 0; l < 8; l++) even_odd[l] = acc[0][l] + acc[1][l]; \
-        y[v * rows + r] = sum8(even_odd) + shift; \
+#define ROW(qb_of, WEIGHTS, SCALE, LINE) ROW_OF(32, WEIGHTS, SCALE)
+#define INT8_16_WEIGHTS(b, w) do { for (int j = 0; j < 16; j++) w[j] = (float)qr[(b) * 16 + j]; } while (0)
+#define SIX_WEIGHTS(b, w) do { \
+        uint32_t high_; \
+        memcpy(&high_, qr + (b) * 12 + 8, 4); \
+        for (int j = 0; j < 16; j++) w[j] = six_value(qr + (b) * 12, high_, j); \
     } while (0)
-#define NOTHING_TO_PREPARE(b) (void)0
-#define INT8_16_VALUE(b, j) ((float)qr[(b) * 16 + (j)])
-#define SCALE_OF(b) (sr[b])
-#define SIX_PREPARE(b) uint32_t high_; memcpy(&high_, qr + (b) * 12 + 8, 4)
-#define SIX_VALUE(b, j) six_value(qr + (b) * 12, high_, (j))
 #define SIX_SCALE(b) six_scale(sr, (b))
-#define ROW16() ROW16_OF(NOTHING_TO_PREPARE, INT8_16_VALUE, SCALE_OF)
-#define ROW6() ROW16_OF(SIX_PREPARE, SIX_VALUE, SIX_SCALE)
+#define ROW16() ROW_OF(16, INT8_16_WEIGHTS, FLOAT_SCALE)
+#define ROW6() ROW_OF(16, SIX_WEIGHTS, SIX_SCALE)
 #define INT8_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = (float)qr[(b) * 32 + j]; } while (0)
 #define BF16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = bfloat16_to_float(qr[(b) * 32 + j]); } while (0)
 #define F16_WEIGHTS(b, w) do { for (int j = 0; j < 32; j++) w[j] = half_to_float(qr[(b) * 32 + j]); } while (0)
