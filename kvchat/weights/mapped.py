@@ -61,8 +61,7 @@ def header(path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], in
         count = 1
         for n in shape:
             count *= n
-        item = torch.empty((), dtype=dtype).element_size()
-        if end - begin != count * item or (start + begin) % item:
+        if end - begin != count * dtype.itemsize or (start + begin) % dtype.itemsize:
             raise NotMappable(f"{path.name}: tensor {name!r} has {end - begin} bytes for its shape, or is unaligned")
         found[name] = dtype, tuple(shape), start + begin
     return found, info.st_size
@@ -80,13 +79,5 @@ def map_file(path: Path) -> dict[str, torch.Tensor]:
         storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     except RuntimeError as exc:  # (changed since its header was read)
         raise NotMappable(f"{path.name} cannot be mapped: {exc}") from None
-    tensors = {}
-    for name, (dtype, shape, offset) in entries.items():
-        item = torch.empty((), dtype=dtype).element_size()
-        view = torch.empty(0, dtype=dtype)
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        view.set_(storage, offset // item, shape, strides)
-        tensors[name] = view
-    return tensors
+    return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)  # (contiguous)
+            for name, (dtype, shape, offset) in entries.items()}

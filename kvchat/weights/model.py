@@ -171,12 +171,12 @@ def _convert_by_tensor(gguf: Path, staging: Path) -> bool | None:
         # processor reorders rows (Llama's query and key weights, small): those whole.
         whole = type(processor) is LlamaTensorProcessor and (".attn_q." in tensor.name or ".attn_k." in tensor.name)
         step = len(raw) if whole else max(1, (64 << 20) // (4 * cols))
+        size = block_size(tensor.tensor_type.name)  # (a K-quant's super-block bytes; 0 for other types)
         parts = []
         for start in range(0, len(raw), step):
             rows = raw[start:start + step]
             weight = ordered(dequantize(rows, tensor.tensor_type))
             hint = None
-            size = block_size(tensor.tensor_type.name)
             if size:  # a K-quant: its scales and offsets from its blocks, in the weight's row order
                 scale, offset = block_scales(tensor.tensor_type.name, rows.reshape(-1, size))
                 hint = ordered(scale.reshape(weight.shape[0], -1)), ordered(offset.reshape(weight.shape[0], -1))
